@@ -1,0 +1,29 @@
+"""dynamiclrp: Layer-wise Relevance Propagation over the PyTorch autograd graph, one operation at a time.
+
+Entry points: :func:`propagate` (on an existing graph) and :func:`explain` (runs the model). Rules live in
+:mod:`dynamiclrp.rules`, policies in :mod:`dynamiclrp.presets`, the op table in :mod:`dynamiclrp.ops`.
+"""
+
+from . import rules
+from .api import explain, propagate
+from .errors import (
+    ActivationUnavailableError,
+    DynamicLRPError,
+    GraphFreedError,
+    MissingRuleError,
+    NoGraphError,
+    NonFiniteError,
+    TargetError,
+    TorchInternalsError,
+)
+from .ops import OpSpec, register_op
+from .presets import Preset, get_preset, presets, register_preset
+from .result import Attribution, Stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationUnavailableError", "Attribution", "DynamicLRPError", "GraphFreedError", "MissingRuleError",
+    "NoGraphError", "NonFiniteError", "OpSpec", "Preset", "Stats", "TargetError", "TorchInternalsError",
+    "explain", "get_preset", "presets", "propagate", "register_op", "register_preset", "rules",
+]

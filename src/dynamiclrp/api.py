@@ -1,0 +1,361 @@
+"""The two entry points: :func:`propagate` on an existing graph, :func:`explain` on a model and inputs."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.autograd.graph import get_gradient_edge
+
+from .engine import Run
+from .errors import DynamicLRPError, MissingRuleError, NoGraphError, NonFiniteError
+from .graph import Graph
+from .ops import Missing
+from .presets import Preset, get_preset
+from .result import Attribution, Stats
+from .targets import Target, make_seed
+
+Tensors = torch.Tensor | Sequence[torch.Tensor]
+
+
+def propagate(
+    outputs: Tensors,
+    target: Target | Sequence[Target] = None,
+    wrt: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    preset: str | Preset = "epsilon",
+    *,
+    seed: str = "value",
+    rules: Mapping[str, Any] | None = None,
+    strict: bool = True,
+    ledger: bool = True,
+    check_finite: bool = True,
+    dtype: torch.dtype | None = None,
+) -> Attribution:
+    """Propagate relevance from ``outputs`` to ``wrt`` over the outputs' existing autograd graph.
+
+    Parameters
+    ----------
+    outputs : Tensor or sequence of Tensor
+        Output(s) of a forward pass run with autograd on (e.g. logits, or QA start and end logits).
+    target : int, sequence, Tensor, callable or None, or one of these per output
+        What to explain (see :func:`dynamiclrp.targets.make_seed`); None explains the arg-max of each row.
+    wrt : Tensor or sequence of Tensor
+        Tensors of the graph to return relevance for: leaf inputs, intermediate activations, parameters.
+    preset : str or Preset
+        Rule policy (:mod:`dynamiclrp.presets`), e.g. ``"epsilon"``, ``"epsilon_gamma_box"``, ``"attnlrp"``.
+    seed : {"value", "one"}
+        Seed relevance at the target: the output value (default) or 1.
+    rules : mapping, optional
+        Family -> rule overrides on top of the preset.
+    strict : bool
+        If True (default), a node type without a rule raises :class:`MissingRuleError` before any work;
+        if False, the documented fallback is used and counted in ``Attribution.approximations``.
+    ledger : bool
+        Keep the per-node conservation ledger.
+    check_finite : bool
+        Raise :class:`NonFiniteError` when a rule produces NaN or inf.
+    dtype : torch.dtype, optional
+        Dtype of the relevance; default float32 for half-precision outputs, else the output's dtype.
+
+    Returns
+    -------
+    Attribution
+
+    Examples
+    --------
+    >>> import torch, dynamiclrp
+    >>> lin = torch.nn.Linear(3, 2)
+    >>> x = torch.randn(1, 3, requires_grad=True)
+    >>> att = dynamiclrp.propagate(lin(x), target=0, wrt=[x])
+    >>> att.inputs[0].shape
+    torch.Size([1, 3])
+    """
+    outs = _as_outputs(outputs)
+    wrt_list = [wrt] if isinstance(wrt, torch.Tensor) else list(wrt or [])
+    return _propagate(outs, target, wrt_list, get_preset(preset), seed=seed, rules=rules, strict=strict,
+                      ledger=ledger, check_finite=check_finite, dtype=dtype)
+
+
+def _as_outputs(outputs: Tensors) -> list[torch.Tensor]:
+    outs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+    if not outs:
+        raise NoGraphError("no output tensor given")
+    for i, o in enumerate(outs):
+        if not isinstance(o, torch.Tensor):
+            raise TypeError(f"output {i} is a {type(o).__name__}, not a tensor")
+        if o.grad_fn is None:
+            raise NoGraphError(
+                f"output {i} has no grad_fn: it was computed without an autograd graph. Run the forward "
+                "with autograd enabled (not under torch.no_grad() or torch.inference_mode()) and with the "
+                "input or some parameter requiring grad (e.g. x.requires_grad_())"
+            )
+        if not bool(torch.isfinite(o.detach()).all()):
+            raise NonFiniteError(f"output {i} contains NaN or inf; cannot explain it")
+    return outs
+
+
+def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, strict=True, ledger=True,
+               check_finite=True, dtype=None, extra_record=None, node_rules_for=None):
+    if rules:
+        preset = preset.override(families=dict(rules))
+    graph = Graph.build([o.grad_fn for o in outs])
+    kinds = Counter(n.kind for n in graph.nodes)
+    missing = Counter(n.kind for n in graph.nodes if isinstance(n.spec, Missing))
+    if missing and strict:
+        listing = ", ".join(f"{k} (x{c})" for k, c in missing.most_common())
+        raise MissingRuleError(
+            f"no LRP rule for {sum(missing.values())} node(s) of type(s): {listing}. Register one with "
+            "dynamiclrp.register_op(kind, spec), or pass strict=False to use the documented fallback"
+        )
+    wrt_keys = [_key(graph, t, i) for i, t in enumerate(wrt_list)]
+    record = set(wrt_keys) | set(extra_record(graph) if extra_record else ())
+    targets = target if isinstance(target, (tuple, list)) and len(outs) > 1 else [target] * len(outs)
+    if len(targets) != len(outs):
+        raise DynamicLRPError(f"{len(outs)} outputs but {len(targets)} targets")
+    if dtype is None:
+        dtype = outs[0].dtype if outs[0].dtype in (torch.float32, torch.float64) else torch.float32
+    seeds: dict[tuple[int, int], torch.Tensor] = {}
+    seed_list = []
+    for o, t in zip(outs, targets):
+        s = make_seed(o, t, seed).to(dtype)
+        seed_list.append(s)
+        key = (graph.head[o.grad_fn], o.output_nr)
+        seeds[key] = seeds[key] + s if key in seeds else s
+    run = Run(graph, preset, dtype, record, node_rules=node_rules_for(graph) if node_rules_for else {},
+              ledger=[] if ledger else None, check_finite=check_finite)
+    with torch.no_grad():
+        run.propagate(seeds)
+    ps = run.promises.stats
+    stats = Stats(nodes=len(graph.nodes), ops=dict(kinds), rules_run=run.rules_run, promises=ps.promises,
+                  recovered=ps.recovered, internal_nodes=ps.internal_nodes, delta=ps.delta)
+    inputs = [_relevance_or_zeros(run, k, t, dtype) for k, t in zip(wrt_keys, wrt_list)]
+    att = Attribution(inputs=inputs, outputs=seed_list, stats=stats, ledger=run.ledger,
+                      approximations=dict(run.approximations))
+    att.extra["run"] = run
+    return att
+
+
+def _relevance_or_zeros(run, key, t, dtype):
+    r = run.recorded.get(key)
+    return r if r is not None else torch.zeros(t.shape, dtype=dtype, device=t.device)
+
+
+def _key(graph: Graph, t: torch.Tensor, i: int) -> tuple[int, int]:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"wrt[{i}] is a {type(t).__name__}, not a tensor")
+    if not t.requires_grad:
+        raise DynamicLRPError(f"wrt[{i}] does not require grad, so it is not part of any autograd graph; "
+                              "call .requires_grad_() on it before the forward pass")
+    edge = get_gradient_edge(t)
+    nid = graph.head.get(edge.node)
+    if nid is None:
+        raise DynamicLRPError(f"wrt[{i}] (shape {tuple(t.shape)}) is not part of the outputs' graph")
+    return nid, edge.output_nr
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def explain(
+    model: torch.nn.Module,
+    inputs: torch.Tensor | Sequence[Any] | Mapping[str, Any],
+    target: Target | Sequence[Target] = None,
+    preset: str | Preset = "epsilon",
+    modules: Sequence[str] = (),
+    *,
+    params: Sequence[str] = (),
+    module_rules: Mapping[str, Any] | None = None,
+    output: Callable[[Any], Tensors] | None = None,
+    **kwargs: Any,
+) -> Attribution:
+    """Run ``model`` on ``inputs`` and explain its output.
+
+    Returns relevance for every floating-point input (``Attribution.inputs``), per token for token models
+    (``Attribution.tokens``, at the embedding looked up with the integer input), for the outputs of the named
+    ``modules`` (``Attribution.modules``) and for the named ``params`` (``Attribution.params``).
+
+    Module outputs are found by recording which graph node produced them during this forward (forward hooks that
+    only observe and are removed at once). Parameters are made to require grad for the forward so that autograd
+    records biases and operands, and every flag is restored afterwards: the model is left as it was.
+
+    Parameters
+    ----------
+    model : nn.Module
+    inputs : Tensor, sequence, or mapping of keyword arguments (e.g. a tokenizer's output)
+    target, preset
+        As in :func:`propagate`.
+    modules : sequence of str
+        Names (``model.named_modules()``) whose output relevance to return.
+    params : sequence of str
+        Names (``model.named_parameters()``) whose relevance to return.
+    module_rules : mapping, optional
+        Module name -> rule (for every family) or dict family -> rule, applied to the ops inside that module.
+    output : callable, optional
+        Selects the tensor(s) to explain from the model's output; default: the output itself, ``.logits``, or
+        the first tensor of a tuple.
+    **kwargs
+        Passed to :func:`propagate` (``seed``, ``strict``, ``ledger``, ``dtype``, ...).
+
+    Examples
+    --------
+    >>> import torch, dynamiclrp
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> att = dynamiclrp.explain(model, torch.randn(2, 4), target=[0, 2], modules=["1"])
+    >>> att.inputs[0].shape, att.modules["1"].shape
+    (torch.Size([2, 4]), torch.Size([2, 8]))
+    """
+    named = dict(model.named_modules())
+    for name in list(modules) + list(module_rules or {}):
+        if name not in named:
+            raise DynamicLRPError(f"model has no module named {name!r}")
+    all_params = dict(model.named_parameters())
+    for name in params:
+        if name not in all_params:
+            raise DynamicLRPError(f"model has no parameter named {name!r}")
+
+    args, kw = _split_inputs(inputs)
+    float_inputs = []
+
+    def prep(x):
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            x = x.detach().clone().requires_grad_(True)
+            float_inputs.append(x)
+        return x
+
+    args = [prep(a) for a in args]
+    kw = {k: prep(v) for k, v in kw.items()}
+    int_inputs = [x for x in list(args) + list(kw.values())
+                  if isinstance(x, torch.Tensor) and not x.is_floating_point()]
+
+    seen_out: dict[str, list[torch.Tensor]] = {}
+    seen_in: dict[str, list[torch.Tensor]] = {}
+    watched = set(modules) | set(module_rules or {})
+    handles = []
+    for name in watched:
+        def hook(mod, inp, out, name=name):
+            seen_in[name] = [t for t in _tensors(inp)]
+            seen_out[name] = [t for t in _tensors(out)]
+        handles.append(named[name].register_forward_hook(hook))
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in flags:
+            if p.is_floating_point():
+                p.requires_grad_(True)
+        with torch.enable_grad():
+            raw = model(*args, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in flags.items():
+            p.requires_grad_(f)
+
+    outs = _as_outputs(output(raw) if output else _select_output(raw))
+    param_tensors = [all_params[n] for n in params]
+
+    def module_keys(graph):
+        keys = {}
+        for name in modules:
+            ts = [t for t in seen_out.get(name, []) if t.grad_fn is not None]
+            if not ts:
+                raise DynamicLRPError(f"module {name!r} produced no tensor with a graph in this forward")
+            e = get_gradient_edge(ts[0])
+            keys[name] = (graph.head[e.node], e.output_nr) if e.node in graph.head else None
+        return keys
+
+    def token_nodes(graph):
+        found = []
+        for n in graph.nodes:
+            if n.kind == "EmbeddingBackward0":
+                idx = n.fn._saved_indices
+                if any(idx.shape == t.shape and torch.equal(idx, t) for t in int_inputs):
+                    found.append((n.id, 0))
+        return found
+
+    state: dict[str, Any] = {}
+
+    def extra_record(graph):
+        state["modules"] = module_keys(graph)
+        state["tokens"] = token_nodes(graph)
+        return [k for k in state["modules"].values() if k is not None] + state["tokens"]
+
+    def node_rules_for(graph):
+        rules_by_node: dict[int, dict[str, Any]] = {}
+        for name, rule in (module_rules or {}).items():
+            fams = rule if isinstance(rule, dict) else {f: rule for f in
+                                                        ("input", "conv", "dense", "linear", "sum", "product",
+                                                         "attention", "softmax", "norm")}
+            for nid in _region(graph, seen_out.get(name, []), seen_in.get(name, [])):
+                rules_by_node.setdefault(nid, {}).update(fams)
+        return rules_by_node
+
+    att = _propagate(outs, target, float_inputs + param_tensors, get_preset(preset),
+                     extra_record=extra_record, node_rules_for=node_rules_for, **kwargs)
+    run = att.extra["run"]
+    n_in = len(float_inputs)
+    att.params = dict(zip(params, att.inputs[n_in:]))
+    att.inputs = att.inputs[:n_in]
+    att.modules = {name: (run.recorded.get(k) if k is not None else None)
+                   for name, k in state["modules"].items()}
+    toks = [run.recorded.get(k) for k in state["tokens"]]
+    toks = [t.sum(-1) for t in toks if t is not None]
+    att.tokens = sum(toks) if toks else None
+    return att
+
+
+def _split_inputs(inputs):
+    if isinstance(inputs, torch.Tensor):
+        return [inputs], {}
+    if isinstance(inputs, Mapping):
+        return [], dict(inputs)
+    return list(inputs), {}
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, Mapping):
+        return [t for o in obj.values() for t in _tensors(o)]
+    if hasattr(obj, "to_tuple"):
+        return _tensors(obj.to_tuple())
+    return []
+
+
+def _select_output(raw) -> Tensors:
+    if isinstance(raw, torch.Tensor):
+        return raw
+    logits = getattr(raw, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    start, end = getattr(raw, "start_logits", None), getattr(raw, "end_logits", None)
+    if isinstance(start, torch.Tensor) and isinstance(end, torch.Tensor):
+        return (start, end)
+    ts = _tensors(raw)
+    if not ts:
+        raise DynamicLRPError("the model returned no tensor; pass output=... to select one")
+    return ts[0]
+
+
+def _region(graph: Graph, outs: list[torch.Tensor], ins: list[torch.Tensor]) -> set[int]:
+    """Nodes computed inside a module: reachable from its outputs without passing its inputs' producers."""
+    stop = set()
+    for t in ins:
+        if t.requires_grad:
+            e = get_gradient_edge(t)
+            if e.node in graph.head:
+                stop.add(graph.head[e.node])
+    stack = []
+    for t in outs:
+        if t.grad_fn is not None and t.grad_fn in graph.head:
+            stack.append(graph.head[t.grad_fn])
+    region: set[int] = set()
+    while stack:
+        nid = stack.pop()
+        if nid in region or nid in stop:
+            continue
+        region.add(nid)
+        stack.extend(e.child for e in graph.nodes[nid].inputs if e is not None)
+    return region

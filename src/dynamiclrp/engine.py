@@ -1,0 +1,192 @@
+"""The propagation loop: one pass over the graph, from the outputs to the inputs.
+
+Nodes are visited in a topological order in which every node comes after all of its consumers, so by the time a
+node is reached the relevance of each of its output slots is complete (summed over its consumers). The loop
+knows no op by name: it asks the node's op entry for the relevance of each operand, and the op entry asks the
+preset for a rule and the Promise System for any activation autograd did not keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import NonFiniteError
+from .graph import Graph, Node
+from .presets import FALLBACK, Preset
+from .promise import Promises
+
+
+@dataclass
+class LedgerEntry:
+    """Where the relevance of one node went: in, to data operands, to parameters/constants, absorbed."""
+
+    node: int
+    kind: str
+    r_in: torch.Tensor
+    r_data: torch.Tensor
+    r_params: torch.Tensor
+
+    @property
+    def absorbed(self) -> torch.Tensor:
+        """Relevance neither passed on nor given to parameters: stabilisers and non-conservative rules."""
+        return self.r_in - self.r_data - self.r_params
+
+
+@dataclass
+class Run:
+    """State of one propagation: the graph, the rules, recovered activations, recorded relevance."""
+
+    graph: Graph
+    preset: Preset
+    dtype: torch.dtype
+    record: set[tuple[int, int]]
+    node_rules: dict[int, dict[str, Any]] = field(default_factory=dict)
+    ledger: list[LedgerEntry] | None = field(default_factory=list)
+    check_finite: bool = True
+    recorded: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    approximations: dict[str, int] = field(default_factory=dict)
+    rules_run: int = 0
+
+    def __post_init__(self):
+        self.promises = Promises(self.graph)
+        self.useful = _useful(self.graph, self.record)
+
+    def propagate(self, seeds: dict[tuple[int, int], torch.Tensor]) -> None:
+        nodes = self.graph.nodes
+        pending: dict[int, list] = {}
+        for (nid, nr), seed in seeds.items():
+            _deliver(pending, nodes[nid], nr, seed.to(self.dtype))
+        for nid in self.graph.order:
+            R = pending.pop(nid, None)
+            if R is None:
+                continue
+            node = nodes[nid]
+            for nr, r in enumerate(R):
+                if (nid, nr) in self.record and r is not None:
+                    self.recorded[(nid, nr)] = r
+            if not node.inputs:
+                continue
+            ctx = Context(self, node, R)
+            R_in = node.spec.relevance(ctx)
+            self.rules_run += 1
+            if self.check_finite:
+                _check_finite(node, R_in)
+            if self.ledger is not None:
+                self._book(node, R, R_in)
+            for e, r in zip(node.inputs, R_in):
+                if e is not None and r is not None and self.useful[e.child]:
+                    _deliver(pending, nodes[e.child], e.nr, r)
+            if not pending:
+                break
+
+    def note_approximation(self, node: Node, what: str) -> None:
+        key = f"{node.kind}: {what}"
+        self.approximations[key] = self.approximations.get(key, 0) + 1
+
+    def _book(self, node: Node, R: list, R_in: list) -> None:
+        zero = torch.zeros((), dtype=self.dtype)
+        r_in = sum((r.sum() for r in R if r is not None), zero)
+        r_data, r_params = zero, zero
+        for e, r in zip(node.inputs, R_in):
+            if r is None:
+                continue
+            if e is not None and self.graph.nodes[e.child].data:
+                r_data = r_data + r.sum()
+            else:
+                r_params = r_params + r.sum()
+        self.ledger.append(LedgerEntry(node.id, node.kind, r_in, r_data, r_params))
+
+
+class Context:
+    """What an op entry sees while computing one node's relevance."""
+
+    __slots__ = ("run", "node", "R")
+
+    def __init__(self, run: Run, node: Node, R: list):
+        self.run, self.node, self.R = run, node, R
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.run.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(r for r in self.R if r is not None).device
+
+    def wants(self, i: int) -> bool:
+        """Whether operand ``i`` leads to anything that was asked for (else its relevance need not be computed)."""
+        e = self.node.inputs[i]
+        return e is not None and self.run.useful[e.child]
+
+    def is_data(self, i: int) -> bool:
+        """Whether operand ``i`` depends on the model's input (False for parameters and constants)."""
+        e = self.node.inputs[i]
+        return e is not None and self.run.graph.nodes[e.child].data
+
+    def input(self, i: int) -> torch.Tensor | None:
+        """Forward value of operand ``i``, in the relevance dtype: saved by the node, or kept by a promise."""
+        x = self.node.spec.saved_input(self.node, i)
+        if x is None:
+            x = self.run.promises.request(self.node, i)
+        if x is None:
+            x = self.node.spec.infer_input(self, i)
+        return None if x is None else x.to(self.dtype)
+
+    def input_shape(self, i: int) -> torch.Size | None:
+        """Shape of operand ``i`` (without recovering its value when the graph records it)."""
+        e = self.node.inputs[i]
+        if e is None:
+            return None
+        child = self.run.graph.nodes[e.child]
+        if child.part == 0 and child.inputs:
+            return child.fn._input_metadata[e.nr].shape
+        if not child.inputs:
+            return child.fn.variable.shape
+        return self.run.promises.value(e.child, e.nr).shape
+
+    def output(self, nr: int = 0) -> torch.Tensor:
+        """Forward value of the node's output slot ``nr``, in the relevance dtype."""
+        return self.run.promises.value(self.node.id, nr).to(self.dtype)
+
+    def producer(self, i: int) -> Node | None:
+        e = self.node.inputs[i]
+        return None if e is None else self.run.graph.nodes[e.child]
+
+    def rule(self, family: str) -> Any:
+        """The preset's rule for ``family`` at this node (node overrides, then kind overrides, then family)."""
+        per_node = self.run.node_rules.get(self.node.id)
+        fam = family
+        while per_node and fam is not None:
+            if fam in per_node:
+                return per_node[fam]
+            fam = FALLBACK.get(fam)
+        return self.run.preset.rule(family, self.node.kind)
+
+
+def _deliver(pending: dict[int, list], node: Node, nr: int, r: torch.Tensor) -> None:
+    slots = pending.get(node.id)
+    if slots is None:
+        slots = pending[node.id] = [None] * node.spec.n_outputs(node)
+    slots[nr] = r if slots[nr] is None else slots[nr] + r
+
+
+def _useful(graph: Graph, record: set[tuple[int, int]]) -> list[bool]:
+    """Nodes on a path to something recorded; relevance elsewhere need not be propagated."""
+    useful = [False] * len(graph.nodes)
+    targets = {nid for nid, _ in record}
+    for nid in reversed(graph.order):  # producers first
+        node = graph.nodes[nid]
+        useful[nid] = nid in targets or any(e is not None and useful[e.child] for e in node.inputs)
+    return useful
+
+
+def _check_finite(node: Node, R_in: list) -> None:
+    for i, r in enumerate(R_in):
+        if r is not None and not bool(torch.isfinite(r).all()):
+            raise NonFiniteError(
+                f"relevance for operand {i} of {node.kind} (node #{node.id}) is not finite; "
+                "pass check_finite=False to allow it"
+            )

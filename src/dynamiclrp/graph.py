@@ -1,0 +1,128 @@
+"""Read an autograd graph once: nodes, edges, consumers, a topological order.
+
+The graph is read from ``grad_fn`` objects over ``next_functions``, iteratively (a 20,000-node chain needs no
+recursion), and never written to. Fused autograd nodes (``addmm``, convolution with bias, ``addcmul``, scaled
+dot-product attention, ...) are split into primitive *parts* as their op entry describes, so that every part gets
+its own rule from the preset.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from .ops import spec_for
+from .ops.base import NEXT, OpSpec
+
+
+@dataclass(frozen=True)
+class Edge:
+    """An input of a node: output slot ``nr`` of node ``child``."""
+
+    child: int
+    nr: int
+
+
+@dataclass(eq=False)
+class Node:
+    """One operation of the graph (an autograd node, or one part of a fused one)."""
+
+    id: int
+    kind: str
+    fn: Any
+    spec: OpSpec
+    inputs: list[Edge | None]
+    part: int = 0
+    data: bool = False
+    n_consumers: int = 0
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} #{self.id}>"
+
+
+@dataclass
+class Graph:
+    """The nodes below a set of output roots, with consumers and a topological order."""
+
+    nodes: list[Node] = field(default_factory=list)
+    order: list[int] = field(default_factory=list)
+    head: dict[Any, int] = field(default_factory=dict)
+    consumers: dict[tuple[int, int], list[tuple[int, int]]] = field(default_factory=dict)
+
+    def node_of(self, fn: Any) -> Node | None:
+        """The node that produces ``fn``'s outputs (the head part of a fused node)."""
+        i = self.head.get(fn)
+        return None if i is None else self.nodes[i]
+
+    @classmethod
+    def build(cls, root_fns: list[Any]) -> Graph:
+        g = cls()
+        fns = _discover(root_fns)
+        # create nodes: a fused fn becomes several parts, part 0 (the head) producing the fn's outputs
+        layouts = {}
+        for fn in fns:
+            spec = spec_for(fn)
+            layout = spec.decompose(fn)
+            layouts[fn] = layout
+            g.head[fn] = len(g.nodes)
+            for k, (kind, part_spec, _) in enumerate(layout):
+                g.nodes.append(Node(len(g.nodes), kind, fn, part_spec, [], part=k))
+        for fn in fns:
+            base = g.head[fn]
+            nexts = fn.next_functions
+            for k, (_, _, refs) in enumerate(layouts[fn]):
+                node = g.nodes[base + k]
+                for ref in refs:
+                    if ref is None:
+                        node.inputs.append(None)
+                    elif ref[0] == NEXT:
+                        child, nr = nexts[ref[1]]
+                        node.inputs.append(None if child is None else Edge(g.head[child], nr))
+                    else:
+                        node.inputs.append(Edge(base + ref[1], 0))
+        for node in g.nodes:
+            for i, e in enumerate(node.inputs):
+                if e is not None:
+                    g.consumers.setdefault((e.child, e.nr), []).append((node.id, i))
+                    g.nodes[e.child].n_consumers += 1
+        g.order = _topological(g.nodes, [g.head[f] for f in root_fns])
+        for i in reversed(g.order):  # producers before consumers
+            node = g.nodes[i]
+            node.data = node.spec.is_data_source(node) or any(
+                e is not None and g.nodes[e.child].data for e in node.inputs
+            )
+        return g
+
+
+def _discover(root_fns: list[Any]) -> list[Any]:
+    """Every grad_fn reachable from the roots, each once (iterative, no recursion limit)."""
+    seen: dict[Any, None] = {}
+    stack = [f for f in root_fns if f is not None]
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen[fn] = None
+        for child, _ in fn.next_functions:
+            if child is not None and child not in seen:
+                stack.append(child)
+    return list(seen)
+
+
+def _topological(nodes: list[Node], roots: list[int]) -> list[int]:
+    """Kahn's order: a node comes after every node that consumes its outputs."""
+    pending = [n.n_consumers for n in nodes]
+    ready = deque(r for r in dict.fromkeys(roots) if pending[r] == 0)
+    order = []
+    while ready:
+        i = ready.popleft()
+        order.append(i)
+        for e in nodes[i].inputs:
+            if e is not None:
+                pending[e.child] -= 1
+                if pending[e.child] == 0:
+                    ready.append(e.child)
+    if len(order) != len(nodes):  # pragma: no cover - autograd graphs are acyclic
+        raise RuntimeError("autograd graph is not acyclic")
+    return order

@@ -1,0 +1,182 @@
+"""Softmax and scaled dot-product attention.
+
+A fused attention node (every backend torch produces: CPU flash, CUDA flash, memory-efficient, cuDNN) is split
+into its primitive parts so that the preset's rules apply to each, exactly as for attention written out by hand:
+
+``out = P @ V`` (family ``attention``) <- ``P = softmax(L)`` (``softmax``) <- ``L = S + mask`` (``sum``, only when
+there is a mask) <- ``S = scale * Q @ Kᵀ`` (``product``). Grouped-query attention (fewer K/V heads) is handled by
+repeating K and V inside the recomputed products, whose vector-Jacobian products sum the repeats back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import DynamicLRPError
+from .base import NEXT, PART, OpSpec, saved
+from .elementwise import AddTerms
+
+
+class Softmax(OpSpec):
+    family = "softmax"
+
+    def output(self, node, nr):
+        return saved(node.fn, "result")
+
+    def forward(self, node, inputs):
+        return torch.softmax(inputs[0], saved(node.fn, "dim"))
+
+    def relevance(self, ctx):
+        (R,) = ctx.R
+        rule = ctx.rule("softmax")
+        x = ctx.input(0) if getattr(rule, "needs_input", True) else None
+        return [rule.softmax(x, ctx.output(0), R, saved(ctx.node.fn, "dim"))]
+
+
+def _heads(q, k):
+    """K/V repeated to the number of query heads (grouped-query attention)."""
+    rep = q.shape[-3] // k.shape[-3] if q.dim() >= 3 and k.dim() >= 3 else 1
+    return (lambda t: t.repeat_interleave(rep, dim=-3)) if rep > 1 else (lambda t: t)
+
+
+def _mask(fn, q, k):
+    """The additive mask of an attention node (0 where attended, -inf or a bias elsewhere), or None."""
+    m = saved(fn, "attn_mask", None)
+    if m is None:
+        m = saved(fn, "attn_bias", None)
+    L, S = q.shape[-2], k.shape[-2]
+    if m is not None and m.dtype == torch.bool:
+        m = torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill(~m, float("-inf"))
+    if saved(fn, "is_causal", False):
+        causal = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        c = torch.zeros(L, S, dtype=q.dtype, device=q.device).masked_fill(~causal, float("-inf"))
+        m = c if m is None else m + c
+    return None if m is None else m.to(q.dtype)
+
+
+def _scale(fn, q):
+    s = saved(fn, "scale", None)
+    return s if s is not None else 1.0 / math.sqrt(q.shape[-1])
+
+
+class _Scores(OpSpec):
+    family = "product"
+
+    def saved_input(self, node, i):
+        return saved(node.fn, ("query", "key")[i]) if i < 2 else None
+
+    def _fn(self, node):
+        q = saved(node.fn, "query")
+        expand, scale = _heads(q, saved(node.fn, "key")), _scale(node.fn, q)
+        return lambda q_, k_: scale * (q_ @ expand(k_).transpose(-2, -1))
+
+    def output(self, node, nr):
+        return self._fn(node)(saved(node.fn, "query"), saved(node.fn, "key"))
+
+    def relevance(self, ctx):
+        (R,) = ctx.R
+        q, k = ctx.input(0), ctx.input(1)
+        return list(ctx.rule("product").product(q, k, R, self._fn(ctx.node)))
+
+
+class _Mask(AddTerms):
+    def __init__(self):
+        super().__init__(self._terms)
+
+    @staticmethod
+    def _terms(fn, s):
+        q, k = saved(fn, "query"), saved(fn, "key")
+        return [s, _mask(fn, q, k).to(s.dtype)]
+
+    def forward(self, node, inputs):
+        return _add(*self._terms(node.fn, inputs[0]))
+
+    def relevance(self, ctx):
+        (R,) = ctx.R
+        s = ctx.input(0)
+        m = _mask(ctx.node.fn, s, s).to(s.dtype)
+        z = s + m
+        r = torch.where(torch.isfinite(z), ctx.rule("sum").sum([s, torch.where(torch.isfinite(m), m, 0)],
+                                                                 torch.where(torch.isfinite(z), R, 0),
+                                                                 _add)[0], 0)
+        return [r]
+
+
+def _add(a, b):
+    return a + b
+
+
+class _Probs(Softmax):
+    def output(self, node, nr):
+        return None
+
+    def forward(self, node, inputs):
+        return torch.softmax(inputs[0], -1)
+
+    def relevance(self, ctx):
+        (R,) = ctx.R
+        rule = ctx.rule("softmax")
+        x = ctx.input(0) if getattr(rule, "needs_input", True) else None
+        return [rule.softmax(x, ctx.output(0), R, -1)]
+
+
+class _Values(OpSpec):
+    family = "attention"
+
+    def saved_input(self, node, i):
+        return saved(node.fn, "value") if i == 1 else None
+
+    def output(self, node, nr):
+        return saved(node.fn, "output") if nr == 0 else None
+
+    def _fn(self, node):
+        expand = _heads(saved(node.fn, "query"), saved(node.fn, "value"))
+        return lambda p, v: p @ expand(v)
+
+    def forward(self, node, inputs):
+        return self._fn(node)(inputs[0], inputs[1])
+
+    def relevance(self, ctx):
+        R = ctx.R[0]
+        p, v = ctx.input(0), ctx.input(1)
+        return list(ctx.rule("attention").product(p, v, R, self._fn(ctx.node)))
+
+
+class ScaledDotProductAttention(OpSpec):
+    """Any fused SDPA backend node; split into values, softmax, mask and scores parts."""
+
+    def decompose(self, fn):
+        if saved(fn, "dropout_p", 0.0):
+            raise DynamicLRPError(
+                f"{type(fn).__name__} ran with attention dropout (dropout_p > 0): its random mask cannot be "
+                "recovered; put the model in eval() mode before explaining"
+            )
+        q, k = saved(fn, "query"), saved(fn, "key")
+        has_mask = _mask(fn, q, k) is not None
+        kind = type(fn).__name__
+        parts = [
+            (kind, _Values(), [(PART, 1), (NEXT, 2)]),
+            ("SoftmaxBackward0", _Probs(), [(PART, 2)]),
+        ]
+        if has_mask:
+            parts.append(("AddBackward0", _Mask(), [(PART, 3)]))
+        parts.append(("MatmulBackward0", _Scores(), [(NEXT, 0), (NEXT, 1)]))
+        return parts
+
+    def n_outputs(self, node):
+        return len(node.fn._input_metadata)
+
+
+SDPA_KINDS = (
+    "ScaledDotProductFlashAttentionForCpuBackward0",
+    "ScaledDotProductFlashAttentionBackward0",
+    "ScaledDotProductEfficientAttentionBackward0",
+    "ScaledDotProductCudnnAttentionBackward0",
+)
+
+ATTENTION_OPS = {
+    "SoftmaxBackward0": Softmax(),
+    **{k: ScaledDotProductAttention() for k in SDPA_KINDS},
+}

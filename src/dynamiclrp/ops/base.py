@@ -1,0 +1,164 @@
+"""What the engine needs to know about one autograd node type.
+
+An :class:`OpSpec` answers four questions about a node and nothing else:
+
+* which operands it saved (``saved_input``) and whether it can reproduce its own output from what it saved
+  (``output``) -- a node that can is an *Arg Node* for the Promise System;
+* how to replay its forward from its operands (``forward``), so that a promise can recover an activation
+  autograd dropped;
+* how relevance splits over its operands (``relevance``), by asking the preset for the rule of its *family* and
+  applying it to the operands;
+* whether it must be split into primitive parts (``decompose``).
+
+Every read of a torch-private attribute (``_saved_self``, ``_saved_mat2``, ...) goes through :func:`saved`, so a
+torch release that renames one fails loudly in one place.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import GraphFreedError, TorchInternalsError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine import Context
+    from ..graph import Node
+
+NEXT = "next"  # a decomposition reference to fn.next_functions[j]
+PART = "part"  # a decomposition reference to part k of the same fused node
+
+_MISSING = object()
+
+
+def saved(fn: Any, name: str, default: Any = _MISSING) -> Any:
+    """Read the torch-private saved value ``_saved_<name>`` of an autograd node.
+
+    Raises :class:`GraphFreedError` when ``backward()`` already freed it and :class:`TorchInternalsError` when
+    the attribute does not exist (unless ``default`` is given). A tensor modified in place after it was saved
+    reads as ``None``: the Promise System then recovers it elsewhere.
+    """
+    try:
+        return getattr(fn, "_saved_" + name)
+    except AttributeError:
+        if default is not _MISSING:
+            return default
+        raise TorchInternalsError(
+            f"{type(fn).__name__} has no attribute '_saved_{name}' in torch {torch.__version__}; "
+            "dynamiclrp's op table needs updating for this torch release"
+        ) from None
+    except RuntimeError as err:
+        msg = str(err)
+        if "freed" in msg or "backward through the graph a second time" in msg:
+            raise GraphFreedError(
+                "the autograd graph was already freed by backward(): explain before calling backward(), "
+                "or call backward(retain_graph=True)"
+            ) from None
+        if "inplace" in msg or "in-place" in msg:
+            return None
+        raise
+
+
+def out_shape(fn: Any, nr: int = 0) -> torch.Size:
+    """Shape of output slot ``nr`` of an autograd node (torch-private ``_input_metadata``)."""
+    return fn._input_metadata[nr].shape
+
+
+class OpSpec:
+    """Default op entry: a single node with no saved operands that cannot be replayed."""
+
+    #: the preset slot asked for this node's rule; ``None`` means the spec applies a fixed rule itself
+    family: str | None = None
+    #: True if this entry is a documented fallback rather than an explicit rule (coverage reports it)
+    fallback: bool = False
+
+    def decompose(self, fn: Any) -> list[tuple[str, OpSpec, list]]:
+        return [(type(fn).__name__, self, [(NEXT, j) for j in range(len(fn.next_functions))])]
+
+    def n_outputs(self, node: Node) -> int:
+        return len(node.fn._input_metadata) if node.part == 0 else 1
+
+    def is_data_source(self, node: Node) -> bool:
+        """True if this node's output is data even though none of its operands is (an embedding lookup)."""
+        return False
+
+    def saved_input(self, node: Node, i: int) -> torch.Tensor | None:
+        """Operand ``i`` if the node saved it."""
+        return None
+
+    def output(self, node: Node, nr: int) -> torch.Tensor | None:
+        """Output slot ``nr`` reproduced from saved tensors alone (this node is then an Arg Node), or None."""
+        return None
+
+    def forward(self, node: Node, inputs: list[torch.Tensor | None]) -> torch.Tensor | tuple:
+        """Replay the forward op on its operands (``None`` for an operand outside the graph)."""
+        raise NotImplementedError
+
+    def infer_input(self, ctx: Context, i: int) -> torch.Tensor | None:
+        """Operand ``i`` when it lies outside the graph (a constant), derived from the output; or None."""
+        return None
+
+    def relevance(self, ctx: Context) -> list[torch.Tensor | None]:
+        """Relevance for each operand, given ``ctx.R`` (relevance per output slot)."""
+        raise NotImplementedError
+
+
+def route(ctx: Context) -> list[torch.Tensor | None]:
+    """Send relevance back through the node's own backward: exact for routing ops (views, slices, cat, ...).
+
+    For an op that only moves, copies or selects elements, the vector-Jacobian product with the output
+    relevance *is* the LRP rule: every output element's relevance goes to the input element it came from,
+    summed over copies.
+    """
+    fn = ctx.node.fn
+    grads = [
+        r if r is not None else torch.zeros(out_shape(fn, k), dtype=ctx.dtype, device=ctx.device)
+        for k, r in enumerate(ctx.R)
+    ]
+    out = fn(*grads)
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+class Routing(OpSpec):
+    """Ops whose relevance follows the elements: view, permute, cat, slice, index, max-pool, ...
+
+    Relevance is routed through the node's own backward (:func:`routing`). ``replay`` replays the forward on the
+    operands; ``family`` is None because no preset rule changes a routing op.
+    """
+
+    def __init__(self, replay=None):
+        self.replay = replay
+
+    def forward(self, node, inputs):
+        if self.replay is None:
+            raise NotImplementedError
+        return self.replay(node.fn, *inputs)
+
+    def relevance(self, ctx):
+        return route(ctx)
+
+
+class Identity(OpSpec):
+    """Element-wise ops that pass relevance unchanged to their single operand (Neg, Clone, activations, ...)."""
+
+    def __init__(self, replay=None, out=None, saved_in=None, fallback=False):
+        self.replay, self.out, self.saved_in, self.fallback = replay, out, saved_in, fallback
+
+    def saved_input(self, node, i):
+        return self.saved_in(node.fn) if self.saved_in is not None and i == 0 else None
+
+    def output(self, node, nr):
+        if self.out is not None:
+            return self.out(node.fn)
+        x = self.saved_input(node, 0)
+        return None if x is None or self.replay is None else self.replay(node.fn, x)
+
+    def forward(self, node, inputs):
+        if self.replay is None:
+            raise NotImplementedError
+        return self.replay(node.fn, *inputs)
+
+    def relevance(self, ctx):
+        (R,) = ctx.R
+        return [R] + [None] * (len(ctx.node.inputs) - 1)

@@ -1,0 +1,150 @@
+"""Element-wise ops: additions (family ``sum``), products (``product``), and single-operand ops (identity).
+
+Additions are written as a sum of *terms* (``a - alpha * b`` has the terms ``a`` and ``-alpha * b``) so that one
+rule serves add, sub, rsub and the bias additions split off linear layers; broadcasting is undone by the rule's
+vector-Jacobian product. Single-operand element-wise ops (activations, casts, Neg, Clone) pass relevance
+unchanged, as in zennit's ``Pass`` and LXT's identity rule.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Identity, OpSpec, saved
+
+
+def _add_all(*terms):
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
+
+
+class AddTerms(OpSpec):
+    """``z = sum_k term_k(operand_k)``; ``terms(fn, *operands)`` gives the signed, scaled terms."""
+
+    family = "sum"
+
+    def __init__(self, terms, output=None):
+        self.terms, self.out = terms, output
+
+    def output(self, node, nr):
+        return None if self.out is None else self.out(node.fn)
+
+    def forward(self, node, inputs):
+        if any(x is None for x in inputs):
+            raise NotImplementedError  # a constant operand autograd did not record
+        return _add_all(*self.terms(node.fn, *inputs))
+
+    def relevance(self, ctx):
+        (R,) = ctx.R
+        n = len(ctx.node.inputs)
+        if sum(ctx.is_data(i) for i in range(n)) == 0 and not any(ctx.wants(i) for i in range(n)):
+            return [None] * n
+        values = [ctx.input(i) for i in range(n)]
+        terms = self.terms(ctx.node.fn, *values)
+        known = [i for i, t in enumerate(terms) if t is not None]
+        if len(known) < n:  # a constant operand outside the graph: recover its term as z - (the others)
+            z = ctx.run.promises.available(ctx.node, 0)
+            if z is None:
+                ctx.run.note_approximation(ctx.node, "untracked constant operand treated as absorbing nothing")
+                terms = [t if t is not None else torch.zeros((), dtype=ctx.dtype) for t in terms]
+            else:
+                rest = _add_all(*(terms[i] for i in known)) if known else 0
+                terms = [t if t is not None else z.to(ctx.dtype) - rest for t in terms]
+        rel = ctx.rule("sum").sum(terms, R, _add_all)
+        return [r.sum_to_size(v.shape).view(v.shape) if v is not None and r is not None else None
+                for r, v in zip(rel, values)]
+
+
+
+class Product(OpSpec):
+    """Element-wise ``a * b`` (or ``a / b`` as ``a * (1/b)``): product rule, or identity when one is constant."""
+
+    family = "product"
+
+    def __init__(self, divide: bool = False):
+        self.divide = divide
+
+    def saved_input(self, node, i):
+        return saved(node.fn, ("self", "other")[i]) if i < 2 else None
+
+    def output(self, node, nr):
+        a, b = self.saved_input(node, 0), self.saved_input(node, 1)
+        if a is None or b is None:
+            return None
+        return a / b if self.divide else a * b
+
+    def forward(self, node, inputs):
+        a, b = (inputs[i] if inputs[i] is not None else self.saved_input(node, i) for i in (0, 1))
+        if a is None or b is None:
+            raise NotImplementedError
+        return a / b if self.divide else a * b
+
+    def relevance(self, ctx):
+        (R,) = ctx.R
+        data = ctx.is_data(0), ctx.is_data(1)
+        if data[0] and data[1]:
+            a, b = ctx.input(0), ctx.input(1)
+            if self.divide:
+                b = 1.0 / b
+            return list(ctx.rule("product").product(a, b, R, torch.mul))
+        out = [None, None]
+        for i in (0, 1):  # a constant factor: the op is linear in the other, ε-rule = identity
+            if data[i] or (not data[1 - i] and ctx.wants(i)):
+                out[i] = R.sum_to_size(ctx.input_shape(i))
+                break
+        return out
+
+
+def _unary(replay=None, out=None, saved_in=None):
+    return Identity(replay=replay, out=out, saved_in=saved_in)
+
+
+def _self(fn):
+    return saved(fn, "self")
+
+
+def _result(fn):
+    return saved(fn, "result")
+
+
+ELEMENTWISE_OPS = {
+    "AddBackward0": AddTerms(lambda fn, a, b: [a, None if b is None else saved(fn, "alpha") * b]),
+    "SubBackward0": AddTerms(lambda fn, a, b: [a, None if b is None else -saved(fn, "alpha") * b]),
+    "RsubBackward0": AddTerms(lambda fn, a, b: [None if a is None else -saved(fn, "alpha") * a, b]),
+    "MulBackward0": Product(),
+    "DivBackward0": Product(divide=True),
+    # one operand and a Python scalar: the op is linear in its operand (ε-rule = identity)
+    "AddBackward1": _unary(),
+    "SubBackward1": _unary(),
+    "RsubBackward1": _unary(),
+    "MulBackward1": _unary(lambda fn, x: x * saved(fn, "other")),
+    "DivBackward1": _unary(lambda fn, x: x / saved(fn, "other")),
+    "NegBackward0": _unary(lambda fn, x: -x),
+    "CloneBackward0": _unary(lambda fn, x: x.clone()),
+    "AliasBackward0": _unary(lambda fn, x: x),
+    "ToCopyBackward0": _unary(lambda fn, x: x.to(fn._input_metadata[0].dtype)),
+    "ReluBackward0": _unary(lambda fn, x: x.relu(), out=_result),
+    "GeluBackward0": _unary(lambda fn, x: F.gelu(x, approximate=saved(fn, "approximate")), saved_in=_self),
+    "SiluBackward0": _unary(lambda fn, x: F.silu(x), saved_in=_self),
+    "TanhBackward0": _unary(lambda fn, x: x.tanh(), out=_result),
+    "SigmoidBackward0": _unary(lambda fn, x: x.sigmoid(), out=_result),
+    "ExpBackward0": _unary(lambda fn, x: x.exp(), out=_result),
+    "LogBackward0": _unary(lambda fn, x: x.log(), saved_in=_self),
+    "SqrtBackward0": _unary(lambda fn, x: x.sqrt(), out=_result),
+    "RsqrtBackward0": _unary(lambda fn, x: x.rsqrt(), out=_result),
+    "PowBackward0": _unary(lambda fn, x: x.pow(saved(fn, "exponent")), saved_in=_self),
+    "HardtanhBackward0": _unary(lambda fn, x: x.clamp(saved(fn, "min_val"), saved(fn, "max_val")),
+                                saved_in=_self),
+    "LeakyReluBackward0": _unary(lambda fn, x: F.leaky_relu(x, saved(fn, "negative_slope")), saved_in=_self),
+    "EluBackward0": _unary(None, out=lambda fn: None),
+    "SoftplusBackward0": _unary(lambda fn, x: F.softplus(x, saved(fn, "beta"), saved(fn, "threshold")),
+                                saved_in=_self),
+    "ErfBackward0": _unary(lambda fn, x: torch.erf(x), saved_in=_self),
+    "AbsBackward0": _unary(lambda fn, x: x.abs(), saved_in=_self),
+    "ClampMinBackward0": _unary(lambda fn, x: x.clamp(min=saved(fn, "min")), saved_in=_self),
+    "ClampBackward1": _unary(lambda fn, x: x.clamp(saved(fn, "min", None), saved(fn, "max", None)),
+                             saved_in=_self),
+}

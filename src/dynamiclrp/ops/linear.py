@@ -1,0 +1,159 @@
+"""Linear algebra: mm, bmm, addmm, baddbmm, convolution (1d/2d/3d, transposed, groups, stride, dilation).
+
+A product of an activation and a weight is explained by the preset's ``dense``/``conv`` rule (or ``input`` for
+the first layer); a product of two activations by its ``product`` rule (``attention`` when one factor is a
+softmax output). Fused ops are split: ``addmm`` -> add(bias, mm), convolution with bias -> add(bias, conv),
+``baddbmm`` -> add(bias, bmm).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import NEXT, PART, OpSpec, saved
+from .elementwise import AddTerms
+
+
+def _is_softmax_output(ctx, i: int) -> bool:
+    """Whether operand ``i`` is attention weights: a softmax output, seen through routing and dropout."""
+    node = ctx.producer(i)
+    while node is not None:
+        if node.spec.family == "softmax":
+            return True
+        if not getattr(node.spec, "transparent", False):
+            return False
+        e = node.inputs[0] if node.inputs else None
+        node = None if e is None else ctx.run.graph.nodes[e.child]
+    return False
+
+
+class Product(OpSpec):
+    """``z = fn(a, b)``, bilinear: a weighted linear op when one side is a parameter, a product otherwise."""
+
+    def __init__(self, fn, names: tuple[str, str], family: str = "dense"):
+        self.fn, self.names, self.linear_family = fn, names, family
+
+    def saved_input(self, node, i):
+        return saved(node.fn, self.names[i]) if i < 2 else None
+
+    def output(self, node, nr):
+        a, b = self.saved_input(node, 0), self.saved_input(node, 1)
+        return None if a is None or b is None else self.fn(a, b)
+
+    def forward(self, node, inputs):
+        a, b = (inputs[i] if inputs[i] is not None else self.saved_input(node, i) for i in (0, 1))
+        return self.fn(a, b)
+
+    def relevance(self, ctx):
+        (R,) = ctx.R
+        data = ctx.is_data(0), ctx.is_data(1)
+        fn = self.bound_fn(ctx)
+        if data[0] and data[1]:
+            a, b = ctx.input(0), ctx.input(1)
+            family = "attention" if _is_softmax_output(ctx, 0) else "product"
+            return list(ctx.rule(family).product(a, b, R, fn))
+        if not (ctx.wants(0) or ctx.wants(1)):
+            return [None, None]
+        # one side is a weight: the op is linear in the other
+        x_i = 0 if data[0] or not data[1] and ctx.wants(0) else 1
+        w_i = 1 - x_i
+        x, w = ctx.input(x_i), ctx.input(w_i)
+        lin = fn if x_i == 0 else (lambda x_, w_: fn(w_, x_))
+        rule = ctx.rule(self.family_at(ctx, x_i))
+        out = [None, None]
+        if ctx.wants(x_i):
+            out[x_i] = rule.linear(x, w, R, lin)
+        if ctx.wants(w_i):  # parameter relevance: the same rule with the roles of input and weight swapped
+            out[w_i] = rule.linear(w, x, R, lambda w_, x_: lin(x_, w_))
+        return out
+
+    def bound_fn(self, ctx):
+        return self.fn
+
+    def family_at(self, ctx, x_i: int) -> str:
+        producer = ctx.producer(x_i)
+        while producer is not None and getattr(producer.spec, "transparent", False) and producer.inputs:
+            e = producer.inputs[0]
+            producer = None if e is None else ctx.run.graph.nodes[e.child]
+        if producer is not None and not producer.inputs and producer.data:
+            return "input"
+        return self.linear_family
+
+
+class Addmm(OpSpec):
+    """``beta * bias + alpha * (mat1 @ mat2)``, split into a bias addition and an mm."""
+
+    def __init__(self, prefix: str, product: Product):
+        self.prefix, self.product = prefix, product
+
+    def decompose(self, fn):
+        return [
+            ("AddBackward0", AddTerms(self._bias_term), [(NEXT, 0), (PART, 1)]),
+            (self.product_kind, self.product, [(NEXT, 1), (NEXT, 2)]),
+        ]
+
+    @property
+    def product_kind(self):
+        return "MmBackward0" if self.prefix == "mat" else "BmmBackward0"
+
+    def _bias_term(self, fn, bias, z_mm):
+        beta, alpha = saved(fn, "beta"), saved(fn, "alpha")
+        return [beta * bias if bias is not None else None, alpha * z_mm]
+
+
+class Convolution(Product):
+    """``conv(x, w)`` without bias (the bias is split into its own addition)."""
+
+    def __init__(self):
+        super().__init__(None, ("input", "weight"), family="conv")
+
+    def decompose(self, fn):
+        has_bias = saved(fn, "bias_sym_sizes_opt") is not None
+        if not has_bias:
+            return [("ConvolutionBackward0", self, [(NEXT, 0), (NEXT, 1)])]
+        return [
+            ("AddBackward0", AddTerms(self._bias_term), [(PART, 1), (NEXT, 2)]),
+            ("ConvolutionBackward0", self, [(NEXT, 0), (NEXT, 1)]),
+        ]
+
+    @staticmethod
+    def _bias_term(fn, z_conv, bias):
+        if bias is None:
+            return [z_conv, None]
+        return [z_conv, bias.view(1, -1, *([1] * (z_conv.dim() - 2)))]
+
+    def conv_fn(self, fn):
+        stride, padding, dilation = saved(fn, "stride"), saved(fn, "padding"), saved(fn, "dilation")
+        groups, transposed = saved(fn, "groups"), saved(fn, "transposed")
+        output_padding = saved(fn, "output_padding")
+
+        def conv(x, w):
+            nd = x.dim() - 2
+            if transposed:
+                f = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+                return f(x, w, None, stride, padding, output_padding, groups, dilation)
+            f = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+            return f(x, w, None, stride, padding, dilation, groups)
+
+        return conv
+
+    def bound_fn(self, ctx):
+        return self.conv_fn(ctx.node.fn)
+
+    def output(self, node, nr):
+        a, b = self.saved_input(node, 0), self.saved_input(node, 1)
+        return None if a is None or b is None else self.conv_fn(node.fn)(a, b)
+
+    def forward(self, node, inputs):
+        a, b = (inputs[i] if inputs[i] is not None else self.saved_input(node, i) for i in (0, 1))
+        return self.conv_fn(node.fn)(a, b)
+
+
+MATMUL_OPS = {
+    "MmBackward0": Product(torch.mm, ("self", "mat2")),
+    "BmmBackward0": Product(torch.bmm, ("self", "mat2")),
+    "AddmmBackward0": Addmm("mat", Product(torch.mm, ("mat1", "mat2"))),
+    "BaddbmmBackward0": Addmm("batch", Product(torch.bmm, ("batch1", "batch2"))),
+    "ConvolutionBackward0": Convolution(),
+}

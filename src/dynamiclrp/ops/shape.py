@@ -1,0 +1,104 @@
+"""Routing ops: views, permutations, broadcasts, slicing, indexing, concatenation, splitting, max selection.
+
+Each output element is a copy of one input element (or a selection among several), so relevance follows the
+elements back through the node's own backward (:func:`~dynamiclrp.ops.base.route`): exact, conservative, and
+no activation needed. The ``replay`` functions let the Promise System carry an activation through them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Routing, out_shape, saved
+
+
+def _reshape(fn, x):
+    return x.reshape(out_shape(fn))
+
+
+def _index(fn, x):
+    return torch.ops.aten.index.Tensor(x, list(saved(fn, "indices")))
+
+
+def _maxpool(fn, x):
+    nd = x.dim() - 2
+    pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[nd - 1]
+    return pool(x, saved(fn, "kernel_size"), saved(fn, "stride"), saved(fn, "padding"),
+                saved(fn, "dilation"), saved(fn, "ceil_mode"))
+
+
+class MaxPool(Routing):
+    """Max pooling: winner takes all (relevance to the arg-max of each window)."""
+
+    def __init__(self):
+        super().__init__(lambda fn, x: _maxpool(fn, x))
+
+    def saved_input(self, node, i):
+        return saved(node.fn, "self") if i == 0 else None
+
+    def output(self, node, nr):
+        x = saved(node.fn, "self")
+        return None if x is None or nr != 0 else _maxpool(node.fn, x)
+
+
+class Gather(Routing):
+    def __init__(self):
+        super().__init__(lambda fn, x: torch.gather(x, saved(fn, "dim"), saved(fn, "index")))
+
+    def saved_input(self, node, i):
+        return saved(node.fn, "self") if i == 0 else None
+
+    def output(self, node, nr):
+        x = saved(node.fn, "self")
+        return None if x is None else self.replay(node.fn, x)
+
+
+class MaxFull(Routing):
+    def output(self, node, nr):
+        return saved(node.fn, "result")
+
+    def saved_input(self, node, i):
+        return saved(node.fn, "self") if i == 0 else None
+
+
+def _routing(replay=None, transparent=True):
+    spec = Routing(replay)
+    spec.transparent = transparent
+    return spec
+
+
+SHAPE_OPS = {
+    **{k: _routing(_reshape) for k in (
+        "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "SqueezeBackward0",
+        "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0",
+    )},
+    "ExpandBackward0": _routing(lambda fn, x: x.expand(out_shape(fn))),
+    "TransposeBackward0": _routing(lambda fn, x: x.transpose(saved(fn, "dim0"), saved(fn, "dim1"))),
+    "TransposeBackward1": _routing(lambda fn, x: x.transpose(saved(fn, "dim0"), saved(fn, "dim1"))),
+    "TBackward0": _routing(lambda fn, x: x.t()),
+    "PermuteBackward0": _routing(lambda fn, x: x.permute(saved(fn, "dims"))),
+    "RepeatBackward0": _routing(lambda fn, x: x.repeat(saved(fn, "repeats"))),
+    "SliceBackward0": _routing(lambda fn, x: torch.ops.aten.slice.Tensor(
+        x, saved(fn, "dim"), saved(fn, "start"), saved(fn, "end"), saved(fn, "step"))),
+    "SelectBackward0": _routing(lambda fn, x: x.select(saved(fn, "dim"), saved(fn, "index"))),
+    "IndexBackward0": _routing(_index),
+    "IndexSelectBackward0": _routing(lambda fn, x: x.index_select(saved(fn, "dim"), saved(fn, "index"))),
+    "FlipBackward0": _routing(lambda fn, x: x.flip(saved(fn, "dims"))),
+    "RollBackward0": _routing(lambda fn, x: x.roll(saved(fn, "shifts"), saved(fn, "dims"))),
+    "UnfoldBackward0": _routing(lambda fn, x: x.unfold(saved(fn, "dimension"), saved(fn, "size"),
+                                                       saved(fn, "step"))),
+    "CatBackward0": _routing(lambda fn, *xs: torch.cat(xs, saved(fn, "dim")), transparent=False),
+    "StackBackward0": _routing(lambda fn, *xs: torch.stack(xs, saved(fn, "dim")), transparent=False),
+    "SplitBackward0": _routing(lambda fn, x: x.split(saved(fn, "split_size"), saved(fn, "dim"))),
+    "SplitWithSizesBackward0": _routing(lambda fn, x: x.split(list(saved(fn, "split_sizes")), saved(fn, "dim"))),
+    "UnbindBackward0": _routing(lambda fn, x: x.unbind(saved(fn, "dim"))),
+    "GatherBackward0": Gather(),
+    "MaxBackward0": _routing(lambda fn, x: x.max(saved(fn, "dim"), saved(fn, "keepdim"))),
+    "MaxBackward1": MaxFull(lambda fn, x: x.max()),
+    "MaskedFillBackward0": _routing(None, transparent=False),
+    "WhereBackward0": _routing(None, transparent=False),
+    "ConstantPadNdBackward0": _routing(None, transparent=False),
+    "MaxPool2DWithIndicesBackward0": MaxPool(),
+    "MaxPool3DWithIndicesBackward0": MaxPool(),
+}

@@ -1,0 +1,114 @@
+"""Named policies: which rule applies where.
+
+A preset maps a rule *family* to a rule object of :mod:`dynamiclrp.rules`. The op table says which family a node
+belongs to; the families, from most to least specific, are
+
+============== ===========================================================================================
+``input``      a linear op (conv or dense) whose data operand is a model input (for z-box / flat)
+``conv``       a convolution with a weight
+``dense``      a matrix product with a weight (``nn.Linear``, ``mm``/``bmm``/``addmm`` with a parameter)
+``linear``     fallback for ``input``, ``conv`` and ``dense``
+``sum``        ops that add activations up: add, sub, sum, mean, cumsum, average pooling, bias addition
+``product``    a product of two activations: element-wise mul, matmul of two activations
+``attention``  the product of attention weights (a softmax output) and values; falls back to ``product``
+``softmax``    softmax along a dimension
+``norm``       normalisation layers (layer norm, batch norm, RMS-norm pieces)
+============== ===========================================================================================
+
+Overrides: ``preset.override(kinds={"MmBackward0": Epsilon(0.1)})`` per op kind, and per module name through
+:func:`dynamiclrp.explain`'s ``module_rules``. Presets are registered by name (:func:`register_preset`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from . import rules as r
+
+FALLBACK = {"input": "conv", "conv": "linear", "dense": "linear", "attention": "product"}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A rule per family, with optional overrides per op kind and per node."""
+
+    name: str
+    families: dict[str, Any]
+    kinds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    description: str = ""
+
+    def rule(self, family: str, kind: str = "") -> Any:
+        """The rule for ``family`` (falling back along ``FALLBACK``), a kind override first."""
+        fam = family
+        while True:
+            by_kind = self.kinds.get(kind)
+            if by_kind is not None and fam in by_kind:
+                return by_kind[fam]
+            if fam in self.families:
+                return self.families[fam]
+            if fam not in FALLBACK:
+                raise KeyError(f"preset {self.name!r} has no rule for family {family!r}")
+            fam = FALLBACK[fam]
+
+    def override(self, families: dict[str, Any] | None = None,
+                 kinds: dict[str, Any] | None = None, name: str | None = None) -> Preset:
+        """A copy with some families replaced, or rules set for op kinds.
+
+        ``kinds`` maps an op kind (``"ConvolutionBackward0"``) to a rule, or to a dict family -> rule.
+        """
+        fam = {**self.families, **(families or {})}
+        kin = {k: dict(v) for k, v in self.kinds.items()}
+        for k, v in (kinds or {}).items():
+            kin.setdefault(k, {}).update(v if isinstance(v, dict) else {f: v for f in _ALL_FAMILIES})
+        return replace(self, families=fam, kinds=kin, name=name or self.name)
+
+
+_ALL_FAMILIES = ("input", "conv", "dense", "linear", "sum", "product", "attention", "softmax", "norm")
+
+_PRESETS: dict[str, Preset] = {}
+
+
+def register_preset(preset: Preset) -> Preset:
+    """Register a preset under its name (the CLI and ``preset="name"`` arguments look it up)."""
+    _PRESETS[preset.name] = preset
+    return preset
+
+
+def get_preset(preset: str | Preset) -> Preset:
+    """Look a preset up by name (or pass a :class:`Preset` through)."""
+    if isinstance(preset, Preset):
+        return preset
+    try:
+        return _PRESETS[preset]
+    except KeyError:
+        raise KeyError(f"unknown preset {preset!r}; known: {', '.join(sorted(_PRESETS))}") from None
+
+
+def presets() -> dict[str, Preset]:
+    """All registered presets by name."""
+    return dict(_PRESETS)
+
+
+_BASE = {"sum": r.Epsilon(1e-6), "product": r.Uniform(), "softmax": r.Pass(), "norm": r.Pass()}
+
+register_preset(Preset("epsilon", {**_BASE, "linear": r.Epsilon(1e-6)},
+                       description="ε-rule (ε=1e-6) for every linear op; AttnLRP's uniform rule for products"))
+register_preset(Preset("epsilon_plus", {**_BASE, "conv": r.ZPlus(), "dense": r.Epsilon(1e-6)},
+                       description="zennit EpsilonPlus: z⁺ for convolutions, ε for dense layers"))
+register_preset(Preset("epsilon_plus_flat", {**_BASE, "input": r.Flat(), "conv": r.ZPlus(),
+                                             "dense": r.Epsilon(1e-6)},
+                       description="zennit EpsilonPlusFlat: flat input layer, z⁺ convolutions, ε dense"))
+register_preset(Preset("epsilon_gamma_box", {**_BASE, "input": r.ZBox(-3.0, 3.0), "conv": r.Gamma(0.25),
+                                             "dense": r.Epsilon(1e-6)},
+                       description="zennit EpsilonGammaBox: z-box input layer, γ=0.25 convolutions, ε dense"))
+register_preset(Preset("epsilon_alpha2_beta1", {**_BASE, "conv": r.AlphaBeta(2.0, 1.0), "dense": r.Epsilon(1e-6)},
+                       description="zennit EpsilonAlpha2Beta1: α2β1 for convolutions, ε dense"))
+register_preset(Preset("attnlrp", {**_BASE, "linear": r.Epsilon(1e-6), "softmax": r.AttnLRPSoftmax()},
+                       description="AttnLRP: ε linear, uniform products, AttnLRP softmax, identity norms"))
+register_preset(Preset("cp_lrp", {**_BASE, "linear": r.Epsilon(1e-6), "attention": r.Constant(),
+                                  "softmax": r.Block()},
+                       description="CP-LRP: attention weights held constant, relevance through the values only"))
+register_preset(Preset("paper", {"linear": r.Epsilon(1e-11), "sum": r.Proportional(), "product": r.Proportional(),
+                                 "attention": r.Uniform(1e-11), "softmax": r.Block(), "norm": r.Pass()},
+                       description="DynamicLRP paper: ε linear, |·|-proportional add/sum/mul, value-path attention"))

@@ -1,0 +1,121 @@
+"""The Promise System: recover an activation autograd did not keep.
+
+A rule that needs an operand its node did not save (the operands of ``add``, the summands of ``sum``, the input
+of ``softmax``, an input dropped because a parameter is frozen) makes a *promise* for it. The promise is kept by
+the nearest node below that can reproduce the activation from what autograd saved -- an *Arg Node*: a node that
+saved its own output (``relu``, ``softmax``, attention), a consumer that saved the same tensor as one of its
+operands (``mm`` saves its input, ``mul`` its factors), or a leaf. The forward ops in between (*internal nodes*)
+are replayed from there. No model re-run, no forward hook.
+
+Unlike the paper's push-style traversal (promise branches travelling down with the relevance, stalled Arg Nodes,
+pre-promises to escape deadlocks), a promise here is resolved on demand by a pull: the value of a node is a pure
+function of the values below it, and the graph is a DAG, so resolution is a memoised depth-first evaluation that
+cannot deadlock, whatever the traversal order of relevance. Each activation is recovered at most once per run.
+
+Statistics follow the paper's definitions: *promises* counts operand activations a rule needed and its node did
+not save, *internal nodes* counts nodes whose output had to be replayed, and the depth of a promise is the
+distance from the requesting node to the Arg Nodes that resolved it; δ is the sum of the depths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import ActivationUnavailableError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .graph import Graph, Node
+
+
+@dataclass
+class PromiseStats:
+    """Counts of one run, as the paper defines them."""
+
+    promises: int = 0
+    recovered: int = 0
+    internal_nodes: int = 0
+    delta: int = 0
+
+
+class Promises:
+    """Memoised recovery of node outputs for one run."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.values: dict[tuple[int, int], torch.Tensor] = {}
+        self.depth: dict[int, int] = {}
+        self.replayed: set[int] = set()
+        self.stats = PromiseStats()
+
+    def request(self, node: Node, i: int) -> torch.Tensor | None:
+        """Operand ``i`` of ``node``, which the node did not save (one promise). None if outside the graph."""
+        edge = node.inputs[i]
+        if edge is None:
+            return None
+        value = self.value(edge.child, edge.nr)
+        self.stats.promises += 1
+        self.stats.delta += 1 + self.depth[edge.child]
+        return value
+
+    def available(self, node: Node, nr: int = 0) -> torch.Tensor | None:
+        """Output slot ``nr`` if saved tensors hold it (no replay), else None."""
+        return self._direct(node, nr)
+
+    def value(self, nid: int, nr: int = 0) -> torch.Tensor:
+        """The forward output slot ``nr`` of node ``nid``, from saved tensors or by replay."""
+        nodes = self.graph.nodes
+        if self._direct(nodes[nid], nr) is not None:
+            return self.values[(nid, nr)]
+        stack = [nid]
+        while stack:  # iterative depth-first replay: no recursion limit on long chains
+            n = stack[-1]
+            if n in self.replayed:
+                stack.pop()
+                continue
+            node = nodes[n]
+            missing = [e.child for e in node.inputs
+                       if e is not None and self._direct(nodes[e.child], e.nr) is None]
+            if missing:
+                stack.extend(missing)
+                continue
+            self._replay(node)
+            stack.pop()
+        return self.values[(nid, nr)]
+
+    def _replay(self, node: Node) -> None:
+        inputs = [None if e is None else self.values[(e.child, e.nr)] for e in node.inputs]
+        try:
+            out = node.spec.forward(node, inputs)
+        except NotImplementedError:
+            raise ActivationUnavailableError(
+                f"cannot recover the output of {node.kind} (node #{node.id}): it saved nothing to rebuild it "
+                "from and its forward cannot be replayed; register an op entry with a `forward` for it"
+            ) from None
+        for k, o in enumerate(out if isinstance(out, (tuple, list)) else (out,)):
+            self.values.setdefault((node.id, k), o)
+        self.replayed.add(node.id)
+        self.depth[node.id] = 1 + max((self.depth[e.child] for e in node.inputs if e is not None), default=0)
+        self.stats.internal_nodes += 1
+        self.stats.recovered += 1
+
+    def _direct(self, node: Node, nr: int) -> torch.Tensor | None:
+        """Output slot ``nr`` from the node's own saved tensors, or from a consumer that saved it as an operand."""
+        key = (node.id, nr)
+        v = self.values.get(key)
+        if v is not None:
+            return v
+        v = node.spec.output(node, nr)
+        if v is None:
+            for c, i in self.graph.consumers.get(key, ()):
+                consumer = self.graph.nodes[c]
+                v = consumer.spec.saved_input(consumer, i)
+                if v is not None:
+                    break
+        if v is not None:
+            self.values[key] = v
+            self.depth.setdefault(node.id, 0)
+            self.stats.recovered += 1
+        return v

@@ -1,0 +1,83 @@
+"""What a user gets back from an explanation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .engine import LedgerEntry
+
+
+@dataclass
+class Stats:
+    """Statistics of one run, with the Promise System's counts as the paper defines them.
+
+    ``promises``: operand activations a rule needed that its node had not saved; ``internal_nodes``: nodes whose
+    output was replayed to keep a promise; ``delta`` (δ): the sum of the promises' depths; ``rho`` (ρ): promises
+    per node; ``recovered``: distinct activations recovered (each at most once).
+    """
+
+    nodes: int
+    ops: dict[str, int]
+    rules_run: int
+    promises: int
+    recovered: int
+    internal_nodes: int
+    delta: int
+
+    @property
+    def rho(self) -> float:
+        return self.promises / self.nodes if self.nodes else 0.0
+
+
+@dataclass
+class Attribution:
+    """Relevance of one explanation.
+
+    Attributes
+    ----------
+    inputs : list of Tensor
+        Relevance of each ``wrt`` tensor (for :func:`dynamiclrp.explain`: of each input), same shape.
+    tokens : Tensor or None
+        Relevance per token (summed over the hidden dimension) at the token embedding, for token models.
+    modules : dict
+        Relevance of the output of each requested module, by name.
+    params : dict
+        Relevance of each requested parameter, by name.
+    outputs : list of Tensor
+        The seed relevance put on each output.
+    ledger : list of LedgerEntry
+        Per node: relevance in, passed to data operands, given to parameters/constants, absorbed.
+    stats : Stats
+    approximations : dict
+        Node kinds where a documented fallback or approximation was used, with counts.
+    """
+
+    inputs: list[torch.Tensor | None]
+    outputs: list[torch.Tensor]
+    stats: Stats
+    ledger: list[LedgerEntry] | None = None
+    tokens: torch.Tensor | None = None
+    modules: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    params: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    approximations: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input(self) -> torch.Tensor | None:
+        """Relevance of the first input."""
+        return self.inputs[0] if self.inputs else None
+
+    def total_seed(self) -> float:
+        return float(sum(o.sum() for o in self.outputs))
+
+    def conservation(self) -> dict[str, float]:
+        """Where the seed relevance went: to inputs, to parameters/constants, absorbed by rules."""
+        if self.ledger is None:
+            raise ValueError("run with ledger=True to get the conservation summary")
+        to_params = float(sum(e.r_params for e in self.ledger))
+        absorbed = float(sum(e.absorbed for e in self.ledger))
+        got = float(sum(r.sum() for r in self.inputs if r is not None))
+        return {"seed": self.total_seed(), "inputs": got, "parameters": to_params, "absorbed": absorbed}

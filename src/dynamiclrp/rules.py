@@ -1,0 +1,335 @@
+r"""LRP rules as pure tensor math: no graph, no nodes.
+
+A rule answers "how does relevance split over the operands of one operation?" for one *family* of operations:
+
+* ``linear(x, w, R, fn)`` -- an op linear in ``x`` with a weight ``w`` (``fn(x, w)``: mm, conv, bmm with a
+  parameter). Returns the relevance of ``x``.
+* ``sum(terms, R, combine)`` -- an op that adds its terms up (``combine`` is linear with non-negative coefficients:
+  add, sub with its sign folded into the term, sum, mean, cumsum, average pooling). Returns one relevance per term.
+* ``product(a, b, R, fn)`` -- a product of two activations (element-wise mul, matmul of two activations).
+* ``softmax(x, s, R, dim)`` -- relevance of the logits ``x`` given the probabilities ``s``.
+
+Throughout, :math:`z` is the op's output, :math:`R` the relevance at the output, and
+:math:`\mathrm{stab}_\varepsilon(z) = z + \varepsilon\,\mathrm{sign}(z)` with :math:`\mathrm{sign}(0)=1`
+(the convention of zennit). :math:`J^\top s` (a vector-Jacobian product) is computed by autograd on the small
+recomputed op, which makes every rule exact for every stride, padding, grouping and broadcast the op supports.
+
+References
+----------
+.. [1] Bach et al., "On pixel-wise explanations for non-linear classifier decisions by layer-wise relevance
+   propagation", PLOS ONE 2015.
+.. [2] Montavon et al., "Layer-wise relevance propagation: an overview", in Explainable AI, Springer 2019.
+.. [3] Achtibat et al., "AttnLRP: attention-aware layer-wise relevance propagation for transformers", ICML 2024.
+.. [4] Ali et al., "XAI for transformers: better explanations through conservative propagation", ICML 2022.
+.. [5] Lee & Millan Arias, "Always keep your promises: DynamicLRP", arXiv 2512.07010.
+.. [6] Anders et al., "Software for dataset-wide XAI: from local explanations to global insights with
+   Zennit, CoRelAy, and ViRelAy", arXiv 2106.13200.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+LinearFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def stabilize(z: Tensor, eps: float) -> Tensor:
+    r"""Return :math:`z + \varepsilon\,\mathrm{sign}(z)` with :math:`\mathrm{sign}(0) = 1`."""
+    return z + torch.where(z >= 0, eps, -eps).to(z.dtype)
+
+
+def safe_divide(r: Tensor, z: Tensor) -> Tensor:
+    """``r / z`` with 0 where ``z == 0`` (used where a zero denominator means no contribution at all)."""
+    return torch.where(z == 0, torch.zeros_like(r), r / torch.where(z == 0, torch.ones_like(z), z))
+
+
+def vjp(fn: Callable[..., Tensor], inputs: Sequence[Tensor], grad: Tensor) -> tuple[Tensor, ...]:
+    """Vector-Jacobian products :math:`J_i^\\top g` of ``fn`` at ``inputs`` (fn is linear in each input here)."""
+    with torch.enable_grad():
+        xs = [x.detach().requires_grad_(True) for x in inputs]
+        out = fn(*xs)
+        return torch.autograd.grad(out, xs, grad)
+
+
+def _linear_terms(
+    pairs: Sequence[tuple[Tensor, Tensor]], s: Tensor, fn: LinearFn
+) -> Tensor:
+    """:math:`\\sum_k x_k \\odot J_{w_k}^\\top s` for (input, weight) pairs."""
+    total = None
+    for x, w in pairs:
+        (g,) = vjp(lambda x_, w=w: fn(x_, w), [x], s)
+        total = x * g if total is None else total + x * g
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rules for linear ops with a weight
+
+
+@dataclass(frozen=True)
+class Epsilon:
+    r"""ε-rule [1, 2].
+
+    .. math:: R_i = \sum_j \frac{x_i w_{ij}}{\mathrm{stab}_\varepsilon(z_j)} R_j
+        = x_i \left(J^\top \frac{R}{\mathrm{stab}_\varepsilon(z)}\right)_i
+
+    For ops that add terms up (``sum``) the same equation with unit weights:
+    :math:`R_k = t_k \odot J_k^\top (R / \mathrm{stab}_\varepsilon(z))`, :math:`z = \sum_k t_k`.
+    For a product of two activations (``product``) the op is linear in each factor once the other is fixed,
+    and the ε-rule sends the whole relevance to each; AttnLRP's :class:`Uniform` halves it.
+    """
+
+    eps: float = 1e-6
+
+    def linear(self, x: Tensor, w: Tensor, R: Tensor, fn: LinearFn) -> Tensor:
+        z = fn(x, w)
+        return _linear_terms([(x, w)], R / stabilize(z, self.eps), fn)
+
+    def sum(self, terms: Sequence[Tensor], R: Tensor, combine: Callable[..., Tensor]) -> list[Tensor]:
+        z = combine(*terms)
+        s = R / stabilize(z, self.eps)
+        return [t * g for t, g in zip(terms, vjp(combine, terms, s))]
+
+
+@dataclass(frozen=True)
+class ZPlus:
+    r"""z⁺-rule [2]: only positive contributions (zennit's ``ZPlus``: :math:`x^+ w^+ + x^- w^-`).
+
+    .. math:: R_i = \sum_j \frac{x_i^+ w_{ij}^+ + x_i^- w_{ij}^-}{\mathrm{stab}(\sum_i x_i^+ w_{ij}^+ + x_i^- w_{ij}^-)} R_j
+    """
+
+    eps: float = 1e-6
+
+    def linear(self, x, w, R, fn):
+        pairs = [(x.clamp(min=0), w.clamp(min=0)), (x.clamp(max=0), w.clamp(max=0))]
+        z = fn(*pairs[0]) + fn(*pairs[1])
+        return _linear_terms(pairs, R / stabilize(z, self.eps), fn)
+
+
+@dataclass(frozen=True)
+class Gamma:
+    r"""γ-rule [2], sign-aware as zennit's ``Gamma`` [6].
+
+    With :math:`w^{\pm\gamma} = w + \gamma w^{\pm}`, outputs with :math:`z_j > 0` are explained by the
+    contributions that raise them, :math:`z^+_j = \sum_i x_i^+ w_{ij}^{+\gamma} + x_i^- w_{ij}^{-\gamma}`,
+    outputs with :math:`z_j < 0` by those that lower them,
+    :math:`z^-_j = \sum_i x_i^+ w_{ij}^{-\gamma} + x_i^- w_{ij}^{+\gamma}`:
+
+    .. math:: R_i = \sum_{j: z_j>0} \frac{x_i^+ w_{ij}^{+\gamma} + x_i^- w_{ij}^{-\gamma}}{\mathrm{stab}(z^+_j)} R_j
+                  + \sum_{j: z_j<0} \frac{x_i^+ w_{ij}^{-\gamma} + x_i^- w_{ij}^{+\gamma}}{\mathrm{stab}(z^-_j)} R_j
+    """
+
+    gamma: float = 0.25
+    eps: float = 1e-6
+
+    def linear(self, x, w, R, fn):
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        wp, wn = w + self.gamma * w.clamp(min=0), w + self.gamma * w.clamp(max=0)
+        z = fn(x, w)
+        pos = [(xp, wp), (xn, wn)]
+        neg = [(xp, wn), (xn, wp)]
+        zp = fn(*pos[0]) + fn(*pos[1])
+        zn = fn(*neg[0]) + fn(*neg[1])
+        sp = R * (z > 0) / stabilize(zp, self.eps)
+        sn = R * (z < 0) / stabilize(zn, self.eps)
+        return _linear_terms(pos, sp, fn) + _linear_terms(neg, sn, fn)
+
+
+@dataclass(frozen=True)
+class AlphaBeta:
+    r"""αβ-rule [1] with :math:`\alpha - \beta = 1`, as zennit's ``AlphaBeta``.
+
+    .. math:: R_i = \sum_j \left(\alpha \frac{(x_i w_{ij})^+}{\mathrm{stab}(\sum_i (x_i w_{ij})^+)}
+                  - \beta \frac{(x_i w_{ij})^-}{\mathrm{stab}(\sum_i (x_i w_{ij})^-)}\right) R_j
+
+    with :math:`(x w)^+ = x^+ w^+ + x^- w^-` and :math:`(x w)^- = x^+ w^- + x^- w^+`.
+    """
+
+    alpha: float = 2.0
+    beta: float = 1.0
+    eps: float = 1e-6
+
+    def linear(self, x, w, R, fn):
+        xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), w.clamp(min=0), w.clamp(max=0)
+        pos, neg = [(xp, wp), (xn, wn)], [(xp, wn), (xn, wp)]
+        zp = fn(*pos[0]) + fn(*pos[1])
+        zn = fn(*neg[0]) + fn(*neg[1])
+        rp = _linear_terms(pos, R / stabilize(zp, self.eps), fn)
+        rn = _linear_terms(neg, R / stabilize(zn, self.eps), fn)
+        return self.alpha * rp - self.beta * rn
+
+
+@dataclass(frozen=True)
+class Flat:
+    r"""Flat rule [2]: relevance spread uniformly over each output's receptive field.
+
+    .. math:: R_i = \sum_j \frac{1}{\mathrm{stab}(\sum_{i'} 1_{ij})} R_j
+
+    where :math:`1_{ij}=1` when input :math:`i` is connected to output :math:`j` (weights and inputs set to one).
+    """
+
+    eps: float = 1e-6
+
+    def linear(self, x, w, R, fn):
+        ones_x, ones_w = torch.ones_like(x), torch.ones_like(w)
+        z = fn(ones_x, ones_w)
+        return _linear_terms([(ones_x, ones_w)], R / stabilize(z, self.eps), fn)
+
+
+@dataclass(frozen=True)
+class WSquare:
+    r"""w²-rule [2]: :math:`R_i = \sum_j \frac{w_{ij}^2}{\mathrm{stab}(\sum_{i'} w_{i'j}^2)} R_j`."""
+
+    eps: float = 1e-6
+
+    def linear(self, x, w, R, fn):
+        ones_x, w2 = torch.ones_like(x), w * w
+        z = fn(ones_x, w2)
+        return _linear_terms([(ones_x, w2)], R / stabilize(z, self.eps), fn)
+
+
+@dataclass(frozen=True)
+class ZBox:
+    r"""zᴮ-rule [2] for an input layer bounded by :math:`l \le x \le h` (zennit's ``ZBox``).
+
+    .. math:: R_i = \sum_j \frac{x_i w_{ij} - l_i w_{ij}^+ - h_i w_{ij}^-}
+                    {\mathrm{stab}(\sum_{i'} x_{i'} w_{i'j} - l_{i'} w_{i'j}^+ - h_{i'} w_{i'j}^-)} R_j
+
+    ``low`` and ``high`` are scalars or tensors broadcastable to the input.
+    """
+
+    low: float | Tensor = -3.0
+    high: float | Tensor = 3.0
+    eps: float = 1e-6
+
+    def linear(self, x, w, R, fn):
+        low = torch.as_tensor(self.low, dtype=x.dtype, device=x.device).expand_as(x)
+        high = torch.as_tensor(self.high, dtype=x.dtype, device=x.device).expand_as(x)
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        z = fn(x, w) - fn(low, wp) - fn(high, wn)
+        s = R / stabilize(z, self.eps)
+        return _linear_terms([(x, w)], s, fn) - _linear_terms([(low, wp), (high, wn)], s, fn)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rules for sums and products of activations
+
+
+@dataclass(frozen=True)
+class Proportional:
+    r"""The paper's magnitude-proportional rule [5] (used for Add, Sum/Mean, Mul, Div in its code).
+
+    .. math:: R_k = \frac{|t_k|}{\sum_{k'} |t_{k'}| + \varepsilon} R
+
+    for the terms of a sum, and for a product :math:`a \cdot b` the same split over :math:`|a|` and :math:`|b|`.
+    Conservative, but a heuristic rather than a Taylor-derived rule.
+    """
+
+    eps: float = 1e-11
+
+    def sum(self, terms, R, combine):
+        mags = [t.abs() for t in terms]
+        s = R / (combine(*mags) + self.eps)
+        return [m * g for m, g in zip(mags, vjp(combine, mags, s))]
+
+    def product(self, a, b, R, fn):
+        if not _elementwise(fn):
+            return Uniform().product(a, b, R, fn)
+        aa, bb = a.abs(), b.abs()
+        s = R / (aa + bb + self.eps)
+        return (aa * s).sum_to_size(a.shape), (bb * s).sum_to_size(b.shape)
+
+
+@dataclass(frozen=True)
+class Uniform:
+    r"""AttnLRP's uniform rule for a product of two activations [3].
+
+    Element-wise :math:`z = a \odot b`: :math:`R_a = R_b = R / 2`. Matrix product :math:`z = A B` (bilinear
+    form): each factor gets half of the ε-rule that treats the other as constant,
+
+    .. math:: R_{A,ik} = \sum_p A_{ik} B_{kp} \frac{R_{ip}}{2\,\mathrm{stab}(z_{ip})}, \qquad
+              R_{B,kp} = \sum_i A_{ik} B_{kp} \frac{R_{ip}}{2\,\mathrm{stab}(z_{ip})}.
+
+    For sums (``sum``) it splits relevance equally over the terms.
+    """
+
+    eps: float = 1e-6
+
+    def product(self, a, b, R, fn):
+        if _elementwise(fn):
+            half = R / 2
+            return half.sum_to_size(a.shape), half.sum_to_size(b.shape)
+        s = R / (2 * stabilize(fn(a, b), self.eps))
+        ga, gb = vjp(fn, [a, b], s)
+        return a * ga, b * gb
+
+    def sum(self, terms, R, combine):
+        ones = [torch.ones_like(t) for t in terms]
+        s = R / combine(*ones)
+        return [g for g in vjp(combine, ones, s)]
+
+
+@dataclass(frozen=True)
+class Constant:
+    r"""CP-LRP for products [4]: the first factor (attention weights) is a constant, the second gets all.
+
+    .. math:: R_a = 0, \qquad R_b = b \odot J_b^\top \frac{R}{\mathrm{stab}_\varepsilon(z)}
+    """
+
+    eps: float = 1e-6
+
+    def product(self, a, b, R, fn):
+        if _elementwise(fn):
+            return torch.zeros_like(a), R.sum_to_size(b.shape)
+        s = R / stabilize(fn(a, b), self.eps)
+        (gb,) = vjp(lambda b_: fn(a, b_), [b], s)
+        return torch.zeros_like(a), b * gb
+
+
+def _elementwise(fn) -> bool:
+    return fn is torch.mul
+
+
+# ----------------------------------------------------------------------------------------------------------
+# softmax and normalisation
+
+
+@dataclass(frozen=True)
+class AttnLRPSoftmax:
+    r"""AttnLRP's softmax rule [3] (the ε→0 Taylor rule at the input):
+
+    .. math:: R_{x_i} = x_i \left(R_i - s_i \sum_j R_j\right)
+
+    along the softmax dimension, with :math:`s` the softmax output. Not conservative by design: the missing
+    part is absorbed (recorded in the ledger). Masked logits (:math:`x_i = -\infty`) get 0.
+    """
+
+    def softmax(self, x, s, R, dim):
+        r = x * (R - s * R.sum(dim, keepdim=True))
+        return torch.where(torch.isfinite(x), r, torch.zeros_like(r))
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Identity: relevance passes unchanged to the (first) operand; for softmax and normalisation layers."""
+
+    def softmax(self, x, s, R, dim):
+        return R
+
+    def norm(self, R):
+        return R
+
+
+@dataclass(frozen=True)
+class Block:
+    """Absorbs all relevance: nothing is passed on (e.g. softmax in the value-path-only attention setting)."""
+
+    def softmax(self, x, s, R, dim):
+        return torch.zeros_like(R)
+
+    def norm(self, R):
+        return torch.zeros_like(R)
