@@ -51,7 +51,7 @@ class Run:
     rules_run: int = 0
 
     def __post_init__(self):
-        self.promises = Promises(self.graph)
+        self.promises = Promises(self.graph, self.approximations)
         self.useful = _useful(self.graph, self.record)
 
     def propagate(self, seeds: dict[tuple[int, int], torch.Tensor]) -> None:

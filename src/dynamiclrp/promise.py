@@ -43,8 +43,9 @@ class PromiseStats:
 class Promises:
     """Memoised recovery of node outputs for one run."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, notes: dict[str, int] | None = None):
         self.graph = graph
+        self.notes = notes if notes is not None else {}
         self.values: dict[tuple[int, int], torch.Tensor] = {}
         self.depth: dict[int, int] = {}
         self.replayed: set[int] = set()
@@ -87,6 +88,9 @@ class Promises:
 
     def _replay(self, node: Node) -> None:
         inputs = [None if e is None else self.values[(e.child, e.nr)] for e in node.inputs]
+        if None in inputs and node.spec.zero_constants:
+            key = f"{node.kind}: replayed with an untracked constant operand taken as zero"
+            self.notes[key] = self.notes.get(key, 0) + 1
         try:
             out = node.spec.forward(node, inputs)
         except NotImplementedError:

@@ -40,7 +40,7 @@ def saved(fn: Any, name: str, default: Any = _MISSING) -> Any:
     reads as ``None``: the Promise System then recovers it elsewhere.
     """
     try:
-        return getattr(fn, "_saved_" + name)
+        return _signed(getattr(fn, "_saved_" + name))
     except AttributeError:
         if default is not _MISSING:
             return default
@@ -60,6 +60,15 @@ def saved(fn: Any, name: str, default: Any = _MISSING) -> Any:
         raise
 
 
+def _signed(v: Any) -> Any:
+    """torch hands negative saved ints (``dim=-1``) back as unsigned 64-bit values; undo that."""
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 2**63:
+        return v - 2**64
+    if isinstance(v, tuple) and v and all(isinstance(d, int) for d in v):
+        return tuple(_signed(d) for d in v)
+    return v
+
+
 def out_shape(fn: Any, nr: int = 0) -> torch.Size:
     """Shape of output slot ``nr`` of an autograd node (torch-private ``_input_metadata``)."""
     return fn._input_metadata[nr].shape
@@ -72,6 +81,10 @@ class OpSpec:
     family: str | None = None
     #: True if this entry is a documented fallback rather than an explicit rule (coverage reports it)
     fallback: bool = False
+    #: True for single-operand ops that neither change values nor mix elements (views, casts): look-through
+    transparent: bool = False
+    #: a replay may take an operand outside the graph (a constant autograd did not record) as zero
+    zero_constants: bool = False
 
     def decompose(self, fn: Any) -> list[tuple[str, OpSpec, list]]:
         return [(type(fn).__name__, self, [(NEXT, j) for j in range(len(fn.next_functions))])]

@@ -25,6 +25,7 @@ class AddTerms(OpSpec):
     """``z = sum_k term_k(operand_k)``; ``terms(fn, *operands)`` gives the signed, scaled terms."""
 
     family = "sum"
+    zero_constants = True
 
     def __init__(self, terms, output=None):
         self.terms, self.out = terms, output
@@ -33,9 +34,7 @@ class AddTerms(OpSpec):
         return None if self.out is None else self.out(node.fn)
 
     def forward(self, node, inputs):
-        if any(x is None for x in inputs):
-            raise NotImplementedError  # a constant operand autograd did not record
-        return _add_all(*self.terms(node.fn, *inputs))
+        return _add_all(*(t for t in self.terms(node.fn, *inputs) if t is not None))
 
     def relevance(self, ctx):
         (R,) = ctx.R
@@ -54,8 +53,8 @@ class AddTerms(OpSpec):
                 rest = _add_all(*(terms[i] for i in known)) if known else 0
                 terms = [t if t is not None else z.to(ctx.dtype) - rest for t in terms]
         rel = ctx.rule("sum").sum(terms, R, _add_all)
-        return [r.sum_to_size(v.shape).view(v.shape) if v is not None and r is not None else None
-                for r, v in zip(rel, values)]
+        return [r.sum_to_size(t.shape).reshape(v.shape) if v is not None else None
+                for r, t, v in zip(rel, terms, values)]
 
 
 
@@ -102,6 +101,12 @@ def _unary(replay=None, out=None, saved_in=None):
     return Identity(replay=replay, out=out, saved_in=saved_in)
 
 
+def _cast(replay):
+    spec = Identity(replay=replay)
+    spec.transparent = True
+    return spec
+
+
 def _self(fn):
     return saved(fn, "self")
 
@@ -123,9 +128,9 @@ ELEMENTWISE_OPS = {
     "MulBackward1": _unary(lambda fn, x: x * saved(fn, "other")),
     "DivBackward1": _unary(lambda fn, x: x / saved(fn, "other")),
     "NegBackward0": _unary(lambda fn, x: -x),
-    "CloneBackward0": _unary(lambda fn, x: x.clone()),
-    "AliasBackward0": _unary(lambda fn, x: x),
-    "ToCopyBackward0": _unary(lambda fn, x: x.to(fn._input_metadata[0].dtype)),
+    "CloneBackward0": _cast(lambda fn, x: x.clone()),
+    "AliasBackward0": _cast(lambda fn, x: x),
+    "ToCopyBackward0": _cast(lambda fn, x: x.to(fn._input_metadata[0].dtype)),
     "ReluBackward0": _unary(lambda fn, x: x.relu(), out=_result),
     "GeluBackward0": _unary(lambda fn, x: F.gelu(x, approximate=saved(fn, "approximate")), saved_in=_self),
     "SiluBackward0": _unary(lambda fn, x: F.silu(x), saved_in=_self),

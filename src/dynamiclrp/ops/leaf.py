@@ -33,7 +33,8 @@ class Embedding(OpSpec):
         return True
 
     def forward(self, node, inputs):
-        return F.embedding(saved(node.fn, "indices"), inputs[0], saved(node.fn, "padding_idx"))
+        pad = saved(node.fn, "padding_idx")
+        return F.embedding(saved(node.fn, "indices"), inputs[0], pad if pad is not None and pad >= 0 else None)
 
     def relevance(self, ctx):
         return route(ctx) if ctx.wants(0) else [None]

@@ -62,6 +62,22 @@ class MaxFull(Routing):
         return saved(node.fn, "self") if i == 0 else None
 
 
+class Where(Routing):
+    """``where(cond, a, b)``: relevance follows the selected element; a constant operand replays as zero."""
+
+    zero_constants = True
+
+    def forward(self, node, inputs):
+        cond = saved(node.fn, "condition")
+        a, b = (x if x is not None else torch.zeros((), dtype=_dtype(inputs), device=cond.device)
+                for x in inputs)
+        return torch.where(cond, a, b)
+
+
+def _dtype(inputs):
+    return next((x.dtype for x in inputs if x is not None), torch.float32)
+
+
 def _routing(replay=None, transparent=True):
     spec = Routing(replay)
     spec.transparent = transparent
@@ -97,7 +113,7 @@ SHAPE_OPS = {
     "MaxBackward0": _routing(lambda fn, x: x.max(saved(fn, "dim"), saved(fn, "keepdim"))),
     "MaxBackward1": MaxFull(lambda fn, x: x.max()),
     "MaskedFillBackward0": _routing(None, transparent=False),
-    "WhereBackward0": _routing(None, transparent=False),
+    "WhereBackward0": Where(),
     "ConstantPadNdBackward0": _routing(None, transparent=False),
     "MaxPool2DWithIndicesBackward0": MaxPool(),
     "MaxPool3DWithIndicesBackward0": MaxPool(),
