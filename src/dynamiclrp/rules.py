@@ -55,14 +55,41 @@ def vjp(fn: Callable[..., Tensor], inputs: Sequence[Tensor], grad: Tensor) -> tu
         return torch.autograd.grad(out, xs, grad)
 
 
-def _linear_terms(
-    pairs: Sequence[tuple[Tensor, Tensor]], s: Tensor, fn: LinearFn
-) -> Tensor:
+class LinearMap:
+    """``z = fn(x, w)``, linear in ``x`` for fixed ``w``, with its transpose :math:`J_x^\\top s`.
+
+    ``transpose(s, x, w)`` computes the vector-Jacobian product directly when the op provides it (``s @ w.T``
+    for mm, ``convolution_backward`` for convolutions); otherwise autograd differentiates a recomputation.
+    A plain callable ``fn(x, w)`` can be used wherever a LinearMap is expected.
+    """
+
+    def __init__(self, fn: LinearFn, transpose: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None):
+        self.fn, self._transpose = fn, transpose
+
+    def __call__(self, x: Tensor, w: Tensor) -> Tensor:
+        return self.fn(x, w)
+
+    def transpose(self, s: Tensor, x: Tensor, w: Tensor) -> Tensor:
+        if self._transpose is not None:
+            return self._transpose(s, x, w)
+        (g,) = vjp(lambda x_: self.fn(x_, w), [x], s)
+        return g
+
+
+def transpose(fn, s: Tensor, x: Tensor, w: Tensor) -> Tensor:
+    """:math:`J_x^\\top s` of ``fn`` at ``(x, w)`` (direct for a :class:`LinearMap`, else by autograd)."""
+    if isinstance(fn, LinearMap):
+        return fn.transpose(s, x, w)
+    (g,) = vjp(lambda x_: fn(x_, w), [x], s)
+    return g
+
+
+def _linear_terms(pairs: Sequence[tuple[Tensor, Tensor]], s: Tensor, fn) -> Tensor:
     """:math:`\\sum_k x_k \\odot J_{w_k}^\\top s` for (input, weight) pairs."""
     total = None
     for x, w in pairs:
-        (g,) = vjp(lambda x_, w=w: fn(x_, w), [x], s)
-        total = x * g if total is None else total + x * g
+        g = x * transpose(fn, s, x, w)
+        total = g if total is None else total + g
     return total
 
 
@@ -85,8 +112,10 @@ class Epsilon:
 
     eps: float = 1e-6
 
-    def linear(self, x: Tensor, w: Tensor, R: Tensor, fn: LinearFn) -> Tensor:
-        z = fn(x, w)
+    def linear(self, x: Tensor, w: Tensor, R: Tensor, fn: LinearFn, z: Tensor | None = None) -> Tensor:
+        """Relevance of ``x``; ``z = fn(x, w)`` may be passed when already known."""
+        if z is None:
+            z = fn(x, w)
         return _linear_terms([(x, w)], R / stabilize(z, self.eps), fn)
 
     def sum(self, terms: Sequence[Tensor], R: Tensor, combine: Callable[..., Tensor]) -> list[Tensor]:
@@ -104,10 +133,10 @@ class ZPlus:
 
     eps: float = 1e-6
 
-    def linear(self, x, w, R, fn):
+    def linear(self, x, w, R, fn, z=None):
         pairs = [(x.clamp(min=0), w.clamp(min=0)), (x.clamp(max=0), w.clamp(max=0))]
-        z = fn(*pairs[0]) + fn(*pairs[1])
-        return _linear_terms(pairs, R / stabilize(z, self.eps), fn)
+        zp = fn(*pairs[0]) + fn(*pairs[1])
+        return _linear_terms(pairs, R / stabilize(zp, self.eps), fn)
 
 
 @dataclass(frozen=True)
@@ -126,10 +155,11 @@ class Gamma:
     gamma: float = 0.25
     eps: float = 1e-6
 
-    def linear(self, x, w, R, fn):
+    def linear(self, x, w, R, fn, z=None):
         xp, xn = x.clamp(min=0), x.clamp(max=0)
         wp, wn = w + self.gamma * w.clamp(min=0), w + self.gamma * w.clamp(max=0)
-        z = fn(x, w)
+        if z is None:
+            z = fn(x, w)
         pos = [(xp, wp), (xn, wn)]
         neg = [(xp, wn), (xn, wp)]
         zp = fn(*pos[0]) + fn(*pos[1])
@@ -153,7 +183,7 @@ class AlphaBeta:
     beta: float = 1.0
     eps: float = 1e-6
 
-    def linear(self, x, w, R, fn):
+    def linear(self, x, w, R, fn, z=None):
         xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), w.clamp(min=0), w.clamp(max=0)
         pos, neg = [(xp, wp), (xn, wn)], [(xp, wn), (xn, wp)]
         zp = fn(*pos[0]) + fn(*pos[1])
@@ -174,10 +204,9 @@ class Flat:
 
     eps: float = 1e-6
 
-    def linear(self, x, w, R, fn):
+    def linear(self, x, w, R, fn, z=None):
         ones_x, ones_w = torch.ones_like(x), torch.ones_like(w)
-        z = fn(ones_x, ones_w)
-        return _linear_terms([(ones_x, ones_w)], R / stabilize(z, self.eps), fn)
+        return _linear_terms([(ones_x, ones_w)], R / stabilize(fn(ones_x, ones_w), self.eps), fn)
 
 
 @dataclass(frozen=True)
@@ -186,10 +215,9 @@ class WSquare:
 
     eps: float = 1e-6
 
-    def linear(self, x, w, R, fn):
+    def linear(self, x, w, R, fn, z=None):
         ones_x, w2 = torch.ones_like(x), w * w
-        z = fn(ones_x, w2)
-        return _linear_terms([(ones_x, w2)], R / stabilize(z, self.eps), fn)
+        return _linear_terms([(ones_x, w2)], R / stabilize(fn(ones_x, w2), self.eps), fn)
 
 
 @dataclass(frozen=True)
@@ -206,12 +234,12 @@ class ZBox:
     high: float | Tensor = 3.0
     eps: float = 1e-6
 
-    def linear(self, x, w, R, fn):
+    def linear(self, x, w, R, fn, z=None):
         low = torch.as_tensor(self.low, dtype=x.dtype, device=x.device).expand_as(x)
         high = torch.as_tensor(self.high, dtype=x.dtype, device=x.device).expand_as(x)
         wp, wn = w.clamp(min=0), w.clamp(max=0)
-        z = fn(x, w) - fn(low, wp) - fn(high, wn)
-        s = R / stabilize(z, self.eps)
+        zb = (fn(x, w) if z is None else z) - fn(low, wp) - fn(high, wn)
+        s = R / stabilize(zb, self.eps)
         return _linear_terms([(x, w)], s, fn) - _linear_terms([(low, wp), (high, wn)], s, fn)
 
 

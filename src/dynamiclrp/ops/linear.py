@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..rules import LinearMap
 from .base import NEXT, PART, OpSpec, saved
 from .elementwise import AddTerms
 
@@ -59,17 +60,24 @@ class Product(OpSpec):
         x_i = 0 if data[0] or not data[1] and ctx.wants(0) else 1
         w_i = 1 - x_i
         x, w = ctx.input(x_i), ctx.input(w_i)
-        lin = fn if x_i == 0 else (lambda x_, w_: fn(w_, x_))
         rule = ctx.rule(self.family_at(ctx, x_i))
         out = [None, None]
         if ctx.wants(x_i):
-            out[x_i] = rule.linear(x, w, R, lin)
+            z = ctx.run.promises.available(ctx.node, 0)
+            z = None if z is None else z.to(ctx.dtype)
+            out[x_i] = rule.linear(x, w, R, self.linear_map(ctx.node, x_i), z=z)
         if ctx.wants(w_i):  # parameter relevance: the same rule with the roles of input and weight swapped
-            out[w_i] = rule.linear(w, x, R, lambda w_, x_: lin(x_, w_))
+            out[w_i] = rule.linear(w, x, R, self.linear_map(ctx.node, w_i))
         return out
 
     def bound_fn(self, ctx):
         return self.fn
+
+    def linear_map(self, node, v: int) -> LinearMap:
+        """The op as a function of operand ``v`` (the variable) and the other operand (held fixed)."""
+        if v == 0:
+            return LinearMap(self.fn, lambda s, x, w: s @ w.mT)
+        return LinearMap(lambda x, w: self.fn(w, x), lambda s, x, w: w.mT @ s)
 
     def family_at(self, ctx, x_i: int) -> str:
         producer = ctx.producer(x_i)
@@ -109,7 +117,8 @@ class Convolution(Product):
         super().__init__(None, ("input", "weight"), family="conv")
 
     def decompose(self, fn):
-        has_bias = saved(fn, "bias_sym_sizes_opt") is not None
+        sizes = saved(fn, "bias_sym_sizes_opt")
+        has_bias = bool(sizes) and sizes[0] > 0  # (0,) means "no bias"
         if not has_bias:
             return [("ConvolutionBackward0", self, [(NEXT, 0), (NEXT, 1)])]
         return [
@@ -140,6 +149,22 @@ class Convolution(Product):
 
     def bound_fn(self, ctx):
         return self.conv_fn(ctx.node.fn)
+
+    def linear_map(self, node, v: int) -> LinearMap:
+        fn = node.fn
+        conv = self.conv_fn(fn)
+        args = (None, saved(fn, "stride"), saved(fn, "padding"), saved(fn, "dilation"), saved(fn, "transposed"),
+                saved(fn, "output_padding"), saved(fn, "groups"))
+
+        def grad_input(s, x, w):
+            return torch.ops.aten.convolution_backward(s, x, w, *args, [True, False, False])[0]
+
+        def grad_weight(s, w, x):
+            return torch.ops.aten.convolution_backward(s, x, w, *args, [False, True, False])[1]
+
+        if v == 0:
+            return LinearMap(conv, grad_input)
+        return LinearMap(lambda w, x: conv(x, w), grad_weight)
 
     def output(self, node, nr):
         a, b = self.saved_input(node, 0), self.saved_input(node, 1)
