@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -127,6 +128,13 @@ def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, stri
               ledger=[] if ledger else None, check_finite=check_finite)
     with torch.no_grad():
         run.propagate(seeds)
+    if run.approximations:
+        warnings.warn(
+            "dynamiclrp used documented approximations: "
+            + "; ".join(f"{k} (x{c})" for k, c in run.approximations.items())
+            + " (see Attribution.approximations)",
+            stacklevel=3,
+        )
     ps = run.promises.stats
     stats = Stats(nodes=len(graph.nodes), ops=dict(kinds), rules_run=run.rules_run, promises=ps.promises,
                   recovered=ps.recovered, internal_nodes=ps.internal_nodes, delta=ps.delta)
@@ -226,8 +234,9 @@ def explain(
 
     args = [prep(a) for a in args]
     kw = {k: prep(v) for k, v in kw.items()}
-    int_inputs = [x for x in list(args) + list(kw.values())
-                  if isinstance(x, torch.Tensor) and not x.is_floating_point()]
+    # token relevance is read at the embedding looked up with `input_ids` (or the first integer input)
+    int_inputs = [kw["input_ids"]] if isinstance(kw.get("input_ids"), torch.Tensor) else [
+        x for x in list(args) + list(kw.values()) if isinstance(x, torch.Tensor) and not x.is_floating_point()][:1]
 
     seen_out: dict[str, list[torch.Tensor]] = {}
     seen_in: dict[str, list[torch.Tensor]] = {}

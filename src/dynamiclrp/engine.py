@@ -67,8 +67,8 @@ class Run:
             for nr, r in enumerate(R):
                 if (nid, nr) in self.record and r is not None:
                     self.recorded[(nid, nr)] = r
-            if not node.inputs:
-                continue
+            if not any(e is not None and self.useful[e.child] for e in node.inputs):
+                continue  # nothing below was asked for (a leaf, or e.g. an embedding table)
             ctx = Context(self, node, R)
             R_in = node.spec.relevance(ctx)
             self.rules_run += 1

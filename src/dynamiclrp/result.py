@@ -80,4 +80,6 @@ class Attribution:
         to_params = float(sum(e.r_params for e in self.ledger))
         absorbed = float(sum(e.absorbed for e in self.ledger))
         got = float(sum(r.sum() for r in self.inputs if r is not None))
+        if self.tokens is not None:
+            got += float(self.tokens.sum())
         return {"seed": self.total_seed(), "inputs": got, "parameters": to_params, "absorbed": absorbed}

@@ -128,7 +128,8 @@ class Epsilon:
 class ZPlus:
     r"""z⁺-rule [2]: only positive contributions (zennit's ``ZPlus``: :math:`x^+ w^+ + x^- w^-`).
 
-    .. math:: R_i = \sum_j \frac{x_i^+ w_{ij}^+ + x_i^- w_{ij}^-}{\mathrm{stab}(\sum_i x_i^+ w_{ij}^+ + x_i^- w_{ij}^-)} R_j
+    .. math:: R_i = \sum_j \frac{x_i^+ w_{ij}^+ + x_i^- w_{ij}^-}
+                    {\mathrm{stab}(\sum_{i'} x_{i'}^+ w_{i'j}^+ + x_{i'}^- w_{i'j}^-)} R_j
     """
 
     eps: float = 1e-6

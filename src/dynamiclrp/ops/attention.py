@@ -82,26 +82,19 @@ class _Scores(OpSpec):
 
 
 class _Mask(AddTerms):
+    """``L = S + M`` with the attention mask ``M``, a constant: the ε-rule on attended entries, 0 where masked."""
+
     def __init__(self):
-        super().__init__(self._terms)
-
-    @staticmethod
-    def _terms(fn, s):
-        q, k = saved(fn, "query"), saved(fn, "key")
-        return [s, _mask(fn, q, k).to(s.dtype)]
-
-    def forward(self, node, inputs):
-        return _add(*self._terms(node.fn, inputs[0]))
+        super().__init__(lambda fn, s: [s, _mask(fn, saved(fn, "query"), saved(fn, "key")).to(s.dtype)])
 
     def relevance(self, ctx):
         (R,) = ctx.R
         s = ctx.input(0)
-        m = _mask(ctx.node.fn, s, s).to(s.dtype)
-        z = s + m
-        r = torch.where(torch.isfinite(z), ctx.rule("sum").sum([s, torch.where(torch.isfinite(m), m, 0)],
-                                                                 torch.where(torch.isfinite(z), R, 0),
-                                                                 _add)[0], 0)
-        return [r]
+        m = _mask(ctx.node.fn, saved(ctx.node.fn, "query"), saved(ctx.node.fn, "key")).to(s.dtype).expand_as(s)
+        attended = torch.isfinite(m)
+        zero = torch.zeros((), dtype=s.dtype)
+        rs, _ = ctx.rule("sum").sum([s, torch.where(attended, m, zero)], torch.where(attended, R, zero), _add)
+        return [torch.where(attended, rs, zero)]
 
 
 def _add(a, b):
@@ -113,7 +106,7 @@ class _Probs(Softmax):
         return None
 
     def forward(self, node, inputs):
-        return torch.softmax(inputs[0], -1)
+        return torch.softmax(inputs[0], -1).nan_to_num(0.0)  # a fully masked row attends to nothing
 
     def relevance(self, ctx):
         (R,) = ctx.R
@@ -178,5 +171,6 @@ SDPA_KINDS = (
 
 ATTENTION_OPS = {
     "SoftmaxBackward0": Softmax(),
+    "SafeSoftmaxBackward0": Softmax(),
     **{k: ScaledDotProductAttention() for k in SDPA_KINDS},
 }

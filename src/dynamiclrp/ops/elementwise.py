@@ -85,6 +85,11 @@ class Product(OpSpec):
         (R,) = ctx.R
         data = ctx.is_data(0), ctx.is_data(1)
         if data[0] and data[1]:
+            for i in (1, 0):  # x * rsqrt(mean(x²) + eps), (x - μ) / σ: a normalisation written out by hand
+                if normaliser_of(ctx, i, 1 - i):
+                    out = [None, None]
+                    out[1 - i] = ctx.rule("norm").norm(R).sum_to_size(ctx.input_shape(1 - i))
+                    return out
             a, b = ctx.input(0), ctx.input(1)
             if self.divide:
                 b = 1.0 / b
@@ -99,6 +104,34 @@ class Product(OpSpec):
 
 def _unary(replay=None, out=None, saved_in=None):
     return Identity(replay=replay, out=out, saved_in=saved_in)
+
+
+def normaliser_of(ctx, i: int, j: int, max_depth: int = 12) -> bool:
+    """Whether operand ``i`` is computed from operand ``j`` alone by a chain of single-input ops that contains a
+    reduction (``rsqrt(mean(x²) + ε)`` for ``x``, ``sqrt(var + ε)`` for ``x - μ``): a normalisation factor.
+
+    The product of an activation and its own normaliser is a normalisation layer written out by hand (RMSNorm,
+    LayerNorm in eager code); it takes the preset's ``norm`` rule like the fused layer-norm node does.
+    """
+    nodes = ctx.run.graph.nodes
+    ej = ctx.node.inputs[j]
+    ei = ctx.node.inputs[i]
+    if ei is None or ej is None:
+        return False
+    sources = {ej.child}
+    pj = nodes[ej.child]
+    if isinstance(pj.spec, AddTerms):  # centring: x - mean(x)
+        sources.update(e.child for e in pj.inputs if e is not None)
+    node, reduced = nodes[ei.child], False
+    for _ in range(max_depth):
+        if node.id in sources:
+            return reduced
+        data_in = [e for e in node.inputs if e is not None and nodes[e.child].data]
+        if len(data_in) != 1:
+            return False
+        reduced = reduced or node.spec.family == "sum" and len(node.inputs) == 1
+        node = nodes[data_in[0].child]
+    return False
 
 
 def _cast(replay):
@@ -127,6 +160,7 @@ ELEMENTWISE_OPS = {
     "RsubBackward1": _unary(),
     "MulBackward1": _unary(lambda fn, x: x * saved(fn, "other")),
     "DivBackward1": _unary(lambda fn, x: x / saved(fn, "other")),
+    "NativeDropoutBackward0": _unary(lambda fn, x: x * saved(fn, "result1") / (1.0 - saved(fn, "p"))),
     "NegBackward0": _unary(lambda fn, x: -x),
     "CloneBackward0": _cast(lambda fn, x: x.clone()),
     "AliasBackward0": _cast(lambda fn, x: x),
