@@ -1,0 +1,579 @@
+"""End-to-end tests of the propagation engine and the Promise System.
+
+Exactness checks run in float64 on bias-free models with ε → 0 (``Epsilon(1e-12)`` for linear ops and sums) and
+conservative product rules, where the relevance of the inputs must add up to the explained output value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from contextlib import contextmanager
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dynamiclrp
+from dynamiclrp import engine
+from dynamiclrp.ops import OPS, Identity
+from dynamiclrp.promise import Promises
+from dynamiclrp.rules import Epsilon, Uniform
+
+D = torch.float64
+EXACT = {"linear": Epsilon(1e-12), "sum": Epsilon(1e-12), "product": Uniform(1e-12)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+
+@contextmanager
+def time_limit(seconds: int):
+    """Fail (instead of hanging the suite) if the body runs longer than ``seconds``."""
+
+    def handler(signum, frame):
+        raise TimeoutError(f"propagation did not finish within {seconds} s (deadlock?)")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def row_sums(r: torch.Tensor) -> torch.Tensor:
+    return r.reshape(r.shape[0], -1).sum(1)
+
+
+def assert_row_conservation(att, y, target, rel=1e-6):
+    """Per row: the input relevance sums to the output value at the target."""
+    expected = y.detach()[torch.arange(y.shape[0]), torch.as_tensor(target)]
+    got = row_sums(att.inputs[0])
+    assert got.dtype == D
+    for g, e in zip(got.tolist(), expected.tolist()):
+        assert g == pytest.approx(e, rel=rel, abs=1e-12)
+
+
+def non_leaf_nodes(att) -> int:
+    return sum(1 for n in att.extra["run"].graph.nodes if n.inputs)
+
+
+def randomise_bn(model: nn.Module) -> None:
+    g = torch.Generator().manual_seed(7)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# models
+
+
+def make_mlp(bias=False):
+    return nn.Sequential(nn.Linear(6, 16, bias=bias), nn.ReLU(), nn.Linear(16, 12, bias=bias), nn.ReLU(),
+                         nn.Linear(12, 4, bias=bias))
+
+
+def make_cnn(bias=False):
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=bias), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, bias=bias), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(24, 5, bias=bias),
+    )
+
+
+class ResCNN(nn.Module):
+    """Residual blocks x + f(x), f with batch norm (eval mode): relevance passes norms unchanged."""
+
+    def __init__(self, bias=False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=bias)
+        self.f1 = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=bias), nn.BatchNorm2d(4), nn.ReLU(),
+                                nn.Conv2d(4, 4, 3, padding=1, bias=bias))
+        self.f2 = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=bias), nn.BatchNorm2d(4, affine=False),
+                                nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, bias=bias))
+        self.fc = nn.Linear(4, 3, bias=bias)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(x + self.f1(x))
+        x = x + self.f2(x)
+        return self.fc(x.mean((2, 3)))
+
+
+class CatSplitNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(6, 8, bias=False)
+        self.l2 = nn.Linear(4, 4, bias=False)
+        self.l3 = nn.Linear(12, 3, bias=False)
+
+    def forward(self, x):
+        h = torch.relu(self.l1(x))
+        a, b = h.split(4, dim=1)
+        c = torch.cat([self.l2(a), b, a], 1)
+        u, v = torch.stack([c, torch.tanh(c)], 0).unbind(0)
+        return self.l3(u + v)
+
+
+class TinyTransformer(nn.Module):
+    """Pre-norm block: self-attention (by hand or SDPA) and an MLP, both residual; mean-pooled head."""
+
+    def __init__(self, d=8, heads=2, sdpa=False, bias=False):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=bias) for _ in range(4))
+        self.ln1, self.ln2 = nn.LayerNorm(d, bias=bias), nn.LayerNorm(d, bias=bias)
+        self.f1, self.f2 = nn.Linear(d, 16, bias=bias), nn.Linear(16, d, bias=bias)
+        self.head = nn.Linear(d, 3, bias=bias)
+        self.heads, self.sdpa = heads, sdpa
+
+    def forward(self, x):
+        B, T, d = x.shape
+        h = self.heads
+        y = self.ln1(x)
+        q, k, v = (f(y).view(B, T, h, d // h).transpose(1, 2) for f in (self.q, self.k, self.v))
+        if self.sdpa:
+            o = F.scaled_dot_product_attention(q, k, v)
+        else:
+            o = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // h), dim=-1) @ v
+        x = x + self.o(o.transpose(1, 2).reshape(B, T, d))
+        x = x + self.f2(F.gelu(self.f1(self.ln2(x))))
+        return self.head(x.mean(1))
+
+
+def seeded(factory, seed=0, dtype=D):
+    torch.manual_seed(seed)
+    return factory().to(dtype).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# exact conservation, end to end
+
+
+def test_mlp_conserves():
+    m = seeded(make_mlp)
+    x = torch.randn(3, 6, dtype=D, requires_grad=True)
+    y = m(x)
+    att = dynamiclrp.propagate(y, target=[0, 3, 1], wrt=[x], rules=EXACT)
+    assert att.inputs[0].shape == x.shape
+    assert_row_conservation(att, y, [0, 3, 1])
+    assert att.stats.ops["ReluBackward0"] == 2
+
+
+def test_cnn_conserves():
+    m = seeded(make_cnn)
+    x = torch.randn(2, 3, 10, 10, dtype=D, requires_grad=True)
+    y = m(x)
+    att = dynamiclrp.propagate(y, target=[1, 4], wrt=[x], rules=EXACT)
+    assert_row_conservation(att, y, [1, 4])
+    for kind in ("ConvolutionBackward0", "MaxPool2DWithIndicesBackward0", "AdaptiveAvgPool2DBackward0"):
+        assert kind in att.stats.ops
+    # max pooling routes everything to the window maxima: 3/4 of the first conv's outputs get nothing
+    assert (att.inputs[0] != 0).any()
+
+
+def test_residual_cnn_with_batchnorm_conserves():
+    m = seeded(ResCNN)
+    randomise_bn(m)
+    x = torch.randn(2, 3, 8, 8, dtype=D, requires_grad=True)
+    y = m(x)
+    att = dynamiclrp.propagate(y, target=[0, 2], wrt=[x], rules=EXACT)
+    assert att.stats.ops["NativeBatchNormBackward0"] == 2
+    assert att.stats.ops["AddBackward0"] == 2
+    assert_row_conservation(att, y, [0, 2])
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_batchnorm_with_affine_bias_is_finite(train):
+    m = seeded(lambda: ResCNN(bias=True))
+    randomise_bn(m)
+    m.train(train)
+    x = torch.randn(4, 3, 8, 8, dtype=D, requires_grad=True)
+    y = m(x)
+    att = dynamiclrp.propagate(y, target=1, wrt=[x])
+    assert torch.isfinite(att.inputs[0]).all()
+    assert att.inputs[0].abs().sum() > 0
+    # the ledger accounts for every bit of the seed, whatever biases took
+    c = att.conservation()
+    assert c["seed"] == pytest.approx(c["inputs"] + c["parameters"] + c["absorbed"], rel=1e-9, abs=1e-12)
+    assert c["parameters"] != 0.0
+
+
+def test_cat_split_stack_unbind_conserves():
+    m = seeded(CatSplitNet)
+    x = torch.randn(3, 6, dtype=D, requires_grad=True)
+    y = m(x)
+    att = dynamiclrp.propagate(y, target=[0, 1, 2], wrt=[x], rules=EXACT)
+    for kind in ("CatBackward0", "SplitBackward0", "StackBackward0", "UnbindBackward0"):
+        assert att.stats.ops[kind] == 1
+    assert_row_conservation(att, y, [0, 1, 2])
+
+
+@pytest.mark.parametrize("sdpa", [False, True], ids=["by-hand", "sdpa"])
+def test_transformer_block_conserves(sdpa):
+    m = seeded(lambda: TinyTransformer(sdpa=sdpa), seed=1)
+    x = torch.randn(2, 5, 8, dtype=D, requires_grad=True)
+    y = m(x)
+    att = dynamiclrp.propagate(y, target=[0, 2], wrt=[x], preset="epsilon", rules=EXACT)
+    assert_row_conservation(att, y, [0, 2])
+    assert att.stats.ops["NativeLayerNormBackward0"] == 2
+    assert ("ScaledDotProductFlashAttentionForCpuBackward0" in att.stats.ops) == sdpa
+
+
+def test_sdpa_matches_attention_by_hand():
+    x = torch.randn(2, 5, 8, dtype=D)
+    rel = []
+    for sdpa in (False, True):
+        m = seeded(lambda sdpa=sdpa: TinyTransformer(sdpa=sdpa), seed=1)
+        xi = x.clone().requires_grad_()
+        for preset in ("epsilon", "attnlrp"):
+            rel.append(dynamiclrp.propagate(m(xi), target=[0, 2], wrt=[xi], preset=preset).inputs[0])
+    torch.testing.assert_close(rel[0], rel[2], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(rel[1], rel[3], rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(rel[0], rel[1])  # the softmax rule does matter
+
+
+def test_attnlrp_ledger_accounts_for_everything():
+    m = seeded(lambda: TinyTransformer(bias=True), seed=2)
+    x = torch.randn(2, 5, 8, dtype=D, requires_grad=True)
+    y = m(x)
+    att = dynamiclrp.propagate(y, target=[1, 0], wrt=[x], preset="attnlrp")
+    c = att.conservation()
+    assert c["seed"] == pytest.approx(float(y[0, 1] + y[1, 0]), rel=1e-12)
+    assert c["seed"] == pytest.approx(c["inputs"] + c["parameters"] + c["absorbed"], rel=1e-9, abs=1e-12)
+    assert abs(c["absorbed"]) > 1e-6  # the AttnLRP softmax rule is not conservative ...
+    soft = [e for e in att.ledger if e.kind == "SoftmaxBackward0"]
+    assert len(soft) == 1 and abs(float(soft[0].absorbed)) > 1e-6  # ... and the ledger says where
+    assert abs(c["parameters"]) > 1e-6  # biases took their share
+    for e in att.ledger:  # every entry balances by construction
+        assert float(e.r_in) == pytest.approx(float(e.r_data + e.r_params + e.absorbed), abs=1e-12)
+
+
+def test_ledger_zero_absorption_when_exact():
+    m = seeded(make_mlp)
+    x = torch.randn(2, 6, dtype=D, requires_grad=True)
+    att = dynamiclrp.propagate(m(x), target=0, wrt=[x], rules=EXACT)
+    c = att.conservation()
+    assert c["parameters"] == 0.0
+    assert abs(c["absorbed"]) <= 1e-9 * abs(c["seed"])
+    assert c["inputs"] == pytest.approx(c["seed"], rel=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Promise System invariants
+
+
+class DiamondNet(nn.Module):
+    """The input feeds three branches, and one hidden activation is used three times (twice in one op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (nn.Linear(5, 5, bias=False) for _ in range(3))
+        self.out = nn.Linear(5, 3, bias=False)
+
+    def forward(self, x):
+        h = self.a(x)
+        u = h * 2.0 + torch.tanh(h) + h  # h: three consumers, no one saves it as an operand
+        v = torch.relu(self.b(x)) + self.c(x)
+        w = u + v + x  # x itself used a third time
+        return self.out(w + w * 0.5)
+
+
+def graphs_for_invariants():
+    torch.manual_seed(3)
+    cases = {
+        "residual": (seeded(ResCNN, 3), torch.randn(2, 3, 8, 8, dtype=D)),
+        "diamond": (seeded(DiamondNet, 3), torch.randn(3, 5, dtype=D)),
+        "catsplit": (seeded(CatSplitNet, 3), torch.randn(3, 6, dtype=D)),
+        "transformer": (seeded(lambda: TinyTransformer(sdpa=True), 3), torch.randn(2, 4, 8, dtype=D)),
+    }
+    randomise_bn(cases["residual"][0])
+    return cases
+
+
+@pytest.mark.parametrize("name", ["residual", "diamond", "catsplit", "transformer"])
+def test_each_rule_runs_once_and_each_activation_is_recovered_once(name, monkeypatch):
+    model, x = graphs_for_invariants()[name]
+    x.requires_grad_()
+    y = model(x)
+    contexts: list[int] = []
+    replays: list[int] = []
+
+    class CountingContext(engine.Context):
+        def __init__(self, run, node, R):
+            contexts.append(node.id)
+            super().__init__(run, node, R)
+
+    monkeypatch.setattr(engine, "Context", CountingContext)
+    orig_replay = Promises._replay
+
+    def replay(self, node):
+        replays.append(node.id)
+        return orig_replay(self, node)
+
+    with mock.patch.object(Promises, "_replay", autospec=True, side_effect=replay) as spy, time_limit(60):
+        att = dynamiclrp.propagate(y, target=0, wrt=[x], rules=EXACT)
+    assert len(contexts) == len(set(contexts)), "a node's rule ran twice"
+    assert att.stats.rules_run == len(contexts)
+    assert 0 < att.stats.rules_run <= non_leaf_nodes(att)
+    assert len(replays) == len(set(replays)), "an activation was replayed twice"
+    assert spy.call_count == att.stats.internal_nodes == len(replays)
+    assert att.stats.recovered >= att.stats.internal_nodes
+    assert att.stats.promises > 0
+    assert_row_conservation(att, y, [0] * x.shape[0])
+
+
+def test_diamond_graph_replays_internal_nodes_and_conserves():
+    m = seeded(DiamondNet, 4)
+    x = torch.randn(4, 5, dtype=D, requires_grad=True)
+    y = m(x)
+    with time_limit(30):
+        att = dynamiclrp.propagate(y, target=[0, 1, 2, 0], wrt=[x], rules=EXACT)
+    assert att.stats.internal_nodes > 0  # h * 2.0 and friends had to be replayed
+    assert att.stats.delta >= att.stats.promises
+    assert_row_conservation(att, y, [0, 1, 2, 0])
+
+
+class _Twice(torch.autograd.Function):
+    """y = 2 x, by a custom autograd Function (node type ``_TwiceBackward``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+@pytest.fixture
+def twice_op():
+    spec = Identity(replay=lambda fn, x: 2 * x)
+    dynamiclrp.register_op(_Twice, spec)
+    try:
+        yield spec
+    finally:
+        OPS.pop("_TwiceBackward", None)
+
+
+def test_rule_of_a_shared_node_runs_once(twice_op):
+    lin_a, lin_b, out = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False), nn.Linear(4, 2, bias=False)
+    for m in (lin_a, lin_b, out):
+        m.double()
+    x = torch.randn(3, 4, dtype=D, requires_grad=True)
+    t1 = _Twice.apply(lin_a(x))
+    t2 = _Twice.apply(x)
+    h = lin_b(t1) + torch.tanh(t1) + t1 * 3.0 + t2 + t2  # t1 has 3 consumers, t2 two (in the same add chain)
+    y = out(h)
+    with mock.patch.object(twice_op, "relevance", wraps=twice_op.relevance) as spy:
+        att = dynamiclrp.propagate(y, target=1, wrt=[x], rules=EXACT)
+    assert spy.call_count == 2
+    ids = [c.args[0].node.id for c in spy.call_args_list]
+    assert len(set(ids)) == 2
+    assert att.stats.ops["_TwiceBackward"] == 2
+    assert_row_conservation(att, y, [1, 1, 1])
+
+
+def test_frozen_model_with_input_requiring_grad():
+    m = seeded(ResCNN, 5)
+    randomise_bn(m)
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    xa = x.clone().requires_grad_()
+    ref = dynamiclrp.propagate(m(xa), target=[1, 2], wrt=[xa], rules=EXACT).inputs[0]
+    for p in m.parameters():
+        p.requires_grad_(False)
+    xb = x.clone().requires_grad_()
+    y = m(xb)
+    att = dynamiclrp.propagate(y, target=[1, 2], wrt=[xb], rules=EXACT)
+    assert "AccumulateGrad" in att.stats.ops and att.stats.ops["AccumulateGrad"] == 1  # only the input
+    assert att.stats.promises > 0  # operands autograd no longer saved had to be recovered
+    assert_row_conservation(att, y, [1, 2])
+    torch.testing.assert_close(att.inputs[0], ref, rtol=1e-9, atol=1e-12)
+    assert all(not p.requires_grad and p.grad is None for p in m.parameters())
+
+
+def test_frozen_model_with_biases_is_finite_and_reports_the_untracked_biases():
+    m = seeded(lambda: make_cnn(bias=True), 6, torch.float32)
+    m.requires_grad_(False)
+    x = torch.randn(2, 3, 10, 10, requires_grad=True)
+    with pytest.warns(UserWarning, match="approximations"):
+        att = dynamiclrp.propagate(m(x), wrt=[x])
+    assert torch.isfinite(att.inputs[0]).all()
+    assert any(k.startswith("AddBackward0") for k in att.approximations)
+
+
+def make_vgg_like():
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(32, 16), nn.ReLU(), nn.Dropout(), nn.Linear(16, 16), nn.ReLU(), nn.Dropout(), nn.Linear(16, 5),
+    )
+
+
+def test_vgg_like_promise_statistics():
+    m = seeded(make_vgg_like, 7, torch.float32)
+    n_bias = sum(isinstance(mod, (nn.Conv2d, nn.Linear)) for mod in m.modules())
+    att = dynamiclrp.explain(m, torch.randn(2, 3, 8, 8))
+    assert att.stats.ops["AddBackward0"] == n_bias == 6
+    # a bias addition needs its two operands (conv/mm output and bias), which autograd does not keep;
+    # every other op of a VGG saved what its rule needs
+    assert att.stats.promises == 2 * n_bias
+    assert att.stats.internal_nodes == 0
+    assert att.stats.delta == att.stats.promises  # each promise resolved by the node right below
+    assert att.stats.rho == pytest.approx(att.stats.promises / att.stats.nodes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the model and its graph are left as they were
+
+
+def _grads(model, x, y):
+    y.backward(torch.ones_like(y))
+    return [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+
+
+@pytest.mark.parametrize("name", ["rescnn", "transformer", "catsplit"])
+def test_graph_gives_the_same_gradients_after_propagation(name):
+    factory = {"rescnn": lambda: ResCNN(bias=True), "transformer": lambda: TinyTransformer(sdpa=True, bias=True),
+               "catsplit": CatSplitNet}[name]
+    m = seeded(factory, 8, torch.float32)
+    randomise_bn(m)
+    shape = {"rescnn": (2, 3, 8, 8), "transformer": (2, 4, 8), "catsplit": (3, 6)}[name]
+    x = torch.randn(shape)
+    params_before = [p.detach().clone() for p in m.parameters()]
+    buffers_before = [b.clone() for b in m.buffers()]
+
+    xa = x.clone().requires_grad_()
+    ya = m(xa)
+    att = dynamiclrp.propagate(ya, target=1, wrt=[xa, *m.parameters()])
+    assert torch.isfinite(att.inputs[0]).all()
+    assert xa.grad is None and all(p.grad is None for p in m.parameters())
+    for p, q in zip(m.parameters(), params_before):
+        assert torch.equal(p, q)
+    for b, c in zip(m.buffers(), buffers_before):
+        assert torch.equal(b, c)
+    after = _grads(m, xa, ya)
+
+    m.zero_grad(set_to_none=True)
+    xb = x.clone().requires_grad_()
+    fresh = _grads(m, xb, m(xb))
+    assert len(after) == len(fresh)
+    for g, h in zip(after, fresh):
+        assert torch.equal(g, h)
+
+
+def test_explain_leaves_model_unchanged():
+    torch.manual_seed(9)
+    m = ResCNN(bias=True).eval()
+    randomise_bn(m)
+    m.f1.train()  # mixed modes must survive
+    m.f1[1].eval()
+    m.stem.weight.requires_grad_(False)
+    m.fc.bias.requires_grad_(False)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in m.named_parameters()}
+    modes = {n: mod.training for n, mod in m.named_modules()}
+    att = dynamiclrp.explain(m, torch.randn(2, 3, 8, 8), target=1, modules=["f1", "stem"],
+                             params=["fc.weight"], module_rules={"f2": {"conv": Epsilon(0.1)}})
+    assert torch.isfinite(att.inputs[0]).all()
+    assert {n: p.requires_grad for n, p in m.named_parameters()} == flags
+    assert {n: mod.training for n, mod in m.named_modules()} == modes
+    assert all(p.grad is None for p in m.parameters())
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    for mod in m.modules():
+        assert not mod._forward_hooks and not mod._forward_pre_hooks
+
+
+@pytest.mark.parametrize("name", ["cnn", "transformer"])
+def test_same_input_twice_gives_bitwise_identical_relevance(name):
+    if name == "cnn":
+        m, x = seeded(lambda: make_cnn(bias=True), 10, torch.float32), torch.randn(2, 3, 10, 10)
+    else:
+        m, x = seeded(lambda: TinyTransformer(sdpa=True, bias=True), 10, torch.float32), torch.randn(2, 5, 8)
+    a = dynamiclrp.explain(m, x, target=[1, 2], preset="attnlrp", modules=["f1" if name == "transformer" else "1"])
+    b = dynamiclrp.explain(m, x, target=[1, 2], preset="attnlrp", modules=["f1" if name == "transformer" else "1"])
+    assert torch.equal(a.inputs[0], b.inputs[0])
+    for k in a.modules:
+        assert torch.equal(a.modules[k], b.modules[k])
+    assert a.stats == b.stats
+
+
+# ----------------------------------------------------------------------------------------------------------
+# long graphs: iterative graph reading and replay
+
+
+def test_long_tanh_chain_has_no_recursion_error():
+    x0 = torch.randn(2, 3, dtype=D, requires_grad=True)
+    x = x0
+    for _ in range(20_000):
+        x = torch.tanh(x)
+    y = x.sum(1, keepdim=True)
+    att = dynamiclrp.propagate(y, target=0, wrt=[x0], rules=EXACT)
+    assert att.stats.nodes >= 20_000
+    assert_row_conservation(att, y, [0, 0])
+
+
+def test_long_add_chain_replays_without_recursion_error():
+    x0 = torch.randn(2, 3, dtype=D, requires_grad=True)
+    x = x0
+    for _ in range(10_000):  # Mul + Add per step; no node saves the sums, so the whole chain is replayed
+        x = x + 1e-4 * x
+    y = x.sum(1, keepdim=True)
+    att = dynamiclrp.propagate(y, target=0, wrt=[x0], rules=EXACT)
+    assert att.stats.nodes >= 20_000
+    assert att.stats.internal_nodes >= 10_000
+    assert_row_conservation(att, y, [0, 0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# full-size models
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vgg16", "resnet50"])
+def test_torchvision_models(name):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(11)
+    m = getattr(torchvision.models, name)(weights=None).eval()
+    att = dynamiclrp.explain(m, torch.randn(1, 3, 224, 224), target=7)
+    r = att.inputs[0]
+    assert r.shape == (1, 3, 224, 224)
+    assert torch.isfinite(r).all() and r.abs().sum() > 0
+    c = att.conservation()
+    assert c["seed"] == pytest.approx(c["inputs"] + c["parameters"] + c["absorbed"], rel=1e-3, abs=1e-5)
+    if name == "vgg16":  # 13 convolutions and 3 linear layers, each with a bias addition
+        assert att.stats.ops["AddBackward0"] == 16
+        assert att.stats.promises == 32
+
+
+def test_tiny_bert_tokens():
+    transformers = pytest.importorskip("transformers")
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=32, num_labels=3)
+    torch.manual_seed(12)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    ids = torch.randint(1, 50, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    att = dynamiclrp.explain(model, {"input_ids": ids, "attention_mask": mask}, target=[0, 2])
+    assert att.tokens is not None and att.tokens.shape == (2, 7)
+    assert torch.isfinite(att.tokens).all()
+    assert att.tokens.abs().sum() > 0
+    assert att.inputs == []  # no floating-point input
+    assert att.stats.ops.get("EmbeddingBackward0", 0) >= 1
+    # padded tokens are masked out of every attention: they receive nothing
+    assert torch.equal(att.tokens[1, 5:], torch.zeros(2))
+    assert all(not mod._forward_hooks for mod in model.modules())
