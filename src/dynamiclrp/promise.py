@@ -46,6 +46,11 @@ class Promises:
     def __init__(self, graph: Graph, notes: dict[str, int] | None = None):
         self.graph = graph
         self.notes = notes if notes is not None else {}
+        # values replayed with an untracked constant taken as zero (an attention mask added to the scores):
+        # only a consumer that can check them against what autograd saved may use them (softmax does)
+        self.provisional: set[tuple[int, int]] = set()
+        # provisional values a consumer verified on the positions where relevance flows (see ops.attention)
+        self.certified: set[tuple[int, int]] = set()
         self.values: dict[tuple[int, int], torch.Tensor] = {}
         self.depth: dict[int, int] = {}
         self.replayed: set[int] = set()
@@ -57,9 +62,35 @@ class Promises:
         if edge is None:
             return None
         value = self.value(edge.child, edge.nr)
+        key = (edge.child, edge.nr)
+        if key in self.provisional and not node.spec.checks_provisional:
+            if (node.id, 0) in self.certified and node.spec.family == "sum":
+                # an addition whose (provisional) output was verified downstream: its relevance is zero
+                # wherever the untracked constants matter, so its provisional operands are exact where used
+                self.certify(key)
+                self.stats.promises += 1
+                self.stats.delta += 1 + self.depth[edge.child]
+                return value
+            producer = self.graph.nodes[edge.child]
+            raise ActivationUnavailableError(
+                f"{node.kind} (node #{node.id}) needs operand {i}, the output of {producer.kind} "
+                f"(node #{producer.id}), which depends on a constant autograd did not record (a tensor that "
+                "does not require grad, or a Python scalar). Make that operand a tensor that requires grad, "
+                "or register a rule that does not need this activation"
+            )
         self.stats.promises += 1
         self.stats.delta += 1 + self.depth[edge.child]
         return value
+
+    def certify(self, key: tuple[int, int]) -> None:
+        """Mark a provisional value as verified, and the values it was viewed from (views, casts) too."""
+        nodes = self.graph.nodes
+        while key in self.provisional and key not in self.certified:
+            self.certified.add(key)
+            node = nodes[key[0]]
+            if not (node.spec.transparent and node.inputs and node.inputs[0] is not None):
+                break
+            key = (node.inputs[0].child, node.inputs[0].nr)
 
     def available(self, node: Node, nr: int = 0) -> torch.Tensor | None:
         """Output slot ``nr`` if saved tensors hold it (no replay), else None."""
@@ -88,18 +119,22 @@ class Promises:
 
     def _replay(self, node: Node) -> None:
         inputs = [None if e is None else self.values[(e.child, e.nr)] for e in node.inputs]
-        if None in inputs and node.spec.zero_constants:
-            key = f"{node.kind}: replayed with an untracked constant operand taken as zero"
-            self.notes[key] = self.notes.get(key, 0) + 1
+        provisional = any(e is not None and (e.child, e.nr) in self.provisional for e in node.inputs)
         try:
+            # an operand outside the graph: the op may have saved it (mul by a constant), else the replay is
+            # provisional (a zero_constants op takes it as zero) or impossible (forward raises)
+            provisional = provisional or (None in inputs and node.spec.zero_constants)
             out = node.spec.forward(node, inputs)
         except NotImplementedError:
             raise ActivationUnavailableError(
-                f"cannot recover the output of {node.kind} (node #{node.id}): it saved nothing to rebuild it "
-                "from and its forward cannot be replayed; register an op entry with a `forward` for it"
+                f"cannot recover the output of {node.kind} (node #{node.id}): autograd saved nothing to rebuild "
+                "it from, and it cannot be replayed (an operand is a constant autograd did not record, or the op "
+                "has no replay); make its operands require grad, or register an op entry with a `forward`"
             ) from None
         for k, o in enumerate(out if isinstance(out, (tuple, list)) else (out,)):
             self.values.setdefault((node.id, k), o)
+            if provisional:
+                self.provisional.add((node.id, k))
         self.replayed.add(node.id)
         self.depth[node.id] = 1 + max((self.depth[e.child] for e in node.inputs if e is not None), default=0)
         self.stats.internal_nodes += 1

@@ -28,6 +28,7 @@ References
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -39,7 +40,7 @@ LinearFn = Callable[[Tensor, Tensor], Tensor]
 
 def stabilize(z: Tensor, eps: float) -> Tensor:
     r"""Return :math:`z + \varepsilon\,\mathrm{sign}(z)` with :math:`\mathrm{sign}(0) = 1`."""
-    return z + torch.where(z >= 0, eps, -eps).to(z.dtype)
+    return z + eps * (2 * (z >= 0).to(z.dtype) - 1)
 
 
 def safe_divide(r: Tensor, z: Tensor) -> Tensor:
@@ -254,7 +255,8 @@ class Proportional:
 
     .. math:: R_k = \frac{|t_k|}{\sum_{k'} |t_{k'}| + \varepsilon} R
 
-    for the terms of a sum, and for a product :math:`a \cdot b` the same split over :math:`|a|` and :math:`|b|`.
+    for the terms of a sum, and for an element-wise product :math:`a \odot b` the same split over :math:`|a|`
+    and :math:`|b|`; a matrix product of two activations is split as by :class:`Uniform`, with this rule's ε.
     Conservative, but a heuristic rather than a Taylor-derived rule.
     """
 
@@ -266,8 +268,8 @@ class Proportional:
         return [m * g for m, g in zip(mags, vjp(combine, mags, s))]
 
     def product(self, a, b, R, fn):
-        if not _elementwise(fn):
-            return Uniform().product(a, b, R, fn)
+        if not _elementwise(fn):  # a matrix product: the bilinear form has no |·| split; halve it (AttnLRP)
+            return Uniform(self.eps).product(a, b, R, fn)
         aa, bb = a.abs(), b.abs()
         s = R / (aa + bb + self.eps)
         return (aa * s).sum_to_size(a.shape), (bb * s).sum_to_size(b.shape)
@@ -320,7 +322,7 @@ class Constant:
 
 
 def _elementwise(fn) -> bool:
-    return fn is torch.mul
+    return fn is torch.mul or fn is operator.mul
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -346,6 +348,8 @@ class AttnLRPSoftmax:
 class Pass:
     """Identity: relevance passes unchanged to the (first) operand; for softmax and normalisation layers."""
 
+    needs_input = False
+
     def softmax(self, x, s, R, dim):
         return R
 
@@ -356,6 +360,8 @@ class Pass:
 @dataclass(frozen=True)
 class Block:
     """Absorbs all relevance: nothing is passed on (e.g. softmax in the value-path-only attention setting)."""
+
+    needs_input = False
 
     def softmax(self, x, s, R, dim):
         return torch.zeros_like(R)

@@ -57,11 +57,46 @@ def spec_for(fn: Any) -> OpSpec:
     return spec if spec is not None else Missing(kind)
 
 
-def register_op(kind: str | type, spec: OpSpec) -> None:
+class Custom(OpSpec):
+    """An op entry made from a plain rule function (see :func:`register_op`)."""
+
+    def __init__(self, rule, forward=None, family=None):
+        self.rule, self.replay, self.family = rule, forward, family
+
+    def forward(self, node, inputs):
+        if self.replay is None:
+            raise NotImplementedError
+        return self.replay(*inputs)
+
+    def relevance(self, ctx):
+        return list(self.rule(ctx))
+
+
+def register_op(kind: str | type, spec: OpSpec | Any, forward: Any = None) -> None:
     """Register (or replace) the op entry for an autograd node type.
 
-    ``kind`` is the node's type name (``"MyFnBackward"``) or the ``torch.autograd.Function`` subclass itself.
+    Parameters
+    ----------
+    kind : str or type
+        The node's type name (``"MyFnBackward"``) or the ``torch.autograd.Function`` subclass itself.
+    spec : OpSpec or callable
+        An op entry, or a rule function ``rule(ctx) -> [relevance per operand]`` (``ctx.R[0]`` is the output
+        relevance, ``ctx.input(i)`` an operand's value, ``ctx.rule(family)`` the preset's rule).
+    forward : callable, optional
+        With a rule function: ``forward(*operands)`` replays the op, so promises can pass through it.
+
+    Examples
+    --------
+    >>> import torch, dynamiclrp
+    >>> class Double(torch.autograd.Function):
+    ...     @staticmethod
+    ...     def forward(ctx, x):
+    ...         return 2 * x
+    ...     @staticmethod
+    ...     def backward(ctx, g):
+    ...         return 2 * g
+    >>> dynamiclrp.register_op(Double, lambda ctx: [ctx.R[0]], forward=lambda x: 2 * x)
     """
     if isinstance(kind, type):
         kind = kind.__name__ + "Backward"
-    OPS[kind] = spec
+    OPS[kind] = spec if isinstance(spec, OpSpec) else Custom(spec, forward)

@@ -14,13 +14,23 @@ import math
 
 import torch
 
-from ..errors import DynamicLRPError
+from ..errors import ActivationUnavailableError, DynamicLRPError
 from .base import NEXT, PART, OpSpec, saved
 from .elementwise import AddTerms
 
 
 class Softmax(OpSpec):
+    """Softmax along ``dim`` (family ``softmax``).
+
+    Its logits are often ``scores + mask`` with a mask autograd did not record; the Promise System then replays
+    them with the mask taken as zero (*provisional*). That is exact for the rules wherever the mask is 0 (attended)
+    and irrelevant where it masks (probability 0, relevance 0) -- which holds exactly when, on the positions the
+    saved probabilities attend to, ``log p - logits`` is constant per row. The check is made; a mask that does
+    more (a position bias) raises an error instead of a wrong answer.
+    """
+
     family = "softmax"
+    checks_provisional = True
 
     def output(self, node, nr):
         return saved(node.fn, "result")
@@ -28,11 +38,45 @@ class Softmax(OpSpec):
     def forward(self, node, inputs):
         return torch.softmax(inputs[0], saved(node.fn, "dim"))
 
+    def dim(self, node):
+        return saved(node.fn, "dim")
+
     def relevance(self, ctx):
         (R,) = ctx.R
         rule = ctx.rule("softmax")
-        x = ctx.input(0) if getattr(rule, "needs_input", True) else None
-        return [rule.softmax(x, ctx.output(0), R, saved(ctx.node.fn, "dim"))]
+        s, dim = ctx.output(0), self.dim(ctx.node)
+        x = None
+        if getattr(rule, "needs_input", True) or _masked_logits(ctx):
+            x = ctx.input(0)
+            e = ctx.node.inputs[0]
+            if e is not None and (e.child, e.nr) in ctx.run.promises.provisional:
+                _check_mask(ctx.node, x, s, dim)
+                ctx.run.promises.certify((e.child, e.nr))
+        return [rule.softmax(x, s, R, dim)]
+
+
+def _masked_logits(ctx) -> bool:
+    """Whether the logits come (through views) from an op that may add an untracked mask."""
+    node = ctx.producer(0)
+    while node is not None and node.spec.transparent and node.inputs and node.inputs[0] is not None:
+        node = ctx.run.graph.nodes[node.inputs[0].child]
+    return node is not None and node.spec.zero_constants
+
+
+def _check_mask(node, x, s, dim) -> None:
+    """Raise unless ``log s - x`` is constant per row on the attended positions (see :class:`Softmax`)."""
+    attended = s > 0
+    diff = torch.where(attended, s.log() - x, torch.zeros_like(x))
+    count = attended.sum(dim, keepdim=True).clamp(min=1)
+    mean = diff.sum(dim, keepdim=True) / count
+    spread = torch.where(attended, (diff - mean).abs(), torch.zeros_like(x)).amax()
+    tol = 1e-3 if x.dtype == torch.float64 else 2e-2
+    if float(spread) > tol * (1 + float(x.abs().amax())):
+        raise ActivationUnavailableError(
+            f"the logits of {node.kind} (node #{node.id}) include a constant autograd did not record that is not "
+            "a plain mask (0 where attended): e.g. a position bias. Let that tensor require grad so the graph "
+            "records it"
+        )
 
 
 def _heads(q, k):
@@ -102,17 +146,16 @@ def _add(a, b):
 
 
 class _Probs(Softmax):
+    checks_provisional = False
+
     def output(self, node, nr):
         return None
 
     def forward(self, node, inputs):
         return torch.softmax(inputs[0], -1).nan_to_num(0.0)  # a fully masked row attends to nothing
 
-    def relevance(self, ctx):
-        (R,) = ctx.R
-        rule = ctx.rule("softmax")
-        x = ctx.input(0) if getattr(rule, "needs_input", True) else None
-        return [rule.softmax(x, ctx.output(0), R, -1)]
+    def dim(self, node):
+        return -1
 
 
 class _Values(OpSpec):

@@ -83,8 +83,11 @@ class OpSpec:
     fallback: bool = False
     #: True for single-operand ops that neither change values nor mix elements (views, casts): look-through
     transparent: bool = False
-    #: a replay may take an operand outside the graph (a constant autograd did not record) as zero
+    #: a replay may take an operand outside the graph (a constant autograd did not record) as zero; the result
+    #: is *provisional* and only a consumer with ``checks_provisional`` (softmax) may use it
     zero_constants: bool = False
+    #: this op verifies provisional operands against its saved output before using them
+    checks_provisional: bool = False
 
     def decompose(self, fn: Any) -> list[tuple[str, OpSpec, list]]:
         return [(type(fn).__name__, self, [(NEXT, j) for j in range(len(fn.next_functions))])]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Identity, OpSpec, saved
+from ..errors import ActivationUnavailableError
+from .base import NEXT, PART, Identity, OpSpec, saved
 
 
 def _add_all(*terms):
@@ -47,11 +48,14 @@ class AddTerms(OpSpec):
         if len(known) < n:  # a constant operand outside the graph: recover its term as z - (the others)
             z = ctx.run.promises.available(ctx.node, 0)
             if z is None:
-                ctx.run.note_approximation(ctx.node, "untracked constant operand treated as absorbing nothing")
-                terms = [t if t is not None else torch.zeros((), dtype=ctx.dtype) for t in terms]
-            else:
-                rest = _add_all(*(terms[i] for i in known)) if known else 0
-                terms = [t if t is not None else z.to(ctx.dtype) - rest for t in terms]
+                raise ActivationUnavailableError(
+                    f"{ctx.node.kind} (node #{ctx.node.id}) adds a constant autograd did not record (a frozen "
+                    "bias, a tensor that does not require grad, or a Python scalar), and no node saved the sum, "
+                    "so the constant's share cannot be computed; let that operand require grad (dynamiclrp."
+                    "explain does this for parameters) or register a different rule"
+                )
+            rest = _add_all(*(terms[i] for i in known)) if known else 0
+            terms = [t if t is not None else z.to(ctx.dtype) - rest for t in terms]
         rel = ctx.rule("sum").sum(terms, R, _add_all)
         return [r.sum_to_size(t.shape).reshape(v.shape) if v is not None else None
                 for r, t, v in zip(rel, terms, values)]
@@ -63,11 +67,11 @@ class Product(OpSpec):
 
     family = "product"
 
-    def __init__(self, divide: bool = False):
-        self.divide = divide
+    def __init__(self, divide: bool = False, names: tuple[str, str] = ("self", "other")):
+        self.divide, self.names = divide, names
 
     def saved_input(self, node, i):
-        return saved(node.fn, ("self", "other")[i]) if i < 2 else None
+        return saved(node.fn, self.names[i]) if i < 2 else None
 
     def output(self, node, nr):
         a, b = self.saved_input(node, 0), self.saved_input(node, 1)
@@ -104,6 +108,17 @@ class Product(OpSpec):
 
 def _unary(replay=None, out=None, saved_in=None):
     return Identity(replay=replay, out=out, saved_in=saved_in)
+
+
+class Addcmul(OpSpec):
+    """``self + value * tensor1 * tensor2``, split into an addition and a product."""
+
+    def decompose(self, fn):
+        terms = AddTerms(lambda fn, a, m: [a, None if m is None else saved(fn, "value") * m])
+        return [
+            ("AddBackward0", terms, [(NEXT, 0), (PART, 1)]),
+            ("MulBackward0", Product(names=("tensor1", "tensor2")), [(NEXT, 1), (NEXT, 2)]),
+        ]
 
 
 def normaliser_of(ctx, i: int, j: int, max_depth: int = 12) -> bool:
@@ -153,6 +168,7 @@ ELEMENTWISE_OPS = {
     "SubBackward0": AddTerms(lambda fn, a, b: [a, None if b is None else -saved(fn, "alpha") * b]),
     "RsubBackward0": AddTerms(lambda fn, a, b: [None if a is None else -saved(fn, "alpha") * a, b]),
     "MulBackward0": Product(),
+    "AddcmulBackward0": Addcmul(),
     "DivBackward0": Product(divide=True),
     # one operand and a Python scalar: the op is linear in its operand (ε-rule = identity)
     "AddBackward1": _unary(),
