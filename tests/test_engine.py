@@ -406,14 +406,45 @@ def test_frozen_model_with_input_requiring_grad():
     assert all(not p.requires_grad and p.grad is None for p in m.parameters())
 
 
-def test_frozen_model_with_biases_is_finite_and_reports_the_untracked_biases():
+def test_frozen_model_with_biases():
     m = seeded(lambda: make_cnn(bias=True), 6, torch.float32)
+    x = torch.randn(2, 3, 10, 10)
+    ref = dynamiclrp.explain(m, x, target=[0, 3])
     m.requires_grad_(False)
-    x = torch.randn(2, 3, 10, 10, requires_grad=True)
-    with pytest.warns(UserWarning, match="approximations"):
-        att = dynamiclrp.propagate(m(x), wrt=[x])
-    assert torch.isfinite(att.inputs[0]).all()
-    assert any(k.startswith("AddBackward0") for k in att.approximations)
+    # explain() lets the parameters require grad for its forward, so a frozen model gives the same relevance
+    att = dynamiclrp.explain(m, x, target=[0, 3])
+    assert torch.equal(att.inputs[0], ref.inputs[0])
+    assert not any(p.requires_grad for p in m.parameters())
+    # on a graph recorded with frozen biases, the biases' share cannot be known: a clear error, not a guess
+    xi = x.clone().requires_grad_()
+    with pytest.raises(dynamiclrp.ActivationUnavailableError, match="require grad"):
+        dynamiclrp.propagate(m(xi), target=[0, 3], wrt=[xi])
+
+
+class BNResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3, 2, bias=False)
+
+    def forward(self, x):
+        return self.fc((x + self.bn(self.conv(x))).mean((2, 3)))  # the add needs the batch norm's output
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "ops.norm.Norm.output rebuilds a batch norm's output from saved tensors; batch norm does not save its "
+    "bias, and when the bias does not require grad (frozen) the node has no bias edge, so the output is "
+    "rebuilt WITHOUT the bias: silently wrong activations for the residual add, no approximation reported"))
+def test_frozen_batchnorm_bias_feeding_a_residual_add():
+    m = seeded(BNResidual, 1)
+    randomise_bn(m)  # non-zero bias
+    x = torch.randn(2, 3, 5, 5, dtype=D)
+    xa = x.clone().requires_grad_()
+    ref = dynamiclrp.propagate(m(xa), target=0, wrt=[xa], rules=EXACT).inputs[0]
+    m.bn.bias.requires_grad_(False)
+    xb = x.clone().requires_grad_()
+    att = dynamiclrp.propagate(m(xb), target=0, wrt=[xb], rules=EXACT)
+    torch.testing.assert_close(att.inputs[0], ref, rtol=1e-9, atol=1e-12)
 
 
 def make_vgg_like():
