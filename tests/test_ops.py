@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import dynamiclrp
-from dynamiclrp.rules import AlphaBeta, Block, Epsilon, Gamma, Proportional, Uniform, ZBox, ZPlus
+from dynamiclrp.rules import AlphaBeta, Block, Epsilon, Gamma, Uniform, ZBox, ZPlus
 
 D = torch.float64
 EPS = 1e-6  # the ε of the built-in presets (sum, linear, products)
@@ -251,11 +251,8 @@ SUM_DIMS = [None, 1, -1, (0, 2), (-1, 0)]
 
 
 @pytest.mark.parametrize("src", ["leaf", "scalar_mul", "dense", "noncontig"])
-@pytest.mark.parametrize("dims", SUM_DIMS)
-@pytest.mark.parametrize("keepdim", [False, True])
+@pytest.mark.parametrize("dims, keepdim", [(d, k) for d in SUM_DIMS for k in (False, True) if d is not None or not k])
 def test_sum(src, dims, keepdim):
-    if dims is None and keepdim:
-        pytest.skip("a full sum has no keepdim")
     _, a = source(src, 2, 3, 4)
     y = a.sum() if dims is None else a.sum(dims, keepdim=keepdim)
     assert type(y.grad_fn).__name__ == ("SumBackward0" if dims is None else "SumBackward1")

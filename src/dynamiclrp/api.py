@@ -14,7 +14,7 @@ from .engine import Run
 from .errors import DynamicLRPError, MissingRuleError, NoGraphError, NonFiniteError
 from .graph import Graph
 from .ops import Missing
-from .presets import Preset, get_preset
+from .presets import Preset, families_of, get_preset
 from .result import Attribution, Stats
 from .targets import Target, make_seed
 
@@ -292,9 +292,7 @@ def explain(
     def node_rules_for(graph):
         rules_by_node: dict[int, dict[str, Any]] = {}
         for name, rule in (module_rules or {}).items():
-            fams = rule if isinstance(rule, dict) else {f: rule for f in
-                                                        ("input", "conv", "dense", "linear", "sum", "product",
-                                                         "attention", "softmax", "norm")}
+            fams = families_of(rule)
             for nid in _region(graph, seen_out.get(name, []), seen_in.get(name, [])):
                 rules_by_node.setdefault(nid, {}).update(fams)
         return rules_by_node

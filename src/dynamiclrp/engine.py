@@ -57,6 +57,7 @@ class Run:
     def propagate(self, seeds: dict[tuple[int, int], torch.Tensor]) -> None:
         nodes = self.graph.nodes
         pending: dict[int, list] = {}
+        finite: list[tuple[Node, list]] = []
         for (nid, nr), seed in seeds.items():
             _deliver(pending, nodes[nid], nr, seed.to(self.dtype))
         for nid in self.graph.order:
@@ -72,8 +73,8 @@ class Run:
             ctx = Context(self, node, R)
             R_in = node.spec.relevance(ctx)
             self.rules_run += 1
-            if self.check_finite:
-                _check_finite(node, R_in)
+            if self.check_finite:  # one flag per node, read once at the end: no host sync per node
+                finite.append((node, [None if r is None else torch.isfinite(r).all() for r in R_in]))
             if self.ledger is not None:
                 self._book(node, R, R_in)
             for e, r in zip(node.inputs, R_in):
@@ -81,6 +82,8 @@ class Run:
                     _deliver(pending, nodes[e.child], e.nr, r)
             if not pending:
                 break
+        if finite:
+            _check_finite(finite)
 
     def note_approximation(self, node: Node, what: str) -> None:
         key = f"{node.kind}: {what}"
@@ -142,7 +145,7 @@ class Context:
             return None
         child = self.run.graph.nodes[e.child]
         if child.part == 0 and child.inputs:
-            return child.fn._input_metadata[e.nr].shape
+            return torch.Size(child.fn._input_metadata[e.nr].shape)
         if not child.inputs:
             return child.fn.variable.shape
         return self.run.promises.value(e.child, e.nr).shape
@@ -183,10 +186,15 @@ def _useful(graph: Graph, record: set[tuple[int, int]]) -> list[bool]:
     return useful
 
 
-def _check_finite(node: Node, R_in: list) -> None:
-    for i, r in enumerate(R_in):
-        if r is not None and not bool(torch.isfinite(r).all()):
-            raise NonFiniteError(
-                f"relevance for operand {i} of {node.kind} (node #{node.id}) is not finite; "
-                "pass check_finite=False to allow it"
-            )
+def _check_finite(flags: list[tuple[Node, list]]) -> None:
+    """Raise for the first node (from the output) whose rule produced NaN or inf."""
+    all_ok = torch.stack([f for _, fs in flags for f in fs if f is not None]).all() if flags else True
+    if bool(all_ok):
+        return
+    for node, fs in flags:
+        for i, f in enumerate(fs):
+            if f is not None and not bool(f):
+                raise NonFiniteError(
+                    f"the {node.kind} rule (node #{node.id}) produced NaN or inf relevance for operand {i}; "
+                    "pass check_finite=False to allow it"
+                )

@@ -60,11 +60,24 @@ class Preset:
         fam = {**self.families, **(families or {})}
         kin = {k: dict(v) for k, v in self.kinds.items()}
         for k, v in (kinds or {}).items():
-            kin.setdefault(k, {}).update(v if isinstance(v, dict) else {f: v for f in _ALL_FAMILIES})
+            kin.setdefault(k, {}).update(families_of(v))
         return replace(self, families=fam, kinds=kin, name=name or self.name)
 
 
 _ALL_FAMILIES = ("input", "conv", "dense", "linear", "sum", "product", "attention", "softmax", "norm")
+_METHOD = {"input": "linear", "conv": "linear", "dense": "linear", "linear": "linear", "sum": "sum",
+           "product": "product", "attention": "product", "softmax": "softmax", "norm": "norm"}
+
+
+def families_of(rule: Any) -> dict[str, Any]:
+    """Family -> rule for every family ``rule`` implements (``Flat`` has ``linear`` only, ``Pass`` softmax and
+    norm, ...): how a single rule given for a module or an op kind is spread over the families there."""
+    if isinstance(rule, dict):
+        return dict(rule)
+    fams = {f: rule for f in _ALL_FAMILIES if hasattr(rule, _METHOD[f])}
+    if not fams:
+        raise TypeError(f"{rule!r} implements none of linear/sum/product/softmax/norm")
+    return fams
 
 _PRESETS: dict[str, Preset] = {}
 

@@ -132,7 +132,7 @@ def route(ctx: Context) -> list[torch.Tensor | None]:
         r if r is not None else torch.zeros(out_shape(fn, k), dtype=ctx.dtype, device=ctx.device)
         for k, r in enumerate(ctx.R)
     ]
-    out = fn(*grads)
+    out = fn(*grads) if callable(fn) else fn.apply(*grads)  # custom autograd.Function nodes have .apply
     return list(out) if isinstance(out, tuple) else [out]
 
 

@@ -64,7 +64,7 @@ class Product(OpSpec):
         out = [None, None]
         if ctx.wants(x_i):
             z = ctx.run.promises.available(ctx.node, 0)
-            z = None if z is None else z.to(ctx.dtype)
+            z = z if z is not None and z.dtype == ctx.dtype else None  # else recompute at full precision
             out[x_i] = rule.linear(x, w, R, self.linear_map(ctx.node, x_i), z=z)
         if ctx.wants(w_i):  # parameter relevance: the same rule with the roles of input and weight swapped
             out[w_i] = rule.linear(w, x, R, self.linear_map(ctx.node, w_i))

@@ -22,16 +22,25 @@ class Norm(OpSpec):
     def output(self, node, nr):
         x = saved(node.fn, "input")
         w, b = saved(node.fn, "weight", None), saved(node.fn, "bias", None)
-        if x is None or nr != 0 or (b is None and _has(node, 2)) or (w is None and _has(node, 1)):
+        if x is None or nr != 0 or self._bias_unknown(node, w, b):
             return None  # batch norm does not save its bias: replay it with the bias from the graph
         return _affine(node, self.normalise(node.fn, x), w, b)
 
     def forward(self, node, inputs):
         w = inputs[1] if len(inputs) > 1 and inputs[1] is not None else saved(node.fn, "weight", None)
         b = inputs[2] if len(inputs) > 2 and inputs[2] is not None else saved(node.fn, "bias", None)
-        if b is None and _has(node, 2) or w is None and _has(node, 1):
+        if self._bias_unknown(node, w, b):
             raise NotImplementedError
         return _affine(node, self.normalise(node.fn, inputs[0]), w, b)
+
+    @staticmethod
+    def _bias_unknown(node, w, b) -> bool:
+        """An affine norm whose bias neither autograd saved nor the graph holds (a frozen batch-norm bias).
+
+        The graph cannot tell a frozen bias from no bias, so an affine layer (weight present) is assumed to have
+        one: its output is then only recoverable from a consumer that saved it.
+        """
+        return b is None and (_has(node, 2) or (w is not None and node.kind.startswith("NativeBatchNorm")))
 
     def relevance(self, ctx):
         (R,) = ctx.R[:1]
