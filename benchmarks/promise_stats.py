@@ -21,6 +21,30 @@ PAPER = {  # Lee & Millan Arias, arXiv 2512.07010 v1, table "architecture-specif
 }
 
 
+NOTES = """## Reading the table
+
+* **VGG16 matches the paper exactly** (90 nodes, 32 promises, 0 internal nodes, δ 32): the 13 conv and 3 linear
+  layers are split into a bias addition and a product; each addition needs both operands (the product's output,
+  recomputed from the inputs it saved, and the bias, a leaf), one promise each, resolved one step down.
+* **ViT-B/16**: the paper's ViT was Hugging Face's `ViTForImageClassification` (nateraw/vit-base-patch16-224-cifar10)
+  under torch 2.7.1 / transformers 4.52, so the HF rows are the comparable ones; torchvision's ViT (built on
+  `nn.MultiheadAttention`) is a different graph. Differences from the paper's 224 / 27 / 227 / 779:
+  * *Nodes*: we split each fused attention node into its parts (values product, softmax, scores product; +2 per
+    layer, +24 in all), which the paper counted as one node; the remaining difference is the torch/transformers
+    version (the graph of the same model changes between releases).
+  * *Promises* (HF, sdpa): every bias addition (73 linear layers + the patch convolution) makes two, every residual
+    addition (24, and the position embedding's) two, and each attention's values product one for the
+    probabilities: 148 + 50 + 12 = 210 against the paper's 224. With the `paper` preset the softmax absorbs (value
+    path only), so its logits are never asked for; the paper's code still traversed them.
+  * *Internal nodes and δ*: in the paper, an addition reached by a promise becomes the origin of a nested promise
+    (a Promise Tree), so it does not count as internal. Here a promise is kept by replaying the forward ops between
+    the requesting node and the nearest node that saved what is needed, and each replayed node counts as internal:
+    the view and the bias addition between a residual addition and the matmul whose output is recomputed (25 + 25),
+    the attention probabilities recomputed from the scores (12), and the embedding's concatenation and expand. The same
+    activations are recovered, each once; the bookkeeping differs. δ follows from the same difference.
+"""
+
+
 def _models(x):
     yield "torchvision vgg16", "vgg16", torchvision.models.vgg16(weights=None).eval(), x
     yield "torchvision vit_b_16", "vit_b_16", torchvision.models.vit_b_16(weights=None).eval(), x
@@ -59,6 +83,7 @@ def main() -> None:
     lines += ["", "Node types (ours):", ""]
     for name, _, _, _, ops in rows:
         lines.append(f"* {name}: " + ", ".join(f"{k} {v}" for k, v in sorted(ops.items())))
+    lines += ["", NOTES]
     text = "\n".join(lines) + "\n"
     print(text)
     out = pathlib.Path(args.out)

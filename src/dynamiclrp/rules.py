@@ -124,6 +124,13 @@ class Epsilon:
         s = R / stabilize(z, self.eps)
         return [t * g for t, g in zip(terms, vjp(combine, terms, s))]
 
+    def product(self, a: Tensor, b: Tensor, R: Tensor, fn) -> tuple[Tensor, Tensor]:
+        """Each factor, the other held fixed: :math:`R_a = a \\odot J_a^\\top (R / \\mathrm{stab}(z))`, and the
+        same for :math:`b`; together they receive :math:`2R` (the paper's code for Bmm)."""
+        s = R / stabilize(fn(a, b), self.eps)
+        ga, gb = vjp(fn, [a, b], s)
+        return a * ga, b * gb
+
 
 @dataclass(frozen=True)
 class ZPlus:

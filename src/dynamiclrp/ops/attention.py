@@ -26,7 +26,8 @@ class Softmax(OpSpec):
     them with the mask taken as zero (*provisional*). That is exact for the rules wherever the mask is 0 (attended)
     and irrelevant where it masks (probability 0, relevance 0) -- which holds exactly when, on the positions the
     saved probabilities attend to, ``log p - logits`` is constant per row. The check is made; a mask that does
-    more (a position bias) raises an error instead of a wrong answer.
+    more (a position bias) raises an error instead of a wrong answer. Masked positions then get no relevance,
+    as with a ``-inf`` mask, whatever fill value (``-inf``, ``finfo.min``, ``-1e4``) the model used.
     """
 
     family = "softmax"
@@ -45,14 +46,18 @@ class Softmax(OpSpec):
         (R,) = ctx.R
         rule = ctx.rule("softmax")
         s, dim = ctx.output(0), self.dim(ctx.node)
-        x = None
+        x, masked = None, False
         if getattr(rule, "needs_input", True) or _masked_logits(ctx):
             x = ctx.input(0)
             e = ctx.node.inputs[0]
             if e is not None and (e.child, e.nr) in ctx.run.promises.provisional:
                 _check_mask(ctx.node, x, s, dim)
                 ctx.run.promises.certify((e.child, e.nr))
-        return [rule.softmax(x, s, R, dim)]
+                masked = True
+        r = rule.softmax(x, s, R, dim)
+        if masked:  # masked logits (probability 0) get no relevance, as with a -inf mask, whatever the fill value
+            r = torch.where(s > 0, r, torch.zeros_like(r))
+        return [r]
 
 
 def _masked_logits(ctx) -> bool:
@@ -60,7 +65,7 @@ def _masked_logits(ctx) -> bool:
     node = ctx.producer(0)
     while node is not None and node.spec.transparent and node.inputs and node.inputs[0] is not None:
         node = ctx.run.graph.nodes[node.inputs[0].child]
-    return node is not None and node.spec.zero_constants
+    return node is not None and (node.spec.zero_constants or node.spec.always_provisional)
 
 
 def _check_mask(node, x, s, dim) -> None:

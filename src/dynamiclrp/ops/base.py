@@ -88,6 +88,8 @@ class OpSpec:
     zero_constants: bool = False
     #: this op verifies provisional operands against its saved output before using them
     checks_provisional: bool = False
+    #: a replay of this op is always provisional (it fills in a constant that was not saved)
+    always_provisional: bool = False
 
     def decompose(self, fn: Any) -> list[tuple[str, OpSpec, list]]:
         return [(type(fn).__name__, self, [(NEXT, j) for j in range(len(fn.next_functions))])]
@@ -133,7 +135,14 @@ def route(ctx: Context) -> list[torch.Tensor | None]:
         for k, r in enumerate(ctx.R)
     ]
     out = fn(*grads) if callable(fn) else fn.apply(*grads)  # custom autograd.Function nodes have .apply
-    return list(out) if isinstance(out, tuple) else [out]
+    out = list(out) if isinstance(out, tuple) else [out]
+    # as autograd's engine does after calling a node: sum broadcast gradients back to each operand's shape
+    for i, r in enumerate(out):
+        if r is not None and i < len(ctx.node.inputs) and ctx.node.inputs[i] is not None:
+            shape = ctx.input_shape(i)
+            if r.shape != shape:
+                out[i] = r.sum_to_size(shape)
+    return out
 
 
 class Routing(OpSpec):

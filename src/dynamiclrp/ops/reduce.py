@@ -45,7 +45,7 @@ def _mean_dims(fn):
 
 def _avg_pool(fn):
     def pool(x):
-        f = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[x.dim() - 3]
+        f = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(saved(fn, "kernel_size")) - 1]
         args = [saved(fn, "kernel_size"), saved(fn, "stride"), saved(fn, "padding"), saved(fn, "ceil_mode"),
                 saved(fn, "count_include_pad")]
         if f is not F.avg_pool1d:
@@ -55,12 +55,12 @@ def _avg_pool(fn):
     return pool
 
 
-def _adaptive_avg(fn):
-    def pool(x):
-        size = out_shape(fn)[2:]
-        return (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[len(size) - 1](x, size)
+def _adaptive_avg(nd: int):
+    def bind(fn):
+        size = out_shape(fn)[-nd:]  # the input may be unbatched
+        return lambda x: (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[nd - 1](x, size)
 
-    return pool
+    return bind
 
 
 REDUCE_OPS = {
@@ -71,6 +71,6 @@ REDUCE_OPS = {
     "CumsumBackward0": Reduction(lambda fn: lambda x: x.cumsum(saved(fn, "dim"))),
     "AvgPool2DBackward0": Reduction(_avg_pool, saves_self=True),
     "AvgPool3DBackward0": Reduction(_avg_pool, saves_self=True),
-    "AdaptiveAvgPool2DBackward0": Reduction(_adaptive_avg, saves_self=True),
-    "AdaptiveAvgPool3DBackward0": Reduction(_adaptive_avg, saves_self=True),
+    "AdaptiveAvgPool2DBackward0": Reduction(_adaptive_avg(2), saves_self=True),
+    "AdaptiveAvgPool3DBackward0": Reduction(_adaptive_avg(3), saves_self=True),
 }

@@ -22,7 +22,7 @@ def _index(fn, x):
 
 
 def _maxpool(fn, x):
-    nd = x.dim() - 2
+    nd = len(saved(fn, "kernel_size"))  # not x.dim(): the input may be unbatched
     pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[nd - 1]
     return pool(x, saved(fn, "kernel_size"), saved(fn, "stride"), saved(fn, "padding"),
                 saved(fn, "dilation"), saved(fn, "ceil_mode"))
@@ -74,6 +74,16 @@ class Where(Routing):
         return torch.where(cond, a, b)
 
 
+class MaskedFill(Routing):
+    """``x.masked_fill(mask, value)``: relevance of filled positions is dropped. The fill value is not saved, so a
+    replay fills zeros and is *provisional* (see :class:`~dynamiclrp.ops.attention.Softmax`)."""
+
+    always_provisional = True
+
+    def forward(self, node, inputs):
+        return inputs[0].masked_fill(saved(node.fn, "mask"), 0.0)
+
+
 def _dtype(inputs):
     return next((x.dtype for x in inputs if x is not None), torch.float32)
 
@@ -112,7 +122,7 @@ SHAPE_OPS = {
     "GatherBackward0": Gather(),
     "MaxBackward0": _routing(lambda fn, x: x.max(saved(fn, "dim"), saved(fn, "keepdim"))),
     "MaxBackward1": MaxFull(lambda fn, x: x.max()),
-    "MaskedFillBackward0": _routing(None, transparent=False),
+    "MaskedFillBackward0": MaskedFill(),
     "WhereBackward0": Where(),
     "ConstantPadNdBackward0": _routing(None, transparent=False),
     "MaxPool2DWithIndicesBackward0": MaxPool(),
