@@ -343,7 +343,7 @@ SAVED = {
     "GatherBackward0": (lambda: _t(2, 3).gather(1, torch.tensor([[0], [2]])), ["dim", "index", "self"]),
     "MaxBackward0": (lambda: _t(2, 3).max(1).values, ["dim", "keepdim"]),
     "MaxBackward1": (lambda: _t(2, 3).max(), ["result", "self"]),
-    "MaskedFillBackward0": (lambda: _t(2, 3).masked_fill(torch.tensor([True, False, True]), 0.0), []),
+    "MaskedFillBackward0": (lambda: _t(2, 3).masked_fill(torch.tensor([True, False, True]), 0.0), ["mask"]),
     "WhereBackward0": (lambda: torch.where(torch.tensor([True, False, True]), _t(2, 3), _t(2, 3)), ["condition"]),
     "ConstantPadNdBackward0": (lambda: F.pad(_t(2, 3), (1, 1)), []),
     "MaxPool2DWithIndicesBackward0": (lambda: F.max_pool2d(_t(1, 2, 4, 4), 2),

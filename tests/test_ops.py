@@ -361,8 +361,6 @@ def test_global_adaptive_avg_pool_is_a_mean():
     close(ra, av / 16 * R / stab(z))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: unbatched (C, H, W) adaptive_avg_pool2d is replayed as a 1-d pool "
-                                       "(output size read from out_shape[2:])")
 def test_adaptive_avg_pool2d_unbatched():
     a = leaf(3, 5, 5)
     y = F.adaptive_avg_pool2d(a, (2, 2))
@@ -371,8 +369,6 @@ def test_adaptive_avg_pool2d_unbatched():
     close(ra, epsilon_ref(lambda t: F.adaptive_avg_pool2d(t, (2, 2)), a, R))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: unbatched (C, H, W) avg_pool2d is replayed with avg_pool1d "
-                                       "(pool chosen by x.dim() - 3)")
 def test_avg_pool2d_unbatched():
     a = leaf(3, 4, 4)
     y = F.avg_pool2d(a, 2)
@@ -772,8 +768,6 @@ def test_bmm_two_activations_uniform(src_a, src_b):
     close(rb, bv * (av.mT @ s))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Epsilon documents a product rule (each factor gets all of R) but has "
-                                       "no product() method: AttributeError")
 def test_epsilon_rule_for_products():
     _, a = source("exp", 2, 3, 4)
     _, b = source("dense", 2, 4, 5)
@@ -1001,9 +995,6 @@ def test_routing_multi_input(op):
     close(ra.sum() + rb.sum() + (0 if op == "where" else rc.sum()), R.sum())
 
 
-@pytest.mark.xfail(strict=True, reason="bug: route() calls the node's backward directly, which skips autograd's "
-                                       "sum-to-shape: a broadcast operand of where() gets relevance of the output's "
-                                       "shape")
 def test_where_broadcast():
     _, a = source("dense", 3, 4)
     b = leaf(4)
@@ -1061,8 +1052,6 @@ def test_max_pool_output_recovered_for_a_sum():
     close(ra, g)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: unbatched (C, H, W) max_pool2d is replayed with max_pool1d "
-                                       "(pool chosen by x.dim() - 2)")
 def test_max_pool2d_unbatched_output_recovered():
     x = leaf(2, 4, 4)
     a = x * 1.0
@@ -1197,10 +1186,7 @@ def _masked_softmax_case(how, seed_masked):
 
 
 @pytest.mark.parametrize("how, seed_masked", [
-    ("where_scalar", False), ("where_scalar", True), ("add_mask", False),
-    pytest.param("add_mask", True, marks=pytest.mark.xfail(
-        strict=True, reason="bug: the provisional replay of scores + mask takes the mask as 0, so masked logits "
-                            "are finite and get x * R wherever R is nonzero on masked (probability 0) positions")),
+    ("where_scalar", False), ("where_scalar", True), ("add_mask", False), ("add_mask", True),
 ])
 def test_softmax_masked_logits_get_zero(how, seed_masked):
     """Masked logits (-inf) from where() or an added mask (constants autograd did not record) get no relevance."""
@@ -1215,8 +1201,14 @@ def test_softmax_after_masked_fill_pass():
     close(ra, torch.where(MASK, 0.0, R))
 
 
-@pytest.mark.xfail(strict=True, reason="bug/limitation: MaskedFillBackward0 has no replay, so the AttnLRP softmax "
-                                       "rule cannot recover masked_fill(-inf) logits (ActivationUnavailableError)")
+def test_masked_fill_values_for_a_sum_are_refused():
+    """masked_fill does not save its fill value: only softmax (which checks the replay) may use a replayed output."""
+    _, a = source("dense", 3, 4)
+    y = a.masked_fill(MASK, 0.0).sum(-1)
+    with pytest.raises(dynamiclrp.ActivationUnavailableError):
+        rel(y, seed_like(y), [a])
+
+
 def test_softmax_after_masked_fill_attnlrp():
     _, a = source("dense", 3, 4)
     mask = MASK
