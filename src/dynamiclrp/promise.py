@@ -13,8 +13,9 @@ function of the values below it, and the graph is a DAG, so resolution is a memo
 cannot deadlock, whatever the traversal order of relevance. Each activation is recovered at most once per run.
 
 Statistics follow the paper's definitions: *promises* counts operand activations a rule needed and its node did
-not save, *internal nodes* counts nodes whose output had to be replayed, and the depth of a promise is the
-distance from the requesting node to the Arg Nodes that resolved it; δ is the sum of the depths.
+not save (one *branch* each: the paper's table counts branches), *origins* the nodes that made them, *internal
+nodes* the nodes whose output had to be replayed, and the depth of a promise is the distance from the requesting
+node to the Arg Nodes that resolved it; δ is the sum of the depths.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class PromiseStats:
     """Counts of one run, as the paper defines them."""
 
     promises: int = 0
+    origins: int = 0
     recovered: int = 0
     internal_nodes: int = 0
     delta: int = 0
@@ -55,6 +57,7 @@ class Promises:
         self.depth: dict[int, int] = {}
         self.replayed: set[int] = set()
         self.stats = PromiseStats()
+        self._origins: set[int] = set()
 
     def request(self, node: Node, i: int) -> torch.Tensor | None:
         """Operand ``i`` of ``node``, which the node did not save (one promise). None if outside the graph."""
@@ -68,8 +71,7 @@ class Promises:
                 # an addition whose (provisional) output was verified downstream: its relevance is zero
                 # wherever the untracked constants matter, so its provisional operands are exact where used
                 self.certify(key)
-                self.stats.promises += 1
-                self.stats.delta += 1 + self.depth[edge.child]
+                self._count(node, edge.child)
                 return value
             producer = self.graph.nodes[edge.child]
             raise ActivationUnavailableError(
@@ -78,9 +80,15 @@ class Promises:
                 "does not require grad, or a Python scalar). Make that operand a tensor that requires grad, "
                 "or register a rule that does not need this activation"
             )
-        self.stats.promises += 1
-        self.stats.delta += 1 + self.depth[edge.child]
+        self._count(node, edge.child)
         return value
+
+    def _count(self, node: Node, child: int) -> None:
+        self.stats.promises += 1
+        self.stats.delta += 1 + self.depth[child]
+        if node.id not in self._origins:
+            self._origins.add(node.id)
+            self.stats.origins += 1
 
     def certify(self, key: tuple[int, int]) -> None:
         """Mark a provisional value as verified, and the values it was viewed from (views, casts) too."""

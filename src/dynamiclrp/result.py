@@ -14,9 +14,10 @@ from .engine import LedgerEntry
 class Stats:
     """Statistics of one run, with the Promise System's counts as the paper defines them.
 
-    ``promises``: operand activations a rule needed that its node had not saved; ``internal_nodes``: nodes whose
-    output was replayed to keep a promise; ``delta`` (δ): the sum of the promises' depths; ``rho`` (ρ): promises
-    per node; ``recovered``: distinct activations recovered (each at most once).
+    ``promises``: operand activations a rule needed that its node had not saved -- one promise *branch* each, as
+    the paper's table counts them (``branches`` is the same number); ``origins``: nodes that made promises;
+    ``internal_nodes``: nodes whose output was replayed to keep a promise; ``delta`` (δ): the sum of the promises'
+    depths; ``rho`` (ρ): promises per node; ``recovered``: distinct activations recovered (each at most once).
     """
 
     nodes: int
@@ -26,6 +27,11 @@ class Stats:
     recovered: int
     internal_nodes: int
     delta: int
+    origins: int = 0
+
+    @property
+    def branches(self) -> int:
+        return self.promises
 
     @property
     def rho(self) -> float:
