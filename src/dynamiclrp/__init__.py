@@ -6,6 +6,7 @@ Entry points: :func:`propagate` (on an existing graph) and :func:`explain` (runs
 
 from . import rules
 from .api import explain, propagate
+from .coverage import CoverageReport, coverage
 from .errors import (
     ActivationUnavailableError,
     DynamicLRPError,
@@ -23,7 +24,8 @@ from .result import Attribution, Stats
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActivationUnavailableError", "Attribution", "DynamicLRPError", "GraphFreedError", "MissingRuleError",
-    "NoGraphError", "NonFiniteError", "OpSpec", "Preset", "Stats", "TargetError", "TorchInternalsError",
-    "explain", "get_preset", "presets", "propagate", "register_op", "register_preset", "rules",
+    "ActivationUnavailableError", "Attribution", "coverage", "CoverageReport", "DynamicLRPError", "explain",
+    "get_preset", "GraphFreedError", "MissingRuleError", "NoGraphError", "NonFiniteError", "OpSpec", "Preset",
+    "presets", "propagate", "register_op", "register_preset", "rules", "Stats", "TargetError",
+    "TorchInternalsError",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from .graph import Graph
 from .ops import Missing
 from .presets import Preset, families_of, get_preset
 from .result import Attribution, Stats
+from .scopes import ModuleScopes, record_scopes
 from .targets import Target, make_seed
 
 Tensors = torch.Tensor | Sequence[torch.Tensor]
@@ -98,14 +100,14 @@ def _as_outputs(outputs: Tensors) -> list[torch.Tensor]:
 
 
 def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, strict=True, ledger=True,
-               check_finite=True, dtype=None, extra_record=None, node_rules_for=None):
+               check_finite=True, dtype=None, extra_record=None, node_rules_for=None, scopes=None):
     if rules:
         preset = preset.override(families=dict(rules))
     graph = Graph.build([o.grad_fn for o in outs])
     kinds = Counter(n.kind for n in graph.nodes)
     missing = Counter(n.kind for n in graph.nodes if isinstance(n.spec, Missing))
     if missing and strict:
-        listing = ", ".join(f"{k} (x{c})" for k, c in missing.most_common())
+        listing = ", ".join(f"{k} (x{c}{_where(graph, k, scopes)})" for k, c in missing.most_common())
         raise MissingRuleError(
             f"no LRP rule for {sum(missing.values())} node(s) of type(s): {listing}. Register one with "
             "dynamiclrp.register_op(kind, spec), or pass strict=False to use the documented fallback"
@@ -143,6 +145,14 @@ def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, stri
                       approximations=dict(run.approximations))
     att.extra["run"] = run
     return att
+
+
+def _where(graph: Graph, kind: str, scopes) -> str:
+    """', in module a.b, c' for the modules that created nodes of this kind, when known."""
+    if scopes is None:
+        return ""
+    paths = list(dict.fromkeys(p for n in graph.nodes if n.kind == kind for p in [scopes.path_of(n.fn)] if p))
+    return f", in module {', '.join(paths[:3])}" if paths else ""
 
 
 def _relevance_or_zeros(run, key, t, dtype):
@@ -223,44 +233,9 @@ def explain(
         if name not in all_params:
             raise DynamicLRPError(f"model has no parameter named {name!r}")
 
-    args, kw = _split_inputs(inputs)
-    float_inputs = []
-
-    def prep(x):
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            x = x.detach().clone().requires_grad_(True)
-            float_inputs.append(x)
-        return x
-
-    args = [prep(a) for a in args]
-    kw = {k: prep(v) for k, v in kw.items()}
-    # token relevance is read at the embedding looked up with `input_ids` (or the first integer input)
-    int_inputs = [kw["input_ids"]] if isinstance(kw.get("input_ids"), torch.Tensor) else [
-        x for x in list(args) + list(kw.values()) if isinstance(x, torch.Tensor) and not x.is_floating_point()][:1]
-
-    seen_out: dict[str, list[torch.Tensor]] = {}
-    seen_in: dict[str, list[torch.Tensor]] = {}
-    watched = set(modules) | set(module_rules or {})
-    handles = []
-    for name in watched:
-        def hook(mod, inp, out, name=name):
-            seen_in[name] = [t for t in _tensors(inp)]
-            seen_out[name] = [t for t in _tensors(out)]
-        handles.append(named[name].register_forward_hook(hook))
-    flags = {p: p.requires_grad for p in model.parameters()}
-    try:
-        for p in flags:
-            if p.is_floating_point():
-                p.requires_grad_(True)
-        with torch.enable_grad():
-            raw = model(*args, **kw)
-    finally:
-        for h in handles:
-            h.remove()
-        for p, f in flags.items():
-            p.requires_grad_(f)
-
-    outs = _as_outputs(output(raw) if output else _select_output(raw))
+    fwd = _forward(model, inputs, output, watch=set(modules) | set(module_rules or {}))
+    outs, float_inputs, int_inputs = fwd.outputs, fwd.float_inputs, fwd.int_inputs
+    seen_out, seen_in = fwd.seen_out, fwd.seen_in
     param_tensors = [all_params[n] for n in params]
 
     def module_keys(graph):
@@ -297,7 +272,7 @@ def explain(
                 rules_by_node.setdefault(nid, {}).update(fams)
         return rules_by_node
 
-    att = _propagate(outs, target, float_inputs + param_tensors, get_preset(preset),
+    att = _propagate(outs, target, float_inputs + param_tensors, get_preset(preset), scopes=fwd.scopes,
                      extra_record=extra_record, node_rules_for=node_rules_for, **kwargs)
     run = att.extra["run"]
     n_in = len(float_inputs)
@@ -309,6 +284,67 @@ def explain(
     toks = [t.sum(-1) for t in toks if t is not None]
     att.tokens = sum(toks) if toks else None
     return att
+
+
+@dataclass
+class Forward:
+    """What one observed forward pass produced: outputs, inputs made to require grad, module records."""
+
+    outputs: list[torch.Tensor]
+    float_inputs: list[torch.Tensor]
+    int_inputs: list[torch.Tensor]
+    scopes: ModuleScopes
+    seen_out: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    seen_in: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+
+def _forward(model: torch.nn.Module, inputs: Any, output: Callable | None = None, watch=()) -> Forward:
+    """Run the model once with autograd on, parameters requiring grad (flags restored after) and observing hooks
+    (removed after): the outputs, the float inputs made leaves that require grad, and which module made what."""
+    named = dict(model.named_modules())
+    args, kw = _split_inputs(inputs)
+    float_inputs: list[torch.Tensor] = []
+
+    def prep(x):
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            x = x.detach().clone().requires_grad_(True)
+            float_inputs.append(x)
+        return x
+
+    args = [prep(a) for a in args]
+    kw = {k: prep(v) for k, v in kw.items()}
+    # token relevance is read at the embedding looked up with `input_ids` (or the first integer input)
+    int_inputs = [kw["input_ids"]] if isinstance(kw.get("input_ids"), torch.Tensor) else [
+        x for x in list(args) + list(kw.values()) if isinstance(x, torch.Tensor) and not x.is_floating_point()][:1]
+
+    seen_out: dict[str, list[torch.Tensor]] = {}
+    seen_in: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name in watch:
+        def hook(mod, inp, out, name=name):
+            seen_in[name] = _tensors(inp)
+            seen_out[name] = _tensors(out)
+        handles.append(named[name].register_forward_hook(hook))
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in flags:
+            if p.is_floating_point():
+                p.requires_grad_(True)
+        with torch.enable_grad(), record_scopes(model) as scopes:
+            raw = model(*args, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in flags.items():
+            p.requires_grad_(f)
+    outs = _as_outputs(output(raw) if output else _select_output(raw))
+    return Forward(outs, float_inputs, int_inputs, scopes, seen_out, seen_in)
+
+
+def explain_forward(model, inputs, output=None):
+    """The observed forward of :func:`explain`: (outputs, module scopes, Forward)."""
+    fwd = _forward(model, inputs, output)
+    return fwd.outputs, fwd.scopes, fwd
 
 
 def _split_inputs(inputs):

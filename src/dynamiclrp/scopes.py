@@ -1,0 +1,64 @@
+"""Which module created which autograd node, found without changing the model.
+
+Autograd numbers the nodes it creates on a thread in order (``grad_fn._sequence_nr()``). Forward hooks that
+only observe create one throw-away node before and after each module's forward and read their numbers; a graph
+node created in between belongs to that module (the innermost such module is its *path*). The hooks are removed
+as soon as the forward returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+def _stamp() -> int:
+    with torch.enable_grad():
+        probe = torch.zeros((), requires_grad=True)
+        return (probe * 1).grad_fn._sequence_nr()
+
+
+class ModuleScopes:
+    """Sequence-number ranges of each module's forward calls."""
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int, str]] = []
+
+    def path_of(self, fn: Any) -> str | None:
+        """Name of the innermost module whose forward created ``fn`` (None if outside every module)."""
+        try:
+            seq = fn._sequence_nr()
+        except (AttributeError, RuntimeError):
+            return None
+        best = None
+        for start, end, name in self.ranges:
+            if start < seq < end and (best is None or end - start < best[1] - best[0]):
+                best = (start, end, name)
+        return None if best is None else (best[2] or "<model>")
+
+
+@contextlib.contextmanager
+def record_scopes(model: torch.nn.Module) -> Iterator[ModuleScopes]:
+    """Record module scopes during the forward passes run inside the ``with`` block."""
+    scopes = ModuleScopes()
+    open_calls: dict[int, list[int]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        def pre(mod, args, name=name):
+            open_calls.setdefault(id(mod), []).append(_stamp())
+
+        def post(mod, args, out, name=name):
+            starts = open_calls.get(id(mod))
+            if starts:
+                scopes.ranges.append((starts.pop(), _stamp(), name))
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+    try:
+        yield scopes
+    finally:
+        for h in handles:
+            h.remove()
