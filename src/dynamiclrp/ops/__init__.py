@@ -12,10 +12,12 @@ from ..errors import MissingRuleError
 from .attention import ATTENTION_OPS
 from .base import NEXT, PART, Identity, OpSpec, Routing, out_shape, route, saved
 from .elementwise import ELEMENTWISE_OPS
+from .index import INDEX_OPS
 from .leaf import LEAF_OPS
 from .linear import MATMUL_OPS
 from .norm import NORM_OPS
 from .reduce import REDUCE_OPS
+from .resample import RESAMPLE_OPS
 from .shape import SHAPE_OPS
 
 __all__ = ["OPS", "NEXT", "PART", "Identity", "OpSpec", "Routing", "Missing", "out_shape", "register_op",
@@ -23,6 +25,7 @@ __all__ = ["OPS", "NEXT", "PART", "Identity", "OpSpec", "Routing", "Missing", "o
 
 OPS: dict[str, OpSpec] = {
     **ELEMENTWISE_OPS, **MATMUL_OPS, **REDUCE_OPS, **SHAPE_OPS, **NORM_OPS, **ATTENTION_OPS, **LEAF_OPS,
+    **RESAMPLE_OPS, **INDEX_OPS,
 }
 
 
