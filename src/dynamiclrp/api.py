@@ -14,7 +14,7 @@ from torch.autograd.graph import get_gradient_edge
 from .engine import Run
 from .errors import DynamicLRPError, MissingRuleError, NoGraphError, NonFiniteError
 from .graph import Graph
-from .ops import Missing
+from .ops import Missing, saved
 from .presets import Preset, families_of, get_preset
 from .result import Attribution, Stats
 from .scopes import ModuleScopes, record_scopes
@@ -248,21 +248,27 @@ def explain(
             keys[name] = (graph.head[e.node], e.output_nr) if e.node in graph.head else None
         return keys
 
-    def token_nodes(graph):
-        found = []
+    param_names = {id(p): n for n, p in all_params.items()}
+
+    def embedding_nodes(graph):
+        """Every embedding lookup, by its table's parameter name; and whether it looked up the token ids."""
+        found = {}
         for n in graph.nodes:
             if n.kind == "EmbeddingBackward0":
-                idx = n.fn._saved_indices
-                if any(idx.shape == t.shape and torch.equal(idx, t) for t in int_inputs):
-                    found.append((n.id, 0))
+                table = graph.nodes[n.inputs[0].child] if n.inputs and n.inputs[0] is not None else None
+                w = table.fn.variable if table is not None and not table.inputs else None
+                idx = saved(n.fn, "indices")
+                is_token = any(idx.shape == t.shape and torch.equal(idx, t) for t in int_inputs)
+                found[param_names.get(id(w), f"embedding#{n.id}")] = ((n.id, 0), is_token)
         return found
 
     state: dict[str, Any] = {}
 
     def extra_record(graph):
         state["modules"] = module_keys(graph)
-        state["tokens"] = token_nodes(graph)
-        return [k for k in state["modules"].values() if k is not None] + state["tokens"]
+        state["embeddings"] = embedding_nodes(graph)
+        return ([k for k in state["modules"].values() if k is not None]
+                + [k for k, _ in state["embeddings"].values()])
 
     def node_rules_for(graph):
         rules_by_node: dict[int, dict[str, Any]] = {}
@@ -280,8 +286,14 @@ def explain(
     att.inputs = att.inputs[:n_in]
     att.modules = {name: (run.recorded.get(k) if k is not None else None)
                    for name, k in state["modules"].items()}
-    toks = [run.recorded.get(k) for k in state["tokens"]]
-    toks = [t.sum(-1) for t in toks if t is not None]
+    att.embeddings = {}
+    toks = []
+    for name, (key, is_token) in state["embeddings"].items():
+        r = run.recorded.get(key)
+        if r is not None:
+            att.embeddings[name] = r.sum(-1)
+            if is_token:
+                toks.append(att.embeddings[name])
     att.tokens = sum(toks) if toks else None
     return att
 

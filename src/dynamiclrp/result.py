@@ -47,7 +47,12 @@ class Attribution:
     inputs : list of Tensor
         Relevance of each ``wrt`` tensor (for :func:`dynamiclrp.explain`: of each input), same shape.
     tokens : Tensor or None
-        Relevance per token (summed over the hidden dimension) at the token embedding, for token models.
+        Relevance per token (summed over the hidden dimension) at the embedding looked up with the token ids
+        (``input_ids``), for token models -- the convention of LXT (relevance at ``inputs_embeds``).
+    embeddings : dict
+        Relevance per position at every embedding lookup (word, position, token type, ...), by the name of the
+        table's parameter; ``tokens`` is the word embedding's entry. Together with ``inputs`` and what went to
+        parameters they account for the seed.
     modules : dict
         Relevance of the output of each requested module, by name.
     params : dict
@@ -66,6 +71,7 @@ class Attribution:
     stats: Stats
     ledger: list[LedgerEntry] | None = None
     tokens: torch.Tensor | None = None
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
     modules: dict[str, torch.Tensor | None] = field(default_factory=dict)
     params: dict[str, torch.Tensor | None] = field(default_factory=dict)
     approximations: dict[str, int] = field(default_factory=dict)
@@ -80,12 +86,11 @@ class Attribution:
         return float(sum(o.sum() for o in self.outputs))
 
     def conservation(self) -> dict[str, float]:
-        """Where the seed relevance went: to inputs, to parameters/constants, absorbed by rules."""
+        """Where the seed relevance went: to inputs (and embedding lookups), to parameters/constants, absorbed."""
         if self.ledger is None:
             raise ValueError("run with ledger=True to get the conservation summary")
         to_params = float(sum(e.r_params for e in self.ledger))
         absorbed = float(sum(e.absorbed for e in self.ledger))
         got = float(sum(r.sum() for r in self.inputs if r is not None))
-        if self.tokens is not None:
-            got += float(self.tokens.sum())
+        got += float(sum(r.sum() for r in self.embeddings.values()))
         return {"seed": self.total_seed(), "inputs": got, "parameters": to_params, "absorbed": absorbed}
