@@ -15,7 +15,7 @@ import math
 import torch
 
 from ..errors import ActivationUnavailableError, DynamicLRPError
-from .base import NEXT, PART, OpSpec, saved
+from .base import NEXT, PART, OpSpec, saved, through_views
 from .elementwise import AddTerms
 
 
@@ -62,9 +62,7 @@ class Softmax(OpSpec):
 
 def _masked_logits(ctx) -> bool:
     """Whether the logits come (through views) from an op that may add an untracked mask."""
-    node = ctx.producer(0)
-    while node is not None and node.spec.transparent and node.inputs and node.inputs[0] is not None:
-        node = ctx.run.graph.nodes[node.inputs[0].child]
+    node = through_views(ctx.run.graph.nodes, ctx.producer(0))
     return node is not None and (node.spec.zero_constants or node.spec.always_provisional)
 
 

@@ -74,6 +74,13 @@ def out_shape(fn: Any, nr: int = 0) -> torch.Size:
     return fn._input_metadata[nr].shape
 
 
+def through_views(nodes: list, node: Node | None) -> Node | None:
+    """The first node at or below ``node`` that is not transparent (a view, a cast): what it is a view of."""
+    while node is not None and node.spec.transparent and node.inputs and node.inputs[0] is not None:
+        node = nodes[node.inputs[0].child]
+    return node
+
+
 class OpSpec:
     """Default op entry: a single node with no saved operands that cannot be replayed."""
 

@@ -12,21 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from ..rules import LinearMap
-from .base import NEXT, PART, OpSpec, saved
+from .base import NEXT, PART, OpSpec, saved, through_views
 from .elementwise import AddTerms
 
 
 def _is_softmax_output(ctx, i: int) -> bool:
-    """Whether operand ``i`` is attention weights: a softmax output, seen through routing and dropout."""
-    node = ctx.producer(i)
-    while node is not None:
-        if node.spec.family == "softmax":
-            return True
-        if not getattr(node.spec, "transparent", False):
-            return False
-        e = node.inputs[0] if node.inputs else None
-        node = None if e is None else ctx.run.graph.nodes[e.child]
-    return False
+    """Whether operand ``i`` is attention weights: a softmax output, seen through views."""
+    node = through_views(ctx.run.graph.nodes, ctx.producer(i))
+    return node is not None and node.spec.family == "softmax"
 
 
 class Product(OpSpec):
@@ -80,10 +73,8 @@ class Product(OpSpec):
         return LinearMap(lambda x, w: self.fn(w, x), lambda s, x, w: w.mT @ s)
 
     def family_at(self, ctx, x_i: int) -> str:
-        producer = ctx.producer(x_i)
-        while producer is not None and getattr(producer.spec, "transparent", False) and producer.inputs:
-            e = producer.inputs[0]
-            producer = None if e is None else ctx.run.graph.nodes[e.child]
+        """``input`` when the data operand is a model input (seen through views), else ``dense``/``conv``."""
+        producer = through_views(ctx.run.graph.nodes, ctx.producer(x_i))
         if producer is not None and not producer.inputs and producer.data:
             return "input"
         return self.linear_family
@@ -92,8 +83,8 @@ class Product(OpSpec):
 class Addmm(OpSpec):
     """``beta * bias + alpha * (mat1 @ mat2)``, split into a bias addition and an mm."""
 
-    def __init__(self, prefix: str, product: Product):
-        self.prefix, self.product = prefix, product
+    def __init__(self, product_kind: str, product: Product):
+        self.product_kind, self.product = product_kind, product
 
     def decompose(self, fn):
         return [
@@ -101,11 +92,8 @@ class Addmm(OpSpec):
             (self.product_kind, self.product, [(NEXT, 1), (NEXT, 2)]),
         ]
 
-    @property
-    def product_kind(self):
-        return "MmBackward0" if self.prefix == "mat" else "BmmBackward0"
-
-    def _bias_term(self, fn, bias, z_mm):
+    @staticmethod
+    def _bias_term(fn, bias, z_mm):
         beta, alpha = saved(fn, "beta"), saved(fn, "alpha")
         return [beta * bias if bias is not None else None, alpha * z_mm]
 
@@ -178,7 +166,7 @@ class Convolution(Product):
 MATMUL_OPS = {
     "MmBackward0": Product(torch.mm, ("self", "mat2")),
     "BmmBackward0": Product(torch.bmm, ("self", "mat2")),
-    "AddmmBackward0": Addmm("mat", Product(torch.mm, ("mat1", "mat2"))),
-    "BaddbmmBackward0": Addmm("batch", Product(torch.bmm, ("batch1", "batch2"))),
+    "AddmmBackward0": Addmm("MmBackward0", Product(torch.mm, ("mat1", "mat2"))),
+    "BaddbmmBackward0": Addmm("BmmBackward0", Product(torch.bmm, ("batch1", "batch2"))),
     "ConvolutionBackward0": Convolution(),
 }
