@@ -1,8 +1,9 @@
-"""Rule math against the real zennit 0.5.1 on bias-free networks (float64, same model and input).
+"""The zennit-named presets against the real zennit 0.5.1 (float64, same model and input).
 
-Without biases the op-level rules must reproduce zennit's composites to the last digit. With biases zennit puts
-the bias into each layer's denominator (and modifies it with the rule), which the op-level preset does not do
-yet; the equivalence issue owns that.
+With and without biases the op-level rules must reproduce zennit's composites to the last digit: the bias
+addition split off each layer hands its relevance to the layer (``BiasInDenominator``), whose rule modifies the
+bias as zennit's parameter modifiers do. (Batch norm merged into convolutions by zennit's canonizers is the
+equivalence issue's work.)
 """
 
 from __future__ import annotations
@@ -20,13 +21,19 @@ from zennit.composites import EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlus, 
 pytestmark = pytest.mark.compare
 
 
-def _cnn():
+def _cnn(bias):
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, stride=2, bias=False), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(8 * 2 * 2, 16, bias=False), nn.ReLU(), nn.Linear(16, 5, bias=False),
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=bias), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, stride=2, bias=bias), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(8 * 2 * 2, 16, bias=bias), nn.ReLU(), nn.Linear(16, 5, bias=bias),
     ).double().eval()
+    if bias:
+        with torch.no_grad():
+            for m in model:
+                if getattr(m, "bias", None) is not None:
+                    m.bias.normal_(0, 0.3)  # biases of both signs, large enough to matter
+    return model
 
 
 COMPOSITES = {
@@ -37,9 +44,10 @@ COMPOSITES = {
 }
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("preset", list(COMPOSITES))
-def test_bias_free_cnn_matches_zennit(preset):
-    model = _cnn()
+def test_cnn_matches_zennit(preset, bias):
+    model = _cnn(bias)
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     target = torch.tensor([1, 3, 0])
     with Gradient(model=model, composite=COMPOSITES[preset]()) as attributor:

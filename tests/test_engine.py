@@ -204,8 +204,14 @@ def test_batchnorm_with_affine_bias_is_finite(train):
     att = dynamiclrp.propagate(y, target=1, wrt=[x])
     assert torch.isfinite(att.inputs[0]).all()
     assert att.inputs[0].abs().sum() > 0
-    # the ledger accounts for every bit of the seed, whatever biases took
+    # the ledger accounts for every bit of the seed, whatever biases took: in the linear ops' denominators
+    # (absorbed there, the default) or split off to the bias parameters (the paper's bias rule)
     c = att.conservation()
+    assert c["seed"] == pytest.approx(c["inputs"] + c["parameters"] + c["absorbed"], rel=1e-9, abs=1e-12)
+    assert c["parameters"] == 0.0 and c["absorbed"] != 0.0
+    x2 = x.detach().clone().requires_grad_()
+    split = dynamiclrp.propagate(m(x2), target=1, wrt=[x2], rules={"bias": dynamiclrp.rules.Epsilon(1e-6)})
+    c = split.conservation()
     assert c["seed"] == pytest.approx(c["inputs"] + c["parameters"] + c["absorbed"], rel=1e-9, abs=1e-12)
     assert c["parameters"] != 0.0
 
@@ -258,7 +264,8 @@ def test_attnlrp_ledger_accounts_for_everything():
     assert abs(c["absorbed"]) > 1e-6  # the AttnLRP softmax rule is not conservative ...
     soft = [e for e in att.ledger if e.kind == "SoftmaxBackward0"]
     assert len(soft) == 1 and abs(float(soft[0].absorbed)) > 1e-6  # ... and the ledger says where
-    assert abs(c["parameters"]) > 1e-6  # biases took their share
+    # biases took their share, inside the linear ops' denominators: absorbed beyond the softmax's part
+    assert abs(c["absorbed"] - sum(float(e.absorbed) for e in soft)) > 1e-6
     for e in att.ledger:  # every entry balances by construction
         assert float(e.r_in) == pytest.approx(float(e.r_data + e.r_params + e.absorbed), abs=1e-12)
 
@@ -461,7 +468,7 @@ def make_vgg_like():
 def test_vgg_like_promise_statistics():
     m = seeded(make_vgg_like, 7, torch.float32)
     n_bias = sum(isinstance(mod, (nn.Conv2d, nn.Linear)) for mod in m.modules())
-    att = dynamiclrp.explain(m, torch.randn(2, 3, 8, 8))
+    att = dynamiclrp.explain(m, torch.randn(2, 3, 8, 8), preset="paper")  # the paper's split bias rule
     assert att.stats.ops["AddBackward0"] == n_bias == 6
     # a bias addition needs its two operands (conv/mm output and bias), which autograd does not keep;
     # every other op of a VGG saved what its rule needs
@@ -593,7 +600,10 @@ def test_torchvision_models(name):
     assert c["seed"] == pytest.approx(c["inputs"] + c["parameters"] + c["absorbed"], rel=1e-3, abs=1e-5)
     if name == "vgg16":  # 13 convolutions and 3 linear layers, each with a bias addition
         assert att.stats.ops["AddBackward0"] == 16
-        assert att.stats.promises == 32
+        # the bias goes into each layer's denominator: every activation a rule needs was saved
+        assert att.stats.promises == 0
+        paper = dynamiclrp.explain(m, torch.randn(1, 3, 224, 224), target=7, preset="paper")
+        assert paper.stats.promises == 32  # the paper's split bias rule needs both operands of each addition
 
 
 def test_tiny_bert_tokens():

@@ -30,6 +30,7 @@ from dynamiclrp.rules import AlphaBeta, Block, Epsilon, Gamma, Uniform, ZBox, ZP
 
 D = torch.float64
 EPS = 1e-6  # the ε of the built-in presets (sum, linear, products)
+SPLIT = {"bias": Epsilon(EPS)}  # the bias addition split off a linear op gets the ε-rule (the paper), not fused
 TIGHT = {"sum": Epsilon(1e-12), "linear": Epsilon(1e-12), "product": Uniform(1e-12)}
 
 
@@ -418,13 +419,13 @@ def test_mm_weight_on_the_left():
 
 @pytest.mark.parametrize("src", ["leaf", "dense"])
 def test_linear_with_bias_addmm(src):
-    """addmm = add(bias) + mm: the bias addition and the mm each get the ε-rule."""
+    """addmm = add(bias) + mm, bias split off (the paper): the bias addition and the mm each get the ε-rule."""
     _, a = source(src, 3, 4)
     W, b = param(5, 4), param(5)
     y = F.linear(a, W, b)
     assert type(y.grad_fn).__name__ == "AddmmBackward0"
     R = seed_like(y)
-    ra, rb, rw = rel(y, R, [a, b, W])
+    ra, rb, rw = rel(y, R, [a, b, W], rules=SPLIT)
     av, Wv, bv = a.detach(), W.detach(), b.detach()
     zmm = av @ Wv.t()
     s = R / stab(zmm + bv)
@@ -435,12 +436,28 @@ def test_linear_with_bias_addmm(src):
     close(rw, torch.einsum("ik,jk,ij->jk", av, Wv, s2))
 
 
+@pytest.mark.parametrize("src", ["leaf", "dense"])
+def test_linear_with_bias_in_denominator(src):
+    """The default presets put the bias into the linear op's denominator (textbook LRP, zennit, LXT):
+    R_x = x ⊙ Wᵀ(R / stab(xW + b)); the bias gets no relevance; the weight W ⊙ (xᵀ s)."""
+    _, a = source(src, 3, 4)
+    W, b = param(5, 4), param(5)
+    y = F.linear(a, W, b)
+    R = seed_like(y)
+    ra, rb, rw = rel(y, R, [a, b, W])
+    av, Wv, bv = a.detach(), W.detach(), b.detach()
+    s = R / stab(av @ Wv.t() + bv)
+    close(ra, torch.einsum("ik,jk,ij->ik", av, Wv, s))
+    close(rw, torch.einsum("ik,jk,ij->jk", av, Wv, s))
+    assert rb.abs().sum() == 0
+
+
 def test_linear_3d_input_through_views():
     _, a = source("exp", 2, 3, 4)
     W, b = param(5, 4), param(5)
     y = F.linear(a, W, b)
     R = seed_like(y)
-    (ra,) = rel(y, R, [a])
+    (ra,) = rel(y, R, [a], rules=SPLIT)
     av, Wv, bv = a.detach(), W.detach(), b.detach()
     zmm = av @ Wv.t()
     s2 = zmm * R / stab(zmm + bv) / stab(zmm)
@@ -462,7 +479,7 @@ def test_addmm_beta_alpha():
     W, b = param(4, 5), param(5)
     y = torch.addmm(b, a, W, beta=0.5, alpha=2.0)
     R = seed_like(y)
-    ra, rb = rel(y, R, [a, b])
+    ra, rb = rel(y, R, [a, b], rules=SPLIT)
     av, Wv, bv = a.detach(), W.detach(), b.detach()
     zmm = 2.0 * (av @ Wv)
     s = R / stab(zmm + 0.5 * bv)
@@ -470,6 +487,10 @@ def test_addmm_beta_alpha():
     # the mm part sees its own output a @ W (alpha scales the term of the addition)
     Rmm = zmm * s
     close(ra, torch.einsum("ik,kj,ij->ik", av, Wv, Rmm / stab(av @ Wv)))
+    # bias in the denominator: z = alpha * aW + beta * b, and R_a = a ⊙ Wᵀ(alpha R / stab(z))
+    ra, rb = rel(y, R, [a, b])
+    close(ra, torch.einsum("ik,kj,ij->ik", av, Wv, 2.0 * R / stab(zmm + 0.5 * bv, 2.0 * EPS)))
+    assert rb.abs().sum() == 0
 
 
 def test_bmm_param():
@@ -527,7 +548,7 @@ def _conv(cfg):
 
 
 @pytest.mark.parametrize("name", list(CONVS))
-@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("bias", [False, "split", "denominator"])
 @pytest.mark.parametrize("src", ["leaf", "scalar_mul"])
 def test_convolution_epsilon(name, bias, src):
     cfg = CONVS[name]
@@ -539,7 +560,7 @@ def test_convolution_epsilon(name, bias, src):
     assert type(y.grad_fn).__name__ == "ConvolutionBackward0"
     R = seed_like(y)
     wrt = [a, W] + ([b] if bias else [])
-    got = rel(y, R, wrt)
+    got = rel(y, R, wrt, rules=SPLIT if bias == "split" else {})
 
     def conv(t):
         return f(t, W.detach(), None, **cfg["kw"])
@@ -548,6 +569,13 @@ def test_convolution_epsilon(name, bias, src):
         return f(a.detach(), w, None, **cfg["kw"])
 
     zc = conv(a.detach())
+    if bias == "denominator":  # z = conv(x) + b in every denominator; the bias keeps its share
+        view = (1, -1) + (1,) * cfg["nd"]
+        z = zc + b.detach().view(view)
+        close(got[0], epsilon_ref(conv, a, R, z=z))
+        close(got[1], epsilon_ref(conv_w, W, R, z=z))
+        assert got[2].abs().sum() == 0
+        return
     if bias:
         view = (1, -1) + (1,) * cfg["nd"]
         z = zc + b.detach().view(view)

@@ -160,13 +160,17 @@ class Context:
 
     def rule(self, family: str) -> Any:
         """The preset's rule for ``family`` at this node (node overrides, then kind overrides, then family)."""
-        per_node = self.run.node_rules.get(self.node.id)
+        return self.rule_at(self.node, family)
+
+    def rule_at(self, node: Node, family: str) -> Any:
+        """The preset's rule for ``family`` at ``node``."""
+        per_node = self.run.node_rules.get(node.id)
         fam = family
         while per_node and fam is not None:
             if fam in per_node:
                 return per_node[fam]
             fam = FALLBACK.get(fam)
-        return self.run.preset.rule(family, self.node.kind)
+        return self.run.preset.rule(family, node.kind)
 
 
 def _deliver(pending: dict[int, list], node: Node, nr: int, r: torch.Tensor) -> None:

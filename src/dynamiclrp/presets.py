@@ -8,7 +8,9 @@ belongs to; the families, from most to least specific, are
 ``conv``       a convolution with a weight
 ``dense``      a matrix product with a weight (``nn.Linear``, ``mm``/``bmm``/``addmm`` with a parameter)
 ``linear``     fallback for ``input``, ``conv`` and ``dense``
-``sum``        ops that add activations up: add, sub, sum, mean, cumsum, average pooling, bias addition
+``sum``        ops that add activations up: add, sub, sum, mean, cumsum, average pooling
+``bias``       the bias addition split off a linear layer; ``BiasInDenominator`` hands it to the linear op's rule
+               (textbook LRP, zennit, LXT), else it falls back to ``sum`` (the DynamicLRP paper)
 ``product``    a product of two activations: element-wise mul, matmul of two activations
 ``attention``  the product of attention weights (a softmax output) and values; falls back to ``product``
 ``softmax``    softmax along a dimension
@@ -26,7 +28,7 @@ from typing import Any
 
 from . import rules as r
 
-FALLBACK = {"input": "conv", "conv": "linear", "dense": "linear", "attention": "product"}
+FALLBACK = {"input": "conv", "conv": "linear", "dense": "linear", "attention": "product", "bias": "sum"}
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class Preset:
 _ALL_FAMILIES = ("input", "conv", "dense", "linear", "sum", "product", "attention", "softmax", "norm")
 _METHOD = {"input": "linear", "conv": "linear", "dense": "linear", "linear": "linear", "sum": "sum",
            "product": "product", "attention": "product", "softmax": "softmax", "norm": "norm"}
+# families_of() spreads a single rule over the families it implements; "bias" only by name
 
 
 def families_of(rule: Any) -> dict[str, Any]:
@@ -103,7 +106,8 @@ def presets() -> dict[str, Preset]:
     return dict(_PRESETS)
 
 
-_BASE = {"sum": r.Epsilon(1e-6), "product": r.Uniform(), "softmax": r.Pass(), "norm": r.Pass()}
+_BASE = {"sum": r.Epsilon(1e-6), "bias": r.BiasInDenominator(), "product": r.Uniform(), "softmax": r.Pass(),
+         "norm": r.Pass()}
 
 register_preset(Preset("epsilon", {**_BASE, "linear": r.Epsilon(1e-6)},
                        description="ε-rule (ε=1e-6) for every linear op; AttnLRP's uniform rule for products"))

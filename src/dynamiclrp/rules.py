@@ -2,8 +2,10 @@ r"""LRP rules as pure tensor math: no graph, no nodes.
 
 A rule answers "how does relevance split over the operands of one operation?" for one *family* of operations:
 
-* ``linear(x, w, R, fn)`` -- an op linear in ``x`` with a weight ``w`` (``fn(x, w)``: mm, conv, bmm with a
-  parameter). Returns the relevance of ``x``.
+* ``linear(x, w, R, fn, z=None, b=None)`` -- an op linear in ``x`` with a weight ``w`` (``fn(x, w)``: mm, conv,
+  bmm with a parameter) and an optional bias ``b`` (broadcastable to the output) that enters the denominators as
+  each rule modifies it, as in zennit. ``z = fn(x, w)`` (without bias) may be passed when already known.
+  Returns the relevance of ``x``.
 * ``sum(terms, R, combine)`` -- an op that adds its terms up (``combine`` is linear with non-negative coefficients:
   add, sub with its sign folded into the term, sum, mean, cumsum, average pooling). Returns one relevance per term.
 * ``product(a, b, R, fn)`` -- a product of two activations (element-wise mul, matmul of two activations).
@@ -85,6 +87,14 @@ def transpose(fn, s: Tensor, x: Tensor, w: Tensor) -> Tensor:
     return g
 
 
+def _plus(z: Tensor, b: Tensor | None) -> Tensor:
+    return z if b is None else z + b
+
+
+def _pos(b: Tensor | None) -> Tensor | None:
+    return None if b is None else b.clamp(min=0)
+
+
 def _linear_terms(pairs: Sequence[tuple[Tensor, Tensor]], s: Tensor, fn) -> Tensor:
     """:math:`\\sum_k x_k \\odot J_{w_k}^\\top s` for (input, weight) pairs."""
     total = None
@@ -113,11 +123,12 @@ class Epsilon:
 
     eps: float = 1e-6
 
-    def linear(self, x: Tensor, w: Tensor, R: Tensor, fn: LinearFn, z: Tensor | None = None) -> Tensor:
-        """Relevance of ``x``; ``z = fn(x, w)`` may be passed when already known."""
+    def linear(self, x: Tensor, w: Tensor, R: Tensor, fn: LinearFn, z: Tensor | None = None,
+               b: Tensor | None = None) -> Tensor:
+        """Relevance of ``x``: :math:`z = xw + b` in the denominator."""
         if z is None:
             z = fn(x, w)
-        return _linear_terms([(x, w)], R / stabilize(z, self.eps), fn)
+        return _linear_terms([(x, w)], R / stabilize(_plus(z, b), self.eps), fn)
 
     def sum(self, terms: Sequence[Tensor], R: Tensor, combine: Callable[..., Tensor]) -> list[Tensor]:
         z = combine(*terms)
@@ -142,9 +153,9 @@ class ZPlus:
 
     eps: float = 1e-6
 
-    def linear(self, x, w, R, fn, z=None):
+    def linear(self, x, w, R, fn, z=None, b=None):
         pairs = [(x.clamp(min=0), w.clamp(min=0)), (x.clamp(max=0), w.clamp(max=0))]
-        zp = fn(*pairs[0]) + fn(*pairs[1])
+        zp = _plus(fn(*pairs[0]) + fn(*pairs[1]), _pos(b))
         return _linear_terms(pairs, R / stabilize(zp, self.eps), fn)
 
 
@@ -164,15 +175,14 @@ class Gamma:
     gamma: float = 0.25
     eps: float = 1e-6
 
-    def linear(self, x, w, R, fn, z=None):
+    def linear(self, x, w, R, fn, z=None, b=None):
         xp, xn = x.clamp(min=0), x.clamp(max=0)
         wp, wn = w + self.gamma * w.clamp(min=0), w + self.gamma * w.clamp(max=0)
-        if z is None:
-            z = fn(x, w)
+        z = _plus(fn(x, w) if z is None else z, b)
         pos = [(xp, wp), (xn, wn)]
         neg = [(xp, wn), (xn, wp)]
-        zp = fn(*pos[0]) + fn(*pos[1])
-        zn = fn(*neg[0]) + fn(*neg[1])
+        zp = _plus(fn(*pos[0]) + fn(*pos[1]), None if b is None else b + self.gamma * b.clamp(min=0))
+        zn = _plus(fn(*neg[0]) + fn(*neg[1]), None if b is None else b + self.gamma * b.clamp(max=0))
         sp = R * (z > 0) / stabilize(zp, self.eps)
         sn = R * (z < 0) / stabilize(zn, self.eps)
         return _linear_terms(pos, sp, fn) + _linear_terms(neg, sn, fn)
@@ -192,11 +202,11 @@ class AlphaBeta:
     beta: float = 1.0
     eps: float = 1e-6
 
-    def linear(self, x, w, R, fn, z=None):
+    def linear(self, x, w, R, fn, z=None, b=None):
         xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), w.clamp(min=0), w.clamp(max=0)
         pos, neg = [(xp, wp), (xn, wn)], [(xp, wn), (xn, wp)]
-        zp = fn(*pos[0]) + fn(*pos[1])
-        zn = fn(*neg[0]) + fn(*neg[1])
+        zp = _plus(fn(*pos[0]) + fn(*pos[1]), _pos(b))
+        zn = _plus(fn(*neg[0]) + fn(*neg[1]), None if b is None else b.clamp(max=0))
         rp = _linear_terms(pos, R / stabilize(zp, self.eps), fn)
         rn = _linear_terms(neg, R / stabilize(zn, self.eps), fn)
         return self.alpha * rp - self.beta * rn
@@ -213,7 +223,7 @@ class Flat:
 
     eps: float = 1e-6
 
-    def linear(self, x, w, R, fn, z=None):
+    def linear(self, x, w, R, fn, z=None, b=None):  # the bias is zeroed (zennit)
         ones_x, ones_w = torch.ones_like(x), torch.ones_like(w)
         return _linear_terms([(ones_x, ones_w)], R / stabilize(fn(ones_x, ones_w), self.eps), fn)
 
@@ -224,9 +234,10 @@ class WSquare:
 
     eps: float = 1e-6
 
-    def linear(self, x, w, R, fn, z=None):
+    def linear(self, x, w, R, fn, z=None, b=None):
         ones_x, w2 = torch.ones_like(x), w * w
-        return _linear_terms([(ones_x, w2)], R / stabilize(fn(ones_x, w2), self.eps), fn)
+        z2 = _plus(fn(ones_x, w2), None if b is None else b * b)
+        return _linear_terms([(ones_x, w2)], R / stabilize(z2, self.eps), fn)
 
 
 @dataclass(frozen=True)
@@ -243,13 +254,24 @@ class ZBox:
     high: float | Tensor = 3.0
     eps: float = 1e-6
 
-    def linear(self, x, w, R, fn, z=None):
+    def linear(self, x, w, R, fn, z=None, b=None):  # b - b⁺ - b⁻ = 0: the bias cancels (as in zennit)
         low = torch.as_tensor(self.low, dtype=x.dtype, device=x.device).expand_as(x)
         high = torch.as_tensor(self.high, dtype=x.dtype, device=x.device).expand_as(x)
         wp, wn = w.clamp(min=0), w.clamp(max=0)
         zb = (fn(x, w) if z is None else z) - fn(low, wp) - fn(high, wn)
         s = R / stabilize(zb, self.eps)
         return _linear_terms([(x, w)], s, fn) - _linear_terms([(low, wp), (high, wn)], s, fn)
+
+
+@dataclass(frozen=True)
+class BiasInDenominator:
+    """Rule for the bias addition split off a linear layer (family ``bias``): pass all relevance to the linear op,
+    which then takes the bias into its own denominator, modified by its rule -- textbook LRP [2] and zennit [6]
+    (:math:`z_j = \\sum_i x_i w_{ij} + b_j`). The bias's share is absorbed (recorded in the ledger).
+
+    Without it (``bias`` falling back to the ``sum`` family), the addition splits relevance between the linear
+    op's output and the bias by the ``sum`` rule, as the DynamicLRP paper does.
+    """
 
 
 # ----------------------------------------------------------------------------------------------------------

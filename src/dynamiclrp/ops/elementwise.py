@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ActivationUnavailableError
+from ..rules import BiasInDenominator
 from .base import NEXT, PART, Identity, OpSpec, saved
 
 
@@ -37,6 +38,9 @@ class AddTerms(OpSpec):
     def forward(self, node, inputs):
         return _add_all(*(t for t in self.terms(node.fn, *inputs) if t is not None))
 
+    def sum_rule(self, ctx):
+        return ctx.rule(self.family)
+
     def relevance(self, ctx):
         (R,) = ctx.R
         n = len(ctx.node.inputs)
@@ -56,9 +60,56 @@ class AddTerms(OpSpec):
                 )
             rest = _add_all(*(terms[i] for i in known)) if known else 0
             terms = [t if t is not None else z.to(ctx.dtype) - rest for t in terms]
-        rel = ctx.rule("sum").sum(terms, R, _add_all)
+        rel = self.sum_rule(ctx).sum(terms, R, _add_all)
         return [r.sum_to_size(t.shape).reshape(v.shape) if v is not None else None
                 for r, t, v in zip(rel, terms, values)]
+
+
+class BiasAdd(AddTerms):
+    """The bias addition split off a linear layer (``addmm``, convolution with bias): family ``bias``.
+
+    With the :class:`~dynamiclrp.rules.BiasInDenominator` rule all relevance goes to the linear op, which takes
+    the bias into its own denominator; otherwise the ``sum`` rule splits it between the two (the paper's choice).
+    """
+
+    family = "bias"
+
+    def __init__(self, terms, linear_index: int):
+        super().__init__(terms)
+        self.linear_index = linear_index
+
+    def fuses(self, ctx, node) -> bool:
+        """Whether the bias goes into the linear op's denominator: the rule says so and the bias is a parameter
+        or constant (a data tensor added by ``baddbmm`` is an operand like any other and keeps its share)."""
+        e = node.inputs[1 - self.linear_index]
+        is_data = e is not None and ctx.run.graph.nodes[e.child].data
+        return not is_data and isinstance(ctx.rule_at(node, "bias"), BiasInDenominator)
+
+    def sum_rule(self, ctx):
+        rule = ctx.rule("bias")
+        return ctx.rule("sum") if isinstance(rule, BiasInDenominator) else rule
+
+    def relevance(self, ctx):
+        if self.fuses(ctx, ctx.node):
+            out = [None] * len(ctx.node.inputs)
+            out[self.linear_index] = ctx.R[0]
+            return out
+        return super().relevance(ctx)
+
+    def bias_term(self, ctx, node) -> torch.Tensor | None:
+        """The bias term (scaled and shaped to broadcast over the linear op's output) of this addition ``node``,
+        divided by the linear term's scale; None when it cannot be had (then the rule must not fuse)."""
+        i, j = self.linear_index, 1 - self.linear_index
+        e = node.inputs[j]
+        if e is None:
+            return None
+        promises = ctx.run.promises
+        b = promises.value(e.child, e.nr).to(ctx.dtype)
+        ones = torch.ones([1] * len(node.fn._input_metadata[0].shape), dtype=ctx.dtype)  # the output's rank
+        operands = [None, None]
+        operands[i], operands[j] = ones, b
+        terms = self.terms(node.fn, *operands)
+        return terms[j] / terms[i]
 
 
 

@@ -11,9 +11,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import ActivationUnavailableError
 from ..rules import LinearMap
 from .base import NEXT, PART, OpSpec, saved, through_views
-from .elementwise import AddTerms
+from .elementwise import BiasAdd
+
+
+def _fused_bias(ctx):
+    """The bias of this linear op when its bias addition passed all relevance on (BiasInDenominator), else None."""
+    consumers = ctx.run.graph.consumers.get((ctx.node.id, 0), ())
+    if len(consumers) != 1:
+        return None
+    add = ctx.run.graph.nodes[consumers[0][0]]
+    if add.fn is not ctx.node.fn or not isinstance(add.spec, BiasAdd) or not add.spec.fuses(ctx, add):
+        return None
+    b = add.spec.bias_term(ctx, add)
+    if b is None:
+        raise ActivationUnavailableError(
+            f"the bias of {ctx.node.kind} (node #{ctx.node.id}) does not require grad, so the graph does not hold "
+            "it, and the preset puts biases into the denominator; let the bias require grad (dynamiclrp.explain "
+            "does this for parameters)"
+        )
+    return b
 
 
 def _is_softmax_output(ctx, i: int) -> bool:
@@ -55,12 +74,13 @@ class Product(OpSpec):
         x, w = ctx.input(x_i), ctx.input(w_i)
         rule = ctx.rule(self.family_at(ctx, x_i))
         out = [None, None]
+        b = _fused_bias(ctx)
         if ctx.wants(x_i):
             z = ctx.run.promises.available(ctx.node, 0)
             z = z if z is not None and z.dtype == ctx.dtype else None  # else recompute at full precision
-            out[x_i] = rule.linear(x, w, R, self.linear_map(ctx.node, x_i), z=z)
+            out[x_i] = rule.linear(x, w, R, self.linear_map(ctx.node, x_i), z=z, b=b)
         if ctx.wants(w_i):  # parameter relevance: the same rule with the roles of input and weight swapped
-            out[w_i] = rule.linear(w, x, R, self.linear_map(ctx.node, w_i))
+            out[w_i] = rule.linear(w, x, R, self.linear_map(ctx.node, w_i), b=b)
         return out
 
     def bound_fn(self, ctx):
@@ -88,7 +108,7 @@ class Addmm(OpSpec):
 
     def decompose(self, fn):
         return [
-            ("AddBackward0", AddTerms(self._bias_term), [(NEXT, 0), (PART, 1)]),
+            ("AddBackward0", BiasAdd(self._bias_term, linear_index=1), [(NEXT, 0), (PART, 1)]),
             (self.product_kind, self.product, [(NEXT, 1), (NEXT, 2)]),
         ]
 
@@ -110,7 +130,7 @@ class Convolution(Product):
         if not has_bias:
             return [("ConvolutionBackward0", self, [(NEXT, 0), (NEXT, 1)])]
         return [
-            ("AddBackward0", AddTerms(self._bias_term), [(PART, 1), (NEXT, 2)]),
+            ("AddBackward0", BiasAdd(self._bias_term, linear_index=0), [(PART, 1), (NEXT, 2)]),
             ("ConvolutionBackward0", self, [(NEXT, 0), (NEXT, 1)]),
         ]
 

@@ -1,11 +1,18 @@
-"""Normalisation layers: layer norm and batch norm (family ``norm``).
+r"""Normalisation layers: layer, batch, group and fused RMS norm, and weight normalisation (family ``norm``).
 
 Relevance goes to the normalised input only; the affine weight and bias, and the statistics, receive none
-(AttnLRP's and the paper's identity treatment). Their outputs are reproducible from what autograd saved, so they
-are Arg Nodes for the Promise System.
+(AttnLRP's and the paper's identity treatment: :math:`\hat x = (x - \mu)/\sigma` is explained as if the
+statistics were constants, so :math:`R_x = R` with the preset's ``Pass`` rule). Their outputs are reproducible
+from what autograd saved, so they are Arg Nodes for the Promise System.
+
+Group norm is layer norm over groups of channels (and instance norm, when torch lowers it to group norm, one
+channel per group): the same rule. Weight normalisation is a computation on parameters only (see
+:class:`WeightNorm`).
 """
 
 from __future__ import annotations
+
+import torch
 
 from .base import OpSpec, saved
 
@@ -40,7 +47,7 @@ class Norm(OpSpec):
         The graph cannot tell a frozen bias from no bias, so an affine layer (weight present) is assumed to have
         one: its output is then only recoverable from a consumer that saved it.
         """
-        return b is None and (_has(node, 2) or (w is not None and node.kind.startswith("NativeBatchNorm")))
+        return b is None and (_has(node, 2) or (w is not None and node.kind.startswith(_PER_CHANNEL)))
 
     def relevance(self, ctx):
         (R,) = ctx.R[:1]
@@ -51,8 +58,12 @@ def _has(node, i: int) -> bool:
     return len(node.inputs) > i and node.inputs[i] is not None
 
 
+# norms whose affine weight and bias are per channel (dimension 1), and which do not save their bias
+_PER_CHANNEL = ("NativeBatchNorm", "NativeGroupNorm")
+
+
 def _affine(node, xhat, w, b):
-    if node.kind.startswith("NativeBatchNorm"):
+    if node.kind.startswith(_PER_CHANNEL):
         view = (1, -1) + (1,) * (xhat.dim() - 2)
         w = None if w is None else w.reshape(view)
         b = None if b is None else b.reshape(view)
@@ -77,7 +88,56 @@ def _batch_norm(fn, x):
     return (x - mean.reshape(view)) * invstd.reshape(view)
 
 
+def _group_norm(fn, x):
+    """``(x - mean) * rstd`` per sample and group of channels (``result1``, ``result2``: shape (N, group))."""
+    n, g = x.shape[0], saved(fn, "group")
+    mean, rstd = saved(fn, "result1"), saved(fn, "result2")
+    xg = x.reshape(n, g, -1)
+    return ((xg - mean.reshape(n, g, 1)) * rstd.reshape(n, g, 1)).reshape(x.shape)
+
+
+def _rms_norm(fn, x):
+    """``x * rstd`` over the normalised trailing dimensions (``result1``: rstd, broadcastable)."""
+    return x * saved(fn, "result1")
+
+
+class WeightNorm(OpSpec):
+    r"""Weight normalisation ``w = g * v / ||v||`` (``torch._weight_norm``; the fused ``_weight_norm_interface``
+    node of ``nn.utils.weight_norm`` and of ``nn.utils.parametrizations.weight_norm``, family ``norm``).
+
+    Its operands ``v`` and ``g`` are parameters, so this node is not on the data path: its output is the weight
+    of the layer that consumes it (Wav2Vec2's positional convolution), whose rule treats it as the weight. It
+    needs an entry all the same -- the engine must know every node -- and it is an Arg Node: autograd saved
+    ``v`` and ``g``, from which the weight is recomputed exactly. When parameter relevance is asked for (the
+    ``params`` of :func:`dynamiclrp.explain`), the weight's relevance goes to the direction ``v`` through the
+    preset's ``norm`` rule, and none to the magnitude ``g`` -- the treatment of layer norm, whose normalised input
+    gets the relevance and whose affine scale none: :math:`v / \lVert v\rVert` is a normalisation of ``v``, and
+    ``g`` multiplies it as an affine weight does.
+    """
+
+    family = "norm"
+
+    def saved_input(self, node, i):
+        return saved(node.fn, ("v", "g")[i]) if i < 2 else None
+
+    def output(self, node, nr):
+        v, g = saved(node.fn, "v"), saved(node.fn, "g")
+        return None if v is None or g is None or nr != 0 else torch._weight_norm(v, g, saved(node.fn, "dim"))
+
+    def forward(self, node, inputs):
+        v, g = (inputs[i] if inputs[i] is not None else self.saved_input(node, i) for i in (0, 1))
+        return torch._weight_norm(v, g, saved(node.fn, "dim"))
+
+    def relevance(self, ctx):
+        R = ctx.R[0]
+        return [ctx.rule("norm").norm(R)] + [None] * (len(ctx.node.inputs) - 1)
+
+
 NORM_OPS = {
     "NativeLayerNormBackward0": Norm(_layer_norm),
     "NativeBatchNormBackward0": Norm(_batch_norm),
+    "NativeGroupNormBackward0": Norm(_group_norm),
+    # F.rms_norm on CUDA (a fused kernel; on CPU torch writes it out as x * rsqrt(mean(x²) + eps) * w)
+    "FusedRmsNormBackward0": Norm(_rms_norm),
+    "WeightNormInterfaceBackward0": WeightNorm(),
 }

@@ -127,4 +127,12 @@ SHAPE_OPS = {
     "ConstantPadNdBackward0": _routing(None, transparent=False),
     "MaxPool2DWithIndicesBackward0": MaxPool(),
     "MaxPool3DWithIndicesBackward0": MaxPool(),
+    # topk / sort values are copies of the elements they select (mixture-of-experts routing): a gather with the
+    # saved indices replays them
+    "TopkBackward0": _routing(lambda fn, x: x.gather(saved(fn, "dim"), saved(fn, "indices")), transparent=False),
+    "SortBackward0": _routing(lambda fn, x: x.gather(saved(fn, "dim"), saved(fn, "indices")), transparent=False),
+    "SortBackward1": _routing(lambda fn, x: x.gather(saved(fn, "dim"), saved(fn, "indices")), transparent=False),
+    # masked_fill with a 0-dim tensor as the value (DistilBERT): the value is a constant, as for MaskedFillBackward0
+    "MaskedFillBackward1": MaskedFill(),
+    "DiagonalBackward0": _routing(lambda fn, x: x.diagonal(saved(fn, "offset"), saved(fn, "dim1"), saved(fn, "dim2"))),
 }
