@@ -109,17 +109,20 @@ def presets() -> dict[str, Preset]:
 _BASE = {"sum": r.Epsilon(1e-6), "bias": r.BiasInDenominator(), "product": r.Uniform(), "softmax": r.Pass(),
          "norm": r.Pass()}
 
-register_preset(Preset("epsilon", {**_BASE, "linear": r.Epsilon(1e-6)},
+_MERGE = {"norm": r.MergeBatchNorm()}  # batch norm merged into the layer before it, as zennit's canonizers do
+
+register_preset(Preset("epsilon", {**_BASE, **_MERGE, "linear": r.Epsilon(1e-6)},
                        description="ε-rule (ε=1e-6) for every linear op; AttnLRP's uniform rule for products"))
-register_preset(Preset("epsilon_plus", {**_BASE, "conv": r.ZPlus(), "dense": r.Epsilon(1e-6)},
+register_preset(Preset("epsilon_plus", {**_BASE, **_MERGE, "conv": r.ZPlus(), "dense": r.Epsilon(1e-6)},
                        description="zennit EpsilonPlus: z⁺ for convolutions, ε for dense layers"))
-register_preset(Preset("epsilon_plus_flat", {**_BASE, "input": r.Flat(), "conv": r.ZPlus(),
+register_preset(Preset("epsilon_plus_flat", {**_BASE, **_MERGE, "input": r.Flat(), "conv": r.ZPlus(),
                                              "dense": r.Epsilon(1e-6)},
                        description="zennit EpsilonPlusFlat: flat input layer, z⁺ convolutions, ε dense"))
-register_preset(Preset("epsilon_gamma_box", {**_BASE, "input": r.ZBox(-3.0, 3.0), "conv": r.Gamma(0.25),
+register_preset(Preset("epsilon_gamma_box", {**_BASE, **_MERGE, "input": r.ZBox(-3.0, 3.0), "conv": r.Gamma(0.25),
                                              "dense": r.Epsilon(1e-6)},
                        description="zennit EpsilonGammaBox: z-box input layer, γ=0.25 convolutions, ε dense"))
-register_preset(Preset("epsilon_alpha2_beta1", {**_BASE, "conv": r.AlphaBeta(2.0, 1.0), "dense": r.Epsilon(1e-6)},
+register_preset(Preset("epsilon_alpha2_beta1", {**_BASE, **_MERGE, "conv": r.AlphaBeta(2.0, 1.0),
+                                                "dense": r.Epsilon(1e-6)},
                        description="zennit EpsilonAlpha2Beta1: α2β1 for convolutions, ε dense"))
 register_preset(Preset("attnlrp", {**_BASE, "linear": r.Epsilon(1e-6), "softmax": r.AttnLRPSoftmax()},
                        description="AttnLRP: ε linear, uniform products, AttnLRP softmax, identity norms"))

@@ -387,6 +387,19 @@ class Pass:
 
 
 @dataclass(frozen=True)
+class MergeBatchNorm:
+    """Batch norm in eval mode right after a convolution or dense layer is merged into it, as zennit's canonizers
+    do [6]: the layer is explained with :math:`w' = w\\,\\gamma/\\sigma` and :math:`b' = (b - \\mu)\\,
+    \\gamma/\\sigma + \\beta`, and the batch norm passes relevance unchanged. A norm layer that follows no linear
+    op is passed through (zennit's ``Pass``)."""
+
+    needs_input = False
+
+    def norm(self, R):
+        return R
+
+
+@dataclass(frozen=True)
 class Block:
     """Absorbs all relevance: nothing is passed on (e.g. softmax in the value-path-only attention setting)."""
 

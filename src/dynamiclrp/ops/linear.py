@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ActivationUnavailableError
-from ..rules import LinearMap
+from ..rules import LinearMap, MergeBatchNorm
 from .base import NEXT, PART, OpSpec, saved, through_views
 from .elementwise import BiasAdd
 
@@ -33,6 +33,46 @@ def _fused_bias(ctx):
             "does this for parameters)"
         )
     return b
+
+
+def _bias_free(ctx) -> bool:
+    """True if this linear op has no bias addition split off it."""
+    consumers = ctx.run.graph.consumers.get((ctx.node.id, 0), ())
+    return not (len(consumers) == 1 and ctx.run.graph.nodes[consumers[0][0]].fn is ctx.node.fn
+                and isinstance(ctx.run.graph.nodes[consumers[0][0]].spec, BiasAdd))
+
+
+def _merged_batch_norm(ctx, bias_handled: bool):
+    """(scale, shift) of an eval-mode batch norm that directly follows this linear op (after its bias addition)
+    and whose rule is MergeBatchNorm, shaped to broadcast over the op's output; else None."""
+    if not bias_handled:
+        return None
+    graph, node = ctx.run.graph, ctx.node
+    consumers = graph.consumers.get((node.id, 0), ())
+    if len(consumers) == 1 and graph.nodes[consumers[0][0]].fn is node.fn:  # through the bias addition
+        consumers = graph.consumers.get((consumers[0][0], 0), ())
+    if len(consumers) != 1 or consumers[0][1] != 0:
+        return None
+    bn = graph.nodes[consumers[0][0]]
+    if bn.kind != "NativeBatchNormBackward0" or saved(bn.fn, "training"):
+        return None
+    if not isinstance(ctx.rule_at(bn, "norm"), MergeBatchNorm):
+        return None
+    dt = ctx.dtype
+    var, mean = saved(bn.fn, "running_var").to(dt), saved(bn.fn, "running_mean").to(dt)
+    gamma = saved(bn.fn, "weight", None)
+    beta = None
+    if len(bn.inputs) > 2 and bn.inputs[2] is not None:
+        beta = ctx.run.promises.value(bn.inputs[2].child, bn.inputs[2].nr).to(dt)
+    elif gamma is not None:
+        return None  # an affine batch norm whose bias the graph does not hold (frozen): cannot merge
+    scale = (var + saved(bn.fn, "eps")).rsqrt()
+    if gamma is not None:
+        scale = scale * gamma.to(dt)
+    shift = -mean * scale + (0 if beta is None else beta)
+    ndim = len(node.fn._input_metadata[0].shape) if node.part == 0 else len(bn.fn._input_metadata[0].shape)
+    view = [1, -1] + [1] * (ndim - 2)
+    return scale.reshape(view), shift.reshape(view)
 
 
 def _is_softmax_output(ctx, i: int) -> bool:
@@ -75,13 +115,24 @@ class Product(OpSpec):
         rule = ctx.rule(self.family_at(ctx, x_i))
         out = [None, None]
         b = _fused_bias(ctx)
+        z = ctx.run.promises.available(ctx.node, 0) if ctx.wants(x_i) else None
+        z = z if z is not None and z.dtype == ctx.dtype else None  # else recompute at full precision
+        merged = _merged_batch_norm(ctx, b is not None or _bias_free(ctx))
+        if merged is not None and (w_m := self.scale_weight(ctx.node, w, merged[0], x_i)) is not None:
+            scale, shift = merged  # a batch norm after this op is merged into it (zennit's canonizers)
+            w, b = w_m, shift if b is None else b * scale + shift
+            z = None if z is None else z * scale
         if ctx.wants(x_i):
-            z = ctx.run.promises.available(ctx.node, 0)
-            z = z if z is not None and z.dtype == ctx.dtype else None  # else recompute at full precision
             out[x_i] = rule.linear(x, w, R, self.linear_map(ctx.node, x_i), z=z, b=b)
         if ctx.wants(w_i):  # parameter relevance: the same rule with the roles of input and weight swapped
             out[w_i] = rule.linear(w, x, R, self.linear_map(ctx.node, w_i), b=b)
         return out
+
+    def scale_weight(self, node, w, scale, x_i: int):
+        """``w`` scaled per output feature (``scale`` broadcasts over the output), or None if not supported."""
+        if x_i != 0 or scale.shape[-1] != w.shape[-1] and scale.numel() != 1:
+            return None
+        return w * scale.reshape(-1)  # mm/bmm: the output feature is the weight's last dimension
 
     def bound_fn(self, ctx):
         return self.fn
@@ -157,6 +208,12 @@ class Convolution(Product):
 
     def bound_fn(self, ctx):
         return self.conv_fn(ctx.node.fn)
+
+    def scale_weight(self, node, w, scale, x_i: int):
+        """Convolution weights are (out, in/groups, *kernel): scale along the first dimension."""
+        if x_i != 0 or saved(node.fn, "transposed"):
+            return None
+        return w * scale.reshape(-1, *([1] * (w.dim() - 1)))
 
     def linear_map(self, node, v: int) -> LinearMap:
         fn = node.fn

@@ -17,6 +17,9 @@ Three kinds of op live here, with three rules:
   exact decomposition of a linear map) -- with the magnitude-proportional rule the denominator
   :math:`\sum_i w_{ji}|x_i|` can then come close to zero.
 * **Overlap-add** -- ``fold`` (col2im) adds the patches that overlap an output position: a sum (``sum`` family).
+* **Copies into a view** -- ``CopySlices``, the node autograd records for a ``copy_`` into a view of a tensor:
+  circular padding (``F.pad(mode="circular")`` writes the wrapped borders into an empty tensor) and slice
+  assignment (``pos[i, :n] = resized`` in SigLIP-2's position embeddings). Routing, see :class:`CopyIntoView`.
 
 The input of an upsampling node is not saved by autograd: a promise recovers it. Reflection and replication
 padding save theirs and are Arg Nodes.
@@ -27,7 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import OpSpec, Routing, out_shape, saved
+from ..errors import DynamicLRPError
+from .base import OpSpec, Routing, out_shape, route, saved
 from .reduce import Reduction
 
 aten = torch.ops.aten
@@ -107,6 +111,51 @@ class ConstantPad(Routing):
         super().__init__(lambda fn, x: F.pad(x, list(saved(fn, "pad"))))
 
 
+class CopyIntoView(OpSpec):
+    r"""``CopySlices`` wrapping ``copy_``: ``out = base`` with a view of it overwritten by ``src`` (broadcast).
+
+    Every output element is a copy of a base element or of a source element, so relevance is routed through the
+    node's own backward (exact: overwritten base elements get none, a broadcast source element gets the sum over
+    its copies). autograd does not expose the view's geometry, but it is not needed: the op is linear in
+    ``(base, src)``, :math:`z = J_b\,b + J_s\,s`, and the node's backward computes :math:`(J_b^\top u,
+    J_s^\top u)`; differentiating :math:`\langle J_b^\top u, b\rangle + \langle J_s^\top u, s\rangle` with
+    respect to :math:`u` gives :math:`z` back exactly -- the replay. A base outside the graph (``torch.empty``,
+    ``torch.zeros``) is taken as zeros, the convention of :mod:`~dynamiclrp.ops.index`: exact where it is
+    overwritten (circular padding, SigLIP-2 overwrite every element). ``CopySlices`` around any other in-place
+    op (``x[i] += y``, ``x[i] *= y``) is not a copy and raises.
+    """
+
+    @staticmethod
+    def _check(node):
+        wrapped = getattr(node.fn, "_wrapped_node", None)
+        if type(wrapped).__name__ != "CopyBackwards":
+            raise DynamicLRPError(
+                f"CopySlices (node #{node.id}) wraps the in-place op {type(wrapped).__name__} on a view, which is "
+                "not a copy; only copy_ / slice assignment into a view has a rule. Write the op out of place, or "
+                "register a rule with dynamiclrp.register_op"
+            )
+
+    def forward(self, node, inputs):
+        if type(getattr(node.fn, "_wrapped_node", None)).__name__ != "CopyBackwards" or len(inputs) != 2:
+            raise NotImplementedError
+        base, src = inputs
+        if src is None:
+            raise NotImplementedError  # a constant source: autograd saved nothing of it
+        meta = node.fn._input_metadata[0]
+        u = torch.zeros(meta.shape, dtype=src.dtype, device=src.device, requires_grad=True)
+        with torch.enable_grad():
+            gb, gs = node.fn(u)
+            inner = (gs * src).sum()
+            if base is not None and gb is not None:
+                inner = inner + (gb * base.to(src.dtype)).sum()
+            (z,) = torch.autograd.grad(inner, u)
+        return z
+
+    def relevance(self, ctx):
+        self._check(ctx.node)
+        return route(ctx)
+
+
 def _pad(name: str):
     op = getattr(aten, name)
     return lambda fn, x: op(x, list(saved(fn, "padding")))
@@ -149,4 +198,6 @@ RESAMPLE_OPS: dict[str, OpSpec] = {
     # unfold (im2col) copies patches out; fold (col2im) adds overlapping patches back up
     "Im2ColBackward0": _routing(_im2col),
     "Col2ImBackward0": Reduction(_col2im),
+    # copy_ into a view (circular padding, slice assignment)
+    "CopySlices": CopyIntoView(),
 }
