@@ -21,10 +21,10 @@ import dynamiclrp
 from dynamiclrp import engine
 from dynamiclrp.ops import OPS, Identity
 from dynamiclrp.promise import Promises
-from dynamiclrp.rules import Epsilon, Uniform
+from dynamiclrp.rules import Epsilon, Pass, Uniform
 
 D = torch.float64
-EXACT = {"linear": Epsilon(1e-12), "sum": Epsilon(1e-12), "product": Uniform(1e-12)}
+EXACT = {"linear": Epsilon(1e-12), "sum": Epsilon(1e-12), "product": Uniform(1e-12), "norm": Pass()}  # BN passed, not merged
 
 
 # ----------------------------------------------------------------------------------------------------------
