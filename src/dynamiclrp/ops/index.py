@@ -16,6 +16,18 @@ Each op writes *source* elements into a *base* tensor at given positions. Two ru
   computed as the rule's vector-Jacobian product of the recomputed op (:class:`Accumulate`). A single source
   element at a position that was zero passes its relevance on unchanged; several share it in proportion.
 
+Why these are the LRP rules: an element that is a copy contributes its whole value to exactly one output element,
+so the ε-rule of that one-term "sum" gives it all the relevance -- which is what the vector-Jacobian product of a
+copy computes (conservative, no activation needed, no ε). An element that is added to others is one term of an
+addition and must get the same rule as ``add`` / ``sum`` (family ``sum``: ε, the paper's |·|-proportional rule,
+...), so that writing ``z = b.index_add(0, i, s)`` or ``z = b + s_scattered`` explains the same way. Writing the
+experts' outputs into the accumulator is such an addition of one term per position (each token goes to an expert
+at most once), so their relevance passes on whole.
+
+With duplicate indices and *no* accumulation (``scatter``, ``index_put``), torch leaves undefined which write
+wins, and its backward gives each duplicate the gradient: routing then hands the relevance of that position to
+every duplicate (not conservative). Models do not write duplicates without accumulating.
+
 **Untracked bases.** The usual accumulator is a fresh constant, ``torch.zeros(...).index_add_(...)`` (the experts
 of a mixture of experts, Mixtral / Qwen-MoE / OLMoE). Autograd records no operand for it and saves nothing of its
 value, so a base outside the graph is taken as **zeros**, in the replay and in the rule -- unless the node's own

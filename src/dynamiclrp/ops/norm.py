@@ -59,7 +59,7 @@ def _has(node, i: int) -> bool:
 
 
 # norms whose affine weight and bias are per channel (dimension 1), and which do not save their bias
-_PER_CHANNEL = ("NativeBatchNorm", "NativeGroupNorm")
+_PER_CHANNEL = ("NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm", "NativeGroupNorm")
 
 
 def _affine(node, xhat, w, b):
@@ -84,7 +84,8 @@ def _batch_norm(fn, x):
         mean, invstd = saved(fn, "result1"), saved(fn, "result2")
     else:
         mean, var = saved(fn, "running_mean"), saved(fn, "running_var")
-        invstd = (var + saved(fn, "eps")).rsqrt()
+        eps = saved(fn, "eps", None)  # the cuDNN / MIOpen nodes call it "epsilon"
+        invstd = (var + (saved(fn, "epsilon") if eps is None else eps)).rsqrt()
     return (x - mean.reshape(view)) * invstd.reshape(view)
 
 
@@ -136,6 +137,9 @@ class WeightNorm(OpSpec):
 NORM_OPS = {
     "NativeLayerNormBackward0": Norm(_layer_norm),
     "NativeBatchNormBackward0": Norm(_batch_norm),
+    # batch norm on CUDA (cuDNN) and ROCm (MIOpen): the same layer, the same saved statistics
+    "CudnnBatchNormBackward0": Norm(_batch_norm),
+    "MiopenBatchNormBackward0": Norm(_batch_norm),
     "NativeGroupNormBackward0": Norm(_group_norm),
     # F.rms_norm on CUDA (a fused kernel; on CPU torch writes it out as x * rsqrt(mean(x²) + eps) * w)
     "FusedRmsNormBackward0": Norm(_rms_norm),

@@ -94,13 +94,10 @@ def _keep(r, dim, keepdim: bool, ndim: int):
 class PowerSum(OpSpec):
     r"""A dispersion or a norm: :math:`z = g\big(c \sum_i t_i\big)` with non-negative terms :math:`t_i`.
 
-    ===================== ================================ ======================= =====================
-    node                  :math:`t_i`                      :math:`c`               :math:`g`
-    ===================== ================================ ======================= =====================
-    ``var``               :math:`(x_i - \bar x)^2`         :math:`1/(N - \delta)`  identity
-    ``std``               :math:`(x_i - \bar x)^2`         :math:`1/(N - \delta)`  :math:`\sqrt{\cdot}`
-    ``linalg_vector_norm`` :math:`|x_i|^p` (finite p ≠ 0)  1                       :math:`(\cdot)^{1/p}`
-    ===================== ================================ ======================= =====================
+    * ``var``: :math:`t_i = (x_i - \bar x)^2`, :math:`c = 1/(N - \delta)` (the correction), :math:`g` the identity;
+    * ``std``: the same terms, :math:`g = \sqrt{\cdot}`;
+    * ``linalg_vector_norm`` (``torch.norm``, ``Tensor.norm``) of a finite order :math:`p \ne 0`:
+      :math:`t_i = |x_i|^p`, :math:`c = 1`, :math:`g = (\cdot)^{1/p}`.
 
     The preset's ``sum`` rule splits the relevance over the terms, and the terms' relevance goes to the elements
     they are computed from; with the ε-rule (ε → 0)
@@ -164,7 +161,8 @@ class PowerSum(OpSpec):
         n = 1
         for d in dims:
             n *= x.shape[d]
-        scale = 1.0 / max(n - self._correction(fn), 0)
+        dof = n - self._correction(fn)
+        scale = 1.0 / dof if dof > 0 else math.inf
         centred = x - x.mean(dims, keepdim=True)
         return centred * centred, lambda t: t.sum(dims, keepdim=keepdim) * scale
 
@@ -173,8 +171,7 @@ class PowerSum(OpSpec):
         R = ctx.R[0]
         rx = None
         if R is not None:
-            if self.kind == "norm" and not math.isfinite(float(saved(fn, "ord"))) or self.kind == "norm" and (
-                    float(saved(fn, "ord")) == 0):
+            if self.kind == "norm" and (float(saved(fn, "ord")) == 0 or math.isinf(float(saved(fn, "ord")))):
                 rx = self._select(ctx, x, R)
             else:
                 t, combine = self._terms(fn, x)
@@ -227,7 +224,7 @@ class Selection(Routing):
 
     Each output element is one of its two operands' elements; relevance goes to the one selected (half to each on
     a tie, as in the op's backward). An operand outside the graph (``torch.max(scores, torch.tensor(min))`` in
-    T5-style attention) gets no relevance. Both operands are saved: the node is an Arg Node.
+    Pix2Struct's attention) gets no relevance. Both operands are saved: the node is an Arg Node.
     """
 
     def __init__(self, op):
@@ -248,22 +245,25 @@ class Selection(Routing):
 
 
 class AsStrided(Routing):
-    """``as_strided_`` that re-strides a tensor in place without moving its elements (routing).
+    """``as_strided_`` that re-strides a fresh reduction result in place without moving its elements (routing).
 
     torch emits it inside ``adaptive_avg_pool2d(x, 1)`` for a channels-last input: the result of ``mean`` is given
     channels-last strides (``out.as_strided_((n, c, 1, 1), (c, 1, c, c))``); elements and values are unchanged.
-    Relevance is routed by the node's own backward (exact for any geometry). A replay is only made where the new
-    geometry provably reads every element in place -- same size, and strides that agree with a contiguous layout
-    on every dimension longer than 1, applied to a contiguous tensor (the result of ``mean``) -- else it raises.
+    Relevance is routed by the node's own backward (exact for any geometry). ``as_strided`` reads the *storage*,
+    whose layout the graph does not record, so a replay is only made where the result provably equals the input:
+    the input is the fresh (contiguous) output of a sum or mean, the size is unchanged and the strides agree with
+    a contiguous layout on every dimension longer than 1. Anything else raises rather than guess.
     """
 
     transparent = True
+    FRESH = ("SumBackward0", "SumBackward1", "MeanBackward0", "MeanBackward1")
 
     def forward(self, node, inputs):
         fn, (x,) = node.fn, inputs
+        producer = fn.next_functions[0][0]
         size, stride = tuple(saved(fn, "size")), tuple(saved(fn, "stride"))
         offset = saved(fn, "storage_offset", None)
-        if tuple(x.shape) != size or offset not in (None, 0):
+        if type(producer).__name__ not in self.FRESH or tuple(x.shape) != size or offset not in (None, 0):
             raise NotImplementedError
         expect = torch.empty(size, device="meta").stride()
         if any(n > 1 and s != e for n, s, e in zip(size, stride, expect)):

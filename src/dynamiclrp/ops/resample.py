@@ -1,6 +1,6 @@
 r"""Resampling and padding: upsampling / interpolation, padding, pixel (un)shuffle, im2col / col2im.
 
-Three kinds of op live here, with three rules:
+Four kinds of op live here:
 
 * **Copies** -- nearest-neighbour resampling, every padding mode, pixel shuffle, ``unfold`` (im2col): each output
   element is a copy of one input element (or a constant), so relevance follows the elements back through the
@@ -22,10 +22,13 @@ Three kinds of op live here, with three rules:
   assignment (``pos[i, :n] = resized`` in SigLIP-2's position embeddings). Routing, see :class:`CopyIntoView`.
 
 The input of an upsampling node is not saved by autograd: a promise recovers it. Reflection and replication
-padding save theirs and are Arg Nodes.
+padding save theirs and are Arg Nodes. Constant padding does not save its fill value, so its replay is
+provisional (see :class:`ConstantPad`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -98,8 +101,8 @@ class ConstantPad(Routing):
     r"""``F.pad(x, pad, value=c)`` (``constant_pad_nd``; negative pads crop): routing.
 
     Every output element is either a copy of an input element, whose relevance goes back to it, or the fill
-    constant, whose relevance goes to no operand (it is what the rules above gave a constant; for the usual
-    zero padding an ε-rule gives it none). Autograd does not save the fill value, so a replay pads with zeros
+    constant, whose relevance (what the consumer's rule gave a constant: nothing, from an ε-rule on zero padding)
+    goes to no operand. Autograd does not save the fill value, so a replay pads with zeros
     and is *provisional* (as for ``masked_fill``): a consumer that needs the padded tensor takes it from a node
     that saved it (a convolution saves its padded input), a softmax checks it, anything else raises rather than
     use a possibly wrong fill value.
@@ -122,21 +125,21 @@ class CopyIntoView(OpSpec):
     respect to :math:`u` gives :math:`z` back exactly -- the replay. A base outside the graph (``torch.empty``,
     ``torch.zeros``) is taken as zeros, the convention of :mod:`~dynamiclrp.ops.index`: exact where it is
     overwritten (circular padding, SigLIP-2 overwrite every element). ``CopySlices`` around any other in-place
-    op (``x[i] += y``, ``x[i] *= y``) is not a copy and raises.
+    op on a view (``x[:, i].add_(y)``, ``x[:, i].mul_(y)``) is not a copy and raises.
     """
 
     @staticmethod
     def _check(node):
-        wrapped = getattr(node.fn, "_wrapped_node", None)
-        if type(wrapped).__name__ != "CopyBackwards":
+        if not _wraps_copy(node.fn):
+            wrapped = type(getattr(node.fn, "_wrapped_node", None)).__name__
             raise DynamicLRPError(
-                f"CopySlices (node #{node.id}) wraps the in-place op {type(wrapped).__name__} on a view, which is "
-                "not a copy; only copy_ / slice assignment into a view has a rule. Write the op out of place, or "
-                "register a rule with dynamiclrp.register_op"
+                f"CopySlices (node #{node.id}) wraps an in-place op on a view that is not a copy ({wrapped}); only "
+                "copy_ / slice assignment into a view has a rule. Write the op out of place, or register a rule "
+                "with dynamiclrp.register_op"
             )
 
     def forward(self, node, inputs):
-        if type(getattr(node.fn, "_wrapped_node", None)).__name__ != "CopyBackwards" or len(inputs) != 2:
+        if len(inputs) != 2 or not _wraps_copy(node.fn):
             raise NotImplementedError
         base, src = inputs
         if src is None:
@@ -154,6 +157,32 @@ class CopyIntoView(OpSpec):
     def relevance(self, ctx):
         self._check(ctx.node)
         return route(ctx)
+
+
+def _wraps_copy(fn) -> bool:
+    """Whether a ``CopySlices`` node wraps ``copy_``: read from ``_wrapped_node`` where torch exposes it (2.12+),
+    else tested on the node's backward -- a copy's Jacobian holds exactly one 1 per output element, so its
+    transpose maps an uneven positive ``u`` to vectors that sum to ``sum(u)`` (when the base is in the graph; an
+    in-place ``add_`` gives more, ``mul_`` something else) and maps ones to whole numbers (how many copies each
+    source element has)."""
+    wrapped = getattr(fn, "_wrapped_node", None)
+    if wrapped is not None or hasattr(fn, "_wrapped_node"):
+        return type(wrapped).__name__ == "CopyBackwards"
+    meta = fn._input_metadata[0]
+    if len(fn.next_functions) != 2:
+        return False
+    with torch.no_grad():
+        n = math.prod(meta.shape)  # a fixed, uneven positive probe (no random state touched)
+        u = (1.5 + torch.sin(0.7 * torch.arange(n, dtype=torch.float64, device=meta.device))).reshape(meta.shape)
+        u = u.to(meta.dtype)
+        gb, gs = fn(u)
+        counts = fn(torch.ones(meta.shape, dtype=meta.dtype, device=meta.device))[1]
+        if gs is None or counts is None or not bool((counts == counts.round()).all() and (counts >= 0).all()):
+            return False
+        if gb is None:
+            return True
+        total = gb.double().sum() + gs.double().sum()
+        return bool(torch.isclose(total, u.double().sum(), rtol=1e-4, atol=0.0))
 
 
 def _pad(name: str):
