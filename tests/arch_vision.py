@@ -137,8 +137,20 @@ def _efficientnet_v2_m(size, attn, g):
     assert isinstance(small[0], FusedMBConvConfig)
     model = EfficientNet(small, dropout=0.3, num_classes=10, last_channel=64,
                          norm_layer=lambda c: nn.BatchNorm2d(c, eps=1e-3))
+    # the squeeze-excitation gate x * sigmoid(fc2(silu(fc1(mean(x))))) is a product of two activations (uniform
+    # rule): half of the relevance enters the gate's tiny network, whose pre-activations, with random weights and
+    # zeroed biases, sit near 0, where the ε = 1e-12 rule of the exact check is ill-conditioned. Larger gate
+    # weights keep them away from 0 (the model stays a valid EfficientNet).
+    from torchvision.ops.misc import SqueezeExcitation
+
     x = _image(g, 32)
-    return calibrate_batch_norm(model, x), x, None
+    model = calibrate_batch_norm(model, x)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SqueezeExcitation):
+                m.fc1.weight.mul_(100.0)
+                m.fc2.weight.mul_(100.0)
+    return model, x, None
 
 
 def _swin_t(size, attn, g):

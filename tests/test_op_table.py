@@ -23,10 +23,12 @@ import dynamiclrp
 from dynamiclrp.ops import OPS, saved
 from dynamiclrp.ops.attention import ATTENTION_OPS
 from dynamiclrp.ops.elementwise import ELEMENTWISE_OPS
+from dynamiclrp.ops.index import INDEX_OPS
 from dynamiclrp.ops.leaf import LEAF_OPS
 from dynamiclrp.ops.linear import MATMUL_OPS
 from dynamiclrp.ops.norm import NORM_OPS
 from dynamiclrp.ops.reduce import REDUCE_OPS
+from dynamiclrp.ops.resample import RESAMPLE_OPS
 from dynamiclrp.ops.shape import SHAPE_OPS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,7 +38,8 @@ torchvision = pytest.importorskip("torchvision")
 transformers = pytest.importorskip("transformers")
 
 # the built-in table, as shipped (OPS itself may gain entries from register_op in other tests)
-BUILTIN = {**ELEMENTWISE_OPS, **MATMUL_OPS, **REDUCE_OPS, **SHAPE_OPS, **NORM_OPS, **ATTENTION_OPS, **LEAF_OPS}
+BUILTIN = {**ELEMENTWISE_OPS, **MATMUL_OPS, **REDUCE_OPS, **SHAPE_OPS, **NORM_OPS, **ATTENTION_OPS, **LEAF_OPS,
+           **RESAMPLE_OPS, **INDEX_OPS}
 OPS_DIR = Path(dynamiclrp.ops.__file__).parent
 
 VISION_PRESETS = ["epsilon", "epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1", "paper"]
@@ -371,6 +374,18 @@ CUDA_SDPA = {
     "ScaledDotProductCudnnAttentionBackward0": ["query", "key", "value", "output", "dropout_p", "is_causal", "scale",
                                                 "attn_bias"],
 }
+
+
+def _coverage_rows():
+    """The rows for the op entries added with the architecture coverage tests (kept beside those tests)."""
+    from test_coverage_text import SAVED_TEXT
+    from test_coverage_vision import CUDA_ONLY, SAVED_VISION
+
+    return {**SAVED_TEXT, **SAVED_VISION}, CUDA_ONLY
+
+
+SAVED.update(_coverage_rows()[0])
+CUDA_SDPA = {**CUDA_SDPA, **_coverage_rows()[1]}
 
 
 def test_saved_table_covers_every_builtin_entry():

@@ -206,9 +206,18 @@ def test_add_constant_recovered_from_consumer():
 def test_add_constant_unrecoverable_is_refused():
     """Without any saved copy of z the constant's share is unknown: a clear error, not a silent guess."""
     _, a = source("dense", 3, 4)
-    y = a + 1.5
+    y = (a + 1.5).sum(-1)
     with pytest.raises(dynamiclrp.ActivationUnavailableError, match="constant"):
         rel(y, seed_like(y), [a])
+
+
+def test_add_constant_at_the_output_uses_the_output():
+    """At the explained output itself z is known (it is the output): the constant's share is exact."""
+    _, a = source("dense", 3, 4)
+    y = a + 1.5
+    R = seed_like(y)
+    (ra,) = rel(y, R, [a])
+    close(ra, a.detach() * R / stab(a.detach() + 1.5))
 
 
 def test_add_constant_broadcast_larger_than_data():
@@ -874,8 +883,8 @@ def test_to_copy_passes_relevance(to):
     assert type(y.grad_fn).__name__ == "ToCopyBackward0"
     R = seed_like(y)
     (rx,) = rel(y, R, [x])
-    assert rx.dtype == to
-    torch.testing.assert_close(rx, R, rtol=0, atol=0)
+    assert rx.dtype == torch.float64  # relevance in the widest float dtype of the outputs and leaves
+    torch.testing.assert_close(rx, R.double(), rtol=0, atol=0)
 
 
 def test_unary_chain_recovers_activation_for_sum():

@@ -118,7 +118,7 @@ def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, stri
     if len(targets) != len(outs):
         raise DynamicLRPError(f"{len(outs)} outputs but {len(targets)} targets")
     if dtype is None:
-        dtype = outs[0].dtype if outs[0].dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = _relevance_dtype(graph, outs)
     seeds: dict[tuple[int, int], torch.Tensor] = {}
     seed_list = []
     for o, t in zip(outs, targets):
@@ -128,6 +128,10 @@ def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, stri
         seeds[key] = seeds[key] + s if key in seeds else s
     run = Run(graph, preset, dtype, record, node_rules=node_rules_for(graph) if node_rules_for else {},
               ledger=[] if ledger else None, check_finite=check_finite)
+    for o in outs:  # the explained outputs are activations we hold: promises may use them (and their bases)
+        for t in (o, o._base):
+            if t is not None and t.grad_fn is not None and t.grad_fn in graph.head:
+                run.promises.values.setdefault((graph.head[t.grad_fn], t.output_nr), t.detach())
     with torch.no_grad():
         run.propagate(seeds)
     if run.approximations:
@@ -145,6 +149,16 @@ def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, stri
                       approximations=dict(run.approximations))
     att.extra["run"] = run
     return att
+
+
+def _relevance_dtype(graph: Graph, outs: list[torch.Tensor]) -> torch.dtype:
+    """float64 if the outputs or any leaf of the graph are float64, else float32 (also for half precision)."""
+    if any(o.dtype == torch.float64 for o in outs):
+        return torch.float64
+    for n in graph.nodes:
+        if not n.inputs and getattr(n.fn, "variable", None) is not None and n.fn.variable.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
 
 
 def _where(graph: Graph, kind: str, scopes) -> str:
@@ -251,7 +265,8 @@ def explain(
     param_names = {id(p): n for n, p in all_params.items()}
 
     def embedding_nodes(graph):
-        """Every embedding lookup, by its table's parameter name; and whether it looked up the token ids."""
+        """Every embedding lookup, by its table's parameter name (with ``#k`` for a table looked up again, as in
+        encoder-decoder models); and whether it looked up the token ids."""
         found = {}
         for n in graph.nodes:
             if n.kind == "EmbeddingBackward0":
@@ -259,7 +274,12 @@ def explain(
                 w = table.fn.variable if table is not None and not table.inputs else None
                 idx = saved(n.fn, "indices")
                 is_token = any(idx.shape == t.shape and torch.equal(idx, t) for t in int_inputs)
-                found[param_names.get(id(w), f"embedding#{n.id}")] = ((n.id, 0), is_token)
+                name = param_names.get(id(w), f"embedding#{n.id}")
+                k = 1
+                while name in found:
+                    k += 1
+                    name = f"{param_names.get(id(w), 'embedding')}#{k}"
+                found[name] = ((n.id, 0), is_token)
         return found
 
     state: dict[str, Any] = {}
@@ -317,14 +337,15 @@ def _forward(model: torch.nn.Module, inputs: Any, output: Callable | None = None
     args, kw = _split_inputs(inputs)
     float_inputs: list[torch.Tensor] = []
 
-    def prep(x):
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
+    def prep(x, name=""):
+        # float inputs are explained; a float mask (attention_mask, ...) is a constant, not an input
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not name.endswith("mask"):
             x = x.detach().clone().requires_grad_(True)
             float_inputs.append(x)
         return x
 
     args = [prep(a) for a in args]
-    kw = {k: prep(v) for k, v in kw.items()}
+    kw = {k: prep(v, k) for k, v in kw.items()}
     # token relevance is read at the embedding looked up with `input_ids` (or the first integer input)
     int_inputs = [kw["input_ids"]] if isinstance(kw.get("input_ids"), torch.Tensor) else [
         x for x in list(args) + list(kw.values()) if isinstance(x, torch.Tensor) and not x.is_floating_point()][:1]

@@ -55,8 +55,8 @@ class Softmax(OpSpec):
                 ctx.run.promises.certify((e.child, e.nr))
                 masked = True
         r = rule.softmax(x, s, R, dim)
-        if masked:  # masked logits (probability 0) get no relevance, as with a -inf mask, whatever the fill value
-            r = torch.where(s > 0, r, torch.zeros_like(r))
+        if masked:  # masked logits get no relevance, as with a -inf mask, whatever the fill value
+            r = torch.where(_attended(s, dim), r, torch.zeros_like(r))
         return [r]
 
 
@@ -66,9 +66,15 @@ def _masked_logits(ctx) -> bool:
     return node is not None and (node.spec.zero_constants or node.spec.always_provisional)
 
 
+def _attended(s, dim):
+    """Positions the softmax attends to: probability above 1e-30 of the row's largest (a mask of -100, as Swin's,
+    leaves exp(-100) > 0 in float64; it masks all the same)."""
+    return s > s.amax(dim, keepdim=True) * 1e-30
+
+
 def _check_mask(node, x, s, dim) -> None:
     """Raise unless ``log s - x`` is constant per row on the attended positions (see :class:`Softmax`)."""
-    attended = s > 0
+    attended = _attended(s, dim)
     diff = torch.where(attended, s.log() - x, torch.zeros_like(x))
     count = attended.sum(dim, keepdim=True).clamp(min=1)
     mean = diff.sum(dim, keepdim=True) / count

@@ -137,12 +137,14 @@ def route(ctx: Context) -> list[torch.Tensor | None]:
     summed over copies.
     """
     fn = ctx.node.fn
+    meta = fn._input_metadata
+    # the node's backward expects gradients of its outputs' dtypes; relevance is cast there and back
     grads = [
-        r if r is not None else torch.zeros(out_shape(fn, k), dtype=ctx.dtype, device=ctx.device)
+        (r if r is not None else torch.zeros(out_shape(fn, k), dtype=ctx.dtype, device=ctx.device)).to(meta[k].dtype)
         for k, r in enumerate(ctx.R)
     ]
     out = fn(*grads) if callable(fn) else fn.apply(*grads)  # custom autograd.Function nodes have .apply
-    out = list(out) if isinstance(out, tuple) else [out]
+    out = [None if r is None else r.to(ctx.dtype) for r in (out if isinstance(out, tuple) else [out])]
     # as autograd's engine does after calling a node: sum broadcast gradients back to each operand's shape
     for i, r in enumerate(out):
         if r is not None and i < len(ctx.node.inputs) and ctx.node.inputs[i] is not None:

@@ -82,8 +82,9 @@ class BiasAdd(AddTerms):
         """Whether the bias goes into the linear op's denominator: the rule says so and the bias is a parameter
         or constant (a data tensor added by ``baddbmm`` is an operand like any other and keeps its share)."""
         e = node.inputs[1 - self.linear_index]
-        is_data = e is not None and ctx.run.graph.nodes[e.child].data
-        return not is_data and isinstance(ctx.rule_at(node, "bias"), BiasInDenominator)
+        if e is None:  # untracked: a frozen bias or a constant (an attention mask added by baddbmm): split it off
+            return False
+        return not ctx.run.graph.nodes[e.child].data and isinstance(ctx.rule_at(node, "bias"), BiasInDenominator)
 
     def sum_rule(self, ctx):
         rule = ctx.rule("bias")
@@ -105,7 +106,8 @@ class BiasAdd(AddTerms):
             return None
         promises = ctx.run.promises
         b = promises.value(e.child, e.nr).to(ctx.dtype)
-        ones = torch.ones([1] * len(node.fn._input_metadata[0].shape), dtype=ctx.dtype)  # the output's rank
+        meta = node.fn._input_metadata[0]
+        ones = torch.ones([1] * len(meta.shape), dtype=ctx.dtype, device=meta.device)  # the output's rank
         operands = [None, None]
         operands[i], operands[j] = ones, b
         terms = self.terms(node.fn, *operands)
@@ -140,10 +142,12 @@ class Product(OpSpec):
         (R,) = ctx.R
         data = ctx.is_data(0), ctx.is_data(1)
         if data[0] and data[1]:
-            for i in (1, 0):  # x * rsqrt(mean(x²) + eps), (x - μ) / σ: a normalisation written out by hand
-                if normaliser_of(ctx, i, 1 - i):
+            for i in (1, 0):  # a * f(a): a normalisation or an activation written out by hand
+                kind = derived_factor(ctx, i, 1 - i)
+                if kind is not None:
                     out = [None, None]
-                    out[1 - i] = ctx.rule("norm").norm(R).sum_to_size(ctx.input_shape(1 - i))
+                    r = ctx.rule("norm").norm(R) if kind == "norm" else R
+                    out[1 - i] = r.sum_to_size(ctx.input_shape(1 - i))
                     return out
             a, b = ctx.input(0), ctx.input(1)
             if self.divide:
@@ -172,32 +176,52 @@ class Addcmul(OpSpec):
         ]
 
 
-def normaliser_of(ctx, i: int, j: int, max_depth: int = 12) -> bool:
-    """Whether operand ``i`` is computed from operand ``j`` alone by a chain of single-input ops that contains a
-    reduction (``rsqrt(mean(x²) + ε)`` for ``x``, ``sqrt(var + ε)`` for ``x - μ``): a normalisation factor.
+def derived_factor(ctx, i: int, j: int, max_nodes: int = 64) -> str | None:
+    """Whether operand ``i`` of this product is computed from operand ``j`` alone, by element-wise ops, views and
+    reductions: then ``a * f(a)`` is not a product of two activations but one activation transformed.
 
-    The product of an activation and its own normaliser is a normalisation layer written out by hand (RMSNorm,
-    LayerNorm in eager code); it takes the preset's ``norm`` rule like the fused layer-norm node does.
+    Returns ``"norm"`` when a reduction is involved (``x * rsqrt(mean(x²) + ε)``, ``(x - μ) / σ``: a normalisation
+    written out by hand, which takes the preset's ``norm`` rule like the fused layer-norm node), ``"activation"``
+    when it is element-wise only (``x * sigmoid(x)``, ``0.5 x (1 + tanh(...))``: an activation written out by hand,
+    which passes relevance to ``a`` as the fused activation does), else None.
     """
     nodes = ctx.run.graph.nodes
-    ej = ctx.node.inputs[j]
-    ei = ctx.node.inputs[i]
+    ei, ej = ctx.node.inputs[i], ctx.node.inputs[j]
     if ei is None or ej is None:
-        return False
-    sources = {ej.child}
-    pj = nodes[ej.child]
-    if isinstance(pj.spec, AddTerms):  # centring: x - mean(x)
-        sources.update(e.child for e in pj.inputs if e is not None)
-    node, reduced = nodes[ei.child], False
-    for _ in range(max_depth):
-        if node.id in sources:
-            return reduced
-        data_in = [e for e in node.inputs if e is not None and nodes[e.child].data]
-        if len(data_in) != 1:
-            return False
-        reduced = reduced or node.spec.family == "sum" and len(node.inputs) == 1
-        node = nodes[data_in[0].child]
-    return False
+        return None
+    # what a itself is made of: a, and below it through element-wise steps (0.5 * h, x - mean(x), views)
+    sources, frontier = set(), [ej.child]
+    for _ in range(4):
+        nxt = []
+        for n in frontier:
+            if n in sources:
+                continue
+            sources.add(n)
+            if _elementwise_step(nodes[n]):
+                nxt.extend(e.child for e in nodes[n].inputs if e is not None and nodes[e.child].data)
+        frontier = nxt
+    reduced, seen, stack = False, set(), [ei.child]
+    while stack:
+        n = stack.pop()
+        if n in sources or n in seen:
+            continue
+        seen.add(n)
+        node = nodes[n]
+        if len(seen) > max_nodes:
+            return None
+        is_reduction = node.spec.family == "sum" and not isinstance(node.spec, AddTerms)
+        if not (_elementwise_step(node) or is_reduction):
+            return None
+        reduced = reduced or is_reduction
+        stack.extend(e.child for e in node.inputs if e is not None and nodes[e.child].data)
+    return "norm" if reduced else "activation"
+
+
+def _elementwise_step(node) -> bool:
+    """An op that maps values element-wise (activations, casts, scalar arithmetic, sums and products of such) or
+    only re-views them."""
+    spec = node.spec
+    return bool(node.inputs) and (isinstance(spec, (Identity, AddTerms, Product)) or spec.transparent)
 
 
 def _cast(replay):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import ActivationUnavailableError
 from ..rules import LinearMap, MergeBatchNorm
 from .base import NEXT, PART, OpSpec, saved, through_views
 from .elementwise import BiasAdd
@@ -25,14 +24,7 @@ def _fused_bias(ctx):
     add = ctx.run.graph.nodes[consumers[0][0]]
     if add.fn is not ctx.node.fn or not isinstance(add.spec, BiasAdd) or not add.spec.fuses(ctx, add):
         return None
-    b = add.spec.bias_term(ctx, add)
-    if b is None:
-        raise ActivationUnavailableError(
-            f"the bias of {ctx.node.kind} (node #{ctx.node.id}) does not require grad, so the graph does not hold "
-            "it, and the preset puts biases into the denominator; let the bias require grad (dynamiclrp.explain "
-            "does this for parameters)"
-        )
-    return b
+    return add.spec.bias_term(ctx, add)
 
 
 def _bias_free(ctx) -> bool:
@@ -54,7 +46,7 @@ def _merged_batch_norm(ctx, bias_handled: bool):
     if len(consumers) != 1 or consumers[0][1] != 0:
         return None
     bn = graph.nodes[consumers[0][0]]
-    if bn.kind != "NativeBatchNormBackward0" or saved(bn.fn, "training"):
+    if "BatchNorm" not in bn.kind or saved(bn.fn, "training", False):  # native, cuDNN, MIOpen
         return None
     if not isinstance(ctx.rule_at(bn, "norm"), MergeBatchNorm):
         return None
@@ -66,7 +58,8 @@ def _merged_batch_norm(ctx, bias_handled: bool):
         beta = ctx.run.promises.value(bn.inputs[2].child, bn.inputs[2].nr).to(dt)
     elif gamma is not None:
         return None  # an affine batch norm whose bias the graph does not hold (frozen): cannot merge
-    scale = (var + saved(bn.fn, "eps")).rsqrt()
+    eps = saved(bn.fn, "eps", None)
+    scale = (var + (eps if eps is not None else saved(bn.fn, "epsilon"))).rsqrt()
     if gamma is not None:
         scale = scale * gamma.to(dt)
     shift = -mean * scale + (0 if beta is None else beta)

@@ -124,7 +124,6 @@ SHAPE_OPS = {
     "MaxBackward1": MaxFull(lambda fn, x: x.max()),
     "MaskedFillBackward0": MaskedFill(),
     "WhereBackward0": Where(),
-    "ConstantPadNdBackward0": _routing(None, transparent=False),
     "MaxPool2DWithIndicesBackward0": MaxPool(),
     "MaxPool3DWithIndicesBackward0": MaxPool(),
     # topk / sort values are copies of the elements they select (mixture-of-experts routing): a gather with the
