@@ -80,11 +80,11 @@ ROOT_VALUE = ("BART adds final_logits_bias, a buffer, to the logits: the untrack
 ROUTE_DTYPE = ("transformers 5 keeps Mixtral's routing weights in float32 (softmax of router_logits.float(), no cast "
                "back) and indexes them: routing calls the IndexBackward0 node with float64 relevance, and its "
                "index_put refuses the dtype mismatch (engine: ops/base.py route should cast to the node's dtype)")
-SCORE_ZERO = ("DeBERTa-v2 accumulates its relative-position scores from the Python int 0 (score = 0; score += c2p): "
-              "an untracked constant that autograd does not save, so the sum cannot be replayed (engine)")
 
 KNOWN_GAPS = {
-    "deberta_v2": pytest.mark.xfail(strict=True, raises=ActivationUnavailableError, reason=SCORE_ZERO),
+    "deberta_v2": pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+        "DeBERTa-v2 (eager): a masked_fill in the attention absorbs about a quarter of the seed in the float64 check "
+        "(relevance reaches filled positions); not yet explained")),
 }
 
 CASES = [pytest.param(name, attn, id=f"{name}-{attn}", marks=[KNOWN_GAPS[name]] if name in KNOWN_GAPS else [])
@@ -118,9 +118,7 @@ def test_variant_conserves(name, attn):
     run_check(VARIANTS[name], attn)
 
 
-PRESET_GAPS = {
-    "deberta_v2": KNOWN_GAPS["deberta_v2"],
-}  # (transformers 5's float32 routing weights are no problem here: the relevance is float32 too)
+PRESET_GAPS: dict = {}  # (transformers 5's float32 routing weights are no problem here: the relevance is float32 too)
 
 
 @pytest.mark.parametrize("preset", ["epsilon", "attnlrp", "cp_lrp", "paper"])

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import ActivationUnavailableError
+from .ops.base import Routing
 
 if TYPE_CHECKING:  # pragma: no cover
     from .graph import Graph, Node
@@ -91,14 +92,16 @@ class Promises:
             self.stats.origins += 1
 
     def certify(self, key: tuple[int, int]) -> None:
-        """Mark a provisional value as verified, and the values it was viewed from (views, casts) too."""
+        """Mark a provisional value as verified, and the values it was copied from (views, casts, masked_fill and
+        other single-operand routing: where relevance flows, their elements are the verified ones)."""
         nodes = self.graph.nodes
         while key in self.provisional and key not in self.certified:
             self.certified.add(key)
             node = nodes[key[0]]
-            if not (node.spec.transparent and node.inputs and node.inputs[0] is not None):
+            operands = [e for e in node.inputs if e is not None]
+            if len(operands) != 1 or not (node.spec.transparent or isinstance(node.spec, Routing)):
                 break
-            key = (node.inputs[0].child, node.inputs[0].nr)
+            key = (operands[0].child, operands[0].nr)
 
     def available(self, node: Node, nr: int = 0) -> torch.Tensor | None:
         """Output slot ``nr`` if saved tensors hold it (no replay), else None."""
