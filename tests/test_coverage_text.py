@@ -69,18 +69,6 @@ def explain_exact(arch, attn):
 # ----------------------------------------------------------------------------------------------------------
 # Part 1: architectures
 
-GELU_NEW = ("the hand-written tanh GELU (gelu_new: 0.5·x·(1 + tanh(...))) adds the constant 1 to tanh; the ε-rule "
-            "gives the constant its share, so relevance is absorbed although every bias is zero (engine: a product "
-            "x·g(x) of an activation with an element-wise function of itself needs the identity rule)")
-SHARED_TABLE = ("encoder and decoder look up one shared token table; Attribution.embeddings is keyed by the table's "
-                "parameter name, so only the last lookup is recorded and the encoder tokens' relevance is missing "
-                "(engine: api.explain / embedding_nodes)")
-ROOT_VALUE = ("BART adds final_logits_bias, a buffer, to the logits: the untracked constant's share needs the sum, "
-              "which is the explained output itself, but the engine does not know the output's value (engine)")
-ROUTE_DTYPE = ("transformers 5 keeps Mixtral's routing weights in float32 (softmax of router_logits.float(), no cast "
-               "back) and indexes them: routing calls the IndexBackward0 node with float64 relevance, and its "
-               "index_put refuses the dtype mismatch (engine: ops/base.py route should cast to the node's dtype)")
-
 KNOWN_GAPS = {
     "deberta_v2": pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
         "DeBERTa-v2 (eager): a masked_fill in the attention absorbs about a quarter of the seed in the float64 check "

@@ -43,17 +43,6 @@ TIGHT = {"sum": Epsilon(1e-12), "linear": Epsilon(1e-12), "product": Uniform(1e-
 # ----------------------------------------------------------------------------------------------------------
 # Part 1: architectures
 
-BAD_BIAS = ("SigLIP-2's attention-pooling head (nn.MultiheadAttention with a learned probe as query, so the query is "
-            "a parameter and q·kᵀ counts as a linear op) adds the key-padding mask with baddbmm; the bias-in-"
-            "denominator rule then asks for that untracked constant as the layer's bias and raises (engine: "
-            "ops/linear.py _fused_bias / BiasAdd.fuses should not fuse a constant it cannot recover)")
-GELU_NEW = ("the hand-written tanh GELU (gelu_new: 0.5·x·(1 + tanh(...))) adds the constant 1 to tanh; the ε-rule "
-            "gives the constant its share, so relevance is absorbed although every bias is zero (engine: a product "
-            "x·g(x) of an activation with an element-wise function of itself needs the identity rule)")
-FINITE_MASK = ("Swin's shifted-window mask is -100, not -inf: the softmax's mask check counts a position as attended "
-               "when its probability is > 0, and exp(-100) > 0 in float64, so the untracked mask is taken for a "
-               "position bias and refused (engine: ops/attention.py _check_mask)")
-
 KNOWN_GAPS = {
 }
 
