@@ -124,11 +124,16 @@ register_preset(Preset("epsilon_gamma_box", {**_BASE, **_MERGE, "input": r.ZBox(
 register_preset(Preset("epsilon_alpha2_beta1", {**_BASE, **_MERGE, "conv": r.AlphaBeta(2.0, 1.0),
                                                 "dense": r.Epsilon(1e-6)},
                        description="zennit EpsilonAlpha2Beta1: α2β1 for convolutions, ε dense"))
-register_preset(Preset("attnlrp", {**_BASE, "linear": r.Epsilon(1e-6), "softmax": r.AttnLRPSoftmax()},
-                       description="AttnLRP: ε linear, uniform products, AttnLRP softmax, identity norms"))
-register_preset(Preset("cp_lrp", {**_BASE, "linear": r.Epsilon(1e-6), "attention": r.Constant(),
+# LXT computes AttnLRP as input × modified gradient, which never divides: its ε-rules have ε = 0. A stabiliser far
+# below float32 resolution reproduces that and keeps 0/0 at exactly-zero outputs (which carry no relevance) at 0.
+_LXT = {"linear": r.Epsilon(1e-12), "sum": r.Epsilon(1e-12), "product": r.Uniform(1e-12),
+        "norm": r.LinearisedNorm(1e-12)}
+
+register_preset(Preset("attnlrp", {**_BASE, **_LXT, "softmax": r.AttnLRPSoftmax()},
+                       description="AttnLRP (as LXT): ε→0 linear, uniform products, AttnLRP softmax, norms linearised"))
+register_preset(Preset("cp_lrp", {**_BASE, **_LXT, "attention": r.Constant(1e-12), "product": r.Constant(1e-12),
                                   "softmax": r.Block()},
-                       description="CP-LRP: attention weights held constant, relevance through the values only"))
+                       description="CP-LRP (as LXT): attention weights and gates held constant, relevance through the values"))
 register_preset(Preset("paper", {"linear": r.Epsilon(1e-11), "sum": r.Proportional(), "product": r.Proportional(),
                                  "attention": r.Uniform(1e-11), "softmax": r.Block(), "norm": r.Pass()},
                        description="DynamicLRP paper: ε linear, |·|-proportional add/sum/mul, value-path attention"))

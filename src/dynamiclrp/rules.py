@@ -387,6 +387,29 @@ class Pass:
 
 
 @dataclass(frozen=True)
+class LinearisedNorm:
+    r"""Normalisation with its statistics held constant (AttnLRP / LXT [3]): the ε-rule on the linear map
+    :math:`x \mapsto (x - \bar x)\,\sigma^{-1} w` that remains when :math:`\sigma` is fixed,
+
+    .. math:: R_x = x \odot J^\top \frac{R}{\mathrm{stab}_\varepsilon(y)}, \qquad y = (x - \bar x)\,\sigma^{-1} w + b,
+
+    the bias :math:`b` taking its share. For a normalisation written out by hand (``x * rsqrt(mean(x²) + ε)``) it
+    passes relevance to the normalised operand; the centring, if any, is then an addition with its own rule.
+    """
+
+    eps: float = 1e-12
+    linearises = True
+    needs_input = True
+
+    def linearised(self, x, R, fn, y):
+        (g,) = vjp(fn, [x], R / stabilize(y, self.eps))
+        return x * g
+
+    def norm(self, R):
+        return R
+
+
+@dataclass(frozen=True)
 class MergeBatchNorm:
     """Batch norm in eval mode right after a convolution or dense layer is merged into it, as zennit's canonizers
     do [6]: the layer is explained with :math:`w' = w\\,\\gamma/\\sigma` and :math:`b' = (b - \\mu)\\,

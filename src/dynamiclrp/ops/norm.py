@@ -20,8 +20,8 @@ from .base import OpSpec, saved
 class Norm(OpSpec):
     family = "norm"
 
-    def __init__(self, normalise):
-        self.normalise = normalise
+    def __init__(self, normalise, linear=None):
+        self.normalise, self.linear = normalise, linear  # linear: the map left when the statistics are fixed
 
     def saved_input(self, node, i):
         return saved(node.fn, "input") if i == 0 else None
@@ -51,7 +51,42 @@ class Norm(OpSpec):
 
     def relevance(self, ctx):
         (R,) = ctx.R[:1]
-        return [ctx.rule("norm").norm(R)] + [None] * (len(ctx.node.inputs) - 1)
+        rule = ctx.rule("norm")
+        rest = [None] * (len(ctx.node.inputs) - 1)
+        if getattr(rule, "linearises", False) and self.linear is not None:
+            x = ctx.input(0)
+            w = saved(ctx.node.fn, "weight", None)
+            fn = self.linear(ctx.node.fn, None if w is None else w.to(ctx.dtype), ctx.dtype)
+            return [rule.linearised(x, R, fn, ctx.output(0))] + rest
+        return [rule.norm(R)] + rest
+
+
+def _scaled(t, rstd, w, view=None):
+    t = t * rstd
+    if w is not None:
+        t = t * (w if view is None else w.reshape(view))
+    return t
+
+
+def _layer_norm_linear(fn, w, dt):
+    """``(x - mean(x)) * rstd * w`` with ``rstd`` held constant: linear in ``x`` (LXT's layer norm)."""
+    dims = tuple(range(-len(saved(fn, "normalized_shape")), 0))
+    rstd = saved(fn, "result2").to(dt)
+    return lambda t: _scaled(t - t.mean(dims, keepdim=True), rstd, w)
+
+
+def _batch_norm_linear(fn, w, dt):
+    """Eval: ``x * w / sqrt(var + eps)`` (the running mean is a constant shift); train: centred over the batch."""
+    def f(t):
+        view = (1, -1) + (1,) * (t.dim() - 2)
+        if saved(fn, "training", False):
+            dims = (0,) + tuple(range(2, t.dim()))
+            return _scaled(t - t.mean(dims, keepdim=True), saved(fn, "result2").to(dt).reshape(view), w, view)
+        eps = saved(fn, "eps", None)
+        var = saved(fn, "running_var").to(dt)
+        return _scaled(t, (var + (saved(fn, "epsilon") if eps is None else eps)).rsqrt().reshape(view), w, view)
+
+    return f
 
 
 def _has(node, i: int) -> bool:
@@ -135,11 +170,11 @@ class WeightNorm(OpSpec):
 
 
 NORM_OPS = {
-    "NativeLayerNormBackward0": Norm(_layer_norm),
-    "NativeBatchNormBackward0": Norm(_batch_norm),
+    "NativeLayerNormBackward0": Norm(_layer_norm, _layer_norm_linear),
+    "NativeBatchNormBackward0": Norm(_batch_norm, _batch_norm_linear),
     # batch norm on CUDA (cuDNN) and ROCm (MIOpen): the same layer, the same saved statistics
-    "CudnnBatchNormBackward0": Norm(_batch_norm),
-    "MiopenBatchNormBackward0": Norm(_batch_norm),
+    "CudnnBatchNormBackward0": Norm(_batch_norm, _batch_norm_linear),
+    "MiopenBatchNormBackward0": Norm(_batch_norm, _batch_norm_linear),
     "NativeGroupNormBackward0": Norm(_group_norm),
     # F.rms_norm on CUDA (a fused kernel; on CPU torch writes it out as x * rsqrt(mean(x²) + eps) * w)
     "FusedRmsNormBackward0": Norm(_rms_norm),

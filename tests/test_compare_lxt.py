@@ -1,0 +1,36 @@
+"""The `attnlrp` and `cp_lrp` presets against the real LXT 2.1 (`lxt.efficient`, transformers 4.x), float64.
+
+Same random model, input and target; LXT's relevance is input × modified gradient at the embeddings with the
+logit as seed, which is our convention (seed = the output value) summed over the hidden dimension: the token
+relevance must agree to 1e-5 relative (measured: 4e-9 to 3e-7). Each case runs in its own process because LXT
+patches transformers' modules globally. LXT has no CP-LRP for BERT.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lxt")
+transformers = pytest.importorskip("transformers")
+TF5 = int(transformers.__version__.split(".")[0]) >= 5
+pytestmark = [pytest.mark.compare, pytest.mark.skipif(TF5, reason="LXT 2.1 needs transformers < 5")]
+
+CASES = [(m, p, a) for m in ("llama", "qwen3", "gemma3", "gpt2") for p in ("attnlrp", "cp_lrp")
+         for a in ("eager", "sdpa")] + [("bert", "attnlrp", a) for a in ("eager", "sdpa")]
+
+
+@pytest.mark.parametrize("model,preset,attn", CASES, ids=["-".join(c) for c in CASES])
+def test_matches_lxt(model, preset, attn):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    script = Path(__file__).with_name("lxt_case.py")
+    done = subprocess.run([sys.executable, str(script), model, preset, attn], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rel, seed_ours, seed_lxt = map(float, done.stdout.split()[-3:])
+    assert seed_ours == pytest.approx(seed_lxt, rel=1e-12)  # the same prediction explained
+    assert rel < 1e-5, rel
