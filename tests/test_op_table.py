@@ -354,7 +354,7 @@ SAVED = {
     "MaxPool3DWithIndicesBackward0": (lambda: F.max_pool3d(_t(1, 1, 2, 4, 4), 2),
                                       ["self", "kernel_size", "stride", "padding", "dilation", "ceil_mode"]),
     "NativeLayerNormBackward0": (lambda: F.layer_norm(_t(2, 3), (3,), _p(3), _p(3)),
-                                 ["input", "weight", "bias", "result1", "result2"]),
+                                 ["input", "weight", "bias", "result1", "result2", "normalized_shape"]),
     "NativeBatchNormBackward0": (_bn, ["input", "weight", "training", "result1", "result2", "running_mean",
                                        "running_var", "eps"]),
     "SoftmaxBackward0": (lambda: torch.softmax(_t(2, 3), -1), ["result", "dim"]),

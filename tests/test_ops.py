@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import dynamiclrp
-from dynamiclrp.rules import AlphaBeta, Block, Epsilon, Gamma, Uniform, ZBox, ZPlus
+from dynamiclrp.rules import AlphaBeta, Block, Constant, Epsilon, Gamma, Pass, Uniform, ZBox, ZPlus
 
 D = torch.float64
 EPS = 1e-6  # the ε of the built-in presets (sum, linear, products)
@@ -57,8 +57,17 @@ def stab(z, eps=EPS):
     return z + torch.where(z >= 0, eps, -eps).to(z.dtype)
 
 
+# The formulas of this file are written with the ε of EPS and identity norms. The LXT presets run at ε → 0 with
+# linearised layer norms and CP-LRP's constant gates (checked against LXT itself in test_compare_lxt.py), so
+# they are evaluated here with the rules the formulas spell out.
+AT_EPS = {"linear": Epsilon(EPS), "sum": Epsilon(EPS), "product": Uniform(EPS), "norm": Pass()}
+
+
 def rel(y, R, wrt, preset="epsilon", **kw):
     """Relevance of each tensor of ``wrt`` for the explicit seed ``R`` at ``y``."""
+    if preset in ("attnlrp", "cp_lrp"):
+        extra = {"attention": Constant(EPS)} if preset == "cp_lrp" else {}
+        kw["rules"] = {**AT_EPS, **extra, **kw.get("rules", {})}
     return dynamiclrp.propagate(y, target=R, wrt=list(wrt), preset=preset, **kw).inputs
 
 
