@@ -35,6 +35,16 @@ PAPER = {
 }
 
 
+NOTES = """Notes. Random weights at the real shapes; text models at batch 1 × 32 tokens, vision at their native
+resolution, default attention (SDPA where offered). Node counts depend on the torch and transformers versions and
+on the input: Mamba's pure-torch path unrolls its scan once per token, so its count grows with the sequence (the
+paper's 3,421 came from a shorter one). Promises, internal nodes and δ are those of the `epsilon` preset, which
+puts biases into the layers' denominators: VGG16 then needs no activation autograd did not save (the `paper`
+preset's 32 promises are in promise_stats.md). Every row is checked at test size, for coverage and for
+conservation, by tests/test_coverage_vision.py and tests/test_coverage_text.py.
+"""
+
+
 def registries():
     archs = {}
     for module in ("arch_vision", "arch_text"):
@@ -86,7 +96,8 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|", *rows, "",
              f"Total: {totals[0]:,}/{totals[1]:,} nodes with an explicit rule "
              f"({100 * totals[0] / max(totals[1], 1):.2f} %). Paper: 31,440/31,465 (99.92 %), counting ops handled by "
-             "a silent identity fallback as covered; here a node counts only if its type has an explicit rule.", ""]
+             "a silent identity fallback as covered; here a node counts only if its type has an explicit rule.", "",
+             NOTES]
     text = "\n".join(lines)
     print(text)
     out = pathlib.Path(args.out)
