@@ -133,7 +133,7 @@ register_preset(Preset("attnlrp", {**_BASE, **_LXT, "softmax": r.AttnLRPSoftmax(
                        description="AttnLRP (as LXT): ε→0 linear, uniform products, AttnLRP softmax, norms linearised"))
 register_preset(Preset("cp_lrp", {**_BASE, **_LXT, "attention": r.Constant(1e-12), "product": r.Constant(1e-12),
                                   "softmax": r.Block()},
-                       description="CP-LRP (as LXT): attention weights and gates held constant, relevance through the values"))
+                       description="CP-LRP (as LXT): attention weights and gates held constant"))
 register_preset(Preset("paper", {"linear": r.Epsilon(1e-11), "sum": r.Proportional(), "product": r.Proportional(),
                                  "attention": r.Uniform(1e-11), "softmax": r.Block(), "norm": r.Pass()},
                        description="DynamicLRP paper: ε linear, |·|-proportional add/sum/mul, value-path attention"))
