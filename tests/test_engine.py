@@ -626,3 +626,26 @@ def test_tiny_bert_tokens():
     # padded tokens are masked out of every attention: they receive nothing
     assert torch.equal(att.tokens[1, 5:], torch.zeros(2))
     assert all(not mod._forward_hooks for mod in model.modules())
+
+
+@pytest.mark.parametrize("upper", ["epsilon", "flat"])
+def test_pre_activation_read_off_the_relu_equals_recomputation(upper, monkeypatch):
+    """A linear op's output (bias included) is read off the ReLU after it where relevance flows; with a rule above
+    that sends relevance to zero activations (flat) it is recomputed. Either way the result is the same."""
+    import dynamiclrp.ops.linear as linear
+
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x = torch.randn(4, 6, dtype=D)
+    rules = {"4": dynamiclrp.rules.Flat()} if upper == "flat" else {}
+    calls = []
+    original = linear._pre_activation
+    monkeypatch.setattr(linear, "_pre_activation", lambda *a: calls.append(original(*a)) or calls[-1])
+    fast = dynamiclrp.explain(m, x, target=[0, 1, 2, 0], module_rules=rules).inputs[0]
+    if upper == "flat":  # flat needs no output; below it relevance reaches zero activations: recomputed there
+        assert len(calls) == 2 and calls[0] is None and calls[1] is not None
+    else:  # the last layer has no ReLU after it; the two below read theirs
+        assert len(calls) == 3 and calls[0] is None and all(c is not None for c in calls[1:])
+    monkeypatch.setattr(linear, "_pre_activation", lambda *a: None)
+    slow = dynamiclrp.explain(m, x, target=[0, 1, 2, 0], module_rules=rules).inputs[0]
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-14)

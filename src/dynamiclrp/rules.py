@@ -122,6 +122,7 @@ class Epsilon:
     """
 
     eps: float = 1e-6
+    uses_z = True  # the op's output is the denominator: callers pass it when they have it
 
     def linear(self, x: Tensor, w: Tensor, R: Tensor, fn: LinearFn, z: Tensor | None = None,
                b: Tensor | None = None) -> Tensor:
@@ -174,6 +175,7 @@ class Gamma:
 
     gamma: float = 0.25
     eps: float = 1e-6
+    uses_z = True  # for the sign of each output
 
     def linear(self, x, w, R, fn, z=None, b=None):
         xp, xn = x.clamp(min=0), x.clamp(max=0)
@@ -253,6 +255,7 @@ class ZBox:
     low: float | Tensor = -3.0
     high: float | Tensor = 3.0
     eps: float = 1e-6
+    uses_z = True
 
     def linear(self, x, w, R, fn, z=None, b=None):  # b - b⁺ - b⁻ = 0: the bias cancels (as in zennit)
         low = torch.as_tensor(self.low, dtype=x.dtype, device=x.device).expand_as(x)

@@ -27,6 +27,31 @@ def _fused_bias(ctx):
     return add.spec.bias_term(ctx, add)
 
 
+def _pre_activation(ctx, R, through_batch_norm: bool):
+    """The layer's output (bias, and merged batch norm, included) read off a ReLU that alone consumes it: ReLU saves
+    its output, equal to its input wherever that is positive. Used only if the relevance is zero wherever the ReLU
+    output is zero (true for the rules above a ReLU that weigh by the activation); else None (recompute)."""
+    graph, nid = ctx.run.graph, ctx.node.id
+    consumers = graph.consumers.get((nid, 0), ())
+    if len(consumers) == 1 and graph.nodes[consumers[0][0]].fn is ctx.node.fn:  # through the bias addition
+        nid = consumers[0][0]
+        consumers = graph.consumers.get((nid, 0), ())
+    if through_batch_norm and len(consumers) == 1:
+        nid = consumers[0][0]
+        consumers = graph.consumers.get((nid, 0), ())
+    if len(consumers) != 1 or consumers[0][1] != 0:
+        return None
+    relu = graph.nodes[consumers[0][0]]
+    if relu.kind != "ReluBackward0":
+        return None
+    r = saved(relu.fn, "result")
+    if r is None or r.shape != R.shape or r.dtype != ctx.dtype:  # a lower-precision copy would not be exact
+        return None
+    if bool(((R != 0) & (r <= 0)).any()):
+        return None
+    return r
+
+
 def _bias_free(ctx) -> bool:
     """True if this linear op has no bias addition split off it."""
     consumers = ctx.run.graph.consumers.get((ctx.node.id, 0), ())
@@ -108,13 +133,24 @@ class Product(OpSpec):
         rule = ctx.rule(self.family_at(ctx, x_i))
         out = [None, None]
         b = _fused_bias(ctx)
-        z = ctx.run.promises.available(ctx.node, 0) if ctx.wants(x_i) else None
-        z = z if z is not None and z.dtype == ctx.dtype else None  # else recompute at full precision
+        uses_z = ctx.wants(x_i) and getattr(rule, "uses_z", False)
+        z = ctx.run.promises.values.get((ctx.node.id, 0)) if ctx.wants(x_i) else None  # recovered already: free
         merged = _merged_batch_norm(ctx, b is not None or _bias_free(ctx))
         if merged is not None and (w_m := self.scale_weight(ctx.node, w, merged[0], x_i)) is not None:
             scale, shift = merged  # a batch norm after this op is merged into it (zennit's canonizers)
             w, b = w_m, shift if b is None else b * scale + shift
             z = None if z is None else z * scale
+        else:
+            merged = None
+        if uses_z and z is None:
+            # the layer's output with its bias is what the ReLU after it saved, wherever relevance flows
+            pre = _pre_activation(ctx, R, merged is not None)
+            if pre is not None:
+                z = pre if b is None else pre - b
+            else:
+                z = ctx.run.promises.available(ctx.node, 0)
+                z = None if z is None else (z * merged[0] if merged is not None else z)
+        z = z if z is not None and z.dtype == ctx.dtype else None  # else recompute at full precision
         if ctx.wants(x_i):
             out[x_i] = rule.linear(x, w, R, self.linear_map(ctx.node, x_i), z=z, b=b)
         if ctx.wants(w_i):  # parameter relevance: the same rule with the roles of input and weight swapped
