@@ -12,37 +12,44 @@ import torch
 import torch.nn.functional as F
 
 from ..rules import LinearMap, MergeBatchNorm
-from .base import NEXT, PART, OpSpec, saved, through_views
+from .base import NEXT, PART, OpSpec, out_shape, saved, through_views
 from .elementwise import BiasAdd
+
+
+def _sole_consumer(graph, nid: int, operand: int | None = None):
+    """The node that alone consumes output 0 of node ``nid`` (as its operand ``operand``, if given), or None."""
+    consumers = graph.consumers.get((nid, 0), ())
+    if len(consumers) != 1 or (operand is not None and consumers[0][1] != operand):
+        return None
+    return graph.nodes[consumers[0][0]]
+
+
+def _bias_add_of(ctx):
+    """The bias addition split off this linear op (a part of the same fused node), or None."""
+    add = _sole_consumer(ctx.run.graph, ctx.node.id)
+    return add if add is not None and add.fn is ctx.node.fn and isinstance(add.spec, BiasAdd) else None
+
+
+def _layer_output(ctx):
+    """The node whose output is this layer's output with its bias: the bias addition, or the op itself."""
+    return _bias_add_of(ctx) or ctx.node
 
 
 def _fused_bias(ctx):
     """The bias of this linear op when its bias addition passed all relevance on (BiasInDenominator), else None."""
-    consumers = ctx.run.graph.consumers.get((ctx.node.id, 0), ())
-    if len(consumers) != 1:
-        return None
-    add = ctx.run.graph.nodes[consumers[0][0]]
-    if add.fn is not ctx.node.fn or not isinstance(add.spec, BiasAdd) or not add.spec.fuses(ctx, add):
-        return None
-    return add.spec.bias_term(ctx, add)
+    add = _bias_add_of(ctx)
+    return None if add is None or not add.spec.fuses(ctx, add) else add.spec.bias_term(ctx, add)
 
 
 def _pre_activation(ctx, R, through_batch_norm: bool):
     """The layer's output (bias, and merged batch norm, included) read off a ReLU that alone consumes it: ReLU saves
     its output, equal to its input wherever that is positive. Used only if the relevance is zero wherever the ReLU
     output is zero (true for the rules above a ReLU that weigh by the activation); else None (recompute)."""
-    graph, nid = ctx.run.graph, ctx.node.id
-    consumers = graph.consumers.get((nid, 0), ())
-    if len(consumers) == 1 and graph.nodes[consumers[0][0]].fn is ctx.node.fn:  # through the bias addition
-        nid = consumers[0][0]
-        consumers = graph.consumers.get((nid, 0), ())
-    if through_batch_norm and len(consumers) == 1:
-        nid = consumers[0][0]
-        consumers = graph.consumers.get((nid, 0), ())
-    if len(consumers) != 1 or consumers[0][1] != 0:
-        return None
-    relu = graph.nodes[consumers[0][0]]
-    if relu.kind != "ReluBackward0":
+    graph, node = ctx.run.graph, _layer_output(ctx)
+    if through_batch_norm:
+        node = _sole_consumer(graph, node.id)
+    relu = None if node is None else _sole_consumer(graph, node.id, operand=0)
+    if relu is None or relu.kind != "ReluBackward0":
         return None
     r = saved(relu.fn, "result")
     if r is None or r.shape != R.shape or r.dtype != ctx.dtype:  # a lower-precision copy would not be exact
@@ -52,25 +59,14 @@ def _pre_activation(ctx, R, through_batch_norm: bool):
     return r
 
 
-def _bias_free(ctx) -> bool:
-    """True if this linear op has no bias addition split off it."""
-    consumers = ctx.run.graph.consumers.get((ctx.node.id, 0), ())
-    return not (len(consumers) == 1 and ctx.run.graph.nodes[consumers[0][0]].fn is ctx.node.fn
-                and isinstance(ctx.run.graph.nodes[consumers[0][0]].spec, BiasAdd))
-
-
 def _merged_batch_norm(ctx, bias_handled: bool):
     """(scale, shift) of an eval-mode batch norm that directly follows this linear op (after its bias addition)
     and whose rule is MergeBatchNorm, shaped to broadcast over the op's output; else None."""
     if not bias_handled:
         return None
-    graph, node = ctx.run.graph, ctx.node
-    consumers = graph.consumers.get((node.id, 0), ())
-    if len(consumers) == 1 and graph.nodes[consumers[0][0]].fn is node.fn:  # through the bias addition
-        consumers = graph.consumers.get((consumers[0][0], 0), ())
-    if len(consumers) != 1 or consumers[0][1] != 0:
+    bn = _sole_consumer(ctx.run.graph, _layer_output(ctx).id, operand=0)
+    if bn is None:
         return None
-    bn = graph.nodes[consumers[0][0]]
     if "BatchNorm" not in bn.kind or saved(bn.fn, "training", False):  # native, cuDNN, MIOpen
         return None
     if not isinstance(ctx.rule_at(bn, "norm"), MergeBatchNorm):
@@ -88,8 +84,7 @@ def _merged_batch_norm(ctx, bias_handled: bool):
     if gamma is not None:
         scale = scale * gamma.to(dt)
     shift = -mean * scale + (0 if beta is None else beta)
-    ndim = len(node.fn._input_metadata[0].shape) if node.part == 0 else len(bn.fn._input_metadata[0].shape)
-    view = [1, -1] + [1] * (ndim - 2)
+    view = [1, -1] + [1] * (len(out_shape(bn.fn)) - 2)  # the batch norm's output has the layer's shape
     return scale.reshape(view), shift.reshape(view)
 
 
@@ -135,7 +130,7 @@ class Product(OpSpec):
         b = _fused_bias(ctx)
         uses_z = ctx.wants(x_i) and getattr(rule, "uses_z", False)
         z = ctx.run.promises.values.get((ctx.node.id, 0)) if ctx.wants(x_i) else None  # recovered already: free
-        merged = _merged_batch_norm(ctx, b is not None or _bias_free(ctx))
+        merged = _merged_batch_norm(ctx, b is not None or _bias_add_of(ctx) is None)
         if merged is not None and (w_m := self.scale_weight(ctx.node, w, merged[0], x_i)) is not None:
             scale, shift = merged  # a batch norm after this op is merged into it (zennit's canonizers)
             w, b = w_m, shift if b is None else b * scale + shift
