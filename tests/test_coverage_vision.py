@@ -533,7 +533,7 @@ def _into(how):
                                          ("mul", False), ("mul_mask", False)])
 def test_copy_detection_without_wrapped_node(how, is_copy):
     """On a torch that does not expose the wrapped op, a copy is recognised from the node's backward alone."""
-    from dynamiclrp.ops.resample import _wraps_copy
+    from dynamiclrp.ops.inplace import _wraps_copy
 
     fn = _into(how).grad_fn
     assert type(fn).__name__ == "CopySlices"
@@ -747,7 +747,7 @@ def test_group_norm_module_output_is_exact():
     h = gn(dense(x))
     y = h.flatten(1).sum(-1)
     R = torch.randn(y.shape, dtype=D)
-    att = dynamiclrp.propagate(y, target=R, wrt=[x])
+    att = dynamiclrp.propagate(y, target=R, wrt=[x], keep_run=True)
     run = att.extra["run"]
     node = run.graph.node_of(h.grad_fn)
     close(run.promises.value(node.id).to(D), h.detach())

@@ -334,7 +334,7 @@ def test_each_rule_runs_once_and_each_activation_is_recovered_once(name, monkeyp
         return orig_replay(self, node)
 
     with mock.patch.object(Promises, "_replay", autospec=True, side_effect=replay) as spy, time_limit(60):
-        att = dynamiclrp.propagate(y, target=0, wrt=[x], rules=EXACT)
+        att = dynamiclrp.propagate(y, target=0, wrt=[x], rules=EXACT, keep_run=True)
     assert len(contexts) == len(set(contexts)), "a node's rule ran twice"
     assert att.stats.rules_run == len(contexts)
     assert 0 < att.stats.rules_run <= non_leaf_nodes(att)

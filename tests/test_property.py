@@ -118,7 +118,8 @@ def seed_rows(att):
 def test_random_graphs_conserve_and_rows_are_independent(spec):
     x, outs, targets = build(spec)
     target = targets[0] if len(outs) == 1 else tuple(targets)
-    att = dynamiclrp.propagate(outs if len(outs) > 1 else outs[0], target=target, wrt=[x], rules=EXACT)
+    att = dynamiclrp.propagate(outs if len(outs) > 1 else outs[0], target=target, wrt=[x], rules=EXACT,
+                               keep_run=True)
     r = att.inputs[0]
     assert r.shape == x.shape and r.dtype == D
     assert torch.isfinite(r).all()

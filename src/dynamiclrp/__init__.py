@@ -16,6 +16,7 @@ from .errors import (
     NonFiniteError,
     TargetError,
     TorchInternalsError,
+    TrainModeWarning,
 )
 from .ops import OpSpec, register_op
 from .presets import Preset, get_preset, presets, register_preset
@@ -27,5 +28,5 @@ __all__ = [
     "ActivationUnavailableError", "Attribution", "coverage", "CoverageReport", "DynamicLRPError", "explain",
     "get_preset", "GraphFreedError", "MissingRuleError", "NoGraphError", "NonFiniteError", "OpSpec", "Preset",
     "presets", "propagate", "register_op", "register_preset", "rules", "Stats", "TargetError",
-    "TorchInternalsError",
+    "TorchInternalsError", "TrainModeWarning",
 ]

@@ -12,7 +12,7 @@ import torch
 from torch.autograd.graph import get_gradient_edge
 
 from .engine import Run
-from .errors import DynamicLRPError, MissingRuleError, NoGraphError, NonFiniteError
+from .errors import DynamicLRPError, MissingRuleError, NoGraphError, NonFiniteError, TrainModeWarning
 from .graph import Graph
 from .ops import Missing, saved
 from .presets import Preset, families_of, get_preset
@@ -35,6 +35,7 @@ def propagate(
     ledger: bool = True,
     check_finite: bool = True,
     dtype: torch.dtype | None = None,
+    keep_run: bool = False,
 ) -> Attribution:
     """Propagate relevance from ``outputs`` to ``wrt`` over the outputs' existing autograd graph.
 
@@ -61,6 +62,10 @@ def propagate(
         Raise :class:`NonFiniteError` when a rule produces NaN or inf.
     dtype : torch.dtype, optional
         Dtype of the relevance; default float32 for half-precision outputs, else the output's dtype.
+    keep_run : bool
+        Keep the engine's run (graph, recovered activations, relevance tables) in ``Attribution.extra["run"]``
+        for inspection. Off by default: it keeps the autograd graph and its activations alive as long as the
+        Attribution, which a loop over a data set must not do.
 
     Returns
     -------
@@ -77,8 +82,11 @@ def propagate(
     """
     outs = _as_outputs(outputs)
     wrt_list = [wrt] if isinstance(wrt, torch.Tensor) else list(wrt or [])
-    return _propagate(outs, target, wrt_list, get_preset(preset), seed=seed, rules=rules, strict=strict,
-                      ledger=ledger, check_finite=check_finite, dtype=dtype)
+    att = _propagate(outs, target, wrt_list, get_preset(preset), seed=seed, rules=rules, strict=strict,
+                     ledger=ledger, check_finite=check_finite, dtype=dtype)
+    if not keep_run:
+        del att.extra["run"]
+    return att
 
 
 def _as_outputs(outputs: Tensors) -> list[torch.Tensor]:
@@ -100,7 +108,8 @@ def _as_outputs(outputs: Tensors) -> list[torch.Tensor]:
 
 
 def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, strict=True, ledger=True,
-               check_finite=True, dtype=None, extra_record=None, node_rules_for=None, scopes=None):
+               check_finite=True, dtype=None, extra_record=None, node_rules_for=None, scopes=None,
+               train_mode=None):
     if rules:
         preset = preset.override(families=dict(rules))
     graph = Graph.build([o.grad_fn for o in outs])
@@ -108,10 +117,15 @@ def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, stri
     missing = Counter(n.kind for n in graph.nodes if isinstance(n.spec, Missing))
     if missing and strict:
         listing = ", ".join(f"{k} (x{c}{_where(graph, k, scopes)})" for k, c in missing.most_common())
+        hints = "".join(f". {_HINTS[k]}" for k in missing if k in _HINTS)
         raise MissingRuleError(
             f"no LRP rule for {sum(missing.values())} node(s) of type(s): {listing}. Register one with "
-            "dynamiclrp.register_op(kind, spec), or pass strict=False to use the documented fallback"
+            f"dynamiclrp.register_op(kind, spec), or pass strict=False to use the documented fallback{hints}"
         )
+    if train_mode is None:
+        train_mode = _train_mode_nodes(graph)
+    if train_mode:
+        warnings.warn(_TRAIN_MODE.format(what=train_mode), TrainModeWarning, stacklevel=3)
     wrt_keys = [_key(graph, t, i) for i, t in enumerate(wrt_list)]
     record = set(wrt_keys) | set(extra_record(graph) if extra_record else ())
     targets = target if isinstance(target, (tuple, list)) and len(outs) > 1 else [target] * len(outs)
@@ -149,6 +163,50 @@ def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, stri
                       approximations=dict(run.approximations))
     att.extra["run"] = run
     return att
+
+
+#: what to do about node types that hide the graph of the ops they ran
+_HINTS = {
+    "CheckpointFunctionBackward": (
+        "CheckpointFunctionBackward is torch.utils.checkpoint with use_reentrant=True, which runs the checkpointed "
+        "forward without recording its ops: use checkpoint(..., use_reentrant=False) or turn checkpointing off "
+        "(e.g. model.gradient_checkpointing_disable()) while explaining"
+    ),
+    "CompiledFunctionBackward": (
+        "CompiledFunctionBackward comes from a torch.compile-d model, whose ops are fused into one compiled "
+        "node: explain the original module (dynamiclrp.explain unwraps model._orig_mod itself, or call the "
+        "uncompiled model)"
+    ),
+}
+
+_TRAIN_MODE = (
+    "the explained computation ran in train mode ({what}): relevance is exact for what was computed, but "
+    "dropout makes it random and batch statistics mix the rows of the batch; call model.eval() before explaining"
+)
+
+
+def _train_mode_nodes(graph: Graph) -> str:
+    """What in the graph shows train mode: batch norm on batch statistics, dropout nodes (CUDA kernels; on the
+    CPU dropout is a plain product with its mask, which only the module check of :func:`explain` sees)."""
+    found = []
+    if any(n.kind in ("NativeDropoutBackward0", "FusedDropoutBackward0") for n in graph.nodes):
+        found.append("dropout")
+    if any("BatchNorm" in n.kind and saved(n.fn, "training", False) is True for n in graph.nodes):
+        found.append("batch norm on batch statistics")
+    return ", ".join(found)
+
+
+def _train_mode_modules(model: torch.nn.Module) -> str:
+    """Modules in train mode whose output depends on it: dropout with p > 0, batch norm."""
+    found = []
+    for m in model.modules():
+        if not m.training:
+            continue
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 and "dropout" not in found:
+            found.append("dropout")
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and "batch norm on batch statistics" not in found:
+            found.append("batch norm on batch statistics")
+    return ", ".join(found)
 
 
 def _relevance_dtype(graph: Graph, outs: list[torch.Tensor]) -> torch.dtype:
@@ -208,6 +266,9 @@ def explain(
     (``Attribution.tokens``, at the embedding looked up with the integer input), for the outputs of the named
     ``modules`` (``Attribution.modules``) and for the named ``params`` (``Attribution.params``).
 
+    A ``torch.compile``-d model is explained through its original module (``model._orig_mod``, same parameters):
+    compiled code fuses ops into one node that no LRP rule can see into.
+
     Module outputs are found by recording which graph node produced them during this forward (forward hooks that
     only observe and are removed at once). Parameters are made to require grad for the forward so that autograd
     records biases and operands, and every flag is restored afterwards: the model is left as it was.
@@ -228,7 +289,7 @@ def explain(
         Selects the tensor(s) to explain from the model's output; default: the output itself, ``.logits``, or
         the first tensor of a tuple.
     **kwargs
-        Passed to :func:`propagate` (``seed``, ``strict``, ``ledger``, ``dtype``, ...).
+        Passed to :func:`propagate` (``seed``, ``strict``, ``ledger``, ``dtype``, ``keep_run``, ...).
 
     Examples
     --------
@@ -238,6 +299,7 @@ def explain(
     >>> att.inputs[0].shape, att.modules["1"].shape
     (torch.Size([2, 4]), torch.Size([2, 8]))
     """
+    model = getattr(model, "_orig_mod", model)  # torch.compile: explain the eager module (same parameters)
     named = dict(model.named_modules())
     for name in list(modules) + list(module_rules or {}):
         if name not in named:
@@ -248,6 +310,7 @@ def explain(
             raise DynamicLRPError(f"model has no parameter named {name!r}")
 
     fwd = _forward(model, inputs, output, watch=set(modules) | set(module_rules or {}))
+    kwargs.setdefault("train_mode", _train_mode_modules(model) or None)
     outs, float_inputs, int_inputs = fwd.outputs, fwd.float_inputs, fwd.int_inputs
     seen_out, seen_in = fwd.seen_out, fwd.seen_in
     param_tensors = [all_params[n] for n in params]
@@ -298,9 +361,10 @@ def explain(
                 rules_by_node.setdefault(nid, {}).update(fams)
         return rules_by_node
 
+    keep_run = kwargs.pop("keep_run", False)
     att = _propagate(outs, target, float_inputs + param_tensors, get_preset(preset), scopes=fwd.scopes,
                      extra_record=extra_record, node_rules_for=node_rules_for, **kwargs)
-    run = att.extra["run"]
+    run = att.extra["run"] if keep_run else att.extra.pop("run")
     n_in = len(float_inputs)
     att.params = dict(zip(params, att.inputs[n_in:]))
     att.inputs = att.inputs[:n_in]

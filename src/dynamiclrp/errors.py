@@ -33,3 +33,7 @@ class ActivationUnavailableError(DynamicLRPError):
 
 class TorchInternalsError(DynamicLRPError):
     """A torch-private attribute of an autograd node is missing (a torch release renamed it)."""
+
+
+class TrainModeWarning(UserWarning):
+    """The explained computation ran in train mode (dropout active, batch norm on batch statistics)."""

@@ -13,6 +13,7 @@ from .attention import ATTENTION_OPS
 from .base import NEXT, PART, Identity, OpSpec, Routing, out_shape, route, saved
 from .elementwise import ELEMENTWISE_OPS
 from .index import INDEX_OPS
+from .inplace import INPLACE_OPS
 from .leaf import LEAF_OPS
 from .linear import MATMUL_OPS
 from .norm import NORM_OPS
@@ -25,7 +26,7 @@ __all__ = ["OPS", "NEXT", "PART", "Identity", "OpSpec", "Routing", "Missing", "o
 
 OPS: dict[str, OpSpec] = {
     **ELEMENTWISE_OPS, **MATMUL_OPS, **REDUCE_OPS, **SHAPE_OPS, **NORM_OPS, **ATTENTION_OPS, **LEAF_OPS,
-    **RESAMPLE_OPS, **INDEX_OPS,
+    **RESAMPLE_OPS, **INDEX_OPS, **INPLACE_OPS,
 }
 
 

@@ -1,6 +1,6 @@
 r"""Resampling and padding: upsampling / interpolation, padding, pixel (un)shuffle, im2col / col2im.
 
-Four kinds of op live here:
+Three kinds of op live here:
 
 * **Copies** -- nearest-neighbour resampling, every padding mode, pixel shuffle, ``unfold`` (im2col): each output
   element is a copy of one input element (or a constant), so relevance follows the elements back through the
@@ -17,24 +17,20 @@ Four kinds of op live here:
   exact decomposition of a linear map) -- with the magnitude-proportional rule the denominator
   :math:`\sum_i w_{ji}|x_i|` can then come close to zero.
 * **Overlap-add** -- ``fold`` (col2im) adds the patches that overlap an output position: a sum (``sum`` family).
-* **Copies into a view** -- ``CopySlices``, the node autograd records for a ``copy_`` into a view of a tensor:
-  circular padding (``F.pad(mode="circular")`` writes the wrapped borders into an empty tensor) and slice
-  assignment (``pos[i, :n] = resized`` in SigLIP-2's position embeddings). Routing, see :class:`CopyIntoView`.
 
-The input of an upsampling node is not saved by autograd: a promise recovers it. Reflection and replication
-padding save theirs and are Arg Nodes. Constant padding does not save its fill value, so its replay is
+Circular padding (``F.pad(mode="circular")``) writes the wrapped borders into an empty tensor: a
+``CopySlices`` node, see :mod:`~dynamiclrp.ops.inplace`. The input of an upsampling node is not saved by
+autograd: a promise recovers it. Reflection and replication padding save theirs and are Arg Nodes. Constant
+padding does not save its fill value, so its replay is
 provisional (see :class:`ConstantPad`).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from ..errors import DynamicLRPError
-from .base import OpSpec, Routing, out_shape, route, saved
+from .base import OpSpec, Routing, out_shape, saved
 from .reduce import Reduction
 
 aten = torch.ops.aten
@@ -114,77 +110,6 @@ class ConstantPad(Routing):
         super().__init__(lambda fn, x: F.pad(x, list(saved(fn, "pad"))))
 
 
-class CopyIntoView(OpSpec):
-    r"""``CopySlices`` wrapping ``copy_``: ``out = base`` with a view of it overwritten by ``src`` (broadcast).
-
-    Every output element is a copy of a base element or of a source element, so relevance is routed through the
-    node's own backward (exact: overwritten base elements get none, a broadcast source element gets the sum over
-    its copies). autograd does not expose the view's geometry, but it is not needed: the op is linear in
-    ``(base, src)``, :math:`z = J_b\,b + J_s\,s`, and the node's backward computes :math:`(J_b^\top u,
-    J_s^\top u)`; differentiating :math:`\langle J_b^\top u, b\rangle + \langle J_s^\top u, s\rangle` with
-    respect to :math:`u` gives :math:`z` back exactly -- the replay. A base outside the graph (``torch.empty``,
-    ``torch.zeros``) is taken as zeros, the convention of :mod:`~dynamiclrp.ops.index`: exact where it is
-    overwritten (circular padding, SigLIP-2 overwrite every element). ``CopySlices`` around any other in-place
-    op on a view (``x[:, i].add_(y)``, ``x[:, i].mul_(y)``) is not a copy and raises.
-    """
-
-    @staticmethod
-    def _check(node):
-        if not _wraps_copy(node.fn):
-            wrapped = type(getattr(node.fn, "_wrapped_node", None)).__name__
-            raise DynamicLRPError(
-                f"CopySlices (node #{node.id}) wraps an in-place op on a view that is not a copy ({wrapped}); only "
-                "copy_ / slice assignment into a view has a rule. Write the op out of place, or register a rule "
-                "with dynamiclrp.register_op"
-            )
-
-    def forward(self, node, inputs):
-        if len(inputs) != 2 or not _wraps_copy(node.fn):
-            raise NotImplementedError
-        base, src = inputs
-        if src is None:
-            raise NotImplementedError  # a constant source: autograd saved nothing of it
-        meta = node.fn._input_metadata[0]
-        u = torch.zeros(meta.shape, dtype=src.dtype, device=src.device, requires_grad=True)
-        with torch.enable_grad():
-            gb, gs = node.fn(u)
-            inner = (gs * src).sum()
-            if base is not None and gb is not None:
-                inner = inner + (gb * base.to(src.dtype)).sum()
-            (z,) = torch.autograd.grad(inner, u)
-        return z
-
-    def relevance(self, ctx):
-        self._check(ctx.node)
-        return route(ctx)
-
-
-def _wraps_copy(fn) -> bool:
-    """Whether a ``CopySlices`` node wraps ``copy_``: read from ``_wrapped_node`` where torch exposes it (2.12+),
-    else tested on the node's backward -- a copy's Jacobian holds exactly one 1 per output element, so its
-    transpose maps an uneven positive ``u`` to vectors that sum to ``sum(u)`` (when the base is in the graph; an
-    in-place ``add_`` gives more, ``mul_`` something else) and maps ones to whole numbers (how many copies each
-    source element has)."""
-    wrapped = getattr(fn, "_wrapped_node", None)
-    if wrapped is not None or hasattr(fn, "_wrapped_node"):
-        return type(wrapped).__name__ == "CopyBackwards"
-    meta = fn._input_metadata[0]
-    if len(fn.next_functions) != 2:
-        return False
-    with torch.no_grad():
-        n = math.prod(meta.shape)  # a fixed, uneven positive probe (no random state touched)
-        u = (1.5 + torch.sin(0.7 * torch.arange(n, dtype=torch.float64, device=meta.device))).reshape(meta.shape)
-        u = u.to(meta.dtype)
-        gb, gs = fn(u)
-        counts = fn(torch.ones(meta.shape, dtype=meta.dtype, device=meta.device))[1]
-        if gs is None or counts is None or not bool((counts == counts.round()).all() and (counts >= 0).all()):
-            return False
-        if gb is None:
-            return True
-        total = gb.double().sum() + gs.double().sum()
-        return bool(torch.isclose(total, u.double().sum(), rtol=1e-4, atol=0.0))
-
-
 def _pad(name: str):
     op = getattr(aten, name)
     return lambda fn, x: op(x, list(saved(fn, "padding")))
@@ -227,6 +152,4 @@ RESAMPLE_OPS: dict[str, OpSpec] = {
     # unfold (im2col) copies patches out; fold (col2im) adds overlapping patches back up
     "Im2ColBackward0": _routing(_im2col),
     "Col2ImBackward0": Reduction(_col2im),
-    # copy_ into a view (circular padding, slice assignment)
-    "CopySlices": CopyIntoView(),
 }
