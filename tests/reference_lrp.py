@@ -1,0 +1,329 @@
+r"""A slow, independent reference LRP propagator over the fuzz IR (:mod:`fuzz_models`).
+
+It runs the program forward once in float64, recording every activation, then walks the IR backwards, one op at
+a time, applying the LRP rules as written in the literature -- not by calling dynamiclrp. Linear ops and
+convolutions are written as explicit contribution tensors :math:`c_{ij} = x_i w_{ij}` (a convolution as im2col:
+``unfold`` the input into patches, a matrix product per location, ``fold`` the patch relevance back), so every
+rule is the textbook sum over :math:`j`:
+
+* ε [Bach 2015]: :math:`R_i = \sum_j c_{ij} R_j / \mathrm{stab}(z_j)`, :math:`z_j = \sum_i c_{ij} + b_j`,
+  :math:`\mathrm{stab}(z) = z + \varepsilon\,\mathrm{sign}(z)`, :math:`\mathrm{sign}(0) = 1`;
+* z⁺: :math:`c^+_{ij} = (x_i w_{ij})^+`, denominator :math:`\sum_i c^+_{ij} + b_j^+`;
+* αβ: :math:`\alpha\,c^+ / \mathrm{stab}(z^+) - \beta\,c^- / \mathrm{stab}(z^-)` with :math:`b^\pm` in the
+  denominators;
+* γ (sign-aware, as zennit): for :math:`z_j > 0` the contributions :math:`c + \gamma c^+` over
+  :math:`\sum_i (c + \gamma c^+) + b + \gamma b^+`, for :math:`z_j < 0` :math:`c + \gamma c^-` over
+  :math:`\sum_i (c + \gamma c^-) + b + \gamma b^-`; nothing for :math:`z_j = 0`;
+* z-box: :math:`c_{ij} - l_i w_{ij}^+ - h_i w_{ij}^-` over its sum (the bias cancels);
+* flat: one per connection (padding excluded) over the count (the bias ignored).
+
+Biases enter the linear op's denominator (textbook LRP; what is not passed down is absorbed). Additions
+:math:`z = \sum_k t_k` use the ε-rule with unit weights, :math:`R_k = t_k R / \mathrm{stab}(z)` (summed back over
+broadcast dimensions); a learned addend's share goes to the parameter. Sums, means and average pools the same with
+their coefficients. A product of two activations is split half/half (AttnLRP's uniform rule): element-wise
+:math:`R_a = R_b = R/2`; a matrix product :math:`z = AB` gives each factor half of the ε-rule with the other held
+fixed. A product whose factor is computed from the other by element-wise ops, views and reductions
+(:math:`a \cdot f(a)`) is an activation (or a normalisation) written out by hand: all relevance to :math:`a`.
+A product with a constant, ReLU, tanh, views, slices, cat: identity / routing. Max pooling: winner takes all.
+Softmax: identity, or AttnLRP's :math:`R_x = x (R - s \sum R)`. Layer norm: identity, or the ε-rule on the map
+with the statistics held constant (AttnLRP's linearised layer norm).
+
+The rule of each op comes from a preset table below (:data:`PRESETS`), written from the preset docstrings of
+dynamiclrp (``epsilon``, ``epsilon_plus``, ``epsilon_plus_flat``, ``epsilon_gamma_box``,
+``epsilon_alpha2_beta1``, ``attnlrp``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fuzz_models import Program, apply, materialize
+
+# rule specs: ("eps", ε), ("zplus", ε), ("gamma", γ, ε), ("alphabeta", α, β, ε), ("zbox", low, high, ε),
+# ("flat", ε); sums: ("eps", ε); products: ("uniform", ε); softmax: "pass" | "attnlrp";
+# norms: "pass" | ("linearised", ε)
+EPS6 = ("eps", 1e-6)
+_BASE = {"sum": ("eps", 1e-6), "product": ("uniform", 1e-6), "softmax": "pass", "norm": "pass"}
+
+#: the rule per place: input_dense / input_conv (a layer whose data operand is the model input, seen through views),
+#: dense, conv, sum, product, softmax, norm
+PRESETS: dict[str, dict] = {
+    "epsilon": {**_BASE, "input_dense": EPS6, "input_conv": EPS6, "dense": EPS6, "conv": EPS6},
+    # zennit EpsilonPlus: z⁺ for convolutions, ε for dense layers (a dense layer on the input is a dense layer)
+    "epsilon_plus": {**_BASE, "input_dense": EPS6, "input_conv": ("zplus", 1e-6), "dense": EPS6,
+                     "conv": ("zplus", 1e-6)},
+    # zennit EpsilonPlusFlat: flat input layer (dense or conv), z⁺ convolutions, ε dense
+    "epsilon_plus_flat": {**_BASE, "input_dense": ("flat", 1e-6), "input_conv": ("flat", 1e-6), "dense": EPS6,
+                          "conv": ("zplus", 1e-6)},
+    # zennit EpsilonGammaBox: z-box input layer (-3..3), γ = 0.25 convolutions, ε dense
+    "epsilon_gamma_box": {**_BASE, "input_dense": ("zbox", -3.0, 3.0, 1e-6), "input_conv": ("zbox", -3.0, 3.0, 1e-6),
+                          "dense": EPS6, "conv": ("gamma", 0.25, 1e-6)},
+    # zennit EpsilonAlpha2Beta1: α2β1 convolutions, ε dense
+    "epsilon_alpha2_beta1": {**_BASE, "input_dense": EPS6, "input_conv": ("alphabeta", 2.0, 1.0, 1e-6),
+                             "dense": EPS6, "conv": ("alphabeta", 2.0, 1.0, 1e-6)},
+    # AttnLRP as LXT: ε -> 0 (1e-12) everywhere, uniform products, AttnLRP softmax, linearised layer norm
+    "attnlrp": {"input_dense": ("eps", 1e-12), "input_conv": ("eps", 1e-12), "dense": ("eps", 1e-12),
+                "conv": ("eps", 1e-12), "sum": ("eps", 1e-12), "product": ("uniform", 1e-12),
+                "softmax": "attnlrp", "norm": ("linearised", 1e-12)},
+}
+
+LN_EPS = 1e-5  # F.layer_norm's default
+
+
+def stab(z: torch.Tensor, eps: float) -> torch.Tensor:
+    return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+
+
+def sum_to(r: torch.Tensor, shape) -> torch.Tensor:
+    """Sum ``r`` over the dimensions along which a tensor of ``shape`` was broadcast (same rank)."""
+    dims = [d for d, (n, m) in enumerate(zip(r.shape, shape)) if m == 1 and n != 1]
+    return r.sum(dims, keepdim=True) if dims else r
+
+
+# ----------------------------------------------------------------------------------------------------------
+# linear rules on explicit contributions
+
+
+def linear_rule(spec, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, R: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Relevance of ``x`` (..., in) for ``z = x Wᵀ + b`` (W: out × in), output relevance ``R`` (..., out).
+
+    ``mask`` (like ``x``): 1 where an input position exists (0 on the padding of a convolution's patches).
+    """
+    kind = spec[0]
+    eps = spec[-1]
+    mask = torch.ones_like(x) if mask is None else mask
+    c = x[..., None, :] * W  # c[..., j, i] = x_i w_ji
+    bias = torch.zeros(W.shape[0], dtype=x.dtype) if b is None else b
+    if kind == "eps":
+        z = c.sum(-1) + bias
+        return (c * (R / stab(z, eps))[..., None]).sum(-2)
+    if kind == "zplus":
+        cp = c.clamp(min=0)
+        z = cp.sum(-1) + bias.clamp(min=0)
+        return (cp * (R / stab(z, eps))[..., None]).sum(-2)
+    if kind == "alphabeta":
+        alpha, beta = spec[1], spec[2]
+        cp, cn = c.clamp(min=0), c.clamp(max=0)
+        zp = cp.sum(-1) + bias.clamp(min=0)
+        zn = cn.sum(-1) + bias.clamp(max=0)
+        return (alpha * cp * (R / stab(zp, eps))[..., None] - beta * cn * (R / stab(zn, eps))[..., None]).sum(-2)
+    if kind == "gamma":
+        g = spec[1]
+        z = c.sum(-1) + bias
+        cpos, cneg = c + g * c.clamp(min=0), c + g * c.clamp(max=0)
+        zpos = cpos.sum(-1) + bias + g * bias.clamp(min=0)
+        zneg = cneg.sum(-1) + bias + g * bias.clamp(max=0)
+        sp = torch.where(z > 0, R, 0.0) / stab(zpos, eps)
+        sn = torch.where(z < 0, R, 0.0) / stab(zneg, eps)
+        return (cpos * sp[..., None] + cneg * sn[..., None]).sum(-2)
+    if kind == "zbox":
+        low, high = spec[1], spec[2]
+        cb = c - (low * mask)[..., None, :] * W.clamp(min=0) - (high * mask)[..., None, :] * W.clamp(max=0)
+        z = cb.sum(-1)
+        return (cb * (R / stab(z, eps))[..., None]).sum(-2)
+    if kind == "flat":
+        cf = mask[..., None, :] * torch.ones_like(W)
+        z = cf.sum(-1)
+        return (cf * (R / stab(z, eps))[..., None]).sum(-2)
+    raise ValueError(spec)
+
+
+def conv_rule(spec, x, W, b, R, stride: int, pad: int) -> torch.Tensor:
+    """A convolution as im2col: patches (B, L, C·k·k), weights (O, C·k·k), the linear rule per location."""
+    k = W.shape[-1]
+    H, Wd = x.shape[-2:]
+    patches = F.unfold(x, k, padding=pad, stride=stride).transpose(1, 2)  # (B, L, CKK)
+    mask = F.unfold(torch.ones_like(x), k, padding=pad, stride=stride).transpose(1, 2)
+    Rl = R.flatten(2).transpose(1, 2)  # (B, L, O)
+    rp = linear_rule(spec, patches, W.flatten(1), b, Rl, mask)
+    return F.fold(rp.transpose(1, 2), (H, Wd), k, padding=pad, stride=stride)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the structure of the program
+
+ELEMENTWISE = {"relu", "tanh", "scale", "add", "mul", "add_param", "mul_param", "reshape", "permute", "slice"}
+REDUCTIONS = {"reduce", "avgpool2d"}
+VIEWS = {"reshape", "permute", "slice"}
+
+
+def is_model_input(prog: Program, i: int) -> bool:
+    """Whether node ``i`` is the model input seen through views."""
+    while prog.nodes[i].op in VIEWS:
+        i = prog.nodes[i].args[0]
+    return i == 0
+
+
+def derived(prog: Program, i: int, j: int) -> str | None:
+    """Whether activation ``i`` is computed from activation ``j`` alone (element-wise ops, views, reductions):
+    ``"norm"`` if a reduction is involved, ``"activation"`` if not, None otherwise. What counts as "from j": j and
+    what j is itself an element-wise function of, four steps down."""
+    nodes = prog.nodes
+    sources, frontier = set(), [j]
+    for _ in range(4):
+        nxt = []
+        for n in frontier:
+            if n in sources:
+                continue
+            sources.add(n)
+            if nodes[n].op in ELEMENTWISE:
+                nxt.extend(nodes[n].args)
+        frontier = nxt
+    reduced, seen, stack = False, set(), [i]
+    while stack:
+        n = stack.pop()
+        if n in sources or n in seen:
+            continue
+        seen.add(n)
+        if len(seen) > 64 or nodes[n].op not in ELEMENTWISE | REDUCTIONS:
+            return None
+        reduced = reduced or nodes[n].op in REDUCTIONS
+        stack.extend(nodes[n].args)
+    return "norm" if reduced else "activation"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the propagation
+
+
+@dataclass
+class Reference:
+    input: torch.Tensor  # relevance of the model input
+    seeds: list[torch.Tensor]
+    to_params: float  # relevance handed to learned addends
+    values: list[torch.Tensor]  # every activation of the forward
+
+    @property
+    def seed(self) -> float:
+        return float(sum(s.sum() for s in self.seeds))
+
+    @property
+    def absorbed(self) -> float:
+        return self.seed - float(self.input.sum()) - self.to_params
+
+
+def forward(prog: Program, params: dict, x: torch.Tensor) -> list[torch.Tensor]:
+    vals = [x.detach()]
+    with torch.no_grad():
+        for i, n in enumerate(prog.nodes[1:], start=1):
+            vals.append(apply(n, [vals[j] for j in n.args], params, i))
+    return vals
+
+
+def reference_lrp(prog: Program, x: torch.Tensor, targets: list[list[int]], preset: str = "epsilon",
+                  params: dict | None = None) -> Reference:
+    """Input relevance of ``prog`` at ``x`` for one class index per row and output; seed = the output value."""
+    params = materialize(prog) if params is None else params
+    table = PRESETS[preset]
+    vals = forward(prog, params, x)
+    n = len(prog.nodes)
+    rel: list[torch.Tensor | None] = [None] * n
+    seeds = []
+    for o, t in zip(prog.outputs, targets):
+        y = vals[o]
+        s = torch.zeros_like(y)
+        rows = torch.arange(y.shape[0])
+        s[rows, torch.as_tensor(t)] = y[rows, torch.as_tensor(t)]
+        seeds.append(s)
+        rel[o] = s if rel[o] is None else rel[o] + s
+    to_params = 0.0
+    for i in range(n - 1, 0, -1):
+        R = rel[i]
+        if R is None:
+            continue
+        node = prog.nodes[i]
+        xs = [vals[j] for j in node.args]
+        out, p_rel = _op_relevance(prog, i, node, xs, vals[i], R, params, table)
+        to_params += p_rel
+        for j, r in zip(node.args, out):
+            if r is not None:
+                assert r.shape == vals[j].shape, (node, r.shape, vals[j].shape)
+                rel[j] = r if rel[j] is None else rel[j] + r
+    r_in = rel[0] if rel[0] is not None else torch.zeros_like(x)
+    return Reference(r_in, seeds, to_params, vals)
+
+
+def _op_relevance(prog, i, node, xs, y, R, params, table):
+    """(relevance per operand, relevance given to parameters) of IR node ``i``."""
+    op, a = node.op, node.attrs
+    x = xs[0]
+    if op == "linear":
+        spec = table["input_dense" if is_model_input(prog, node.args[0]) else "dense"]
+        return [linear_rule(spec, x, params[f"{i}.weight"], params.get(f"{i}.bias"), R)], 0.0
+    if op == "conv2d":
+        spec = table["input_conv" if is_model_input(prog, node.args[0]) else "conv"]
+        return [conv_rule(spec, x, params[f"{i}.weight"], params.get(f"{i}.bias"), R, a["stride"], a["pad"])], 0.0
+    if op in ("relu", "tanh", "scale", "mul_param"):
+        return [R], 0.0
+    if op in ("add", "add_param"):
+        ta = x
+        tb = a["sign"] * xs[1] if op == "add" else params[f"{i}.p"]
+        s = R / stab(ta + tb, table["sum"][1])
+        ra, rb = sum_to(ta * s, ta.shape), sum_to(tb * s, tb.shape)
+        if op == "add":
+            return [ra, rb], 0.0
+        return [ra], float(rb.sum())
+    if op == "mul":
+        for k in (1, 0):  # a · f(a): everything to a
+            if derived(prog, node.args[k], node.args[1 - k]) is not None:
+                out = [None, None]
+                out[1 - k] = sum_to(R, xs[1 - k].shape)
+                return out, 0.0
+        assert table["product"][0] == "uniform"
+        return [sum_to(R / 2, xs[0].shape), sum_to(R / 2, xs[1].shape)], 0.0
+    if op == "matmul":
+        A, Bm = xs
+        c = A[:, :, None, :] * Bm[:, None, :, :]  # (B, T, S, F): c[t, s, f] = A_tf B_sf
+        z = c.sum(-1)
+        s = R / (2 * stab(z, table["product"][1]))
+        return [(c * s[..., None]).sum(2), (c * s[..., None]).sum(1)], 0.0
+    if op == "cat":
+        d = a["dim"]
+        return list(R.split([x.shape[d], xs[1].shape[d]], dim=d)), 0.0
+    if op == "reshape":
+        return [R.reshape(x.shape)], 0.0
+    if op == "permute":
+        return [R.transpose(-1, -2)], 0.0
+    if op == "slice":
+        r = torch.zeros_like(x)
+        r.narrow(a["dim"], a["start"], a["stop"] - a["start"]).copy_(R)
+        return [r], 0.0
+    if op == "reduce":
+        d = a["dim"]
+        s = R / stab(y, table["sum"][1])
+        if not a["keepdim"]:
+            s = s.unsqueeze(d)
+        coef = 1.0 if a["how"] == "sum" else 1.0 / x.shape[d]
+        return [x * coef * s], 0.0
+    if op == "avgpool2d":
+        k, st = a["k"], a["stride"]
+        s = R / stab(y, table["sum"][1])
+        patches = F.unfold(x, k, stride=st)  # (B, C·k·k, L)
+        B, C = x.shape[:2]
+        rp = patches.reshape(B, C, k * k, -1) * (s.reshape(B, C, 1, -1) / (k * k))
+        return [F.fold(rp.reshape(B, C * k * k, -1), x.shape[-2:], k, stride=st)], 0.0
+    if op == "maxpool2d":
+        k, st = a["k"], a["stride"]
+        B, C = x.shape[:2]
+        patches = F.unfold(x, k, stride=st).reshape(B, C, k * k, -1)
+        win = F.one_hot(patches.argmax(2), k * k).permute(0, 1, 3, 2).to(x.dtype)  # first maximum of each window
+        rp = win * R.reshape(B, C, 1, -1)
+        return [F.fold(rp.reshape(B, C * k * k, -1), x.shape[-2:], k, stride=st)], 0.0
+    if op == "softmax":
+        if table["softmax"] == "pass":
+            return [R], 0.0
+        return [x * (R - y * R.sum(a["dim"], keepdim=True))], 0.0
+    if op == "layer_norm":
+        rule = table["norm"]
+        if rule == "pass":
+            return [R], 0.0
+        # the map t -> (t - mean t) · rstd · w with rstd held fixed; its transpose applied to R / stab(y)
+        rstd = 1.0 / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + LN_EPS)
+        w = params.get(f"{i}.weight")
+        u = R / stab(y, rule[1]) * rstd * (1.0 if w is None else w)
+        return [x * (u - u.mean(-1, keepdim=True))], 0.0
+    raise ValueError(op)
