@@ -1,0 +1,7 @@
+"""``python -m dynamiclrp``: the command line (:mod:`dynamiclrp.cli`)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
