@@ -49,7 +49,7 @@ def bpe_tokenizer():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     t.train_from_iterator(CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
+                                   pad_token="<|endoftext|>", model_input_names=["input_ids", "attention_mask"])
 
 
 def gpt2_dir(root: Path, seed: int = 0) -> Path:

@@ -100,7 +100,9 @@ def model_inputs(model: torch.nn.Module, encoding: Any) -> dict[str, Any]:
 def encode(tokenizer: Any, text: str | Sequence[str], text_pair: str | Sequence[str] | None = None,
            **kwargs: Any) -> Any:
     """Tokenize to PyTorch tensors with padding, and character offsets where the tokenizer is fast."""
-    kw: dict[str, Any] = {"return_tensors": "pt", "padding": True, "truncation": True}
+    kw: dict[str, Any] = {"return_tensors": "pt", "padding": True}
+    if getattr(tokenizer, "model_max_length", 0) < 1_000_000:  # a real limit (else truncation only warns)
+        kw["truncation"] = True
     if getattr(tokenizer, "is_fast", False):
         kw["return_offsets_mapping"] = True
     kw.update(kwargs)
