@@ -125,3 +125,55 @@ def test_zennit_merge_leaves_batch_norm_eps_documented_difference():
         for h in handles:
             h.remove()
     assert not torch.allclose(y, y_canon, rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------- 224²
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_photos():
+    """skimage's chelsea (a cat) and coffee (a cup) as an ImageNet batch: shorter side 256, 224 centre crop,
+    ImageNet mean/std, float64; and the z-box bounds of [0, 1] pixels after that normalisation, (1, 3, 1, 1)."""
+    np = pytest.importorskip("numpy")
+    data = pytest.importorskip("skimage.data")
+    tf = pytest.importorskip("torchvision.transforms.functional")
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    imgs = []
+    for img in (data.chelsea(), data.coffee()):
+        t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).to(torch.float64) / 255
+        imgs.append(tf.center_crop(tf.resize(t, 256, antialias=True), 224))
+    return (torch.stack(imgs) - mean) / std, (0 - mean) / std, (1 - mean) / std
+
+
+def zbox_vs_zennit(model, canonizers, x, low, high, target, **kw):
+    """zennit EpsilonGammaBox (box bounds low/high) with ``canonizers`` against our epsilon_gamma_box with the same
+    bounds; ``kw`` goes to dynamiclrp.explain (default: the bounds as the preset's input rule)."""
+    from dynamiclrp.rules import ZBox
+
+    composite = EpsilonGammaBox(low=low, high=high, canonizers=canonizers)
+    n = model(x[:1]).shape[-1]
+    with Gradient(model=model, composite=composite) as attributor:
+        _, expected = attributor(x.clone().requires_grad_(), torch.eye(n, dtype=torch.float64)[target])
+    kw = kw or {"rules": {"input": ZBox(low, high)}}
+    ours = dynamiclrp.explain(model, x, target=target, preset="epsilon_gamma_box", seed="one", **kw).inputs[0]
+    return ours, expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vgg16", "vgg16_bn", "resnet50"])
+def test_full_size_224_epsilon_gamma_box_matches_zennit(name):
+    """VGG16 with and without batch norm and ResNet-50 at 224² on two photos, EpsilonGammaBox with the box bounds of
+    [0, 1] pixels after ImageNet normalisation (BN eps 0, see above)."""
+    torchvision = pytest.importorskip("torchvision")
+    from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+
+    x, low, high = imagenet_photos()
+    torch.manual_seed(0)
+    model = _randomise_batch_norms(getattr(torchvision.models, name)(weights=None).double().eval(), 0.0)
+    canonizer = VGGCanonizer if name.startswith("vgg") else ResNetCanonizer
+    ours, expected = zbox_vs_zennit(model, [canonizer()], x, low, high, torch.tensor([281, 967]))
+    assert float(expected.abs().max()) > 0
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
