@@ -26,7 +26,13 @@ Ops (shapes always start with the batch dimension, which no op mixes):
 ``maxpool2d``   max pooling (kernel 2-3, stride 1-2)
 ``avgpool2d``   average pooling (kernel 2, stride 1-2)
 ``matmul``      ``a @ b.transpose(-1, -2)`` of two rank-3 activations (a product of two activations)
+``batchnorm``   eval-mode batch norm (running statistics) on (B, F) or (B, C, H, W), affine or not
 =============== =========================================================================================
+
+Motifs add several of these at once, in the patterns real models use: ``block`` (linear or conv, maybe batch norm,
+ReLU), ``residual`` (``h + block(h)``), ``attention`` (``softmax(q kᵀ) v`` with q, k, v linear in one activation),
+``gate`` (``a * f(a)``: an activation written out by hand, or ``a * reduce(a)``: a normalisation), ``center``
+(``a - mean(a)``, broadcast).
 """
 
 from __future__ import annotations
@@ -40,8 +46,9 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 
 D = torch.float64
+BN_EPS = 1e-5
 # ops that need learned tensors
-PARAM_OPS = ("linear", "conv2d", "add_param", "mul_param", "layer_norm")
+PARAM_OPS = ("linear", "conv2d", "add_param", "mul_param", "layer_norm", "batchnorm")
 
 
 @dataclass
@@ -100,8 +107,9 @@ def conv_out(n: int, k: int, s: int, p: int) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # the strategy
 
+MOTIFS = ("block", "residual", "attention", "gate", "center")
 OP_NAMES = ("linear", "conv2d", "relu", "tanh", "scale", "add", "mul", "add_param", "mul_param", "cat", "reshape",
-            "permute", "slice", "reduce", "softmax", "layer_norm", "maxpool2d", "avgpool2d", "matmul")
+            "permute", "slice", "reduce", "softmax", "layer_norm", "maxpool2d", "avgpool2d", "matmul", "batchnorm")
 
 
 def _candidates(op: str, nodes: list[Node]) -> list[int]:
@@ -121,6 +129,10 @@ def _candidates(op: str, nodes: list[Node]) -> list[int]:
             "softmax": max(s) >= 2,
             "layer_norm": s[-1] >= 2,
             "matmul": r == 2,
+            "batchnorm": r in (1, 3),
+            "block": r in (1, 2) or (r == 3 and min(s[1:]) >= 3),
+            "residual": r in (1, 2) or (r == 3 and min(s[1:]) >= 3),
+            "attention": r == 2,
         }.get(op, True)
         if ok:
             out.append(i)
@@ -148,9 +160,9 @@ def _partners(op: str, nodes: list[Node], a: int) -> list[int]:
 
 @st.composite
 def programs(draw, max_ops: int = 8, ops: tuple[str, ...] = OP_NAMES, biases: bool = True,
-             kinds: tuple[str, ...] = ("dense", "seq", "img")) -> Program:
-    """A random program: an input, up to ``max_ops`` ops on a pool of activations (any of which may be reused),
-    and one or two heads (flatten + linear) on activations of the pool."""
+             kinds: tuple[str, ...] = ("dense", "seq", "img"), motifs: tuple[str, ...] = MOTIFS) -> Program:
+    """A random program: an input, up to ``max_ops`` ops or motifs on a pool of activations (any of which may be
+    reused), and one or two heads (flatten + linear) on activations of the pool."""
     batch = draw(st.integers(2, 3))
     kind = draw(st.sampled_from(kinds))
     if kind == "dense":
@@ -162,11 +174,14 @@ def programs(draw, max_ops: int = 8, ops: tuple[str, ...] = OP_NAMES, biases: bo
     nodes = [Node("input", shape=shape)]
     n_ops = draw(st.integers(1, max_ops))
     for _ in range(n_ops):
-        usable = [op for op in ops if _candidates(op, nodes)]
+        usable = [op for op in ops + motifs if _candidates(op, nodes)]
         op = draw(st.sampled_from(usable))
         cands = _candidates(op, nodes)
         # prefer recent activations (deep chains) but allow any (shared sub-graphs)
         a = cands[-1 - draw(st.integers(0, len(cands) - 1))]
+        if op in MOTIFS:
+            _draw_motif(draw, op, nodes, a, biases)
+            continue
         node = _draw_op(draw, op, nodes, a, biases)
         if node is not None:
             nodes.append(node)
@@ -182,6 +197,68 @@ def programs(draw, max_ops: int = 8, ops: tuple[str, ...] = OP_NAMES, biases: bo
         nodes.append(Node("linear", (src,), {"out": classes, "bias": bias}, (classes,)))
         outputs.append(len(nodes) - 1)
     return Program(nodes, outputs, batch, draw(st.integers(0, 2**31 - 1)), draw(st.integers(0, 2**31 - 1)))
+
+
+def _draw_motif(draw, motif: str, nodes: list[Node], a: int, biases: bool) -> None:
+    """Append the nodes of ``motif`` on operand ``a``."""
+    s = nodes[a].shape
+
+    def add(op, args, attrs, shape):
+        nodes.append(Node(op, tuple(args), attrs, tuple(shape)))
+        return len(nodes) - 1
+
+    def block(h, same: bool):
+        sh = nodes[h].shape
+        if len(sh) == 3:
+            k = draw(st.sampled_from([1, 3]))
+            ch = sh[0] if same else draw(st.integers(1, 3))
+            out = add("conv2d", [h], {"out": ch, "k": k, "stride": 1, "pad": k // 2,
+                                      "bias": biases and draw(st.booleans())}, (ch, *sh[1:]))
+        else:
+            f = sh[-1] if same else draw(st.integers(2, 6))
+            out = add("linear", [h], {"out": f, "bias": biases and draw(st.booleans())}, (*sh[:-1], f))
+        if len(sh) != 2 and biases and draw(st.booleans()):  # batch norm shifts like a bias
+            out = add("batchnorm", [out], {"affine": draw(st.booleans())}, nodes[out].shape)
+        return add("relu", [out], {}, nodes[out].shape) if draw(st.booleans()) else out
+
+    if motif == "block":
+        block(a, same=False)
+    elif motif == "residual":
+        f = block(a, same=True)
+        add("add", [a, f], {"sign": 1}, s)
+    elif motif == "attention":
+        T, d = s
+        dk, dv = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+        bias = biases and draw(st.booleans())
+        q = add("linear", [a], {"out": dk, "bias": bias}, (T, dk))
+        k = add("linear", [a], {"out": dk, "bias": bias}, (T, dk))
+        v = add("linear", [a], {"out": dv, "bias": bias}, (T, dv))
+        sc = add("matmul", [q, k], {}, (T, T))
+        if draw(st.booleans()):
+            sc = add("scale", [sc], {"c": 0.5}, (T, T))
+        p = add("softmax", [sc], {"dim": 2}, (T, T))
+        vt = add("permute", [v], {}, (dv, T))
+        add("matmul", [p, vt], {}, (T, dv))
+    elif motif == "gate":
+        how = draw(st.sampled_from(["relu", "tanh", "scale", "reduce"]))
+        if how == "reduce":
+            d = draw(st.integers(0, len(s) - 1))
+            f = add("reduce", [a], {"how": "mean", "dim": d + 1, "keepdim": True},
+                    tuple(1 if i == d else x for i, x in enumerate(s)))
+            f = add("tanh", [f], {}, nodes[f].shape)
+        else:
+            f = add(how, [a], {"c": 0.5} if how == "scale" else {}, s)
+            if draw(st.booleans()):
+                f = add("tanh", [f], {}, s)
+        args = [a, f] if draw(st.booleans()) else [f, a]
+        if nodes[args[0]].shape != s:  # the broadcast factor second
+            args = args[::-1]
+        add("mul", args, {}, s)
+    elif motif == "center":
+        d = draw(st.integers(0, len(s) - 1))
+        m = add("reduce", [a], {"how": "mean", "dim": d + 1, "keepdim": True},
+                tuple(1 if i == d else x for i, x in enumerate(s)))
+        add("add", [a, m], {"sign": -1}, s)
 
 
 def _draw_op(draw, op: str, nodes: list[Node], a: int, biases: bool) -> Node | None:
@@ -245,7 +322,7 @@ def _draw_op(draw, op: str, nodes: list[Node], a: int, biases: bool) -> Node | N
     if op == "softmax":
         dims = [d for d in range(r) if s[d] >= 2]
         return Node(op, (a,), {"dim": draw(st.sampled_from(dims)) + 1}, s)
-    if op == "layer_norm":
+    if op in ("layer_norm", "batchnorm"):
         return Node(op, (a,), {"affine": draw(st.booleans())}, s)
     if op == "maxpool2d":
         k = draw(st.integers(2, min(3, *s[1:])))
@@ -288,6 +365,13 @@ def materialize(prog: Program) -> dict[str, torch.Tensor]:
             d = n.shape[-1]
             params[f"{i}.weight"] = torch.rand(d, generator=g, dtype=D) + 0.5
             params[f"{i}.bias"] = 0.5 * torch.randn(d, generator=g, dtype=D)
+        elif n.op == "batchnorm":
+            c = n.shape[0]
+            params[f"{i}.running_mean"] = 0.5 * torch.randn(c, generator=g, dtype=D)
+            params[f"{i}.running_var"] = torch.rand(c, generator=g, dtype=D) + 0.5
+            if a["affine"]:
+                params[f"{i}.weight"] = torch.rand(c, generator=g, dtype=D) + 0.5
+                params[f"{i}.bias"] = 0.5 * torch.randn(c, generator=g, dtype=D)
     return params
 
 
@@ -333,6 +417,9 @@ def apply(node: Node, xs: list[torch.Tensor], p: dict[str, torch.Tensor], i: int
         return torch.softmax(x, dim=a["dim"])
     if op == "layer_norm":
         return F.layer_norm(x, (x.shape[-1],), p.get(f"{i}.weight"), p.get(f"{i}.bias"))
+    if op == "batchnorm":
+        return F.batch_norm(x, p[f"{i}.running_mean"], p[f"{i}.running_var"], p.get(f"{i}.weight"),
+                            p.get(f"{i}.bias"), training=False, eps=BN_EPS)
     if op == "maxpool2d":
         return F.max_pool2d(x, a["k"], a["stride"])
     if op == "avgpool2d":
@@ -342,18 +429,28 @@ def apply(node: Node, xs: list[torch.Tensor], p: dict[str, torch.Tensor], i: int
     raise ValueError(op)
 
 
+BUFFERS = (".running_mean", ".running_var")
+
+
 class FuzzModel(nn.Module):
-    """The program as a module: parameters are ``nn.Parameter`` s, ``forward`` runs the ops in order and returns
-    the head(s) (a tuple when there are several)."""
+    """The program as a module: parameters are ``nn.Parameter`` s (running statistics are buffers), ``forward``
+    runs the ops in order and returns the head(s) (a tuple when there are several)."""
 
     def __init__(self, prog: Program, params: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.prog = prog
         params = materialize(prog) if params is None else params
-        self.params = nn.ParameterDict({k.replace(".", "_"): nn.Parameter(v.clone()) for k, v in params.items()})
+        self.params = nn.ParameterDict({k.replace(".", "_"): nn.Parameter(v.clone()) for k, v in params.items()
+                                        if not k.endswith(BUFFERS)})
+        self.names = {}
+        for k, v in params.items():
+            if k.endswith(BUFFERS):
+                self.register_buffer("b" + k.replace(".", "_"), v.clone())
+                self.names[k] = "b" + k.replace(".", "_")
 
     def forward(self, x):
         p = {k.replace("_", ".", 1): v for k, v in self.params.items()}
+        p.update({k: getattr(self, b) for k, b in self.names.items()})
         vals = [x]
         for i, n in enumerate(self.prog.nodes[1:], start=1):
             vals.append(apply(n, [vals[j] for j in n.args], p, i))

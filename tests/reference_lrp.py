@@ -26,7 +26,9 @@ fixed. A product whose factor is computed from the other by element-wise ops, vi
 (:math:`a \cdot f(a)`) is an activation (or a normalisation) written out by hand: all relevance to :math:`a`.
 A product with a constant, ReLU, tanh, views, slices, cat: identity / routing. Max pooling: winner takes all.
 Softmax: identity, or AttnLRP's :math:`R_x = x (R - s \sum R)`. Layer norm: identity, or the ε-rule on the map
-with the statistics held constant (AttnLRP's linearised layer norm).
+with the statistics held constant (AttnLRP's linearised layer norm). Eval-mode batch norm: merged into the linear
+op or convolution it alone follows (:math:`w' = w\,\gamma/\sigma`, :math:`b' = (b - \mu)\,\gamma/\sigma + \beta`,
+as zennit's canonizers) and then identity, or, linearised, the ε-rule on :math:`x \mapsto x\,\gamma/\sigma`.
 
 The rule of each op comes from a preset table below (:data:`PRESETS`), written from the preset docstrings of
 dynamiclrp (``epsilon``, ``epsilon_plus``, ``epsilon_plus_flat``, ``epsilon_gamma_box``,
@@ -40,16 +42,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fuzz_models import Program, apply, materialize
+from fuzz_models import BN_EPS, Program, apply, materialize
 
 # rule specs: ("eps", ε), ("zplus", ε), ("gamma", γ, ε), ("alphabeta", α, β, ε), ("zbox", low, high, ε),
 # ("flat", ε); sums: ("eps", ε); products: ("uniform", ε); softmax: "pass" | "attnlrp";
 # norms: "pass" | ("linearised", ε)
 EPS6 = ("eps", 1e-6)
-_BASE = {"sum": ("eps", 1e-6), "product": ("uniform", 1e-6), "softmax": "pass", "norm": "pass"}
+_BASE = {"sum": ("eps", 1e-6), "product": ("uniform", 1e-6), "softmax": "pass", "norm": "pass",
+         "batchnorm": "merge"}
 
 #: the rule per place: input_dense / input_conv (a layer whose data operand is the model input, seen through views),
-#: dense, conv, sum, product, softmax, norm
+#: dense, conv, sum, product, softmax, norm (layer norm), batchnorm ("merge": into the layer before it)
 PRESETS: dict[str, dict] = {
     "epsilon": {**_BASE, "input_dense": EPS6, "input_conv": EPS6, "dense": EPS6, "conv": EPS6},
     # zennit EpsilonPlus: z⁺ for convolutions, ε for dense layers (a dense layer on the input is a dense layer)
@@ -67,7 +70,7 @@ PRESETS: dict[str, dict] = {
     # AttnLRP as LXT: ε -> 0 (1e-12) everywhere, uniform products, AttnLRP softmax, linearised layer norm
     "attnlrp": {"input_dense": ("eps", 1e-12), "input_conv": ("eps", 1e-12), "dense": ("eps", 1e-12),
                 "conv": ("eps", 1e-12), "sum": ("eps", 1e-12), "product": ("uniform", 1e-12),
-                "softmax": "attnlrp", "norm": ("linearised", 1e-12)},
+                "softmax": "attnlrp", "norm": ("linearised", 1e-12), "batchnorm": ("linearised", 1e-12)},
 }
 
 LN_EPS = 1e-5  # F.layer_norm's default
@@ -158,6 +161,43 @@ def is_model_input(prog: Program, i: int) -> bool:
     return i == 0
 
 
+def live_consumers(prog: Program) -> dict[int, list[int]]:
+    """For each node, the nodes that use it (once per operand slot), among the nodes the outputs depend on."""
+    live = set(prog.outputs)
+    for i in range(len(prog.nodes) - 1, -1, -1):
+        if i in live:
+            live.update(prog.nodes[i].args)
+    consumers: dict[int, list[int]] = {i: [] for i in range(len(prog.nodes))}
+    for i in sorted(live):
+        for j in prog.nodes[i].args:
+            consumers[j].append(i)
+    return consumers
+
+
+def merged_batch_norm(prog: Program, i: int, consumers, params, table):
+    """(scale, shift) per output feature of the eval batch norm that alone consumes layer ``i``, if merged."""
+    cons = consumers[i]
+    if table["batchnorm"] != "merge" or len(cons) != 1 or prog.nodes[cons[0]].op != "batchnorm":
+        return None
+    k = cons[0]
+    scale = 1.0 / torch.sqrt(params[f"{k}.running_var"] + BN_EPS)
+    if f"{k}.weight" in params:
+        scale = scale * params[f"{k}.weight"]
+    shift = -params[f"{k}.running_mean"] * scale + params.get(f"{k}.bias", 0.0)
+    return scale, shift
+
+
+def _layer(prog, i, consumers, params, table):
+    """Weight and bias of layer ``i``, with a following batch norm merged in."""
+    W, b = params[f"{i}.weight"], params.get(f"{i}.bias")
+    merged = merged_batch_norm(prog, i, consumers, params, table)
+    if merged is not None:
+        scale, shift = merged
+        W = W * scale.reshape(-1, *([1] * (W.dim() - 1)))
+        b = shift if b is None else b * scale + shift
+    return W, b
+
+
 def derived(prog: Program, i: int, j: int) -> str | None:
     """Whether activation ``i`` is computed from activation ``j`` alone (element-wise ops, views, reductions):
     ``"norm"`` if a reduction is involved, ``"activation"`` if not, None otherwise. What counts as "from j": j and
@@ -231,13 +271,14 @@ def reference_lrp(prog: Program, x: torch.Tensor, targets: list[list[int]], pres
         seeds.append(s)
         rel[o] = s if rel[o] is None else rel[o] + s
     to_params = 0.0
+    consumers = live_consumers(prog)
     for i in range(n - 1, 0, -1):
         R = rel[i]
         if R is None:
             continue
         node = prog.nodes[i]
         xs = [vals[j] for j in node.args]
-        out, p_rel = _op_relevance(prog, i, node, xs, vals[i], R, params, table)
+        out, p_rel = _op_relevance(prog, i, node, xs, vals[i], R, params, table, consumers)
         to_params += p_rel
         for j, r in zip(node.args, out):
             if r is not None:
@@ -247,16 +288,16 @@ def reference_lrp(prog: Program, x: torch.Tensor, targets: list[list[int]], pres
     return Reference(r_in, seeds, to_params, vals)
 
 
-def _op_relevance(prog, i, node, xs, y, R, params, table):
+def _op_relevance(prog, i, node, xs, y, R, params, table, consumers):
     """(relevance per operand, relevance given to parameters) of IR node ``i``."""
     op, a = node.op, node.attrs
     x = xs[0]
     if op == "linear":
         spec = table["input_dense" if is_model_input(prog, node.args[0]) else "dense"]
-        return [linear_rule(spec, x, params[f"{i}.weight"], params.get(f"{i}.bias"), R)], 0.0
+        return [linear_rule(spec, x, *_layer(prog, i, consumers, params, table), R)], 0.0
     if op == "conv2d":
         spec = table["input_conv" if is_model_input(prog, node.args[0]) else "conv"]
-        return [conv_rule(spec, x, params[f"{i}.weight"], params.get(f"{i}.bias"), R, a["stride"], a["pad"])], 0.0
+        return [conv_rule(spec, x, *_layer(prog, i, consumers, params, table), R, a["stride"], a["pad"])], 0.0
     if op in ("relu", "tanh", "scale", "mul_param"):
         return [R], 0.0
     if op in ("add", "add_param"):
@@ -326,4 +367,13 @@ def _op_relevance(prog, i, node, xs, y, R, params, table):
         w = params.get(f"{i}.weight")
         u = R / stab(y, rule[1]) * rstd * (1.0 if w is None else w)
         return [x * (u - u.mean(-1, keepdim=True))], 0.0
+    if op == "batchnorm":
+        rule = table["batchnorm"]
+        if rule == "merge":
+            return [R], 0.0
+        scale = 1.0 / torch.sqrt(params[f"{i}.running_var"] + BN_EPS)
+        if f"{i}.weight" in params:
+            scale = scale * params[f"{i}.weight"]
+        scale = scale.reshape(-1, *([1] * (x.dim() - 2)))
+        return [x * scale * R / stab(y, rule[1])], 0.0
     raise ValueError(op)
