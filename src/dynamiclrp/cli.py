@@ -278,6 +278,7 @@ def _hf_model(folder: str, task: str, base_ok: bool = False) -> tuple[Any, Any, 
     except ImportError:
         raise CLIError("explaining text models needs transformers: pip install 'dynamiclrp[hf]'") from None
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # transformers 5 shows one while loading weights
     config = AutoConfig.from_pretrained(p, local_files_only=True)
     if task == "auto":
         arch = (getattr(config, "architectures", None) or [""])[0]

