@@ -162,6 +162,10 @@ class Context:
         """The preset's rule for ``family`` at this node (node overrides, then kind overrides, then family)."""
         return self.rule_at(self.node, family)
 
+    def has_rule(self, family: str) -> bool:
+        """Whether ``family`` has a rule of its own at this node (a node override or the preset), no fallback."""
+        return family in self.run.node_rules.get(self.node.id, {}) or self.run.preset.defines(family, self.node.kind)
+
     def rule_at(self, node: Node, family: str) -> Any:
         """The preset's rule for ``family`` at ``node``."""
         per_node = self.run.node_rules.get(node.id)

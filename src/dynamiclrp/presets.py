@@ -4,10 +4,11 @@ A preset maps a rule *family* to a rule object of :mod:`dynamiclrp.rules`. The o
 belongs to; the families, from most to least specific, are
 
 ============== ===========================================================================================
-``input``      a linear op (conv or dense) whose data operand is a model input (for z-box / flat)
+``input``      a linear op (conv or dense) whose data operand is a model input (for z-box / flat); where a
+               preset gives no ``input`` rule the op keeps its own family, ``conv`` or ``dense``
 ``conv``       a convolution with a weight
 ``dense``      a matrix product with a weight (``nn.Linear``, ``mm``/``bmm``/``addmm`` with a parameter)
-``linear``     fallback for ``input``, ``conv`` and ``dense``
+``linear``     fallback for ``conv`` and ``dense``
 ``sum``        ops that add activations up: add, sub, sum, mean, cumsum, average pooling
 ``bias``       the bias addition split off a linear layer; ``BiasInDenominator`` hands it to the linear op's rule
                (textbook LRP, zennit, LXT), else it falls back to ``sum`` (the DynamicLRP paper)
@@ -28,7 +29,7 @@ from typing import Any
 
 from . import rules as r
 
-FALLBACK = {"input": "conv", "conv": "linear", "dense": "linear", "attention": "product", "bias": "sum"}
+FALLBACK = {"conv": "linear", "dense": "linear", "attention": "product", "bias": "sum"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class Preset:
             if fam not in FALLBACK:
                 raise KeyError(f"preset {self.name!r} has no rule for family {family!r}")
             fam = FALLBACK[fam]
+
+    def defines(self, family: str, kind: str = "") -> bool:
+        """Whether the preset gives ``family`` a rule of its own (for this op kind), without falling back."""
+        return family in self.families or family in self.kinds.get(kind, {})
 
     def override(self, families: dict[str, Any] | None = None,
                  kinds: dict[str, Any] | None = None, name: str | None = None) -> Preset:

@@ -114,6 +114,42 @@ class BiasAdd(AddTerms):
         return terms[j] / terms[i]
 
 
+class Add(AddTerms):
+    """``AddBackward0``. Also recognises a linear layer's bias added on its own: ``F.linear`` on a 3-d input that is
+    not contiguous runs ``mm`` on the folded input, a view back, then ``+ bias`` (no ``addmm``). When one operand
+    is a 1-d parameter and the other a weighted ``mm`` seen through views, the addition is that layer's bias
+    (family ``bias``), so the layer gets the same rule whatever the memory layout of its input."""
+
+    def decompose(self, fn):
+        i = _unfused_linear_bias(fn)
+        if i is None:
+            return super().decompose(fn)
+        return [("AddBackward0", BiasAdd(self.terms, linear_index=i), [(NEXT, 0), (NEXT, 1)])]
+
+
+_VIEWS = ("UnsafeViewBackward0", "ViewBackward0", "ReshapeAliasBackward0")
+
+
+def _unfused_linear_bias(fn) -> int | None:
+    """Index of the ``mm`` operand if ``fn`` (an add) is ``view(mm(x, Wᵀ)) + b`` with parameters ``W``, ``b``."""
+    nexts = fn.next_functions
+    if len(nexts) != 2 or any(n is None for n, _ in nexts):
+        return None
+    for i, j in ((0, 1), (1, 0)):
+        b = getattr(nexts[j][0], "variable", None)
+        if not isinstance(b, torch.nn.Parameter) or b.dim() != 1:
+            continue
+        node = nexts[i][0]
+        while type(node).__name__ in _VIEWS:
+            node = node.next_functions[0][0]
+        if type(node).__name__ != "MmBackward0":
+            continue
+        wt = node.next_functions[1][0]
+        w = getattr(wt.next_functions[0][0], "variable", None) if type(wt).__name__ == "TBackward0" else None
+        if isinstance(w, torch.nn.Parameter) and w.dim() == 2 and w.shape[0] == b.shape[0]:
+            return i
+    return None
+
 
 class Product(OpSpec):
     """Element-wise ``a * b`` (or ``a / b`` as ``a * (1/b)``): product rule, or identity when one is constant."""
@@ -239,7 +275,7 @@ def _result(fn):
 
 
 ELEMENTWISE_OPS = {
-    "AddBackward0": AddTerms(lambda fn, a, b: [a, None if b is None else saved(fn, "alpha") * b]),
+    "AddBackward0": Add(lambda fn, a, b: [a, None if b is None else saved(fn, "alpha") * b]),
     "SubBackward0": AddTerms(lambda fn, a, b: [a, None if b is None else -saved(fn, "alpha") * b]),
     "RsubBackward0": AddTerms(lambda fn, a, b: [None if a is None else -saved(fn, "alpha") * a, b]),
     "MulBackward0": Product(),

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..rules import LinearMap, MergeBatchNorm
 from .base import NEXT, PART, OpSpec, out_shape, saved, through_views
-from .elementwise import BiasAdd
+from .elementwise import _VIEWS, BiasAdd
 
 
 def _sole_consumer(graph, nid: int, operand: int | None = None):
@@ -25,9 +25,18 @@ def _sole_consumer(graph, nid: int, operand: int | None = None):
 
 
 def _bias_add_of(ctx):
-    """The bias addition split off this linear op (a part of the same fused node), or None."""
-    add = _sole_consumer(ctx.run.graph, ctx.node.id)
-    return add if add is not None and add.fn is ctx.node.fn and isinstance(add.spec, BiasAdd) else None
+    """The bias addition of this linear op: a part of the same fused node (``addmm``, convolution), or an addition
+    after views of its output (``F.linear`` on a non-contiguous input, see :class:`~.elementwise.Add`); or None."""
+    graph, node = ctx.run.graph, ctx.node
+    add = _sole_consumer(graph, node.id)
+    if add is not None and add.fn is node.fn:
+        return add if isinstance(add.spec, BiasAdd) else None
+    while add is not None and add.kind in _VIEWS:
+        node, add = add, _sole_consumer(graph, add.id)
+    if add is None or not isinstance(add.spec, BiasAdd):
+        return None
+    e = add.inputs[add.spec.linear_index]
+    return add if e is not None and e.child == node.id else None
 
 
 def _layer_output(ctx):
@@ -38,7 +47,12 @@ def _layer_output(ctx):
 def _fused_bias(ctx):
     """The bias of this linear op when its bias addition passed all relevance on (BiasInDenominator), else None."""
     add = _bias_add_of(ctx)
-    return None if add is None or not add.spec.fuses(ctx, add) else add.spec.bias_term(ctx, add)
+    if add is None or not add.spec.fuses(ctx, add):
+        return None
+    b = add.spec.bias_term(ctx, add)
+    if b is not None and add.fn is not ctx.node.fn:  # added after views: a 1-d bias along the last dimension
+        b = b.reshape([1] * (len(out_shape(ctx.node.fn)) - 1) + [-1])
+    return b
 
 
 def _pre_activation(ctx, R, through_batch_norm: bool):
@@ -65,7 +79,7 @@ def _merged_batch_norm(ctx, bias_handled: bool):
     if not bias_handled:
         return None
     bn = _sole_consumer(ctx.run.graph, _layer_output(ctx).id, operand=0)
-    if bn is None:
+    if bn is None or out_shape(bn.fn) != out_shape(ctx.node.fn):  # not after views of the op's output
         return None
     if "BatchNorm" not in bn.kind or saved(bn.fn, "training", False):  # native, cuDNN, MIOpen
         return None
@@ -168,9 +182,10 @@ class Product(OpSpec):
         return LinearMap(lambda x, w: self.fn(w, x), lambda s, x, w: w.mT @ s)
 
     def family_at(self, ctx, x_i: int) -> str:
-        """``input`` when the data operand is a model input (seen through views), else ``dense``/``conv``."""
+        """``input`` when the data operand is a model input (seen through views) and the preset has an ``input``
+        rule, else ``dense``/``conv`` (zennit's EpsilonPlus gives a first dense layer the dense rule)."""
         producer = through_views(ctx.run.graph.nodes, ctx.producer(x_i))
-        if producer is not None and not producer.inputs and producer.data:
+        if producer is not None and not producer.inputs and producer.data and ctx.has_rule("input"):
             return "input"
         return self.linear_family
 
