@@ -64,7 +64,8 @@ def test_token_relevance_is_aligned_to_the_tokenizer(hf):
         np.testing.assert_allclose(row.relevance, ex.attribution.tokens[i].double().numpy())
         assert row.special[0] and row.label in ("negative", "positive")
         assert ex.targets[i] == int(ex.logits[i].argmax())
-    assert ex.rows[1].special[-1]  # padding is marked special
+    assert ex.rows[1].special[-1] and not ex.rows[1].attended[-1]  # padding: special, and not rendered
+    assert [w.text for w in ex.rows[1].words()] == ["[CLS]", "Bad.", "[SEP]"]
     words = ex.rows[0].words()
     assert [w.text for w in words if not w.special] == ["An", "unbelievably", "good", "film."]
     assert sum(w.relevance for w in words) == pytest.approx(float(ex.rows[0].relevance.sum()), rel=1e-9, abs=1e-12)

@@ -45,6 +45,8 @@ class TokenRelevance:
         The text the offsets refer to (question and context joined by a space for pairs).
     label : str
         What was explained (class name, "start", "next token ' Paris'", ...).
+    attended : list of bool or None
+        False at padding (``attention_mask`` 0); padding is left out of :meth:`words` and the renderings.
     """
 
     tokens: list[str]
@@ -54,10 +56,14 @@ class TokenRelevance:
     offsets: list[tuple[int, int]] | None = None
     text: str | None = None
     label: str = ""
+    attended: list[bool] | None = None
 
     def words(self, join: bool = True) -> list[Word]:
-        """Pieces joined into words (:func:`dynamiclrp.viz.group_tokens`)."""
-        return group_tokens(self.tokens, self.relevance, special=self.special, offsets=self.offsets,
+        """Pieces joined into words (:func:`dynamiclrp.viz.group_tokens`), padding left out."""
+        keep = [i for i in range(len(self.tokens)) if self.attended is None or self.attended[i]]
+        return group_tokens([self.tokens[i] for i in keep], self.relevance[keep],
+                            special=[self.special[i] for i in keep],
+                            offsets=None if self.offsets is None else [self.offsets[i] for i in keep],
                             text=self.text, join=join)
 
     def html(self, **kwargs: Any) -> str:
@@ -136,8 +142,9 @@ def token_relevance(relevance: Any, tokenizer: Any, encoding: Any, row: int = 0,
     tokens = tokenizer.convert_ids_to_tokens(ids)
     special = [bool(s) for s in tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True)]
     mask = encoding.get("attention_mask") if hasattr(encoding, "get") else None
-    if mask is not None:
-        special = [s or not bool(m) for s, m in zip(special, mask[row].tolist())]
+    attended = [bool(m) for m in mask[row].tolist()] if mask is not None else None
+    if attended is not None:
+        special = [s or not a for s, a in zip(special, attended)]
     offsets = None
     full = text
     om = encoding.get("offset_mapping") if hasattr(encoding, "get") else None
@@ -148,7 +155,7 @@ def token_relevance(relevance: Any, tokenizer: Any, encoding: Any, row: int = 0,
             shift = len(text) + 1
             offsets = [(s + shift, e + shift) if sid == 1 else (s, e) for (s, e), sid in zip(offsets, seq)]
             full = f"{text} {text_pair}"
-    return TokenRelevance(tokens, ids, rel, special, offsets, full, label)
+    return TokenRelevance(tokens, ids, rel, special, offsets, full, label, attended)
 
 
 def _capturing(target: Any, seen: list[torch.Tensor]) -> Callable[[torch.Tensor], Any]:
