@@ -23,7 +23,7 @@ from dynamiclrp.integrations.models import efficientnet_lite0, imagenet_labels, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=Path(tempfile.gettempdir()) / "dynamiclrp-examples")
-    ap.add_argument("--photo", default="chelsea", help="a scikit-image photo: chelsea, coffee, astronaut, rocket")
+    ap.add_argument("--photo", default="chelsea", help="a scikit-image photo: chelsea, coffee, rocket")
     args = ap.parse_args()
     torch.set_num_threads(1)
 

@@ -325,7 +325,8 @@ def cmd_explain_text(args: argparse.Namespace) -> int:
             raise CLIError("a QA model needs --question (the text is the context)")
         for context in args.text:
             r = hf.explain_qa(model, tok, args.question, context, preset=args.preset)
-            print(f"answer: {r['answer']!r} (tokens {r['start']}..{r['end']})")
+            span = "" if r["end"] >= r["start"] else ": the end comes before the start, no span"
+            print(f"answer: {r['answer']!r} (tokens {r['start']}..{r['end']}{span})")
             results += [r["start_relevance"], r["end_relevance"]]
     else:
         for prompt in args.text:

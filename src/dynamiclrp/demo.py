@@ -30,7 +30,7 @@ import torch
 from .api import explain
 from .coverage import coverage
 
-PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+PHOTOS = ("chelsea", "coffee", "camera", "rocket")
 QUICK_PHOTOS = ("chelsea", "coffee")
 IMAGE_PRESET = "epsilon_gamma_box"
 COMPARE_PRESETS = ("epsilon", "epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1")
@@ -259,7 +259,10 @@ def run_demo(out: str | Path = "dynamiclrp-demo", quick: bool = False, progress:
     inputs = {}
     for name in photos:
         step(f"explaining photo '{name}'")
-        x, shown = prepare_image(getattr(skdata, name)(), 224)
+        photo = getattr(skdata, name)()
+        if photo.ndim == 2:  # greyscale (camera): three equal channels
+            photo = photo[..., None].repeat(3, axis=-1)
+        x, shown = prepare_image(photo[..., :3], 224)
         inputs[name] = (x, shown)
         att = explain(cnn, x, preset=IMAGE_PRESET)
         logits = att.outputs[0][0]
