@@ -1,9 +1,9 @@
 """Random models for the fuzz tests: a small IR, a hypothesis strategy that draws it, a compiler to ``nn.Module``.
 
-An IR program is a DAG of op records in topological order. Node 0 is the model input; every other node names its
-operands by index and carries the attributes of its op; ``outputs`` lists the nodes the model returns (each a
-``(batch, classes)`` head). Parameters are not drawn by hypothesis: ``materialize`` makes them from ``param_seed``
-(float64, deterministic), so a program prints short and shrinks well.
+An IR program is a DAG of op records in topological order. The first node(s) (one or two) are the model inputs;
+every other node names its operands by index and carries the attributes of its op; ``outputs`` lists the nodes
+the model returns (each a ``(batch, classes)`` head). Parameters are not drawn by hypothesis: ``materialize`` makes
+them from ``param_seed`` (float64, deterministic), so a program prints short and shrinks well.
 
 Ops (shapes always start with the batch dimension, which no op mixes):
 
@@ -78,8 +78,9 @@ class Program:
         return "\n".join(lines)
 
     @property
-    def input_shape(self) -> tuple[int, ...]:
-        return (self.batch, *self.nodes[0].shape)
+    def inputs(self) -> list[int]:
+        """The input nodes (the first nodes of the program)."""
+        return [i for i, n in enumerate(self.nodes) if n.op == "input"]
 
     def ops(self) -> set[str]:
         return {n.op for n in self.nodes}
@@ -172,6 +173,9 @@ def programs(draw, max_ops: int = 8, ops: tuple[str, ...] = OP_NAMES, biases: bo
     else:
         shape = (draw(st.integers(1, 3)), draw(st.integers(3, 6)), draw(st.integers(3, 6)))
     nodes = [Node("input", shape=shape)]
+    if draw(st.integers(0, 3)) == 0:  # a second input, of the same shape or another of the same kind
+        nodes.append(Node("input", shape=shape if draw(st.booleans()) else
+                          (*shape[:-1], draw(st.integers(2, 6)))))
     n_ops = draw(st.integers(1, max_ops))
     for _ in range(n_ops):
         usable = [op for op in ops + motifs if _candidates(op, nodes)]
@@ -188,8 +192,10 @@ def programs(draw, max_ops: int = 8, ops: tuple[str, ...] = OP_NAMES, biases: bo
     n_out = draw(st.integers(1, 2))
     classes = draw(st.integers(2, 4))
     outputs = []
-    for k in range(n_out):
-        src = len(nodes) - 1 if k == 0 else draw(st.integers(0, len(nodes) - 1))
+    sources = [len(nodes) - 1] + [draw(st.integers(0, len(nodes) - 1)) for _ in range(n_out - 1)]
+    used = _ancestors(nodes, sources)
+    sources += [i for i, n in enumerate(nodes) if n.op == "input" and i not in used]  # every input is used
+    for src in sources:
         if len(nodes[src].shape) > 1:
             nodes.append(Node("reshape", (src,), {"to": (-1,)}, (math.prod(nodes[src].shape),)))
             src = len(nodes) - 1
@@ -197,6 +203,16 @@ def programs(draw, max_ops: int = 8, ops: tuple[str, ...] = OP_NAMES, biases: bo
         nodes.append(Node("linear", (src,), {"out": classes, "bias": bias}, (classes,)))
         outputs.append(len(nodes) - 1)
     return Program(nodes, outputs, batch, draw(st.integers(0, 2**31 - 1)), draw(st.integers(0, 2**31 - 1)))
+
+
+def _ancestors(nodes: list[Node], roots: list[int]) -> set[int]:
+    seen, stack = set(), list(roots)
+    while stack:
+        i = stack.pop()
+        if i not in seen:
+            seen.add(i)
+            stack.extend(nodes[i].args)
+    return seen
 
 
 def _draw_motif(draw, motif: str, nodes: list[Node], a: int, biases: bool) -> None:
@@ -216,7 +232,10 @@ def _draw_motif(draw, motif: str, nodes: list[Node], a: int, biases: bool) -> No
                                       "bias": biases and draw(st.booleans())}, (ch, *sh[1:]))
         else:
             f = sh[-1] if same else draw(st.integers(2, 6))
-            out = add("linear", [h], {"out": f, "bias": biases and draw(st.booleans())}, (*sh[:-1], f))
+            bias = biases and draw(st.integers(0, 2))  # 2: x @ W.T + b, the bias added on its own
+            out = add("linear", [h], {"out": f, "bias": bias == 1}, (*sh[:-1], f))
+            if bias == 2:
+                out = add("add_param", [out], {"pshape": (f,) if len(sh) == 1 else (1, f)}, nodes[out].shape)
         if len(sh) != 2 and biases and draw(st.booleans()):  # batch norm shifts like a bias
             out = add("batchnorm", [out], {"affine": draw(st.booleans())}, nodes[out].shape)
         return add("relu", [out], {}, nodes[out].shape) if draw(st.booleans()) else out
@@ -375,9 +394,10 @@ def materialize(prog: Program) -> dict[str, torch.Tensor]:
     return params
 
 
-def make_input(prog: Program, seed: int | None = None) -> torch.Tensor:
+def make_inputs(prog: Program, seed: int | None = None) -> list[torch.Tensor]:
+    """One tensor per input node, float64, from ``input_seed`` (or ``seed``)."""
     g = torch.Generator().manual_seed(prog.input_seed if seed is None else seed)
-    return torch.randn(prog.input_shape, generator=g, dtype=D)
+    return [torch.randn(prog.batch, *prog.nodes[i].shape, generator=g, dtype=D) for i in prog.inputs]
 
 
 def apply(node: Node, xs: list[torch.Tensor], p: dict[str, torch.Tensor], i: int) -> torch.Tensor:
@@ -448,11 +468,11 @@ class FuzzModel(nn.Module):
                 self.register_buffer("b" + k.replace(".", "_"), v.clone())
                 self.names[k] = "b" + k.replace(".", "_")
 
-    def forward(self, x):
+    def forward(self, *xs):
         p = {k.replace("_", ".", 1): v for k, v in self.params.items()}
         p.update({k: getattr(self, b) for k, b in self.names.items()})
-        vals = [x]
-        for i, n in enumerate(self.prog.nodes[1:], start=1):
+        vals = list(xs)
+        for i, n in enumerate(self.prog.nodes[len(xs):], start=len(xs)):
             vals.append(apply(n, [vals[j] for j in n.args], p, i))
         outs = tuple(vals[o] for o in self.prog.outputs)
         return outs if len(outs) > 1 else outs[0]

@@ -17,7 +17,9 @@ rule is the textbook sum over :math:`j`:
 * z-box: :math:`c_{ij} - l_i w_{ij}^+ - h_i w_{ij}^-` over its sum (the bias cancels);
 * flat: one per connection (padding excluded) over the count (the bias ignored).
 
-Biases enter the linear op's denominator (textbook LRP; what is not passed down is absorbed). Additions
+Biases enter the linear op's denominator (textbook LRP; what is not passed down is absorbed), also a bias added
+on its own (``x @ W.T + b``: a 1-d parameter of the layer's width added to a bias-free layer's output that nothing
+else uses). Additions
 :math:`z = \sum_k t_k` use the ε-rule with unit weights, :math:`R_k = t_k R / \mathrm{stab}(z)` (summed back over
 broadcast dimensions); a learned addend's share goes to the parameter. Sums, means and average pools the same with
 their coefficients. A product of two activations is split half/half (AttnLRP's uniform rule): element-wise
@@ -155,10 +157,10 @@ VIEWS = {"reshape", "permute", "slice"}
 
 
 def is_model_input(prog: Program, i: int) -> bool:
-    """Whether node ``i`` is the model input seen through views."""
+    """Whether node ``i`` is a model input seen through views."""
     while prog.nodes[i].op in VIEWS:
         i = prog.nodes[i].args[0]
-    return i == 0
+    return prog.nodes[i].op == "input"
 
 
 def live_consumers(prog: Program) -> dict[int, list[int]]:
@@ -187,10 +189,24 @@ def merged_batch_norm(prog: Program, i: int, consumers, params, table):
     return scale, shift
 
 
+def separate_bias(prog: Program, i: int, consumers) -> int | None:
+    """The ``add_param`` node that is the bias of bias-free linear node ``i`` (``x @ W.T + b`` written out: a 1-d
+    parameter of the layer's width added to its output, which nothing else uses), or None."""
+    node = prog.nodes[i]
+    if node.op != "linear" or node.attrs["bias"] or len(consumers[i]) != 1:
+        return None
+    k = consumers[i][0]
+    add = prog.nodes[k]
+    return k if add.op == "add_param" and add.attrs["pshape"] == (node.attrs["out"],) else None
+
+
 def _layer(prog, i, consumers, params, table):
-    """Weight and bias of layer ``i``, with a following batch norm merged in."""
+    """Weight and bias of layer ``i`` (a bias added on its own included), with a following batch norm merged in."""
     W, b = params[f"{i}.weight"], params.get(f"{i}.bias")
-    merged = merged_batch_norm(prog, i, consumers, params, table)
+    k = separate_bias(prog, i, consumers)
+    if k is not None:
+        b = params[f"{k}.p"]
+    merged = merged_batch_norm(prog, i if k is None else k, consumers, params, table)
     if merged is not None:
         scale, shift = merged
         W = W * scale.reshape(-1, *([1] * (W.dim() - 1)))
@@ -232,7 +248,7 @@ def derived(prog: Program, i: int, j: int) -> str | None:
 
 @dataclass
 class Reference:
-    input: torch.Tensor  # relevance of the model input
+    inputs: list[torch.Tensor]  # relevance of each model input
     seeds: list[torch.Tensor]
     to_params: float  # relevance handed to learned addends
     values: list[torch.Tensor]  # every activation of the forward
@@ -243,23 +259,24 @@ class Reference:
 
     @property
     def absorbed(self) -> float:
-        return self.seed - float(self.input.sum()) - self.to_params
+        return self.seed - float(sum(r.sum() for r in self.inputs)) - self.to_params
 
 
-def forward(prog: Program, params: dict, x: torch.Tensor) -> list[torch.Tensor]:
-    vals = [x.detach()]
+def forward(prog: Program, params: dict, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    vals = [x.detach() for x in xs]
     with torch.no_grad():
-        for i, n in enumerate(prog.nodes[1:], start=1):
+        for i, n in enumerate(prog.nodes[len(xs):], start=len(xs)):
             vals.append(apply(n, [vals[j] for j in n.args], params, i))
     return vals
 
 
-def reference_lrp(prog: Program, x: torch.Tensor, targets: list[list[int]], preset: str = "epsilon",
+def reference_lrp(prog: Program, xs: list[torch.Tensor], targets: list[list[int]], preset: str = "epsilon",
                   params: dict | None = None) -> Reference:
-    """Input relevance of ``prog`` at ``x`` for one class index per row and output; seed = the output value."""
+    """Relevance of the inputs ``xs`` of ``prog`` for one class index per row and output; seed = the output
+    value."""
     params = materialize(prog) if params is None else params
     table = PRESETS[preset]
-    vals = forward(prog, params, x)
+    vals = forward(prog, params, xs)
     n = len(prog.nodes)
     rel: list[torch.Tensor | None] = [None] * n
     seeds = []
@@ -272,19 +289,19 @@ def reference_lrp(prog: Program, x: torch.Tensor, targets: list[list[int]], pres
         rel[o] = s if rel[o] is None else rel[o] + s
     to_params = 0.0
     consumers = live_consumers(prog)
-    for i in range(n - 1, 0, -1):
+    for i in range(n - 1, len(xs) - 1, -1):
         R = rel[i]
         if R is None:
             continue
         node = prog.nodes[i]
-        xs = [vals[j] for j in node.args]
-        out, p_rel = _op_relevance(prog, i, node, xs, vals[i], R, params, table, consumers)
+        operands = [vals[j] for j in node.args]
+        out, p_rel = _op_relevance(prog, i, node, operands, vals[i], R, params, table, consumers)
         to_params += p_rel
         for j, r in zip(node.args, out):
             if r is not None:
                 assert r.shape == vals[j].shape, (node, r.shape, vals[j].shape)
                 rel[j] = r if rel[j] is None else rel[j] + r
-    r_in = rel[0] if rel[0] is not None else torch.zeros_like(x)
+    r_in = [rel[i] if rel[i] is not None else torch.zeros_like(x) for i, x in zip(prog.inputs, xs)]
     return Reference(r_in, seeds, to_params, vals)
 
 
@@ -300,6 +317,8 @@ def _op_relevance(prog, i, node, xs, y, R, params, table, consumers):
         return [conv_rule(spec, x, *_layer(prog, i, consumers, params, table), R, a["stride"], a["pad"])], 0.0
     if op in ("relu", "tanh", "scale", "mul_param"):
         return [R], 0.0
+    if op == "add_param" and any(separate_bias(prog, j, consumers) == i for j in node.args):
+        return [R], 0.0  # a layer's bias: all relevance to the layer, which puts the bias in its denominator
     if op in ("add", "add_param"):
         ta = x
         tb = a["sign"] * xs[1] if op == "add" else params[f"{i}.p"]
