@@ -63,8 +63,8 @@ def load_model(source: str, weights: str | Path | None = None) -> torch.nn.Modul
             raise LoadError("torchvision is not installed: pip install 'dynamiclrp[vision]'") from None
         known = torchvision.models.list_models()
         if name not in known:
-            raise LoadError(f"unknown torchvision model {name!r}; e.g. {', '.join(sorted(known)[:8])}, ... "
-                            "(torchvision.models.list_models())")
+            raise LoadError(f"unknown torchvision model {name!r}{_suggest(name, known)} "
+                            "(torchvision.models.list_models() lists them)")
         model = torchvision.models.get_model(name, weights=None)
     elif source.startswith("timm:"):
         name = source.split(":", 1)[1]
@@ -73,7 +73,8 @@ def load_model(source: str, weights: str | Path | None = None) -> torch.nn.Modul
         except ImportError:
             raise LoadError("timm is not installed: pip install timm") from None
         if not timm.list_models(name):
-            raise LoadError(f"unknown timm model {name!r} (timm.list_models() lists them)")
+            raise LoadError(f"unknown timm model {name!r}{_suggest(name, timm.list_models())} "
+                            "(timm.list_models() lists them)")
         model = timm.create_model(name, pretrained=False)
     elif ":" in source and source.rsplit(":", 1)[0].endswith(".py"):
         model = _from_file(*source.rsplit(":", 1))
@@ -83,6 +84,13 @@ def load_model(source: str, weights: str | Path | None = None) -> torch.nn.Modul
     if weights is not None:
         load_weights(model, weights)
     return model.eval()
+
+
+def _suggest(name: str, known: Sequence[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(close)}?" if close else ""
 
 
 def _from_file(path: str, factory: str) -> torch.nn.Module:
