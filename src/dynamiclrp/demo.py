@@ -149,10 +149,13 @@ def text_classifier(progress: Callable[[str], None] | None = None) -> tuple[Sent
     with torch.no_grad():
         info["train_accuracy"] = float((head(feats).argmax(1) == y).float().mean())
     info["train_seconds"] = time.perf_counter() - t0
-    head_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = head_file.with_suffix(".tmp")
-    torch.save(model.head.state_dict(), tmp)
-    os.replace(tmp, head_file)
+    try:
+        head_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = head_file.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(model.head.state_dict(), tmp)
+        os.replace(tmp, head_file)
+    except OSError as err:  # a read-only home: train again next time
+        info["cache_error"] = str(err)
     return model, tok, info
 
 

@@ -27,10 +27,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
+    if hasattr(x, "detach"):  # a torch tensor; half/bfloat16 (which numpy cannot hold) as float64
         x = x.detach().cpu()
-        if hasattr(x, "float") and x.dtype.is_floating_point is False and str(x.dtype) != "torch.uint8":
-            x = x.float()
+        if x.is_floating_point():
+            x = x.double()
         x = x.numpy()
     return np.asarray(x)
 
