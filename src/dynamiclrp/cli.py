@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Layer-wise Relevance Propagation for any PyTorch model, one autograd operation at a time.",
         epilog="Run 'dynamiclrp COMMAND --help' for the options of a command.")
     from . import __version__
+    from .presets import presets
+
+    names = ", ".join(presets())
 
     p.add_argument("--version", action="version", version=f"dynamiclrp {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -67,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     ei.add_argument("images", nargs="+", help="image files or folders")
     ei.add_argument("--weights", help=".safetensors file or a state dict (loaded with weights_only=True)")
     ei.add_argument("--target", type=int, help="class index to explain (default: the prediction)")
-    ei.add_argument("--preset", default="epsilon_gamma_box", help="rule preset (default: %(default)s)")
+    ei.add_argument("--preset", default="epsilon_gamma_box", help=f"rule preset: {names} (default: %(default)s)")
     ei.add_argument("--out", default="dynamiclrp-heatmaps",
                     help="output folder, or a .png file for a single image (default: %(default)s)")
     ei.add_argument("--size", type=int, default=224, help="input size after resize and centre crop (default 224)")
@@ -92,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     et.add_argument("--next-token", help="causal LM: the next token to explain (default: the prediction)")
     et.add_argument("--generate", type=int, default=0, metavar="N",
                     help="causal LM: greedily generate N tokens and explain each")
-    et.add_argument("--preset", default="attnlrp", help="rule preset (default: %(default)s)")
+    et.add_argument("--preset", default="attnlrp", help=f"rule preset: {names} (default: %(default)s)")
     et.add_argument("--out", help="write the token heatmaps to this HTML file")
     et.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                     help="colours in the terminal rendering (default: auto, when stdout is a terminal)")
@@ -107,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="input shape for image models, e.g. 1,3,224,224 (default)")
     c.add_argument("--text", default="Layer-wise relevance propagation explains predictions.",
                    help="example text for Hugging Face models")
-    c.add_argument("--preset", default="epsilon", help="preset whose rules are listed (default: %(default)s)")
+    c.add_argument("--preset", default="epsilon", help=f"preset whose rules are listed: {names} "
+                                                     "(default: %(default)s)")
 
     pr = sub.add_parser("presets", parents=[common], help="list the presets and their rules",
                         description="List the registered presets and which rule each applies to each op family.")
