@@ -268,3 +268,26 @@ def test_pickled_code_is_never_run(tmp_path):
     with pytest.raises(LoadError, match="refusing"):
         read_state_dict(tmp_path / "evil.pt")
     assert not marker.exists()
+
+
+@pytest.mark.compare
+def test_captum_style_lrp_equals_captum_lrp():
+    captum_attr = pytest.importorskip("captum.attr")
+    from dynamiclrp.rules import Epsilon
+
+    class Net(torch.nn.Module):  # Captum needs out-of-place ReLUs and has no rule for nn.Flatten
+        def __init__(self):
+            super().__init__()
+            self.c1, self.r1 = torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU()
+            self.c2, self.r2 = torch.nn.Conv2d(6, 8, 3, padding=1), torch.nn.ReLU()
+            self.pool, self.fc = torch.nn.AdaptiveAvgPool2d(1), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(self.pool(self.r2(self.c2(self.r1(self.c1(x))))).flatten(1))
+
+    torch.manual_seed(0)
+    model = Net().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    expected = captum_attr.LRP(model).attribute(x.clone().requires_grad_(), target=[1, 3]).detach()
+    ours = LRP(model, preset="epsilon", rules={"linear": Epsilon(1e-9), "sum": Epsilon(1e-9)})
+    torch.testing.assert_close(ours.attribute(x, target=[1, 3]), expected, rtol=1e-7, atol=1e-10)
