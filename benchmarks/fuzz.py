@@ -11,7 +11,9 @@ matches the reference's split; batch rows independent; input relevance equal to 
 ``tests/reference_lrp.py`` to 1e-10) do not stop the run: failures are counted by category, and the smallest
 failing program of each (category, mode, preset) is written to the report. Cases that hit an open finding
 (``OPEN_FINDINGS`` in ``tests/test_fuzz.py``, diagnosed in ``results/fuzz_findings.md``) skip the comparison
-that finding breaks and are counted; a clear ``ActivationUnavailableError`` on a frozen model whose graph holds an
+that finding breaks and are counted; so are ill-conditioned cases (a denominator within 1e-5 of cancelling, where
+float64 rounding alone exceeds the comparison's tolerance: ``reference_lrp.watch``); a clear
+``ActivationUnavailableError`` on a frozen model whose graph holds an
 untracked constant (nothing can recover the activation) is counted as a refusal, not a failure.
 """
 
@@ -41,7 +43,7 @@ torch.set_num_threads(1)
 
 def run_mode(mode: str, cases: int, seed_: int, max_ops: int, presets: list[str]) -> dict:
     stats = {"cases": 0, "failed_cases": 0, "failures": Counter(), "by_preset": Counter(),
-             "failed_by_preset": Counter(), "findings": Counter(), "refused": 0, "ops": Counter(), "nodes": 0,
+             "failed_by_preset": Counter(), "findings": Counter(), "refused": 0, "ill": 0, "ops": Counter(), "nodes": 0,
              "examples": {}}
 
     @seed(seed_)
@@ -55,9 +57,10 @@ def run_mode(mode: str, cases: int, seed_: int, max_ops: int, presets: list[str]
         stats["nodes"] += len(prog.nodes)
         for f in tf.open_findings(prog, preset, mode):
             stats["findings"][f] += 1
-        before = tf.REFUSED[0]
+        before, ill = tf.REFUSED[0], tf.ILL[0]
         failures = tf.check(prog, preset, mode=mode)
         stats["refused"] += tf.REFUSED[0] - before
+        stats["ill"] += tf.ILL[0] - ill
         if failures:
             stats["failed_cases"] += 1
             stats["failed_by_preset"][preset] += 1
@@ -85,14 +88,14 @@ def report(results: dict, args, elapsed: float) -> str:
               "module), `frozen` (every parameter frozen, `dynamiclrp.propagate` on the output: autograd keeps "
               "fewer activations and the Promise System recovers them).", ""]
     lines += ["## Summary", "", "| mode | cases | mean nodes | failed cases | crash | reference | conservation | batch "
-              "| seed | refused (clear error) | skipped comparisons (open findings) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| seed | refused (clear error) | ill-conditioned | skipped comparisons (open findings) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode, r in results.items():
         f = r["failures"]
         skipped = ", ".join(f"{k}: {v}" for k, v in sorted(r["findings"].items())) or "none"
         lines.append(f"| {mode} | {r['cases']} | {r['nodes'] / max(r['cases'], 1):.1f} | {r['failed_cases']} | "
                      f"{f['crash']} | {f['reference']} | {f['conservation']} | {f['batch']} | {f['seed']} | "
-                     f"{r['refused']} | {skipped} |")
+                     f"{r['refused']} | {r['ill']} | {skipped} |")
     lines += ["", "## By preset", "", "| mode | " + " | ".join(PRESETS) + " |", "|---|" + "---|" * len(PRESETS)]
     for mode, r in results.items():
         lines.append(f"| {mode} | " + " | ".join(f"{r['by_preset'][p]} ({r['failed_by_preset'][p]} failed)"

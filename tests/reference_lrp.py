@@ -78,6 +78,20 @@ PRESETS: dict[str, dict] = {
 LN_EPS = 1e-5  # F.layer_norm's default
 
 
+# the smallest |denominator| / (sum of the magnitudes it adds up) met where relevance flows, over one propagation:
+# below ~1e-5 a denominator is mostly cancellation, and float64 rounding alone (1e-16 of the magnitudes) moves the
+# result by more than the comparison's 1e-10 (or flips its sign): such a case is ill-conditioned, not comparable
+_CONDITION = [float("inf")]
+
+
+def watch(den: torch.Tensor, mag: torch.Tensor, R: torch.Tensor) -> None:
+    """Record how well ``den`` (a stabilised denominator, or a value whose sign selects a rule) is determined."""
+    flows = torch.broadcast_to(R != 0, torch.broadcast_shapes(R.shape, den.shape, mag.shape))
+    if bool(flows.any()):
+        ratio = torch.broadcast_to(den.abs() / mag.clamp(min=1e-300), flows.shape)
+        _CONDITION[0] = min(_CONDITION[0], float(ratio[flows].min()))
+
+
 def stab(z: torch.Tensor, eps: float) -> torch.Tensor:
     return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
 
@@ -105,6 +119,7 @@ def linear_rule(spec, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, 
     bias = torch.zeros(W.shape[0], dtype=x.dtype) if b is None else b
     if kind == "eps":
         z = c.sum(-1) + bias
+        watch(stab(z, eps), c.abs().sum(-1) + bias.abs(), R)
         return (c * (R / stab(z, eps))[..., None]).sum(-2)
     if kind == "zplus":
         cp = c.clamp(min=0)
@@ -119,6 +134,7 @@ def linear_rule(spec, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, 
     if kind == "gamma":
         g = spec[1]
         z = c.sum(-1) + bias
+        watch(z, c.abs().sum(-1) + bias.abs(), R)  # its sign selects the rule
         cpos, cneg = c + g * c.clamp(min=0), c + g * c.clamp(max=0)
         zpos = cpos.sum(-1) + bias + g * bias.clamp(min=0)
         zneg = cneg.sum(-1) + bias + g * bias.clamp(max=0)
@@ -129,6 +145,7 @@ def linear_rule(spec, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, 
         low, high = spec[1], spec[2]
         cb = c - (low * mask)[..., None, :] * W.clamp(min=0) - (high * mask)[..., None, :] * W.clamp(max=0)
         z = cb.sum(-1)
+        watch(stab(z, eps), cb.abs().sum(-1), R)
         return (cb * (R / stab(z, eps))[..., None]).sum(-2)
     if kind == "flat":
         cf = mask[..., None, :] * torch.ones_like(W)
@@ -252,6 +269,7 @@ class Reference:
     seeds: list[torch.Tensor]
     to_params: float  # relevance handed to learned addends
     values: list[torch.Tensor]  # every activation of the forward
+    condition: float = float("inf")  # see watch(): below 1e-5 the case is ill-conditioned
 
     @property
     def seed(self) -> float:
@@ -289,6 +307,7 @@ def reference_lrp(prog: Program, xs: list[torch.Tensor], targets: list[list[int]
         rel[o] = s if rel[o] is None else rel[o] + s
     to_params = 0.0
     consumers = live_consumers(prog)
+    _CONDITION[0] = float("inf")
     for i in range(n - 1, len(xs) - 1, -1):
         R = rel[i]
         if R is None:
@@ -302,7 +321,7 @@ def reference_lrp(prog: Program, xs: list[torch.Tensor], targets: list[list[int]
                 assert r.shape == vals[j].shape, (node, r.shape, vals[j].shape)
                 rel[j] = r if rel[j] is None else rel[j] + r
     r_in = [rel[i] if rel[i] is not None else torch.zeros_like(x) for i, x in zip(prog.inputs, xs)]
-    return Reference(r_in, seeds, to_params, vals)
+    return Reference(r_in, seeds, to_params, vals, _CONDITION[0])
 
 
 def _op_relevance(prog, i, node, xs, y, R, params, table, consumers):
@@ -323,6 +342,7 @@ def _op_relevance(prog, i, node, xs, y, R, params, table, consumers):
         ta = x
         tb = a["sign"] * xs[1] if op == "add" else params[f"{i}.p"]
         s = R / stab(ta + tb, table["sum"][1])
+        watch(stab(ta + tb, table["sum"][1]), ta.abs() + tb.abs(), R)
         ra, rb = sum_to(ta * s, ta.shape), sum_to(tb * s, tb.shape)
         if op == "add":
             return [ra, rb], 0.0
@@ -340,6 +360,7 @@ def _op_relevance(prog, i, node, xs, y, R, params, table, consumers):
         c = A[:, :, None, :] * Bm[:, None, :, :]  # (B, T, S, F): c[t, s, f] = A_tf B_sf
         z = c.sum(-1)
         s = R / (2 * stab(z, table["product"][1]))
+        watch(stab(z, table["product"][1]), c.abs().sum(-1), R)
         return [(c * s[..., None]).sum(2), (c * s[..., None]).sum(1)], 0.0
     if op == "cat":
         d = a["dim"]
@@ -355,6 +376,8 @@ def _op_relevance(prog, i, node, xs, y, R, params, table, consumers):
     if op == "reduce":
         d = a["dim"]
         s = R / stab(y, table["sum"][1])
+        f = torch.sum if a["how"] == "sum" else torch.mean
+        watch(stab(y, table["sum"][1]), f(x.abs(), dim=d, keepdim=a["keepdim"]), R)
         if not a["keepdim"]:
             s = s.unsqueeze(d)
         coef = 1.0 if a["how"] == "sum" else 1.0 / x.shape[d]
@@ -362,6 +385,7 @@ def _op_relevance(prog, i, node, xs, y, R, params, table, consumers):
     if op == "avgpool2d":
         k, st = a["k"], a["stride"]
         s = R / stab(y, table["sum"][1])
+        watch(stab(y, table["sum"][1]), F.avg_pool2d(x.abs(), k, st), R)
         patches = F.unfold(x, k, stride=st)  # (B, C·k·k, L)
         B, C = x.shape[:2]
         rp = patches.reshape(B, C, k * k, -1) * (s.reshape(B, C, 1, -1) / (k * k))
@@ -385,6 +409,9 @@ def _op_relevance(prog, i, node, xs, y, R, params, table, consumers):
         rstd = 1.0 / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + LN_EPS)
         w = params.get(f"{i}.weight")
         u = R / stab(y, rule[1]) * rstd * (1.0 if w is None else w)
+        b = params.get(f"{i}.bias")
+        watch(stab(y, rule[1]), (x.abs() + x.mean(-1, keepdim=True).abs()) * rstd * (1.0 if w is None else w.abs())
+              + (0.0 if b is None else b.abs()), R)
         return [x * (u - u.mean(-1, keepdim=True))], 0.0
     if op == "batchnorm":
         rule = table["batchnorm"]
@@ -394,5 +421,6 @@ def _op_relevance(prog, i, node, xs, y, R, params, table, consumers):
         if f"{i}.weight" in params:
             scale = scale * params[f"{i}.weight"]
         scale = scale.reshape(-1, *([1] * (x.dim() - 2)))
+        watch(stab(y, rule[1]), (x * scale).abs() + (y - x * scale).abs(), R)
         return [x * scale * R / stab(y, rule[1])], 0.0
     raise ValueError(op)
