@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     ei.add_argument("--size", type=int, default=224, help="input size after resize and centre crop (default 224)")
     ei.add_argument("--grayscale", action="store_true", help="read images as one channel")
     ei.add_argument("--mean", type=_floats, default=None, help="normalisation mean, e.g. 0.5,0.5,0.5 "
-                                                              "(default: ImageNet's)")
+                                                              "(default: the timm model's, else ImageNet's)")
     ei.add_argument("--std", type=_floats, default=None, help="normalisation std (default: ImageNet's)")
     ei.add_argument("--cmap", default="bwr", help="colour map: bwr, rdbu, coldhot, gray, reds (default bwr)")
     ei.add_argument("--npy", action="store_true", help="also save the relevance as .npy")
@@ -236,8 +236,9 @@ def cmd_explain_image(args: argparse.Namespace) -> int:
     get_preset(args.preset)
     files = image_files(args.images)
     model = _load_image_model(args.model, args.weights)
-    mean = args.mean or (IMAGENET_MEAN if not args.grayscale else (0.5,))
-    std = args.std or (IMAGENET_STD if not args.grayscale else (0.5,))
+    cfg = getattr(model, "pretrained_cfg", None) or {}  # timm models say how they normalise
+    mean = args.mean or (tuple(cfg["mean"]) if "mean" in cfg else IMAGENET_MEAN if not args.grayscale else (0.5,))
+    std = args.std or (tuple(cfg["std"]) if "std" in cfg else IMAGENET_STD if not args.grayscale else (0.5,))
     out = Path(args.out)
     single_file = out.suffix.lower() == ".png"
     if single_file and len(files) > 1:
