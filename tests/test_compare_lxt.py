@@ -6,8 +6,9 @@ relevance must agree to 1e-5 relative (measured: 4e-9 to 3e-7). Each case runs i
 patches transformers' modules globally. LXT has no CP-LRP for BERT.
 
 torchvision ViT-B/16 (random weights, 64² input: 16 patches and the class token; at 224², the same code, 4e-7 in
-benchmarks/equivalence.py, about 40 s of CPU) follows LXT's own ViT recipe, CP-LRP in the attention plus zennit's γ on the
-convolution and linear layers (tests/lxt_case.py, ``vit``). The pretrained MiniLM is in test_compare_pretrained.py.
+benchmarks/equivalence.py, about 40 s of CPU) follows LXT's own ViT recipe, CP-LRP in the attention plus zennit's
+γ on the convolution and linear layers (tests/lxt_case.py, ``vit``). The pretrained MiniLM is in
+test_compare_pretrained.py.
 """
 
 from __future__ import annotations
