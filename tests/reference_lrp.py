@@ -19,7 +19,7 @@ rule is the textbook sum over :math:`j`:
 
 Biases enter the linear op's denominator (textbook LRP; what is not passed down is absorbed), also a bias added
 on its own (``x @ W.T + b``: a 1-d parameter of the layer's width added to a bias-free layer's output that nothing
-else uses). Additions
+else uses; a frozen one is a plain addend, since the graph cannot tell it from a constant). Additions
 :math:`z = \sum_k t_k` use the ε-rule with unit weights, :math:`R_k = t_k R / \mathrm{stab}(z)` (summed back over
 broadcast dimensions); a learned addend's share goes to the parameter. Sums, means and average pools the same with
 their coefficients. A product of two activations is split half/half (AttnLRP's uniform rule): element-wise
@@ -206,11 +206,16 @@ def merged_batch_norm(prog: Program, i: int, consumers, params, table):
     return scale, shift
 
 
-def separate_bias(prog: Program, i: int, consumers) -> int | None:
+_TRACKED = [True]  # whether the parameters require grad in the run compared with (see reference_lrp's ``frozen``)
+
+
+def separate_bias(prog: Program, i: int, consumers, tracked: bool | None = None) -> int | None:
     """The ``add_param`` node that is the bias of bias-free linear node ``i`` (``x @ W.T + b`` written out: a 1-d
-    parameter of the layer's width added to its output, which nothing else uses), or None."""
+    parameter of the layer's width added to its output, which nothing else uses), or None. Only a parameter the
+    graph records (``tracked``): a frozen one is a constant outside the graph, which nothing tells from a buffer."""
     node = prog.nodes[i]
-    if node.op != "linear" or node.attrs["bias"] or len(consumers[i]) != 1:
+    tracked = _TRACKED[0] if tracked is None else tracked
+    if not tracked or node.op != "linear" or node.attrs["bias"] or len(consumers[i]) != 1:
         return None
     k = consumers[i][0]
     add = prog.nodes[k]
@@ -289,9 +294,11 @@ def forward(prog: Program, params: dict, xs: list[torch.Tensor]) -> list[torch.T
 
 
 def reference_lrp(prog: Program, xs: list[torch.Tensor], targets: list[list[int]], preset: str = "epsilon",
-                  params: dict | None = None) -> Reference:
+                  params: dict | None = None, frozen: bool = False) -> Reference:
     """Relevance of the inputs ``xs`` of ``prog`` for one class index per row and output; seed = the output
-    value."""
+    value. ``frozen``: the parameters do not require grad (only changes what counts as a bias added on its own,
+    see :func:`separate_bias`)."""
+    _TRACKED[0] = not frozen
     params = materialize(prog) if params is None else params
     table = PRESETS[preset]
     vals = forward(prog, params, xs)

@@ -55,7 +55,7 @@ def _noncontiguous_linear_bias(prog: Program, preset: str, mode: str = "explain"
     """F2: ``F.linear`` with bias on a non-contiguous 3-d activation (matmul + add instead of addmm), or a bias
     added on its own (``x @ W.T + b``)."""
     live = live_consumers(prog)
-    if any(separate_bias(prog, i, live) is not None for i in range(len(prog.nodes))):
+    if any(separate_bias(prog, i, live, tracked=True) is not None for i in range(len(prog.nodes))):
         return True
     lin = [n for n in prog.nodes if n.op == "linear" and n.attrs["bias"] and len(prog.nodes[n.args[0]].shape) == 2]
     if not lin:
@@ -65,11 +65,10 @@ def _noncontiguous_linear_bias(prog: Program, preset: str, mode: str = "explain"
 
 
 def _frozen_bias(prog: Program, preset: str, mode: str = "explain") -> bool:
-    """F3: a linear or convolution with a frozen bias (propagate on a frozen model), a bias added on its own too."""
+    """F3: a linear or convolution with a frozen bias (propagate on a frozen model)."""
     live = live_consumers(prog)
-    return mode == "frozen" and any(
-        (n.op in ("linear", "conv2d") and n.attrs["bias"] and (live[i] or i in prog.outputs))
-        or separate_bias(prog, i, live) is not None for i, n in enumerate(prog.nodes))
+    return mode == "frozen" and any(n.op in ("linear", "conv2d") and n.attrs["bias"] and (live[i] or i in prog.outputs)
+                                    for i, n in enumerate(prog.nodes))
 
 
 def _output_feeds_output(prog: Program, preset: str, mode: str = "explain") -> bool:
@@ -109,7 +108,7 @@ def _shared_separate_bias(prog: Program, preset: str, mode: str = "explain") -> 
     """F7: ``x @ W.T + b`` (a 1-d parameter added to a bias-free linear op's output) where the linear op's output
     is used elsewhere too."""
     live = live_consumers(prog)
-    return any(n.op == "linear" and not n.attrs["bias"] and len(live[i]) > 1 and any(
+    return mode == "explain" and any(n.op == "linear" and not n.attrs["bias"] and len(live[i]) > 1 and any(
         prog.nodes[k].op == "add_param" and prog.nodes[k].attrs["pshape"] == (n.attrs["out"],) for k in live[i])
         for i, n in enumerate(prog.nodes))
 
@@ -199,7 +198,7 @@ def check(prog: Program, preset: str = "epsilon", exact: bool = False, compare: 
         return [("crash", f"bad relevance: {[(tuple(r.shape), r.dtype, bool(torch.isfinite(r).all())) for r in rs]}")]
 
     # 4. the reference
-    ref = reference_lrp(prog, xs, targets, preset, params)
+    ref = reference_lrp(prog, xs, targets, preset, params, frozen=mode == "frozen")
     for k, (s, s_ref) in enumerate(zip(att.outputs, ref.seeds)):
         if not torch.equal(s, s_ref):
             failures.append(("seed", f"output {k}: seed {s.tolist()} != {s_ref.tolist()}"))
