@@ -157,6 +157,7 @@ class Promises:
         key = (node.id, nr)
         v = self.values.get(key)
         if v is not None:
+            self.depth.setdefault(node.id, 0)  # a value handed in (an explained output) is an Arg Node too
             return v
         v = node.spec.output(node, nr)
         if v is None:

@@ -95,13 +95,36 @@ def _pos(b: Tensor | None) -> Tensor | None:
     return None if b is None else b.clamp(min=0)
 
 
-def _linear_terms(pairs: Sequence[tuple[Tensor, Tensor]], s: Tensor, fn) -> Tensor:
-    """:math:`\\sum_k x_k \\odot J_{w_k}^\\top s` for (input, weight) pairs."""
+def _linear_terms(pairs: Sequence[tuple[Tensor | None, Tensor]], s: Tensor, fn) -> Tensor:
+    """:math:`\\sum_k x_k \\odot J_{w_k}^\\top s` for (input, weight) pairs (a None input is zero: skipped)."""
     total = None
     for x, w in pairs:
+        if x is None:
+            continue
         g = x * transpose(fn, s, x, w)
         total = g if total is None else total + g
     return total
+
+
+def _products(pairs: Sequence[tuple[Tensor | None, Tensor]], fn) -> Tensor:
+    """:math:`\\sum_k f(x_k, w_k)` (a None input is zero: skipped)."""
+    total = None
+    for x, w in pairs:
+        if x is None:
+            continue
+        z = fn(x, w)
+        total = z if total is None else total + z
+    return total
+
+
+def _signs(x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """:math:`(x^+, x^-)`, None for a part that is zero everywhere: its terms vanish exactly, so a rule that splits
+    by sign skips them, and a layer after a ReLU (:math:`x^- = 0`) costs half the products."""
+    if not bool((x < 0).any()):
+        return x, None
+    if not bool((x > 0).any()):
+        return None, x
+    return x.clamp(min=0), x.clamp(max=0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -155,8 +178,9 @@ class ZPlus:
     eps: float = 1e-6
 
     def linear(self, x, w, R, fn, z=None, b=None):
-        pairs = [(x.clamp(min=0), w.clamp(min=0)), (x.clamp(max=0), w.clamp(max=0))]
-        zp = _plus(fn(*pairs[0]) + fn(*pairs[1]), _pos(b))
+        xp, xn = _signs(x)
+        pairs = [(xp, w.clamp(min=0)), (xn, w.clamp(max=0))]
+        zp = _plus(_products(pairs, fn), _pos(b))
         return _linear_terms(pairs, R / stabilize(zp, self.eps), fn)
 
 
@@ -178,13 +202,13 @@ class Gamma:
     uses_z = True  # for the sign of each output
 
     def linear(self, x, w, R, fn, z=None, b=None):
-        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        xp, xn = _signs(x)
         wp, wn = w + self.gamma * w.clamp(min=0), w + self.gamma * w.clamp(max=0)
         z = _plus(fn(x, w) if z is None else z, b)
         pos = [(xp, wp), (xn, wn)]
         neg = [(xp, wn), (xn, wp)]
-        zp = _plus(fn(*pos[0]) + fn(*pos[1]), None if b is None else b + self.gamma * b.clamp(min=0))
-        zn = _plus(fn(*neg[0]) + fn(*neg[1]), None if b is None else b + self.gamma * b.clamp(max=0))
+        zp = _plus(_products(pos, fn), None if b is None else b + self.gamma * b.clamp(min=0))
+        zn = _plus(_products(neg, fn), None if b is None else b + self.gamma * b.clamp(max=0))
         sp = R * (z > 0) / stabilize(zp, self.eps)
         sn = R * (z < 0) / stabilize(zn, self.eps)
         return _linear_terms(pos, sp, fn) + _linear_terms(neg, sn, fn)
@@ -205,10 +229,10 @@ class AlphaBeta:
     eps: float = 1e-6
 
     def linear(self, x, w, R, fn, z=None, b=None):
-        xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), w.clamp(min=0), w.clamp(max=0)
+        (xp, xn), wp, wn = _signs(x), w.clamp(min=0), w.clamp(max=0)
         pos, neg = [(xp, wp), (xn, wn)], [(xp, wn), (xn, wp)]
-        zp = _plus(fn(*pos[0]) + fn(*pos[1]), _pos(b))
-        zn = _plus(fn(*neg[0]) + fn(*neg[1]), None if b is None else b.clamp(max=0))
+        zp = _plus(_products(pos, fn), _pos(b))
+        zn = _plus(_products(neg, fn), None if b is None else b.clamp(max=0))
         rp = _linear_terms(pos, R / stabilize(zp, self.eps), fn)
         rn = _linear_terms(neg, R / stabilize(zn, self.eps), fn)
         return self.alpha * rp - self.beta * rn

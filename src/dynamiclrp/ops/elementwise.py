@@ -61,7 +61,9 @@ class AddTerms(OpSpec):
             rest = _add_all(*(terms[i] for i in known)) if known else 0
             terms = [t if t is not None else z.to(ctx.dtype) - rest for t in terms]
         rel = self.sum_rule(ctx).sum(terms, R, _add_all)
-        return [r.sum_to_size(t.shape).reshape(v.shape) if v is not None else None
+        # an operand outside the graph (a frozen bias, a constant) keeps its share: returned for the ledger
+        # (booked as given to parameters/constants), delivered nowhere
+        return [r.sum_to_size(t.shape).reshape(v.shape) if v is not None else r
                 for r, t, v in zip(rel, terms, values)]
 
 
@@ -74,17 +76,25 @@ class BiasAdd(AddTerms):
 
     family = "bias"
 
-    def __init__(self, terms, linear_index: int):
+    def __init__(self, terms, linear_index: int, untracked_is_bias: bool = False):
         super().__init__(terms)
-        self.linear_index = linear_index
+        self.linear_index, self.untracked_is_bias = linear_index, untracked_is_bias
 
     def fuses(self, ctx, node) -> bool:
         """Whether the bias goes into the linear op's denominator: the rule says so and the bias is a parameter
-        or constant (a data tensor added by ``baddbmm`` is an operand like any other and keeps its share)."""
-        e = node.inputs[1 - self.linear_index]
-        if e is None:  # untracked: a frozen bias or a constant (an attention mask added by baddbmm): split it off
+        or constant (a data tensor added by ``baddbmm`` is an operand like any other and keeps its share).
+
+        A bias outside the graph (frozen) is fused where it can only be a bias (``addmm``, a convolution's) and
+        its value can be had as the layer's output minus the linear term (from a saved copy of the output);
+        else (a ``baddbmm`` attention mask, or no saved output) it is split off by the ``sum`` rule."""
+        if not isinstance(ctx.rule_at(node, "bias"), BiasInDenominator):
             return False
-        return not ctx.run.graph.nodes[e.child].data and isinstance(ctx.rule_at(node, "bias"), BiasInDenominator)
+        if not _sole_use_of_linear_output(ctx.run.graph, node, self.linear_index):
+            return False  # the linear op's output is used elsewhere too: this is not (only) its bias
+        e = node.inputs[1 - self.linear_index]
+        if e is None:
+            return self.untracked_is_bias and ctx.run.promises.available(node, 0) is not None
+        return not ctx.run.graph.nodes[e.child].data
 
     def sum_rule(self, ctx):
         rule = ctx.rule("bias")
@@ -102,14 +112,20 @@ class BiasAdd(AddTerms):
         divided by the linear term's scale; None when it cannot be had (then the rule must not fuse)."""
         i, j = self.linear_index, 1 - self.linear_index
         e = node.inputs[j]
-        if e is None:
-            return None
         promises = ctx.run.promises
-        b = promises.value(e.child, e.nr).to(ctx.dtype)
         meta = node.fn._input_metadata[0]
         ones = torch.ones([1] * len(meta.shape), dtype=ctx.dtype, device=meta.device)  # the output's rank
         operands = [None, None]
-        operands[i], operands[j] = ones, b
+        operands[i] = ones
+        if e is None:  # frozen: the layer's output less its linear term
+            z = promises.available(node, 0)
+            lin = node.inputs[i]
+            if z is None or lin is None:
+                return None
+            scale = self.terms(node.fn, *operands)[i]
+            operands[i] = promises.value(lin.child, lin.nr).to(ctx.dtype)
+            return (z.to(ctx.dtype) - self.terms(node.fn, *operands)[i]) / scale
+        operands[j] = promises.value(e.child, e.nr).to(ctx.dtype)
         terms = self.terms(node.fn, *operands)
         return terms[j] / terms[i]
 
@@ -128,6 +144,20 @@ class Add(AddTerms):
 
 
 _VIEWS = ("UnsafeViewBackward0", "ViewBackward0", "ReshapeAliasBackward0")
+
+
+def _sole_use_of_linear_output(graph, add, linear_index: int) -> bool:
+    """Whether the addition ``add`` alone uses the output of the linear op below it (seen through views), so that
+    the linear op can take the addend into its denominator (see ``ops.linear._bias_add_of``)."""
+    e = add.inputs[linear_index]
+    while e is not None:
+        if len(graph.consumers.get((e.child, e.nr), ())) != 1:
+            return False
+        below = graph.nodes[e.child]
+        if below.kind not in _VIEWS:
+            return True
+        e = below.inputs[0]
+    return False
 
 
 def _unfused_linear_bias(fn) -> int | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import ActivationUnavailableError
 from ..rules import LinearMap, MergeBatchNorm
 from .base import NEXT, PART, OpSpec, out_shape, saved, through_views
 from .elementwise import _VIEWS, BiasAdd
@@ -88,18 +89,32 @@ def _merged_batch_norm(ctx, bias_handled: bool):
     dt = ctx.dtype
     var, mean = saved(bn.fn, "running_var").to(dt), saved(bn.fn, "running_mean").to(dt)
     gamma = saved(bn.fn, "weight", None)
-    beta = None
-    if len(bn.inputs) > 2 and bn.inputs[2] is not None:
-        beta = ctx.run.promises.value(bn.inputs[2].child, bn.inputs[2].nr).to(dt)
-    elif gamma is not None:
-        return None  # an affine batch norm whose bias the graph does not hold (frozen): cannot merge
     eps = saved(bn.fn, "eps", None)
     scale = (var + (eps if eps is not None else saved(bn.fn, "epsilon"))).rsqrt()
     if gamma is not None:
         scale = scale * gamma.to(dt)
-    shift = -mean * scale + (0 if beta is None else beta)
     view = [1, -1] + [1] * (len(out_shape(bn.fn)) - 2)  # the batch norm's output has the layer's shape
+    shift = -mean * scale
+    if len(bn.inputs) > 2 and bn.inputs[2] is not None:
+        shift = shift + ctx.run.promises.value(bn.inputs[2].child, bn.inputs[2].nr).to(dt)
+    elif gamma is not None:  # an affine batch norm whose bias β the graph does not hold (frozen)
+        shift = _frozen_batch_norm_shift(ctx, bn, scale.reshape(view))
     return scale.reshape(view), shift.reshape(view)
+
+
+def _frozen_batch_norm_shift(ctx, bn, scale):
+    """``β - μγ/σ`` of a frozen affine batch norm: its output less ``x γ/σ``, from a saved copy of the output."""
+    y = ctx.run.promises.available(bn, 0)
+    if y is None:
+        raise ActivationUnavailableError(
+            f"{bn.kind} (node #{bn.id}) is a frozen affine batch norm to be merged into the layer before it, but its "
+            "bias is not in the graph and no node saved its output; let the parameters require grad "
+            "(dynamiclrp.explain does this) or use a preset without MergeBatchNorm"
+        )
+    x = ctx.run.promises.value(bn.inputs[0].child, bn.inputs[0].nr).to(ctx.dtype)
+    per_element = y.to(ctx.dtype) - x * scale
+    dims = [d for d in range(per_element.dim()) if d != 1]
+    return per_element.mean(dims) if dims else per_element
 
 
 def _is_softmax_output(ctx, i: int) -> bool:
@@ -195,10 +210,11 @@ class Addmm(OpSpec):
 
     def __init__(self, product_kind: str, product: Product):
         self.product_kind, self.product = product_kind, product
+        self.is_mm = product_kind == "MmBackward0"  # addmm's addend is a bias; baddbmm's may be a mask
 
     def decompose(self, fn):
         return [
-            ("AddBackward0", BiasAdd(self._bias_term, linear_index=1), [(NEXT, 0), (PART, 1)]),
+            ("AddBackward0", BiasAdd(self._bias_term, 1, untracked_is_bias=self.is_mm), [(NEXT, 0), (PART, 1)]),
             (self.product_kind, self.product, [(NEXT, 1), (NEXT, 2)]),
         ]
 
@@ -220,7 +236,7 @@ class Convolution(Product):
         if not has_bias:
             return [("ConvolutionBackward0", self, [(NEXT, 0), (NEXT, 1)])]
         return [
-            ("AddBackward0", BiasAdd(self._bias_term, linear_index=0), [(PART, 1), (NEXT, 2)]),
+            ("AddBackward0", BiasAdd(self._bias_term, linear_index=0, untracked_is_bias=True), [(PART, 1), (NEXT, 2)]),
             ("ConvolutionBackward0", self, [(NEXT, 0), (NEXT, 1)]),
         ]
 
