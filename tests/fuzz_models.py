@@ -11,6 +11,10 @@ Ops (shapes always start with the batch dimension, which no op mixes):
 ``linear``      ``F.linear`` on the last dimension (rank 2 or 3; a permuted rank-3 operand is non-contiguous)
 ``conv2d``      ``F.conv2d`` (kernel 1-3, stride 1-2, padding 0-1), optional bias
 ``relu``/``tanh``  element-wise activations
+``act``         sigmoid, GELU or SiLU (element-wise activations with other autograd nodes)
+``cumsum``      cumulative sum along a non-batch dimension
+``pad``         zero padding of the last dimension (``F.pad``)
+``expand``      ``expand`` of a size-1 dimension
 ``scale``       multiplication by a Python scalar
 ``add``         ``a + b`` or ``a - b`` of two activations, with broadcasting
 ``mul``         ``a * b`` of two activations, with broadcasting
@@ -110,7 +114,8 @@ def conv_out(n: int, k: int, s: int, p: int) -> int:
 
 MOTIFS = ("block", "residual", "attention", "gate", "center")
 OP_NAMES = ("linear", "conv2d", "relu", "tanh", "scale", "add", "mul", "add_param", "mul_param", "cat", "reshape",
-            "permute", "slice", "reduce", "softmax", "layer_norm", "maxpool2d", "avgpool2d", "matmul", "batchnorm")
+            "permute", "slice", "reduce", "softmax", "layer_norm", "maxpool2d", "avgpool2d", "matmul", "batchnorm",
+            "act", "cumsum", "pad", "expand")
 
 
 def _candidates(op: str, nodes: list[Node]) -> list[int]:
@@ -131,6 +136,7 @@ def _candidates(op: str, nodes: list[Node]) -> list[int]:
             "layer_norm": s[-1] >= 2,
             "matmul": r == 2,
             "batchnorm": r in (1, 3),
+            "expand": 1 in s,
             "block": r in (1, 2) or (r == 3 and min(s[1:]) >= 3),
             "residual": r in (1, 2) or (r == 3 and min(s[1:]) >= 3),
             "attention": r == 2,
@@ -294,6 +300,17 @@ def _draw_op(draw, op: str, nodes: list[Node], a: int, biases: bool) -> Node | N
         return Node(op, (a,), attrs, (ch, conv_out(s[1], k, stride, pad), conv_out(s[2], k, stride, pad)))
     if op in ("relu", "tanh"):
         return Node(op, (a,), {}, s)
+    if op == "act":
+        return Node(op, (a,), {"f": draw(st.sampled_from(["sigmoid", "gelu", "silu"]))}, s)
+    if op == "cumsum":
+        return Node(op, (a,), {"dim": draw(st.integers(0, r - 1)) + 1}, s)
+    if op == "pad":
+        left, right = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+        return Node(op, (a,), {"left": left, "right": right}, (*s[:-1], s[-1] + left + right))
+    if op == "expand":
+        d = draw(st.sampled_from([i for i in range(r) if s[i] == 1]))
+        k = draw(st.integers(2, 4))
+        return Node(op, (a,), {"dim": d + 1, "size": k}, tuple(k if i == d else x for i, x in enumerate(s)))
     if op == "scale":
         return Node(op, (a,), {"c": draw(st.sampled_from([-1.5, 0.5, 2.0]))}, s)
     if op in ("add", "mul", "cat", "matmul"):
@@ -412,6 +429,16 @@ def apply(node: Node, xs: list[torch.Tensor], p: dict[str, torch.Tensor], i: int
         return torch.relu(x)
     if op == "tanh":
         return torch.tanh(x)
+    if op == "act":
+        return {"sigmoid": torch.sigmoid, "gelu": F.gelu, "silu": F.silu}[a["f"]](x)
+    if op == "cumsum":
+        return x.cumsum(a["dim"])
+    if op == "pad":
+        return F.pad(x, (a["left"], a["right"]))
+    if op == "expand":
+        size = list(x.shape)
+        size[a["dim"]] = a["size"]
+        return x.expand(size)
     if op == "scale":
         return x * a["c"]
     if op == "add":

@@ -168,9 +168,10 @@ def conv_rule(spec, x, W, b, R, stride: int, pad: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # the structure of the program
 
-ELEMENTWISE = {"relu", "tanh", "scale", "add", "mul", "add_param", "mul_param", "reshape", "permute", "slice"}
-REDUCTIONS = {"reduce", "avgpool2d"}
-VIEWS = {"reshape", "permute", "slice"}
+ELEMENTWISE = {"relu", "tanh", "act", "scale", "add", "mul", "add_param", "mul_param", "reshape", "permute", "slice",
+               "expand"}
+REDUCTIONS = {"reduce", "avgpool2d", "cumsum"}
+VIEWS = {"reshape", "permute", "slice", "expand"}  # padding is not a view: it adds elements
 
 
 def is_model_input(prog: Program, i: int) -> bool:
@@ -341,8 +342,17 @@ def _op_relevance(prog, i, node, xs, y, R, params, table, consumers):
     if op == "conv2d":
         spec = table["input_conv" if is_model_input(prog, node.args[0]) else "conv"]
         return [conv_rule(spec, x, *_layer(prog, i, consumers, params, table), R, a["stride"], a["pad"])], 0.0
-    if op in ("relu", "tanh", "scale", "mul_param"):
+    if op in ("relu", "tanh", "act", "scale", "mul_param"):
         return [R], 0.0
+    if op == "cumsum":  # z_j = sum_{i <= j} x_i: R_i = x_i sum_{j >= i} R_j / stab(z_j)
+        d = a["dim"]
+        s = R / stab(y, table["sum"][1])
+        watch(stab(y, table["sum"][1]), x.abs().cumsum(d), R)
+        return [x * s.flip(d).cumsum(d).flip(d)], 0.0
+    if op == "pad":
+        return [R.narrow(-1, a["left"], x.shape[-1])], 0.0
+    if op == "expand":
+        return [R.sum(a["dim"], keepdim=True)], 0.0
     if op == "add_param" and any(separate_bias(prog, j, consumers) == i for j in node.args):
         return [R], 0.0  # a layer's bias: all relevance to the layer, which puts the bias in its denominator
     if op in ("add", "add_param"):

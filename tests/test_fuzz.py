@@ -143,9 +143,11 @@ ILL = [0]  # ill-conditioned cases so far (comparisons with the reference skippe
 
 
 def may_refuse(prog: Program, mode: str) -> bool:
-    """Whether a clear ActivationUnavailableError is an acceptable answer: a frozen model whose graph holds an
-    untracked constant on the data path (a frozen bias or addend, a frozen affine norm), which autograd may leave
-    no way to recover."""
+    """Whether a clear ActivationUnavailableError is an acceptable answer: the graph holds an untracked constant on
+    the data path (a padding's fill value; on a frozen model a frozen bias or addend, a frozen affine norm), which
+    autograd may leave no way to recover."""
+    if any(n.op == "pad" for n in prog.nodes):  # autograd never records the fill value, even in explain mode
+        return True
     return mode == "frozen" and any(
         n.op == "add_param" or (n.op in ("linear", "conv2d") and n.attrs["bias"])
         or (n.op in ("batchnorm", "layer_norm") and n.attrs["affine"]) for n in prog.nodes)
