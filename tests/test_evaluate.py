@@ -202,3 +202,14 @@ def test_errors():
         ev.perturbation_curves(model, x, torch.full_like(x, float("nan")))
     with pytest.raises(ValueError, match="patches"):
         ev.perturbation_curves(model, x, x, patch=3)
+
+
+def test_several_scores_from_the_same_forwards():
+    model, x, mask = _mask_model_and_data(6)
+    y = torch.zeros(6, dtype=torch.long)
+    both = ev.evaluate(model, x, y, lambda m, a, t: mask.expand_as(a), steps=4, score=("prob", "logit"),
+                       progress=False)
+    prob = ev.evaluate(model, x, y, lambda m, a, t: mask.expand_as(a), steps=4, score="prob", progress=False)
+    assert set(both) == {"prob", "logit"}
+    assert torch.allclose(both["prob"].morf, prob.morf)
+    assert torch.allclose(both["logit"].morf.mul(2).sigmoid(), prob.morf)

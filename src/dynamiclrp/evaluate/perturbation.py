@@ -215,8 +215,9 @@ def perturbation_curves(model: Callable[[torch.Tensor], torch.Tensor], x: torch.
         Channel reduction of the relevance before ranking.
     replace : str, Tensor or callable
         Replacement values (:func:`replacement`): ``"blur"`` (default), ``"mean"``, ``"noise"``, ``"zero"``, ...
-    score : {"prob", "logit", "correct"}
-        Softmax probability of the target, its logit, or 1 if the arg-max equals the label.
+    score : {"prob", "logit", "correct"} or a sequence of them
+        Softmax probability of the target, its logit, or 1 if the arg-max equals the label. Several scores are
+        read off the same forward passes; the keys are then ``"morf:prob"``, ``"lerf:correct"``, ...
     orders : iterable of {"morf", "lerf"}
     batch_size : int
         Perturbed inputs per forward pass.
@@ -230,10 +231,12 @@ def perturbation_curves(model: Callable[[torch.Tensor], torch.Tensor], x: torch.
         raise ValueError(f"relevance {tuple(relevance.shape)} must have the input's shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         return {o: torch.zeros(0, steps + 1, device=x.device) for o in orders}
-    scores = unit_scores(relevance.to(x.device), patch, reduce)
-    if not bool(torch.isfinite(scores).all()):
+    single = isinstance(score, str)
+    scores = [score] if single else list(score)
+    ranking = unit_scores(relevance.to(x.device), patch, reduce)
+    if not bool(torch.isfinite(ranking).all()):
         raise ValueError("relevance contains NaN or inf")
-    n, units = scores.shape
+    n, units = ranking.shape
     per_step = per_step or math.ceil(units / steps)
     removed = (torch.arange(steps + 1, device=x.device) * per_step).clamp(max=units)
     baseline = replacement(x, replace, generator=generator)
@@ -242,7 +245,7 @@ def perturbation_curves(model: Callable[[torch.Tensor], torch.Tensor], x: torch.
     target = torch.as_tensor(target, device=x.device).reshape(n)
     label = None if label is None else torch.as_tensor(label, device=x.device).reshape(n)
     # stable sort: ties keep their position, so a constant map removes units in reading order
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    order = torch.sort(ranking, dim=1, descending=True, stable=True).indices
     morf_rank = torch.empty_like(order)
     morf_rank.scatter_(1, order, torch.arange(units, device=x.device).expand(n, units))
     out = {}
@@ -251,7 +254,7 @@ def perturbation_curves(model: Callable[[torch.Tensor], torch.Tensor], x: torch.
         if o not in ("morf", "lerf"):
             raise ValueError(f"order must be 'morf' or 'lerf', not {o!r}")
         ranks = morf_rank if o == "morf" else units - 1 - morf_rank
-        curve = torch.empty(n, steps + 1, device=x.device)
+        curve = torch.empty(len(scores), n, steps + 1, device=x.device)
         # process whole samples' step series in chunks of about batch_size perturbed inputs
         per = max(1, batch_size // (steps + 1))
         for i in range(0, n, per):
@@ -262,12 +265,17 @@ def perturbation_curves(model: Callable[[torch.Tensor], torch.Tensor], x: torch.
             b = xs.shape[0]
             tgt = target[sl].repeat_interleave(steps + 1)
             lab = None if label is None else label[sl].repeat_interleave(steps + 1)
-            vals = torch.cat([_score(model(flat[j:j + batch_size]), tgt[j:j + batch_size],
-                                     None if lab is None else lab[j:j + batch_size], score)
-                              for j in range(0, flat.shape[0], batch_size)])
-            curve[sl] = vals.view(b, steps + 1)
-        out[o] = curve
+            vals = torch.cat([_scores(model(flat[j:j + batch_size]), tgt[j:j + batch_size],
+                                      None if lab is None else lab[j:j + batch_size], scores)
+                              for j in range(0, flat.shape[0], batch_size)], 1)
+            curve[:, sl] = vals.view(len(scores), b, steps + 1)
+        for si, sc in enumerate(scores):
+            out[o if single else f"{o}:{sc}"] = curve[si]
     return out
+
+
+def _scores(logits, target, label, scores):
+    return torch.stack([_score(logits, target, label, s) for s in scores])
 
 
 def auc(curve: torch.Tensor, fractions: torch.Tensor | None = None) -> torch.Tensor:
@@ -396,7 +404,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, attributi
 
     Returns
     -------
-    PerturbationResult
+    PerturbationResult, or a dict score -> PerturbationResult when ``score`` is a sequence
         With the curves of all N samples, in data-set order, on every rank (gathered with ``all_gather``:
         gloo on CPU, NCCL on GPU).
 
@@ -411,7 +419,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, attributi
         device = p.device if p is not None else torch.device("cpu")
     n = x.shape[0]
     index = torch.arange(rank, n, world)
-    morf, lerf = [], []
+    scores = [score] if isinstance(score, str) else list(score)
+    parts = []
     bar = tqdm(total=len(index), desc=desc, disable=not progress or rank != 0, leave=False)
     for i in range(0, len(index), batch_size):
         idx = index[i:i + batch_size]
@@ -437,16 +446,18 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, attributi
             rep = noise.to(device=device, dtype=xb.dtype)
         c = perturbation_curves(model, xb, rel, tb, label=yb, steps=steps, per_step=per_step, patch=patch,
                                 reduce=reduce, replace=rep, score=score, batch_size=eval_batch_size)
-        morf.append(c["morf"])
-        lerf.append(c["lerf"])
+        parts.append(c)
         bar.update(len(idx))
     bar.close()
-    morf_t = torch.cat(morf) if morf else torch.zeros(0, steps + 1, device=device)
-    lerf_t = torch.cat(lerf) if lerf else torch.zeros(0, steps + 1, device=device)
-    if world > 1:
-        morf_t = _gather_rows(morf_t, index, n)
-        lerf_t = _gather_rows(lerf_t, index, n)
     fractions = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
-    return PerturbationResult(morf_t.cpu(), lerf_t.cpu(), fractions, score,
-                              meta={"steps": steps, "patch": patch, "replace": replace if isinstance(replace, str)
-                                    else "custom", "reduce": reduce, "world_size": world})
+    meta = {"steps": steps, "patch": patch, "replace": replace if isinstance(replace, str) else "custom",
+            "reduce": reduce, "world_size": world}
+    results = {}
+    for sc in scores:
+        curves = []
+        for o in ("morf", "lerf"):
+            key = o if isinstance(score, str) else f"{o}:{sc}"
+            t = torch.cat([c[key] for c in parts]) if parts else torch.zeros(0, steps + 1, device=device)
+            curves.append(_gather_rows(t, index, n) if world > 1 else t)
+        results[sc] = PerturbationResult(curves[0].cpu(), curves[1].cpu(), fractions, sc, meta=dict(meta))
+    return results[score] if isinstance(score, str) else results
