@@ -114,23 +114,23 @@ def _shared_separate_bias(prog: Program, preset: str, mode: str = "explain") -> 
 
 
 def _frozen_shift_before_softmax(prog: Program, preset: str, mode: str = "explain") -> bool:
-    """F8: a frozen addend (seen through views) right before a softmax (frozen model)."""
+    """F8: a frozen addend or bias (seen through views) right before a softmax (frozen model)."""
     if mode != "frozen":
         return False
     for n in prog.nodes:
         if n.op == "softmax":
             j = n.args[0]
-            while prog.nodes[j].op in ("reshape", "permute", "slice"):
+            while prog.nodes[j].op in ("reshape", "permute", "slice", "expand"):
                 j = prog.nodes[j].args[0]
-            if prog.nodes[j].op == "add_param":
+            src = prog.nodes[j]
+            if src.op == "add_param" or (src.op in ("linear", "conv2d") and src.attrs["bias"]):
                 return True
     return False
 
 
-OPEN_FINDINGS = {"F3": _frozen_bias, "F4": _output_feeds_output, "F5": _frozen_affine_batch_norm,
-                 "F6": _frozen_addend, "F7": _shared_separate_bias, "F8": _frozen_shift_before_softmax}
-CRASHES = {"F4"}  # the whole case is skipped
-LEDGER_ONLY = {"F6"}  # only the ledger's split into parameters / absorbed is not compared
+OPEN_FINDINGS = {"F8": _frozen_shift_before_softmax}
+CRASHES: set[str] = set()  # open findings that crash: the whole case is skipped (F4 was one)
+LEDGER_ONLY: set[str] = set()  # open findings where only the ledger's split is not compared (F6 was one)
 
 
 def open_findings(prog: Program, preset: str, mode: str = "explain") -> set[str]:
@@ -382,31 +382,27 @@ F6_PROGRAM = Program([Node("input", shape=(3,)), Node("add_param", (0,), {"pshap
                       Node("mul", (1, 1), {}, (3,)), _lin(2, 2)], outputs=[3], batch=2, param_seed=1, input_seed=2)
 
 
-@pytest.mark.xfail(strict=True, reason="F3: BiasAdd.fuses is False for an untracked (frozen) bias, so the bias is "
-                                       "split off by the sum rule instead of entering the layer's denominator")
 @pytest.mark.parametrize("preset", ["epsilon", "epsilon_gamma_box", "epsilon_plus_flat"])
 def test_finding_frozen_bias_in_denominator(preset):
+    """F3 (fixed in 7d0abe8): a frozen bias enters the layer's denominator, as a tracked one does."""
     assert _frozen_bias(F3_PROGRAM, preset, "frozen")
     assert not _failures(F3_PROGRAM, preset, "frozen")
 
 
-@pytest.mark.xfail(strict=True, reason="F4: explained outputs seeded into Promises.values have no Promises.depth "
-                                       "entry: KeyError when a promise reaches one")
 def test_finding_output_feeding_output_frozen():
+    """F4 (fixed in 7d0abe8): an explained output that feeds another is an Arg Node (no KeyError)."""
     assert _output_feeds_output(F4_PROGRAM, "epsilon", "frozen")
     assert not _failures(F4_PROGRAM, "epsilon", "frozen")
 
 
-@pytest.mark.xfail(strict=True, reason="F5: _merged_batch_norm gives up on a frozen affine batch norm (bias not in "
-                                       "the graph) and MergeBatchNorm then passes relevance: silently unmerged")
 def test_finding_frozen_affine_batch_norm_is_merged():
+    """F5 (fixed in 7d0abe8): a frozen affine batch norm is merged (β from its saved output) or the run raises."""
     assert _frozen_affine_batch_norm(F5_PROGRAM, "epsilon", "frozen")
     assert not _failures(F5_PROGRAM, "epsilon", "frozen")
 
 
-@pytest.mark.xfail(strict=True, reason="F6: AddTerms returns None for an untracked addend, so the ledger books its "
-                                       "share as absorbed instead of r_params")
 def test_finding_frozen_addend_share_in_ledger():
+    """F6 (fixed in 7d0abe8): an untracked addend's share is booked as given to parameters/constants."""
     assert _frozen_addend(F6_PROGRAM, "epsilon", "frozen")
     assert not _failures(F6_PROGRAM, "epsilon", "frozen")
 
@@ -441,11 +437,9 @@ def test_finding_separate_bias_in_denominator(preset):
     assert not _failures(F2B_PROGRAM, preset)
 
 
-@pytest.mark.xfail(strict=True, reason="F7: Add.decompose makes mm + 1-d parameter a BiasAdd even when the mm's "
-                                       "output has other consumers; _bias_add_of then gives the mm no bias, and the "
-                                       "bias's relevance goes to the input")
 @pytest.mark.parametrize("preset", ["epsilon", "attnlrp"])
 def test_finding_shared_separate_bias(preset):
+    """F7 (fixed in 7d0abe8): an mm output used elsewhere is not fused with an addend."""
     assert _shared_separate_bias(F7_PROGRAM, preset)
     assert not _failures(F7_PROGRAM, preset)
 
@@ -455,12 +449,19 @@ F8_PROGRAM = Program([Node("input", shape=(3,)), _lin(0, 3), Node("add_param", (
                      input_seed=2)
 
 
+F8B_PROGRAM = Program([Node("input", shape=(1, 3, 3)),
+                       Node("conv2d", (0,), {"out": 1, "k": 1, "stride": 1, "pad": 0, "bias": True}, (1, 3, 3)),
+                       Node("softmax", (1,), {"dim": 2}, (1, 3, 3)), Node("reshape", (2,), {"to": (-1,)}, (9,)),
+                       _lin(3, 2)], outputs=[4], batch=2, param_seed=0, input_seed=0)
+
+
 @pytest.mark.xfail(strict=True, reason="F8: softmax's mask check (log s - x constant per row) certifies a frozen "
                                        "constant shift as a mask; the addition then takes the replay with the "
                                        "constant as zero as its true output")
-def test_finding_frozen_shift_before_softmax():
-    assert _frozen_shift_before_softmax(F8_PROGRAM, "epsilon", "frozen")
-    assert not _failures(F8_PROGRAM, "epsilon", "frozen")
+@pytest.mark.parametrize("prog", [F8_PROGRAM, F8B_PROGRAM], ids=["addend", "conv-bias"])
+def test_finding_frozen_shift_before_softmax(prog):
+    assert _frozen_shift_before_softmax(prog, "epsilon", "frozen")
+    assert not _failures(prog, "epsilon", "frozen")
 
 
 def test_finding_f8_position_dependent_bias_is_refused():
