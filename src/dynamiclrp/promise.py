@@ -159,13 +159,14 @@ class Promises:
         if v is not None:
             self.depth.setdefault(node.id, 0)  # a value handed in (an explained output) is an Arg Node too
             return v
-        v = node.spec.output(node, nr)
+        v = None
+        for c, i in self.graph.consumers.get(key, ()):  # a saved copy first: free, where `output` may compute
+            consumer = self.graph.nodes[c]
+            v = consumer.spec.saved_input(consumer, i)
+            if v is not None:
+                break
         if v is None:
-            for c, i in self.graph.consumers.get(key, ()):
-                consumer = self.graph.nodes[c]
-                v = consumer.spec.saved_input(consumer, i)
-                if v is not None:
-                    break
+            v = node.spec.output(node, nr)
         if v is not None:
             self.values[key] = v
             self.depth.setdefault(node.id, 0)

@@ -42,7 +42,7 @@ LinearFn = Callable[[Tensor, Tensor], Tensor]
 
 def stabilize(z: Tensor, eps: float) -> Tensor:
     r"""Return :math:`z + \varepsilon\,\mathrm{sign}(z)` with :math:`\mathrm{sign}(0) = 1`."""
-    return z + eps * (2 * (z >= 0).to(z.dtype) - 1)
+    return torch.where(z >= 0, z + eps, z - eps)  # one pass fewer than z + eps * sign, same values
 
 
 def safe_divide(r: Tensor, z: Tensor) -> Tensor:
