@@ -34,7 +34,9 @@ as zennit's canonizers) and then identity, or, linearised, the ε-rule on :math:
 
 The rule of each op comes from a preset table below (:data:`PRESETS`), written from the preset docstrings of
 dynamiclrp (``epsilon``, ``epsilon_plus``, ``epsilon_plus_flat``, ``epsilon_gamma_box``,
-``epsilon_alpha2_beta1``, ``attnlrp``).
+``epsilon_alpha2_beta1``, ``attnlrp``, ``paper``). The ``paper`` preset replaces the ε-rule of sums and products by
+the DynamicLRP paper's magnitude-proportional split :math:`R_k = |t_k| R / (\sum_{k'} |t_{k'}| + \varepsilon)`,
+applied also between a layer and its bias, and lets softmax absorb its relevance.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fuzz_models import BN_EPS, Program, apply, materialize
+from fuzz_models import BN_EPS, Node, Program, apply, materialize
 
 # rule specs: ("eps", ε), ("zplus", ε), ("gamma", γ, ε), ("alphabeta", α, β, ε), ("zbox", low, high, ε),
 # ("flat", ε); sums: ("eps", ε); products: ("uniform", ε); softmax: "pass" | "attnlrp";
@@ -73,6 +75,12 @@ PRESETS: dict[str, dict] = {
     "attnlrp": {"input_dense": ("eps", 1e-12), "input_conv": ("eps", 1e-12), "dense": ("eps", 1e-12),
                 "conv": ("eps", 1e-12), "sum": ("eps", 1e-12), "product": ("uniform", 1e-12),
                 "softmax": "attnlrp", "norm": ("linearised", 1e-12), "batchnorm": ("linearised", 1e-12)},
+    # the DynamicLRP paper: ε (1e-11) for linear ops; |·|-proportional sums and element-wise products,
+    # R_k = |t_k| R / (Σ|t| + ε), also between a layer and its bias (the bias gets its share); a matrix product of
+    # two activations halved as AttnLRP's (ε 1e-11); softmax absorbs everything (value path only); norms identity
+    "paper": {"input_dense": ("eps", 1e-11), "input_conv": ("eps", 1e-11), "dense": ("eps", 1e-11),
+              "conv": ("eps", 1e-11), "sum": ("prop", 1e-11), "product": ("prop", 1e-11), "bias": "split",
+              "softmax": "block", "norm": "pass", "batchnorm": "pass"},
 }
 
 LN_EPS = 1e-5  # F.layer_norm's default
@@ -226,7 +234,7 @@ def separate_bias(prog: Program, i: int, consumers, tracked: bool | None = None)
 def _layer(prog, i, consumers, params, table):
     """Weight and bias of layer ``i`` (a bias added on its own included), with a following batch norm merged in."""
     W, b = params[f"{i}.weight"], params.get(f"{i}.bias")
-    k = separate_bias(prog, i, consumers)
+    k = separate_bias(prog, i, consumers) if table.get("bias") != "split" else None
     if k is not None:
         b = params[f"{k}.p"]
     merged = merged_batch_norm(prog, i if k is None else k, consumers, params, table)
@@ -332,10 +340,27 @@ def reference_lrp(prog: Program, xs: list[torch.Tensor], targets: list[list[int]
     return Reference(r_in, seeds, to_params, vals, _CONDITION[0])
 
 
+def _sum_den(prop: bool, combined: torch.Tensor, y: torch.Tensor, mag: torch.Tensor, eps: float, R) -> torch.Tensor:
+    """Denominator of a sum rule: Σ|t| + ε (proportional), or stab(z) (ε-rule, recording its condition)."""
+    if prop:
+        return combined + eps
+    watch(stab(y, eps), mag, R)
+    return stab(y, eps)
+
+
 def _op_relevance(prog, i, node, xs, y, R, params, table, consumers):
     """(relevance per operand, relevance given to parameters) of IR node ``i``."""
     op, a = node.op, node.attrs
     x = xs[0]
+    if op in ("linear", "conv2d") and table.get("bias") == "split" and f"{i}.bias" in params:
+        # the bias addition split off the layer takes the sum rule: the bias gets its share
+        b = params[f"{i}.bias"]
+        b = b if op == "linear" else b.reshape(-1, 1, 1)
+        z = y - b
+        s = R / (z.abs() + b.abs() + table["sum"][1])
+        out, _ = _op_relevance(prog, i, Node(op, node.args, {**a, "bias": False}, node.shape), xs, z, z.abs() * s,
+                               {k: v for k, v in params.items() if k != f"{i}.bias"}, table, consumers)
+        return out, float(sum_to(b.abs() * s, b.shape).sum())
     if op == "linear":
         spec = table["input_dense" if is_model_input(prog, node.args[0]) else "dense"]
         return [linear_rule(spec, x, *_layer(prog, i, consumers, params, table), R)], 0.0
@@ -344,22 +369,25 @@ def _op_relevance(prog, i, node, xs, y, R, params, table, consumers):
         return [conv_rule(spec, x, *_layer(prog, i, consumers, params, table), R, a["stride"], a["pad"])], 0.0
     if op in ("relu", "tanh", "act", "scale", "mul_param"):
         return [R], 0.0
+    prop, eps_sum = table["sum"][0] == "prop", table["sum"][1]
+    t = x.abs() if prop else x  # the terms the sum rules split by: |x| for the proportional rule
     if op == "cumsum":  # z_j = sum_{i <= j} x_i: R_i = x_i sum_{j >= i} R_j / stab(z_j)
         d = a["dim"]
-        s = R / stab(y, table["sum"][1])
-        watch(stab(y, table["sum"][1]), x.abs().cumsum(d), R)
-        return [x * s.flip(d).cumsum(d).flip(d)], 0.0
+        s = R / _sum_den(prop, t.cumsum(d), y, x.abs().cumsum(d), eps_sum, R)
+        return [t * s.flip(d).cumsum(d).flip(d)], 0.0
     if op == "pad":
         return [R.narrow(-1, a["left"], x.shape[-1])], 0.0
     if op == "expand":
         return [R.sum(a["dim"], keepdim=True)], 0.0
-    if op == "add_param" and any(separate_bias(prog, j, consumers) == i for j in node.args):
+    if op == "add_param" and table.get("bias") != "split" and any(separate_bias(prog, j, consumers) == i
+                                                                  for j in node.args):
         return [R], 0.0  # a layer's bias: all relevance to the layer, which puts the bias in its denominator
     if op in ("add", "add_param"):
         ta = x
         tb = a["sign"] * xs[1] if op == "add" else params[f"{i}.p"]
-        s = R / stab(ta + tb, table["sum"][1])
-        watch(stab(ta + tb, table["sum"][1]), ta.abs() + tb.abs(), R)
+        if prop:
+            ta, tb = ta.abs(), tb.abs()
+        s = R / _sum_den(prop, ta + tb, ta + tb, ta.abs() + tb.abs(), eps_sum, R)
         ra, rb = sum_to(ta * s, ta.shape), sum_to(tb * s, tb.shape)
         if op == "add":
             return [ra, rb], 0.0
@@ -370,7 +398,9 @@ def _op_relevance(prog, i, node, xs, y, R, params, table, consumers):
                 out = [None, None]
                 out[1 - k] = sum_to(R, xs[1 - k].shape)
                 return out, 0.0
-        assert table["product"][0] == "uniform"
+        if table["product"][0] == "prop":  # R_a = |a| R / (|a| + |b| + ε)
+            s = R / (xs[0].abs() + xs[1].abs() + table["product"][1])
+            return [sum_to(xs[0].abs() * s, xs[0].shape), sum_to(xs[1].abs() * s, xs[1].shape)], 0.0
         return [sum_to(R / 2, xs[0].shape), sum_to(R / 2, xs[1].shape)], 0.0
     if op == "matmul":
         A, Bm = xs
@@ -392,18 +422,17 @@ def _op_relevance(prog, i, node, xs, y, R, params, table, consumers):
         return [r], 0.0
     if op == "reduce":
         d = a["dim"]
-        s = R / stab(y, table["sum"][1])
         f = torch.sum if a["how"] == "sum" else torch.mean
-        watch(stab(y, table["sum"][1]), f(x.abs(), dim=d, keepdim=a["keepdim"]), R)
+        s = R / _sum_den(prop, f(t, dim=d, keepdim=a["keepdim"]), y, f(x.abs(), dim=d, keepdim=a["keepdim"]), eps_sum,
+                         R)
         if not a["keepdim"]:
             s = s.unsqueeze(d)
         coef = 1.0 if a["how"] == "sum" else 1.0 / x.shape[d]
-        return [x * coef * s], 0.0
+        return [t * coef * s], 0.0
     if op == "avgpool2d":
         k, st = a["k"], a["stride"]
-        s = R / stab(y, table["sum"][1])
-        watch(stab(y, table["sum"][1]), F.avg_pool2d(x.abs(), k, st), R)
-        patches = F.unfold(x, k, stride=st)  # (B, C·k·k, L)
+        s = R / _sum_den(prop, F.avg_pool2d(t, k, st), y, F.avg_pool2d(x.abs(), k, st), eps_sum, R)
+        patches = F.unfold(t, k, stride=st)  # (B, C·k·k, L)
         B, C = x.shape[:2]
         rp = patches.reshape(B, C, k * k, -1) * (s.reshape(B, C, 1, -1) / (k * k))
         return [F.fold(rp.reshape(B, C * k * k, -1), x.shape[-2:], k, stride=st)], 0.0
@@ -417,6 +446,8 @@ def _op_relevance(prog, i, node, xs, y, R, params, table, consumers):
     if op == "softmax":
         if table["softmax"] == "pass":
             return [R], 0.0
+        if table["softmax"] == "block":
+            return [torch.zeros_like(x)], 0.0
         return [x * (R - y * R.sum(a["dim"], keepdim=True))], 0.0
     if op == "layer_norm":
         rule = table["norm"]
@@ -432,7 +463,7 @@ def _op_relevance(prog, i, node, xs, y, R, params, table, consumers):
         return [x * (u - u.mean(-1, keepdim=True))], 0.0
     if op == "batchnorm":
         rule = table["batchnorm"]
-        if rule == "merge":
+        if rule in ("merge", "pass"):
             return [R], 0.0
         scale = 1.0 / torch.sqrt(params[f"{i}.running_var"] + BN_EPS)
         if f"{i}.weight" in params:
