@@ -28,6 +28,12 @@ class Softmax(OpSpec):
     saved probabilities attend to, ``log p - logits`` is constant per row. The check is made; a mask that does
     more (a position bias) raises an error instead of a wrong answer. Masked positions then get no relevance,
     as with a ``-inf`` mask, whatever fill value (``-inf``, ``finfo.min``, ``-1e4``) the model used.
+
+    One case the check cannot see: an untracked constant that *shifts* a whole row (softmax is blind to it). A
+    frozen layer bias there is refused (:class:`~dynamiclrp.ops.elementwise.BiasAdd`); any other untracked
+    addend is taken to be a mask, so a frozen per-row shift parameter added to the logits would be explained as
+    if it were zero. :func:`dynamiclrp.explain` tracks every parameter, which rules this out; it concerns
+    :func:`dynamiclrp.propagate` on a graph built with frozen parameters.
     """
 
     family = "softmax"

@@ -93,7 +93,8 @@ class BiasAdd(AddTerms):
             return False  # the linear op's output is used elsewhere too: this is not (only) its bias
         e = node.inputs[1 - self.linear_index]
         if e is None:
-            return self.untracked_is_bias and ctx.run.promises.available(node, 0) is not None
+            return (self.untracked_is_bias and (node.id, 0) not in ctx.run.promises.provisional
+                    and ctx.run.promises.available(node, 0) is not None)
         return not ctx.run.graph.nodes[e.child].data
 
     def sum_rule(self, ctx):
@@ -105,6 +106,16 @@ class BiasAdd(AddTerms):
             out = [None] * len(ctx.node.inputs)
             out[self.linear_index] = ctx.R[0]
             return out
+        node = ctx.node
+        if self.untracked_is_bias and node.inputs[1 - self.linear_index] is None and (
+                (node.id, 0) in ctx.run.promises.provisional):
+            # the output is known only as a replay with the bias taken as zero, which a softmax after it certified
+            # as a mask; but this addend is a layer's bias, not a mask, and softmax is blind to a per-row shift
+            raise ActivationUnavailableError(
+                f"{node.kind} (node #{node.id}) adds a frozen layer bias before a softmax; its value is not in the "
+                "graph and the softmax cannot reveal it. Let the parameters require grad (dynamiclrp.explain does "
+                "this) or explain with propagate() on a graph where the bias is tracked"
+            )
         return super().relevance(ctx)
 
     def bias_term(self, ctx, node) -> torch.Tensor | None:
