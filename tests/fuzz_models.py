@@ -9,7 +9,7 @@ Ops (shapes always start with the batch dimension, which no op mixes):
 
 =============== =========================================================================================
 ``linear``      ``F.linear`` on the last dimension (rank 2 or 3; a permuted rank-3 operand is non-contiguous)
-``conv2d``      ``F.conv2d`` (kernel 1-3, stride 1-2, padding 0-1), optional bias
+``conv2d``      ``F.conv2d`` (kernel 1-3, stride 1-2, padding 0-1, dilation 1-2, groups), optional bias
 ``relu``/``tanh``  element-wise activations
 ``act``         sigmoid, GELU or SiLU (element-wise activations with other autograd nodes)
 ``cumsum``      cumulative sum along a non-batch dimension
@@ -105,8 +105,8 @@ def broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
     return tuple(out)
 
 
-def conv_out(n: int, k: int, s: int, p: int) -> int:
-    return (n + 2 * p - k) // s + 1
+def conv_out(n: int, k: int, s: int, p: int, d: int = 1) -> int:
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ def _draw_motif(draw, motif: str, nodes: list[Node], a: int, biases: bool) -> No
         if len(sh) == 3:
             k = draw(st.sampled_from([1, 3]))
             ch = sh[0] if same else draw(st.integers(1, 3))
-            out = add("conv2d", [h], {"out": ch, "k": k, "stride": 1, "pad": k // 2,
+            out = add("conv2d", [h], {"out": ch, "k": k, "stride": 1, "pad": k // 2, "dilation": 1, "groups": 1,
                                       "bias": biases and draw(st.booleans())}, (ch, *sh[1:]))
         else:
             f = sh[-1] if same else draw(st.integers(2, 6))
@@ -295,9 +295,12 @@ def _draw_op(draw, op: str, nodes: list[Node], a: int, biases: bool) -> Node | N
     if op == "conv2d":
         k = draw(st.integers(1, min(3, *s[1:])))
         stride, pad = draw(st.integers(1, 2)), draw(st.integers(0, 1 if k > 1 else 0))
-        ch = draw(st.integers(1, 3))
-        attrs = {"out": ch, "k": k, "stride": stride, "pad": pad, "bias": biases and draw(st.booleans())}
-        return Node(op, (a,), attrs, (ch, conv_out(s[1], k, stride, pad), conv_out(s[2], k, stride, pad)))
+        dil = 2 if k > 1 and min(s[1:]) + 2 * pad >= 2 * k - 1 and draw(st.integers(0, 3)) == 0 else 1
+        groups = draw(st.sampled_from([g for g in (1, 2, 3) if s[0] % g == 0]))
+        ch = groups * draw(st.integers(1, 3 if groups == 1 else 2))
+        attrs = {"out": ch, "k": k, "stride": stride, "pad": pad, "dilation": dil, "groups": groups,
+                 "bias": biases and draw(st.booleans())}
+        return Node(op, (a,), attrs, (ch, conv_out(s[1], k, stride, pad, dil), conv_out(s[2], k, stride, pad, dil)))
     if op in ("relu", "tanh"):
         return Node(op, (a,), {}, s)
     if op == "act":
@@ -388,7 +391,7 @@ def materialize(prog: Program) -> dict[str, torch.Tensor]:
             if a["bias"]:
                 params[f"{i}.bias"] = 0.5 * torch.randn(a["out"], generator=g, dtype=D)
         elif n.op == "conv2d":
-            cin = prog.nodes[n.args[0]].shape[0]
+            cin = prog.nodes[n.args[0]].shape[0] // a["groups"]
             fan_in = cin * a["k"] ** 2
             params[f"{i}.weight"] = torch.randn(a["out"], cin, a["k"], a["k"], generator=g, dtype=D) / math.sqrt(fan_in)
             if a["bias"]:
@@ -424,7 +427,7 @@ def apply(node: Node, xs: list[torch.Tensor], p: dict[str, torch.Tensor], i: int
     if op == "linear":
         return F.linear(x, p[f"{i}.weight"], p.get(f"{i}.bias"))
     if op == "conv2d":
-        return F.conv2d(x, p[f"{i}.weight"], p.get(f"{i}.bias"), a["stride"], a["pad"])
+        return F.conv2d(x, p[f"{i}.weight"], p.get(f"{i}.bias"), a["stride"], a["pad"], a["dilation"], a["groups"])
     if op == "relu":
         return torch.relu(x)
     if op == "tanh":

@@ -162,15 +162,23 @@ def linear_rule(spec, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, 
     raise ValueError(spec)
 
 
-def conv_rule(spec, x, W, b, R, stride: int, pad: int) -> torch.Tensor:
-    """A convolution as im2col: patches (B, L, C·k·k), weights (O, C·k·k), the linear rule per location."""
+def conv_rule(spec, x, W, b, R, stride: int, pad: int, dilation: int = 1, groups: int = 1) -> torch.Tensor:
+    """A convolution as im2col: per group, patches (B, L, C·k·k), weights (O, C·k·k), the linear rule per
+    location; the patch relevance folded back (overlaps summed, padding dropped)."""
     k = W.shape[-1]
     H, Wd = x.shape[-2:]
-    patches = F.unfold(x, k, padding=pad, stride=stride).transpose(1, 2)  # (B, L, CKK)
-    mask = F.unfold(torch.ones_like(x), k, padding=pad, stride=stride).transpose(1, 2)
-    Rl = R.flatten(2).transpose(1, 2)  # (B, L, O)
-    rp = linear_rule(spec, patches, W.flatten(1), b, Rl, mask)
-    return F.fold(rp.transpose(1, 2), (H, Wd), k, padding=pad, stride=stride)
+    geo = {"dilation": dilation, "padding": pad, "stride": stride}
+    cg, og = x.shape[1] // groups, W.shape[0] // groups
+    out = []
+    for g in range(groups):
+        xg = x[:, g * cg:(g + 1) * cg]
+        patches = F.unfold(xg, k, **geo).transpose(1, 2)  # (B, L, CKK)
+        mask = F.unfold(torch.ones_like(xg), k, **geo).transpose(1, 2)
+        Rl = R[:, g * og:(g + 1) * og].flatten(2).transpose(1, 2)  # (B, L, O)
+        bg = None if b is None else b[g * og:(g + 1) * og]
+        rp = linear_rule(spec, patches, W[g * og:(g + 1) * og].flatten(1), bg, Rl, mask)
+        out.append(F.fold(rp.transpose(1, 2), (H, Wd), k, **geo))
+    return torch.cat(out, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -284,6 +292,7 @@ class Reference:
     to_params: float  # relevance handed to learned addends
     values: list[torch.Tensor]  # every activation of the forward
     condition: float = float("inf")  # see watch(): below 1e-5 the case is ill-conditioned
+    relevance: list = None  # the relevance of every node (None where none arrived), for debugging
 
     @property
     def seed(self) -> float:
@@ -337,7 +346,7 @@ def reference_lrp(prog: Program, xs: list[torch.Tensor], targets: list[list[int]
                 assert r.shape == vals[j].shape, (node, r.shape, vals[j].shape)
                 rel[j] = r if rel[j] is None else rel[j] + r
     r_in = [rel[i] if rel[i] is not None else torch.zeros_like(x) for i, x in zip(prog.inputs, xs)]
-    return Reference(r_in, seeds, to_params, vals, _CONDITION[0])
+    return Reference(r_in, seeds, to_params, vals, _CONDITION[0], rel)
 
 
 def _sum_den(prop: bool, combined: torch.Tensor, y: torch.Tensor, mag: torch.Tensor, eps: float, R) -> torch.Tensor:
@@ -366,7 +375,8 @@ def _op_relevance(prog, i, node, xs, y, R, params, table, consumers):
         return [linear_rule(spec, x, *_layer(prog, i, consumers, params, table), R)], 0.0
     if op == "conv2d":
         spec = table["input_conv" if is_model_input(prog, node.args[0]) else "conv"]
-        return [conv_rule(spec, x, *_layer(prog, i, consumers, params, table), R, a["stride"], a["pad"])], 0.0
+        return [conv_rule(spec, x, *_layer(prog, i, consumers, params, table), R, a["stride"], a["pad"],
+                          a["dilation"], a["groups"])], 0.0
     if op in ("relu", "tanh", "act", "scale", "mul_param"):
         return [R], 0.0
     prop, eps_sum = table["sum"][0] == "prop", table["sum"][1]
