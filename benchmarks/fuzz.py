@@ -39,6 +39,7 @@ from fuzz_models import MOTIFS, OP_NAMES, programs  # noqa: E402
 from reference_lrp import PRESETS  # noqa: E402
 
 torch.set_num_threads(1)
+CI_CASES = 150 + 120 + 50 + 100  # max_examples of the four fuzz tests in tests/test_fuzz.py
 
 
 def run_mode(mode: str, cases: int, seed_: int, max_ops: int, presets: list[str]) -> dict:
@@ -80,7 +81,10 @@ def report(results: dict, args, elapsed: float) -> str:
              f"`python benchmarks/fuzz.py --cases {args.cases} --seed {args.seed} --modes {args.modes} "
              f"--max-ops {args.max_ops}` (torch {torch.__version__}, float64, "
              f"{time.strftime('%Y-%m-%d', time.gmtime())}): {sum(r['cases'] for r in results.values())} cases in "
-             f"{elapsed:.0f} s. CI runs the same checks on a fixed-seed subset (`tests/test_fuzz.py`).", ""]
+             f"{elapsed:.0f} s (one CPU thread). CI runs the same checks on a fixed-seed subset "
+             f"(`tests/test_fuzz.py`, {CI_CASES} fuzz cases).", ""]
+    if args.source:
+        lines += [f"dynamiclrp: {args.source}.", ""]
     lines += ["Random programs (`tests/fuzz_models.py`) of " + ", ".join(f"`{o}`" for o in OP_NAMES)
               + ", and motifs " + ", ".join(f"`{m}`" for m in MOTIFS) + "; one or two outputs (one may consume "
               "the other); shared sub-graphs; broadcasting; batch 2-3. Each case is explained by dynamiclrp and by "
@@ -131,6 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--max-ops", type=int, default=10)
     ap.add_argument("--out", default=str(ROOT / "results" / "fuzz.md"))
+    ap.add_argument("--source", default="", help="what dynamiclrp was run from (for the report)")
     args = ap.parse_args(argv)
     t0 = time.time()
     results = {}

@@ -105,7 +105,7 @@ FINDINGS = {
     "F7": "x @ W.T + b whose mm output is also used elsewhere: the bias's relevance is handed to the input "
           "(introduced by F2's fix)",
     "F8": "frozen model: a constant shift added before a softmax passes the mask check and is taken as 0 by the "
-          "addition's rule",
+          "addition's rule (a frozen layer bias there: refused since 846206c; a frozen addend: open, documented)",
 }
 def _shared_separate_bias(prog: Program, preset: str, mode: str = "explain") -> bool:
     """F7: ``x @ W.T + b`` (a 1-d parameter added to a bias-free linear op's output) where the linear op's output
