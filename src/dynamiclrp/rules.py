@@ -58,6 +58,22 @@ def vjp(fn: Callable[..., Tensor], inputs: Sequence[Tensor], grad: Tensor) -> tu
         return torch.autograd.grad(out, xs, grad)
 
 
+def add_terms(*terms: Tensor) -> Tensor:
+    """:math:`\\sum_k t_k` with broadcasting: the ``combine`` of additions (add, sub, bias additions)."""
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
+
+
+def _sum_vjp(combine: Callable[..., Tensor], inputs: Sequence[Tensor], grad: Tensor) -> Sequence[Tensor]:
+    """:math:`J_k^\\top g` of a ``sum`` op: for :func:`add_terms` each term's is ``g`` summed to the term's shape
+    (no autograd needed), else by autograd."""
+    if combine is add_terms:
+        return [grad.sum_to_size(t.shape) for t in inputs]
+    return vjp(combine, inputs, grad)
+
+
 class LinearMap:
     """``z = fn(x, w)``, linear in ``x`` for fixed ``w``, with its transpose :math:`J_x^\\top s`.
 
@@ -157,7 +173,7 @@ class Epsilon:
     def sum(self, terms: Sequence[Tensor], R: Tensor, combine: Callable[..., Tensor]) -> list[Tensor]:
         z = combine(*terms)
         s = R / stabilize(z, self.eps)
-        return [t * g for t, g in zip(terms, vjp(combine, terms, s))]
+        return [t * g for t, g in zip(terms, _sum_vjp(combine, terms, s))]
 
     def product(self, a: Tensor, b: Tensor, R: Tensor, fn) -> tuple[Tensor, Tensor]:
         """Each factor, the other held fixed: :math:`R_a = a \\odot J_a^\\top (R / \\mathrm{stab}(z))`, and the
@@ -321,7 +337,7 @@ class Proportional:
     def sum(self, terms, R, combine):
         mags = [t.abs() for t in terms]
         s = R / (combine(*mags) + self.eps)
-        return [m * g for m, g in zip(mags, vjp(combine, mags, s))]
+        return [m * g for m, g in zip(mags, _sum_vjp(combine, mags, s))]
 
     def product(self, a, b, R, fn):
         if not _elementwise(fn):  # a matrix product: the bilinear form has no |·| split; halve it (AttnLRP)
@@ -357,7 +373,7 @@ class Uniform:
     def sum(self, terms, R, combine):
         ones = [torch.ones_like(t) for t in terms]
         s = R / combine(*ones)
-        return [g for g in vjp(combine, ones, s)]
+        return list(_sum_vjp(combine, ones, s))
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ActivationUnavailableError
-from ..rules import BiasInDenominator
+from ..rules import BiasInDenominator, add_terms
 from .base import NEXT, PART, Identity, OpSpec, saved
-
-
-def _add_all(*terms):
-    total = terms[0]
-    for t in terms[1:]:
-        total = total + t
-    return total
 
 
 class AddTerms(OpSpec):
@@ -36,7 +29,7 @@ class AddTerms(OpSpec):
         return None if self.out is None else self.out(node.fn)
 
     def forward(self, node, inputs):
-        return _add_all(*(t for t in self.terms(node.fn, *inputs) if t is not None))
+        return add_terms(*(t for t in self.terms(node.fn, *inputs) if t is not None))
 
     def sum_rule(self, ctx):
         return ctx.rule(self.family)
@@ -58,9 +51,9 @@ class AddTerms(OpSpec):
                     "so the constant's share cannot be computed; let that operand require grad (dynamiclrp."
                     "explain does this for parameters) or register a different rule"
                 )
-            rest = _add_all(*(terms[i] for i in known)) if known else 0
+            rest = add_terms(*(terms[i] for i in known)) if known else 0
             terms = [t if t is not None else z.to(ctx.dtype) - rest for t in terms]
-        rel = self.sum_rule(ctx).sum(terms, R, _add_all)
+        rel = self.sum_rule(ctx).sum(terms, R, add_terms)
         # an operand outside the graph (a frozen bias, a constant) keeps its share: returned for the ledger
         # (booked as given to parameters/constants), delivered nowhere
         return [r.sum_to_size(t.shape).reshape(v.shape) if v is not None else r

@@ -1,0 +1,156 @@
+"""Where the time of one explanation goes: per engine phase and per op family (issue #8).
+
+Phases: the model's forward (with the graph recorded), reading the graph (``Graph.build``), and the backward
+relevance pass, split into the rules' own work per op family and the Promise System's replays. Timed by wrapping
+the entry points with ``time.perf_counter`` (CPU, synchronous), medians over ``--reps`` runs.
+
+Run: ``python benchmarks/phases.py [--models vgg16 resnet50 bert] [--preset epsilon] [--out results/phases.md]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import pathlib
+import statistics
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import dynamiclrp  # noqa: E402
+from dynamiclrp import api, engine, graph, promise  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def models(names):
+    import torchvision
+
+    for name in names:
+        if name in ("vgg16", "resnet50", "vit_b_16"):
+            yield name, getattr(torchvision.models, name)().eval(), torch.randn(1, 3, 224, 224)
+        elif name == "bert":
+            from transformers import BertConfig, BertForSequenceClassification
+
+            m = BertForSequenceClassification(BertConfig(attn_implementation="eager")).eval()
+            yield "bert-base (128 tokens)", m, {"input_ids": torch.randint(0, 30000, (1, 128))}
+
+
+class Timers:
+    def __init__(self):
+        self.t = collections.defaultdict(float)
+
+    @contextlib.contextmanager
+    def patch(self):
+        saved = []
+
+        def wrap(obj, attr, key):
+            orig = getattr(obj, attr)
+            saved.append((obj, attr, orig))
+
+            def timed(*a, **k):
+                t0 = time.perf_counter()
+                try:
+                    return orig(*a, **k)
+                finally:
+                    self.t[key(a) if callable(key) else key] += time.perf_counter() - t0
+
+            setattr(obj, attr, timed)
+
+        wrap(api, "_forward", "forward")
+        orig_build = graph.Graph.build.__func__
+        saved.append((graph.Graph, "build", graph.Graph.build))
+
+        def build(cls, roots):
+            t0 = time.perf_counter()
+            try:
+                return orig_build(cls, roots)
+            finally:
+                self.t["graph"] += time.perf_counter() - t0
+
+        graph.Graph.build = classmethod(build)
+        wrap(promise.Promises, "_replay", "promise replays")
+        orig_prop = engine.Run.propagate
+        saved.append((engine.Run, "propagate", orig_prop))
+        timers = self
+
+        def propagate(run, seeds):
+            # time each node's rule by its family (replays it triggers are subtracted below)
+            specs = {}
+            for n in run.graph.nodes:
+                if id(n.spec) not in specs:
+                    specs[id(n.spec)] = n.spec
+            originals = {}
+            for sid, spec in specs.items():
+                fam = spec.family or type(spec).__name__
+                originals[sid] = spec.relevance
+
+                def rel(ctx, _orig=spec.relevance, _fam=fam):
+                    t0 = time.perf_counter()
+                    r0 = timers.t["promise replays"]
+                    try:
+                        return _orig(ctx)
+                    finally:
+                        timers.t[f"rules: {_fam}"] += time.perf_counter() - t0 - (timers.t["promise replays"] - r0)
+
+                spec.relevance = rel
+            t0 = time.perf_counter()
+            try:
+                return orig_prop(run, seeds)
+            finally:
+                timers.t["relevance pass (total)"] += time.perf_counter() - t0
+                for sid, spec in specs.items():
+                    del spec.relevance  # back to the class's method
+
+        engine.Run.propagate = propagate
+        try:
+            yield
+        finally:
+            for obj, attr, orig in reversed(saved):
+                setattr(obj, attr, orig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["vgg16", "resnet50", "bert"])
+    ap.add_argument("--preset", default="epsilon")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default="results/phases.md")
+    args = ap.parse_args()
+    lines = [f"# Where the time goes (benchmarks/phases.py, preset `{args.preset}`)", "",
+             f"torch {torch.__version__}, CPU, 1 thread, medians of {args.reps} runs after a warm-up; seconds and "
+             "share of the whole explanation. `rules: <family>` is the rules' own time (replays they triggered "
+             "are under `promise replays`); `other` is the engine loop, seeding and bookkeeping.", ""]
+    for name, model, x in models(args.models):
+        dynamiclrp.explain(model, x, preset=args.preset, ledger=False, check_finite=False)  # warm-up
+        runs = []
+        for _ in range(args.reps):
+            timers = Timers()
+            with timers.patch():
+                t0 = time.perf_counter()
+                dynamiclrp.explain(model, x, preset=args.preset, ledger=False, check_finite=False)
+                timers.t["total"] = time.perf_counter() - t0
+            runs.append(dict(timers.t))
+        keys = sorted({k for r in runs for k in r}, key=lambda k: -statistics.median(r.get(k, 0) for r in runs))
+        med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
+        accounted = med["forward"] + med["graph"] + med["relevance pass (total)"]
+        med["other (api: seeding, results)"] = med["total"] - accounted
+        lines += [f"## {name}", "", "| phase | s | share |", "|---|---|---|"]
+        for k in ["total", "forward", "graph", "relevance pass (total)", "promise replays",
+                  *[k for k in keys if k.startswith("rules:")], "other (api: seeding, results)"]:
+            if k in med:
+                lines.append(f"| {k} | {med[k]:.4f} | {med[k] / med['total']:.1%} |")
+        lines.append("")
+        print("\n".join(lines[-(len(med) + 4):]), flush=True)
+    pathlib.Path(args.out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
