@@ -112,9 +112,10 @@ def report(results: dict, args, elapsed: float) -> str:
     lines += ["", "## Findings", "",
               "Found by the fuzz tests; details, minimal programs and diagnoses in `results/fuzz_findings.md`. A "
               "finding is fixed when its fix landed in `src/` and its regression test in `tests/test_fuzz.py` "
-              "passes as a normal test.", "", "| finding | status | what |", "|---|---|---|"]
+              "passes as a normal test.", "", "| finding | status | caught by | what |", "|---|---|---|---|"]
     for name, what in tf.FINDINGS.items():
-        lines.append(f"| {name} | {'open' if name in tf.OPEN_FINDINGS else 'fixed'} | {what} |")
+        lines.append(f"| {name} | {'open' if name in tf.OPEN_FINDINGS else 'fixed'} | "
+                     f"{tf.FINDING_CATEGORY.get(name, '')} | {what} |")
     found, fixed = len(tf.FINDINGS), len(set(tf.FINDINGS) - set(tf.OPEN_FINDINGS))
     lines += ["", f"Failures found: {found}; fixed: {fixed}; open: {found - fixed}.", ""]
     examples = [(mode, k, v) for mode, r in results.items() for k, v in sorted(r["examples"].items())]

@@ -132,6 +132,10 @@ def _frozen_shift_before_softmax(prog: Program, preset: str, mode: str = "explai
     return False
 
 
+# the check that caught each finding first (benchmarks/fuzz.py reports it)
+FINDING_CATEGORY = {"F1": "reference", "F2": "reference, conservation (ledger)",
+                    "F3": "reference, conservation (ledger)", "F4": "crash", "F5": "reference",
+                    "F6": "conservation (ledger)", "F7": "reference, conservation (ledger)", "F8": "reference"}
 OPEN_FINDINGS = {"F8": _frozen_shift_before_softmax}
 CRASHES: set[str] = set()  # open findings that crash: the whole case is skipped (F4 was one)
 LEDGER_ONLY: set[str] = set()  # open findings where only the ledger's split is not compared (F6 was one)
