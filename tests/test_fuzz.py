@@ -507,3 +507,91 @@ def test_ill_conditioned_cases_are_detected():
     xs, targets = make_inputs(prog), make_targets(prog, 3)
     assert reference_lrp(prog, xs, targets, "epsilon").condition < ILL_CONDITIONED
     assert reference_lrp(F1_PROGRAM, make_inputs(F1_PROGRAM), make_targets(F1_PROGRAM, 3)).condition > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the reference's convolution against explicit loops (the im2col bookkeeping of conv_rule, independently)
+
+
+def _conv_rule_loops(spec, x, W, b, R, stride, pad, dil, groups):
+    """Textbook LRP for one convolution, one output element and one input element at a time."""
+    kind, eps = spec[0], spec[-1]
+    _, C, H, Wd = x.shape
+    O, cg, k, _ = W.shape
+    og = O // groups
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        for o in range(O):
+            g = o // og
+            for oh in range(R.shape[2]):
+                for ow in range(R.shape[3]):
+                    terms = []  # (input position, x_i, w_ij)
+                    for c in range(cg):
+                        for kh in range(k):
+                            for kw in range(k):
+                                ih, iw = oh * stride - pad + kh * dil, ow * stride - pad + kw * dil
+                                if 0 <= ih < H and 0 <= iw < Wd:
+                                    ci = g * cg + c
+                                    terms.append(((n, ci, ih, iw), float(x[n, ci, ih, iw]), float(W[o, c, kh, kw])))
+                    bias = 0.0 if b is None else float(b[o])
+                    r = float(R[n, o, oh, ow])
+                    z = sum(xi * wi for _, xi, wi in terms) + bias
+
+                    def st_(v):
+                        return v + (eps if v >= 0 else -eps)
+
+                    for pos, xi, wi in terms:
+                        if kind == "eps":
+                            share = xi * wi / st_(z)
+                        elif kind == "zplus":
+                            zp = sum(max(a * w_, 0.0) for _, a, w_ in terms) + max(bias, 0.0)
+                            share = max(xi * wi, 0.0) / st_(zp)
+                        elif kind == "alphabeta":
+                            al, be = spec[1], spec[2]
+                            zp = sum(max(a * w_, 0.0) for _, a, w_ in terms) + max(bias, 0.0)
+                            zn = sum(min(a * w_, 0.0) for _, a, w_ in terms) + min(bias, 0.0)
+                            share = al * max(xi * wi, 0.0) / st_(zp) - be * min(xi * wi, 0.0) / st_(zn)
+                        elif kind == "gamma":
+                            gm = spec[1]
+                            if z > 0:
+                                cterm = [a * w_ + gm * max(a * w_, 0.0) for _, a, w_ in terms]
+                                den = sum(cterm) + bias + gm * max(bias, 0.0)
+                                share = (xi * wi + gm * max(xi * wi, 0.0)) / st_(den)
+                            elif z < 0:
+                                cterm = [a * w_ + gm * min(a * w_, 0.0) for _, a, w_ in terms]
+                                den = sum(cterm) + bias + gm * min(bias, 0.0)
+                                share = (xi * wi + gm * min(xi * wi, 0.0)) / st_(den)
+                            else:
+                                share = 0.0
+                        elif kind == "zbox":
+                            lo, hi = spec[1], spec[2]
+                            den = sum(a * w_ - lo * max(w_, 0.0) - hi * min(w_, 0.0) for _, a, w_ in terms)
+                            share = (xi * wi - lo * max(wi, 0.0) - hi * min(wi, 0.0)) / st_(den)
+                        elif kind == "flat":
+                            share = 1.0 / st_(float(len(terms)))
+                        else:
+                            raise ValueError(kind)
+                        out[pos] += share * r
+    return out
+
+
+@pytest.mark.parametrize("spec", [("eps", 1e-6), ("zplus", 1e-6), ("alphabeta", 2.0, 1.0, 1e-6),
+                                  ("gamma", 0.25, 1e-6), ("zbox", -3.0, 3.0, 1e-6), ("flat", 1e-6)],
+                         ids=lambda s: s[0])
+@pytest.mark.parametrize("geo", [(1, 0, 1, 1), (2, 1, 1, 1), (1, 1, 2, 1), (1, 1, 1, 2), (2, 1, 2, 2)],
+                         ids=["plain", "stride-pad", "dilation", "groups", "all"])
+def test_reference_conv_rule_matches_explicit_loops(spec, geo):
+    from reference_lrp import conv_rule
+
+    stride, pad, dil, groups = geo
+    g = torch.Generator().manual_seed(hash(geo) % 1000)
+    x = torch.randn(1, 2, 5, 5, generator=g, dtype=torch.float64)
+    W = torch.randn(2, 2 // groups, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(2, generator=g, dtype=torch.float64)
+    z = torch.nn.functional.conv2d(x, W, b, stride, pad, dil, groups)
+    R = torch.randn(z.shape, generator=g, dtype=torch.float64)
+    got = conv_rule(spec, x, W, b, R, stride, pad, dil, groups)
+    if spec[0] == "flat":
+        b = None  # the flat rule ignores the bias
+    want = _conv_rule_loops(spec, x, W, b, R, stride, pad, dil, groups)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
