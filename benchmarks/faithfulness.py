@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/faithfulness.py                  # full study -> results/faithfulness.md, results/faithfulness/
     python benchmarks/faithfulness.py --quick --out-dir /tmp/q   # CI slice: a few images and sentences, no LXT
-    python benchmarks/faithfulness.py --part fmnist    # one part (fmnist, photos, text); --report re-renders
+    python benchmarks/faithfulness.py --part fmnist    # some parts (fmnist, photos, text); --report re-renders
 
 Parts (each writes ``<out-dir>/<part>.json`` and curve PNGs; the report is rendered from the JSON files found):
 
@@ -465,7 +465,8 @@ def render(parts: dict, out: pathlib.Path, rel_png: str) -> str:
             ours = {r["method"]: r for r in t["rows"] if "error" not in r}
             for a, b in (("ours attnlrp", "LXT AttnLRP"), ("ours cp_lrp", "LXT CP-LRP")):
                 if a in ours and b in ours:
-                    v = "≥" if ours[a]["top1"] >= ours[b]["top1"] else "<"
+                    d = ours[a]["top1"] - ours[b]["top1"]
+                    v = "=" if abs(d) < 1e-9 else (">" if d > 0 else "**<**")
                     md.append(f"\n{a} top-1 {ours[a]['top1']:.3f} {v} {b} {ours[b]['top1']:.3f}.")
             md += ["", f"![{t['task']} deletion curves]({rel_png}/text_{t['task']}.png)", ""]
     notes = out / "notes.md"  # hand-written reading of the numbers, kept next to the JSON files
@@ -477,7 +478,7 @@ def render(parts: dict, out: pathlib.Path, rel_png: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few images and sentences, no LXT (the CI slice)")
-    ap.add_argument("--part", choices=["fmnist", "photos", "text", "all"], default="all")
+    ap.add_argument("--part", choices=["fmnist", "photos", "text", "all"], nargs="+", default=["all"])
     ap.add_argument("--out-dir", default=str(ROOT / "results" / "faithfulness"))
     ap.add_argument("--md", default=None, help="report path (default results/faithfulness.md, or out-dir in --quick)")
     ap.add_argument("--report", action="store_true", help="only render the report from the JSON files")
@@ -489,7 +490,7 @@ def main() -> None:
     md_path = pathlib.Path(args.md) if args.md else (out / "faithfulness.md" if args.quick
                                                      else ROOT / "results" / "faithfulness.md")
     if not args.report:
-        todo = ["fmnist", "photos", "text"] if args.part == "all" else [args.part]
+        todo = ["fmnist", "photos", "text"] if "all" in args.part else list(dict.fromkeys(args.part))
         for part in todo:
             t0 = time.perf_counter()
             if part == "fmnist":

@@ -23,10 +23,9 @@ def test_faithfulness_quick_slice(tmp_path):
     if pathlib.Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").exists():
         parts.append("fmnist")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    for part in parts:
-        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "faithfulness.py"), "--quick", "--part", part,
-                               "--out-dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "faithfulness.py"), "--quick", "--part", *parts,
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
     md = (tmp_path / "faithfulness.md").read_text()
     rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| (ours [\w +.γ_]+|random|captum \w+) \| ([^|]+)\|", md,
                                                         re.M)}
