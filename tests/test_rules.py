@@ -359,6 +359,37 @@ def test_linear_rule_with_known_z(rule_name, name):
                  **TOL)
 
 
+@pytest.mark.parametrize("name", ["mm", "conv_strided_grouped", "bmm"])
+@pytest.mark.parametrize("rule_name", ["zplus", "gamma", "gamma_big", "alphabeta", "alphabeta_b"])
+@pytest.mark.parametrize("given_z", [False, True])
+def test_sign_split_rules_on_non_negative_input(rule_name, name, given_z):
+    """After a ReLU (x >= 0) the rules skip the x⁻ half (γ also rewrites its products): still the equation."""
+    case = make_linear_case(name, 11)
+    g = gen(12)
+    rule = make_rule(rule_name, case.x, g)
+    x = case.x.abs() * (rand(g, *case.x.shape) > 0.3)  # non-negative, with exact zeros as after a ReLU
+    z = case.fn(x, case.w)
+    R = randn(g, *z.shape)
+    out = rule.linear(x, case.w, R, case.op("lmap_direct"), z=z.clone() if given_z else None)
+    assert_close(out, ref_linear(rule, case, x, case.w, R), **TOL)
+
+
+def test_gamma_on_non_negative_input_with_bias_matches_the_general_path():
+    """The x >= 0 rewrite of γ against the general four-product path (forced with an all-but-one x >= 0)."""
+    g = gen(13)
+    x, w, b, R = rand(g, 3, 5), randn(g, 5, 4), randn(g, 4), randn(g, 3, 4)
+    rule = r.Gamma(0.7, EPS)
+    fast = rule.linear(x, w, R, torch.mm, z=x @ w, b=b)
+    general = rule.linear(x - 0.0, w, R, torch.mm, b=b)  # same input; compare with a hand-made general call
+    xp, wp, wn = x, w + 0.7 * w.clamp(min=0), w + 0.7 * w.clamp(max=0)
+    z = x @ w + b
+    zp, zn = xp @ wp + b + 0.7 * b.clamp(min=0), xp @ wn + b + 0.7 * b.clamp(max=0)
+    sp, sn = R * (z > 0) / stab(zp, EPS), R * (z < 0) / stab(zn, EPS)
+    expected = xp * (sp @ wp.T) + xp * (sn @ wn.T)
+    assert_close(fast, expected, **TOL)
+    assert_close(general, expected, **TOL)
+
+
 def test_epsilon_linear_uses_given_z_as_denominator():
     """R_i = sum_j x_i w_ij R_j / stab(z_j) with the z that is passed (e.g. one that includes a bias)."""
     g = gen(7)
