@@ -499,13 +499,18 @@ class FuzzModel(nn.Module):
                 self.names[k] = "b" + k.replace(".", "_")
 
     def forward(self, *xs):
+        vals = self.activations(*xs)
+        outs = tuple(vals[o] for o in self.prog.outputs)
+        return outs if len(outs) > 1 else outs[0]
+
+    def activations(self, *xs) -> list[torch.Tensor]:
+        """Every node's value (the inputs first), from one forward."""
         p = {k.replace("_", ".", 1): v for k, v in self.params.items()}
         p.update({k: getattr(self, b) for k, b in self.names.items()})
         vals = list(xs)
         for i, n in enumerate(self.prog.nodes[len(xs):], start=len(xs)):
             vals.append(apply(n, [vals[j] for j in n.args], p, i))
-        outs = tuple(vals[o] for o in self.prog.outputs)
-        return outs if len(outs) > 1 else outs[0]
+        return vals
 
 
 def make_targets(prog: Program, seed: int) -> list[list[int]]:
