@@ -649,3 +649,32 @@ def test_pre_activation_read_off_the_relu_equals_recomputation(upper, monkeypatc
     monkeypatch.setattr(linear, "_pre_activation", lambda *a: None)
     slow = dynamiclrp.explain(m, x, target=[0, 1, 2, 0], module_rules=rules).inputs[0]
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-14)
+
+
+def test_a_copy_saved_behind_views_is_used(monkeypatch):
+    """q = linear(x) is saved by the attention's bmm only after view/transpose/expand/clone/reshape: the Promise
+    System undoes those views to hand the linear layer's rule its output z, where it would otherwise recompute
+    the layer (MmBackward0's ``output`` from its saved operands); the relevance is the same either way."""
+    from dynamiclrp.ops import OPS
+
+    torch.manual_seed(4)
+    proj = nn.Linear(8, 8, bias=False).double()
+    x = torch.randn(2, 5, 8, dtype=D, requires_grad=True)
+    mm = OPS["MmBackward0"]
+    recomputed = []
+    real_output = mm.output
+    monkeypatch.setattr(mm, "output", lambda node, nr: (recomputed.append(node.id), real_output(node, nr))[1])
+
+    def explain():
+        recomputed.clear()
+        qh = proj(x).view(2, 5, 2, 4).transpose(1, 2)  # (2, 2, 5, 4)
+        y = ((qh @ qh.transpose(-1, -2)).softmax(-1) @ qh).sum((1, 2, 3))[:, None]
+        return dynamiclrp.propagate(y, target=0, wrt=[x], rules={"linear": Epsilon(0.1)}).inputs[0]
+
+    with_views = explain()
+    assert not recomputed
+    for spec in OPS.values():
+        monkeypatch.setattr(spec, "invert", None)
+    without = explain()
+    assert recomputed  # the check above could fail: without undoing views the layer is recomputed
+    torch.testing.assert_close(with_views, without, rtol=1e-12, atol=1e-14)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import ActivationUnavailableError
-from .ops.base import Routing
+from .ops.base import Routing, out_shape
 
 if TYPE_CHECKING:  # pragma: no cover
     from .graph import Graph, Node
@@ -152,6 +152,32 @@ class Promises:
         self.stats.internal_nodes += 1
         self.stats.recovered += 1
 
+    def _saved_copy(self, key: tuple[int, int], depth: int = 0) -> torch.Tensor | None:
+        """The value at ``key`` as a consumer saved it, or as a consumer saved a view of it that keeps every
+        element (``q.view(...).transpose(...)`` saved by the attention's matmul), the views undone."""
+        consumers = self.graph.consumers.get(key, ())
+        for c, i in consumers:
+            consumer = self.graph.nodes[c]
+            v = consumer.spec.saved_input(consumer, i)
+            if v is not None:
+                return v
+        node = self.graph.nodes[key[0]]
+        if depth >= 8 or node.part != 0:
+            return None
+        for c, _ in consumers:
+            consumer = self.graph.nodes[c]
+            if consumer.spec.invert is None or len(consumer.inputs) != 1:
+                continue
+            y = self.values.get((c, 0))
+            if y is None:
+                y = self._saved_copy((c, 0), depth + 1)
+            if y is not None:
+                shape = torch.Size(out_shape(node.fn, key[1]))
+                x = consumer.spec.invert(consumer.fn, y, shape)
+                if x.shape == shape:
+                    return x
+        return None
+
     def _direct(self, node: Node, nr: int) -> torch.Tensor | None:
         """Output slot ``nr`` from the node's own saved tensors, or from a consumer that saved it as an operand."""
         key = (node.id, nr)
@@ -159,12 +185,7 @@ class Promises:
         if v is not None:
             self.depth.setdefault(node.id, 0)  # a value handed in (an explained output) is an Arg Node too
             return v
-        v = None
-        for c, i in self.graph.consumers.get(key, ()):  # a saved copy first: free, where `output` may compute
-            consumer = self.graph.nodes[c]
-            v = consumer.spec.saved_input(consumer, i)
-            if v is not None:
-                break
+        v = self._saved_copy(key)  # a saved copy first: free, where `output` may compute
         if v is None:
             v = node.spec.output(node, nr)
         if v is not None:

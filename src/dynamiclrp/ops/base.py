@@ -97,6 +97,9 @@ class OpSpec:
     checks_provisional: bool = False
     #: a replay of this op is always provisional (it fills in a constant that was not saved)
     always_provisional: bool = False
+    #: for a view that keeps every element (reshape, transpose, permute, expand, clone): ``invert(fn, y, shape)``
+    #: gives its operand (of ``shape``) back from its output ``y``, so a copy saved after the view serves too
+    invert: Any = None
 
     def decompose(self, fn: Any) -> list[tuple[str, OpSpec, list]]:
         return [(type(fn).__name__, self, [(NEXT, j) for j in range(len(fn.next_functions))])]

@@ -294,10 +294,15 @@ def _elementwise_step(node) -> bool:
     return bool(node.inputs) and (isinstance(spec, (Identity, AddTerms, Product)) or spec.transparent)
 
 
-def _cast(replay):
+def _cast(replay, invert=None):
     spec = Identity(replay=replay)
     spec.transparent = True
+    spec.invert = invert
     return spec
+
+
+def _same(fn, y, shape):
+    return y
 
 
 def _self(fn):
@@ -323,8 +328,8 @@ ELEMENTWISE_OPS = {
     "DivBackward1": _unary(lambda fn, x: x / saved(fn, "other")),
     "NativeDropoutBackward0": _unary(lambda fn, x: x * saved(fn, "result1") / (1.0 - saved(fn, "p"))),
     "NegBackward0": _unary(lambda fn, x: -x),
-    "CloneBackward0": _cast(lambda fn, x: x.clone()),
-    "AliasBackward0": _cast(lambda fn, x: x),
+    "CloneBackward0": _cast(lambda fn, x: x.clone(), invert=_same),
+    "AliasBackward0": _cast(lambda fn, x: x, invert=_same),
     "ToCopyBackward0": _cast(lambda fn, x: x.to(fn._input_metadata[0].dtype)),
     "ReluBackward0": _unary(lambda fn, x: x.relu(), out=_result),
     "GeluBackward0": _unary(lambda fn, x: F.gelu(x, approximate=saved(fn, "approximate")), saved_in=_self),

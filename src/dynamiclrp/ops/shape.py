@@ -88,22 +88,47 @@ def _dtype(inputs):
     return next((x.dtype for x in inputs if x is not None), torch.float32)
 
 
-def _routing(replay=None, transparent=True):
+def _routing(replay=None, transparent=True, invert=None):
     spec = Routing(replay)
     spec.transparent = transparent
+    spec.invert = invert
     return spec
 
 
+def _unreshape(fn, y, shape):
+    return y.reshape(shape)
+
+
+def _untranspose(fn, y, shape):
+    return y.transpose(saved(fn, "dim0"), saved(fn, "dim1"))
+
+
+def _unpermute(fn, y, shape):
+    dims = [d % y.dim() for d in saved(fn, "dims")]
+    return y.permute([dims.index(k) for k in range(len(dims))])
+
+
+def _unexpand(fn, y, shape):
+    """Expanded copies are identical: the first along every new or expanded dimension."""
+    y = y[(0,) * (y.dim() - len(shape))]
+    for d, n in enumerate(shape):
+        if n == 1 and y.shape[d] != 1:
+            y = y.narrow(d, 0, 1)
+    return y
+
+
 SHAPE_OPS = {
-    **{k: _routing(_reshape) for k in (
+    **{k: _routing(_reshape, invert=_unreshape) for k in (
         "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "SqueezeBackward0",
         "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0",
     )},
-    "ExpandBackward0": _routing(lambda fn, x: x.expand(out_shape(fn))),
-    "TransposeBackward0": _routing(lambda fn, x: x.transpose(saved(fn, "dim0"), saved(fn, "dim1"))),
-    "TransposeBackward1": _routing(lambda fn, x: x.transpose(saved(fn, "dim0"), saved(fn, "dim1"))),
-    "TBackward0": _routing(lambda fn, x: x.t()),
-    "PermuteBackward0": _routing(lambda fn, x: x.permute(saved(fn, "dims"))),
+    "ExpandBackward0": _routing(lambda fn, x: x.expand(out_shape(fn)), invert=_unexpand),
+    "TransposeBackward0": _routing(lambda fn, x: x.transpose(saved(fn, "dim0"), saved(fn, "dim1")),
+                                   invert=_untranspose),
+    "TransposeBackward1": _routing(lambda fn, x: x.transpose(saved(fn, "dim0"), saved(fn, "dim1")),
+                                   invert=_untranspose),
+    "TBackward0": _routing(lambda fn, x: x.t(), invert=lambda fn, y, shape: y.t()),
+    "PermuteBackward0": _routing(lambda fn, x: x.permute(saved(fn, "dims")), invert=_unpermute),
     "RepeatBackward0": _routing(lambda fn, x: x.repeat(saved(fn, "repeats"))),
     "SliceBackward0": _routing(lambda fn, x: torch.ops.aten.slice.Tensor(
         x, saved(fn, "dim"), saved(fn, "start"), saved(fn, "end"), saved(fn, "step"))),
