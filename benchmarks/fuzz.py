@@ -90,7 +90,7 @@ def report(results: dict, args, elapsed: float) -> str:
               "the other); shared sub-graphs; broadcasting; batch 2-3. Each case is explained by dynamiclrp and by "
               "the independent reference `tests/reference_lrp.py`. Modes: `explain` (`dynamiclrp.explain` on the "
               "module), `frozen` (every parameter frozen, `dynamiclrp.propagate` on the output: autograd keeps "
-              "fewer activations and the Promise System recovers them).", ""]
+              "fewer activations and the Promise System recovers them); the same programs in both modes.", ""]
     lines += ["## Summary", "", "| mode | cases | mean nodes | failed cases | crash | reference | conservation | batch "
               "| seed | refused (clear error) | ill-conditioned | skipped comparisons (open findings) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
