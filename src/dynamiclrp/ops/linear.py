@@ -123,6 +123,28 @@ def _is_softmax_output(ctx, i: int) -> bool:
     return node is not None and node.spec.family == "softmax"
 
 
+def _zero_padded_input(ctx, x_i: int, x: torch.Tensor):
+    """``(image, pad)`` when operand ``x_i`` is a model input zero-padded right before this op (a TF-"same"
+    stem convolution: ``ZeroPad2d`` then ``conv``), else None. The input layer's rule then works on the image
+    itself, as zennit's does on the module's input: flat ones and z-box bounds are not put on the padding."""
+    pad_node = ctx.producer(x_i)
+    if pad_node is None or pad_node.kind != "ConstantPadNdBackward0" or pad_node.inputs[0] is None:
+        return None
+    e = pad_node.inputs[0]
+    image = ctx.run.promises.value(e.child, e.nr).to(x.dtype)
+    pad = list(saved(pad_node.fn, "pad"))
+    if any(p < 0 for p in pad) or not torch.equal(F.pad(image, pad), x):  # cropping, or a fill other than 0
+        return None
+    return image, pad
+
+
+def _after_padding(lmap: LinearMap, pad: list[int]) -> LinearMap:
+    """``x -> lmap(pad(x), w)``; its transpose crops what ``lmap``'s gives (negative padding crops)."""
+    crop = [-p for p in pad]
+    return LinearMap(lambda x, w: lmap(F.pad(x, pad), w),
+                     lambda s, x, w: F.pad(lmap.transpose(s, F.pad(x, pad), w), crop))
+
+
 class Product(OpSpec):
     """``z = fn(a, b)``, bilinear: a weighted linear op when one side is a parameter, a product otherwise."""
 
@@ -154,7 +176,13 @@ class Product(OpSpec):
         x_i = 0 if data[0] or not data[1] and ctx.wants(0) else 1
         w_i = 1 - x_i
         x, w = ctx.input(x_i), ctx.input(w_i)
-        rule = ctx.rule(self.family_at(ctx, x_i))
+        family = self.family_at(ctx, x_i)
+        rule = ctx.rule(family)
+        lmap = self.linear_map(ctx.node, x_i)
+        padded = _zero_padded_input(ctx, x_i, x) if family == "input" else None
+        if padded is not None:  # the input layer sees the image, the padding is part of its linear map
+            x, pad = padded
+            lmap = _after_padding(lmap, pad)
         out = [None, None]
         b = _fused_bias(ctx)
         uses_z = ctx.wants(x_i) and getattr(rule, "uses_z", False)
@@ -176,7 +204,9 @@ class Product(OpSpec):
                 z = None if z is None else (z * merged[0] if merged is not None else z)
         z = z if z is not None and z.dtype == ctx.dtype else None  # else recompute at full precision
         if ctx.wants(x_i):
-            out[x_i] = rule.linear(x, w, R, self.linear_map(ctx.node, x_i), z=z, b=b)
+            out[x_i] = rule.linear(x, w, R, lmap, z=z, b=b)
+            if padded is not None:
+                out[x_i] = F.pad(out[x_i], pad)  # zeros on the padding: its pad node routes the rest back
         if ctx.wants(w_i):  # parameter relevance: the same rule with the roles of input and weight swapped
             out[w_i] = rule.linear(w, x, R, self.linear_map(ctx.node, w_i), b=b)
         return out
@@ -197,9 +227,13 @@ class Product(OpSpec):
         return LinearMap(lambda x, w: self.fn(w, x), lambda s, x, w: w.mT @ s)
 
     def family_at(self, ctx, x_i: int) -> str:
-        """``input`` when the data operand is a model input (seen through views) and the preset has an ``input``
-        rule, else ``dense``/``conv`` (zennit's EpsilonPlus gives a first dense layer the dense rule)."""
-        producer = through_views(ctx.run.graph.nodes, ctx.producer(x_i))
+        """``input`` when the data operand is a model input (seen through views and zero padding) and the preset
+        has an ``input`` rule, else ``dense``/``conv`` (zennit's EpsilonPlus gives a first dense layer the dense
+        rule)."""
+        nodes = ctx.run.graph.nodes
+        producer = through_views(nodes, ctx.producer(x_i))
+        if producer is not None and producer.kind == "ConstantPadNdBackward0" and producer.inputs[0] is not None:
+            producer = through_views(nodes, nodes[producer.inputs[0].child])
         if producer is not None and not producer.inputs and producer.data and ctx.has_rule("input"):
             return "input"
         return self.linear_family
