@@ -89,9 +89,8 @@ def topk_iou(relevance: torch.Tensor, truth, k: int | None = None, allowed: torc
              reduction: str = "mean") -> torch.Tensor | float:
     """IoU of the top-k set with the ground-truth span, ``|top_k ∩ G| / |top_k ∪ G|``.
 
-    ``k`` defaults to each sequence's span size (the largest over the batch when they differ is not used: each
-    row takes its own ``|G|``). ``reduction``: ``"mean"`` (average of per-sequence IoU), ``"pooled"``
-    (Σ∩ / Σ∪, the paper's data-set IoU) or ``"none"``.
+    ``k`` defaults to each sequence's own span size ``|G|``. ``reduction``: ``"mean"`` (average of per-sequence
+    IoU), ``"pooled"`` (Σ∩ / Σ∪, the paper's data-set IoU) or ``"none"``.
     """
     n, t = relevance.shape
     g = as_mask(truth, (n, t), relevance.device)
