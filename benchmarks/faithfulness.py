@@ -401,7 +401,7 @@ def _best(rows, key, sub=None, prefix="ours"):
         return r[sub][key] if sub else r[key]
 
     ok = [r for r in rows if "error" not in r]
-    ours = [r for r in ok if r["method"].startswith(prefix)]
+    ours = [r for r in ok if r["method"].startswith(prefix) and "before f86ee85" not in r["method"]]
     others = [r for r in ok if not r["method"].startswith(prefix) and r["method"] != "random"]
     return max(ours, key=val, default=None), max(others, key=val, default=None)
 
