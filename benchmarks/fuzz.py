@@ -39,7 +39,7 @@ from fuzz_models import MOTIFS, OP_NAMES, programs  # noqa: E402
 from reference_lrp import PRESETS  # noqa: E402
 
 torch.set_num_threads(1)
-CI_CASES = 150 + 120 + 50 + 100  # max_examples of the four fuzz tests in tests/test_fuzz.py
+CI_CASES = 150 + 120 + 50 + 150  # max_examples of the four fuzz tests in tests/test_fuzz.py
 
 
 def run_mode(mode: str, cases: int, seed_: int, max_ops: int, presets: list[str]) -> dict:

@@ -327,7 +327,7 @@ def test_fuzz_exact_conservation(prog):
     assert_ok(prog, "epsilon", exact=True)
 
 
-@settings(max_examples=100, deadline=None, derandomize=True, database=None)
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
 @given(programs(), st.sampled_from(list(PRESETS)))
 def test_fuzz_frozen(prog, preset):
     """Frozen parameters and ``propagate``: autograd keeps fewer activations, the Promise System recovers them."""
