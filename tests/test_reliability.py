@@ -385,3 +385,24 @@ def test_existing_gradients_are_untouched():
     dynamiclrp.explain(m, torch.randn(2, 4, dtype=D), target=0, params=["0.weight"])
     for n, p in m.named_parameters():
         assert torch.equal(p.grad, grads[n]), n
+
+
+@pytest.mark.parametrize("weight_side", ["vector", "matrix"])
+def test_matrix_vector_product(weight_side):
+    """``A @ v`` with a 1-d ``v`` records MvBackward0: the ε-rule on it, against the formula in float64."""
+    torch.manual_seed(0)
+    a, v = torch.randn(3, 4, dtype=D), torch.randn(4, dtype=D)
+    a.requires_grad_(weight_side == "vector")
+    v.requires_grad_(weight_side == "matrix")
+    w = nn.Parameter(v.detach().clone() if weight_side == "vector" else a.detach().clone())
+    x = (a if weight_side == "vector" else v).detach().clone().requires_grad_()
+    y = (x @ w if weight_side == "vector" else w @ x)[None]  # (1, 3)
+    att = dynamiclrp.propagate(y, target=1, wrt=[x], rules={"linear": Epsilon(1e-9)})
+    z = y.detach()[0, 1]
+    stab = z + (1e-9 if z >= 0 else -1e-9)
+    if weight_side == "vector":  # z_i = sum_j x_ij w_j: only row 1 explains the target
+        want = torch.zeros_like(x)
+        want[1] = x.detach()[1] * w.detach() * z / stab
+    else:  # z_i = sum_j w_ij x_j
+        want = x.detach() * w.detach()[1] * z / stab
+    close(att.inputs[0], want)

@@ -329,7 +329,21 @@ class Convolution(Product):
         return self.conv_fn(node.fn)(a, b)
 
 
+class MatrixVector(Product):
+    """``mv(A, v)`` (``A @ v`` with a 1-d ``v``): linear in each operand; transposes by autograd."""
+
+    def __init__(self):
+        super().__init__(torch.mv, ("self", "vec"))
+
+    def linear_map(self, node, v: int) -> LinearMap:
+        return LinearMap(self.fn) if v == 0 else LinearMap(lambda x, w: self.fn(w, x))
+
+    def scale_weight(self, node, w, scale, x_i: int):
+        return None
+
+
 MATMUL_OPS = {
+    "MvBackward0": MatrixVector(),
     "MmBackward0": Product(torch.mm, ("self", "mat2")),
     "BmmBackward0": Product(torch.bmm, ("self", "mat2")),
     "AddmmBackward0": Addmm("MmBackward0", Product(torch.mm, ("mat1", "mat2"))),
