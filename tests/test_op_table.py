@@ -298,6 +298,7 @@ SAVED = {
     "ClampMinBackward0": (lambda: torch.clamp_min(_t(2, 3), 0.0), ["min", "self"]),
     "ClampBackward1": (lambda: _t(2, 3).clamp(-0.5, 0.5), ["min", "max", "self"]),
     "MmBackward0": (lambda: _t(2, 3) @ _p(3, 4), ["self", "mat2"]),
+    "MvBackward0": (lambda: _t(2, 3) @ _p(3), ["self", "vec"]),
     "BmmBackward0": (lambda: torch.bmm(_t(2, 2, 3), _p(2, 3, 4)), ["self", "mat2"]),
     "AddmmBackward0": (lambda: F.linear(_t(2, 3), _p(4, 3), _p(4)), ["mat1", "mat2", "beta", "alpha"]),
     "BaddbmmBackward0": (lambda: torch.baddbmm(_t(2, 2, 4), _t(2, 2, 3), _p(2, 3, 4)),
