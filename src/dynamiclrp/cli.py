@@ -199,9 +199,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
             for fam, rule in rules.items():
                 print(f"    {kind}/{fam}: {rule!r}")
         print()
-    print("Families: input = first linear op on a model input, conv/dense = convolutions/matrix products with a "
-          "weight, bias = split-off bias additions, sum = add/sum/mean/pooling, product = products of activations, "
-          "attention = attention weights × values, softmax, norm = normalisation layers.")
+    print("Families: input = first linear op on a model input (if a preset has none: its own conv/dense rule), "
+          "conv/dense = convolutions/matrix products with a weight, bias = split-off bias additions, "
+          "sum = add/sum/mean/pooling, product = products of activations, attention = attention weights × values, "
+          "softmax, norm = normalisation layers.")
     return 0
 
 
