@@ -17,6 +17,10 @@ rule is the textbook sum over :math:`j`:
 * z-box: :math:`c_{ij} - l_i w_{ij}^+ - h_i w_{ij}^-` over its sum (the bias cancels);
 * flat: one per connection (padding excluded) over the count (the bias ignored).
 
+An input layer is a layer whose data operand is a model input seen through views and one zero padding; when the
+padding comes right before it, flat ones and z-box bounds are not put on the padded positions (the padding is part
+of the layer's map, as a convolution's own padding).
+
 Biases enter the linear op's denominator (textbook LRP; what is not passed down is absorbed), also a bias added
 on its own (``x @ W.T + b``: a 1-d parameter of the layer's width added to a bias-free layer's output that nothing
 else uses; a frozen one is a plain addend, since the graph cannot tell it from a constant). Additions
@@ -162,9 +166,12 @@ def linear_rule(spec, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, 
     raise ValueError(spec)
 
 
-def conv_rule(spec, x, W, b, R, stride: int, pad: int, dilation: int = 1, groups: int = 1) -> torch.Tensor:
+def conv_rule(spec, x, W, b, R, stride: int, pad: int, dilation: int = 1, groups: int = 1,
+              valid: torch.Tensor | None = None) -> torch.Tensor:
     """A convolution as im2col: per group, patches (B, L, C·k·k), weights (O, C·k·k), the linear rule per
-    location; the patch relevance folded back (overlaps summed, padding dropped)."""
+    location; the patch relevance folded back (overlaps summed, padding dropped). ``valid`` (like ``x``): 0 where
+    ``x`` is padding added before the layer (no flat ones, no z-box bounds there)."""
+    valid = torch.ones_like(x) if valid is None else valid
     k = W.shape[-1]
     H, Wd = x.shape[-2:]
     geo = {"dilation": dilation, "padding": pad, "stride": stride}
@@ -173,7 +180,7 @@ def conv_rule(spec, x, W, b, R, stride: int, pad: int, dilation: int = 1, groups
     for g in range(groups):
         xg = x[:, g * cg:(g + 1) * cg]
         patches = F.unfold(xg, k, **geo).transpose(1, 2)  # (B, L, CKK)
-        mask = F.unfold(torch.ones_like(xg), k, **geo).transpose(1, 2)
+        mask = F.unfold(valid[:, g * cg:(g + 1) * cg], k, **geo).transpose(1, 2)
         Rl = R[:, g * og:(g + 1) * og].flatten(2).transpose(1, 2)  # (B, L, O)
         bg = None if b is None else b[g * og:(g + 1) * og]
         rp = linear_rule(spec, patches, W[g * og:(g + 1) * og].flatten(1), bg, Rl, mask)
@@ -191,9 +198,17 @@ VIEWS = {"reshape", "permute", "slice", "expand"}  # padding is not a view: it a
 
 
 def is_model_input(prog: Program, i: int) -> bool:
-    """Whether node ``i`` is a model input seen through views."""
-    while prog.nodes[i].op in VIEWS:
-        i = prog.nodes[i].args[0]
+    """Whether node ``i`` is a model input seen through views and one zero padding (a padded stem is the input
+    layer)."""
+
+    def through_views(j):
+        while prog.nodes[j].op in VIEWS:
+            j = prog.nodes[j].args[0]
+        return j
+
+    i = through_views(i)
+    if prog.nodes[i].op == "pad":
+        i = through_views(prog.nodes[i].args[0])
     return prog.nodes[i].op == "input"
 
 
@@ -370,13 +385,18 @@ def _op_relevance(prog, i, node, xs, y, R, params, table, consumers):
         out, _ = _op_relevance(prog, i, Node(op, node.args, {**a, "bias": False}, node.shape), xs, z, z.abs() * s,
                                {k: v for k, v in params.items() if k != f"{i}.bias"}, table, consumers)
         return out, float(sum_to(b.abs() * s, b.shape).sum())
-    if op == "linear":
-        spec = table["input_dense" if is_model_input(prog, node.args[0]) else "dense"]
-        return [linear_rule(spec, x, *_layer(prog, i, consumers, params, table), R)], 0.0
-    if op == "conv2d":
-        spec = table["input_conv" if is_model_input(prog, node.args[0]) else "conv"]
-        return [conv_rule(spec, x, *_layer(prog, i, consumers, params, table), R, a["stride"], a["pad"],
-                          a["dilation"], a["groups"])], 0.0
+    if op in ("linear", "conv2d"):
+        first = is_model_input(prog, node.args[0])
+        spec = table[("input_" if first else "") + ("dense" if op == "linear" else "conv")]
+        valid = None
+        src = prog.nodes[node.args[0]]
+        if first and src.op == "pad":  # a padded input layer: its rule sees the image, padding is in the map
+            valid = torch.zeros_like(x)
+            valid.narrow(-1, src.attrs["left"], x.shape[-1] - src.attrs["left"] - src.attrs["right"]).fill_(1.0)
+        W, b = _layer(prog, i, consumers, params, table)
+        if op == "linear":
+            return [linear_rule(spec, x, W, b, R, valid)], 0.0
+        return [conv_rule(spec, x, W, b, R, a["stride"], a["pad"], a["dilation"], a["groups"], valid)], 0.0
     if op in ("relu", "tanh", "act", "scale", "mul_param"):
         return [R], 0.0
     prop, eps_sum = table["sum"][0] == "prop", table["sum"][1]
