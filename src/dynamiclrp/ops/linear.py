@@ -124,25 +124,45 @@ def _is_softmax_output(ctx, i: int) -> bool:
 
 
 def _zero_padded_input(ctx, x_i: int, x: torch.Tensor):
-    """``(image, pad)`` when operand ``x_i`` is a model input zero-padded right before this op (a TF-"same"
-    stem convolution: ``ZeroPad2d`` then ``conv``), else None. The input layer's rule then works on the image
-    itself, as zennit's does on the module's input: flat ones and z-box bounds are not put on the padding."""
-    pad_node = ctx.producer(x_i)
-    if pad_node is None or pad_node.kind != "ConstantPadNdBackward0" or pad_node.inputs[0] is None:
+    """``(image, to_operand, from_operand)`` when operand ``x_i`` is a model input zero-padded before this op,
+    directly (a TF-"same" stem convolution: ``ZeroPad2d`` then ``conv``) or through views that keep every element
+    (``F.linear`` folding a padded sequence), else None. ``to_operand`` pads and re-views (linear: it maps the
+    image's relevance too), ``from_operand`` undoes the views and crops. The input layer's rule then works on the
+    image itself, as zennit's does on the module's input: flat ones and z-box bounds are not put on the padding."""
+    nodes, views = ctx.run.graph.nodes, []
+    node = ctx.producer(x_i)
+    while node is not None and node.spec.invert is not None and len(node.inputs) == 1 and node.inputs[0] is not None:
+        views.append(node)  # from the op down to the padding
+        node = nodes[node.inputs[0].child]
+    if node is None or node.kind != "ConstantPadNdBackward0" or node.inputs[0] is None:
         return None
-    e = pad_node.inputs[0]
+    e = node.inputs[0]
     image = ctx.run.promises.value(e.child, e.nr).to(x.dtype)
-    pad = list(saved(pad_node.fn, "pad"))
-    if any(p < 0 for p in pad) or not torch.equal(F.pad(image, pad), x):  # cropping, or a fill other than 0
+    pad = list(saved(node.fn, "pad"))
+    crop = [-p for p in pad]  # negative padding crops
+    padded_shape = F.pad(image, pad).shape
+
+    def to_operand(t):
+        t = F.pad(t, pad)
+        for v in reversed(views):
+            t = v.spec.forward(v, [t])
+        return t
+
+    def from_operand(g):
+        for k, v in enumerate(views):  # each view's input has the shape of the node below it
+            below = views[k + 1] if k + 1 < len(views) else None
+            g = v.spec.invert(v.fn, g, padded_shape if below is None else torch.Size(out_shape(below.fn)))
+        return F.pad(g, crop)
+
+    if any(p < 0 for p in pad) or not torch.equal(to_operand(image), x):  # cropping, or a fill other than 0
         return None
-    return image, pad
+    return image, to_operand, from_operand
 
 
-def _after_padding(lmap: LinearMap, pad: list[int]) -> LinearMap:
-    """``x -> lmap(pad(x), w)``; its transpose crops what ``lmap``'s gives (negative padding crops)."""
-    crop = [-p for p in pad]
-    return LinearMap(lambda x, w: lmap(F.pad(x, pad), w),
-                     lambda s, x, w: F.pad(lmap.transpose(s, F.pad(x, pad), w), crop))
+def _after_padding(lmap: LinearMap, to_operand, from_operand) -> LinearMap:
+    """``x -> lmap(to_operand(x), w)`` with its transpose ``from_operand(lmap.transpose(...))``."""
+    return LinearMap(lambda x, w: lmap(to_operand(x), w),
+                     lambda s, x, w: from_operand(lmap.transpose(s, to_operand(x), w)))
 
 
 class Product(OpSpec):
@@ -181,8 +201,8 @@ class Product(OpSpec):
         lmap = self.linear_map(ctx.node, x_i)
         padded = _zero_padded_input(ctx, x_i, x) if family == "input" else None
         if padded is not None:  # the input layer sees the image, the padding is part of its linear map
-            x, pad = padded
-            lmap = _after_padding(lmap, pad)
+            x, to_operand, from_operand = padded
+            lmap = _after_padding(lmap, to_operand, from_operand)
         out = [None, None]
         b = _fused_bias(ctx)
         uses_z = ctx.wants(x_i) and getattr(rule, "uses_z", False)
@@ -206,7 +226,7 @@ class Product(OpSpec):
         if ctx.wants(x_i):
             out[x_i] = rule.linear(x, w, R, lmap, z=z, b=b)
             if padded is not None:
-                out[x_i] = F.pad(out[x_i], pad)  # zeros on the padding: its pad node routes the rest back
+                out[x_i] = to_operand(out[x_i])  # zeros on the padding: its pad node routes the rest back
         if ctx.wants(w_i):  # parameter relevance: the same rule with the roles of input and weight swapped
             out[w_i] = rule.linear(w, x, R, self.linear_map(ctx.node, w_i), b=b)
         return out
