@@ -90,15 +90,17 @@ PRESETS: dict[str, dict] = {
 LN_EPS = 1e-5  # F.layer_norm's default
 
 
-# the smallest |denominator| / (sum of the magnitudes it adds up) met where relevance flows, over one propagation:
+# the smallest |denominator| / (sum of the magnitudes it adds up) met in one propagation:
 # below ~1e-5 a denominator is mostly cancellation, and float64 rounding alone (1e-16 of the magnitudes) moves the
 # result by more than the comparison's 1e-10 (or flips its sign): such a case is ill-conditioned, not comparable
 _CONDITION = [float("inf")]
 
 
 def watch(den: torch.Tensor, mag: torch.Tensor, R: torch.Tensor) -> None:
-    """Record how well ``den`` (a stabilised denominator, or a value whose sign selects a rule) is determined."""
-    flows = torch.broadcast_to(R != 0, torch.broadcast_shapes(R.shape, den.shape, mag.shape))
+    """Record how well ``den`` (a stabilised denominator, or a value whose sign selects a rule) is determined.
+    Every entry counts, also where ``R`` is 0 here: rounding may leave 1e-17 there in another implementation,
+    which a cancelled denominator magnifies (by 1/ε)."""
+    flows = torch.ones(torch.broadcast_shapes(R.shape, den.shape, mag.shape), dtype=torch.bool)
     if bool(flows.any()):
         ratio = torch.broadcast_to(den.abs() / mag.clamp(min=1e-300), flows.shape)
         _CONDITION[0] = min(_CONDITION[0], float(ratio[flows].min()))
