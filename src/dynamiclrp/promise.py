@@ -135,7 +135,7 @@ class Promises:
             # an operand outside the graph: the op may have saved it (mul by a constant), else the replay is
             # provisional (a zero_constants op takes it as zero) or impossible (forward raises)
             provisional = (provisional or node.spec.always_provisional
-                           or (None in inputs and node.spec.zero_constants))
+                           or (any(x is None for x in inputs) and node.spec.zero_constants))
             out = node.spec.forward(node, inputs)
         except NotImplementedError:
             raise ActivationUnavailableError(
