@@ -17,9 +17,9 @@ rule is the textbook sum over :math:`j`:
 * z-box: :math:`c_{ij} - l_i w_{ij}^+ - h_i w_{ij}^-` over its sum (the bias cancels);
 * flat: one per connection (padding excluded) over the count (the bias ignored).
 
-An input layer is a layer whose data operand is a model input seen through views and one zero padding; when the
-padding comes right before it, flat ones and z-box bounds are not put on the padded positions (the padding is part
-of the layer's map, as a convolution's own padding).
+An input layer is a layer whose data operand is a model input seen through views and one zero padding; flat ones
+and z-box bounds are not put on the padded positions (the padding is part of the layer's map, as a convolution's
+own padding), also when views lie between the padding and the layer.
 
 Biases enter the linear op's denominator (textbook LRP; what is not passed down is absorbed), also a bias added
 on its own (``x @ W.T + b``: a 1-d parameter of the layer's width added to a bias-free layer's output that nothing
@@ -366,6 +366,24 @@ def reference_lrp(prog: Program, xs: list[torch.Tensor], targets: list[list[int]
     return Reference(r_in, seeds, to_params, vals, _CONDITION[0], rel)
 
 
+def _padding_mask(prog: Program, j: int, x: torch.Tensor, params: dict) -> torch.Tensor | None:
+    """For an input layer whose operand ``j`` is a zero-padded input seen through views: 1 on the image, 0 on the
+    padding, carried through the views (its rule sees the image, the padding is part of its map); else None."""
+    path = []
+    while prog.nodes[j].op in VIEWS:
+        path.append(j)
+        j = prog.nodes[j].args[0]
+    if prog.nodes[j].op != "pad":
+        return None
+    a = prog.nodes[j].attrs
+    n = prog.nodes[j].shape[-1] - a["left"] - a["right"]
+    valid = torch.zeros((x.shape[0], *prog.nodes[j].shape), dtype=x.dtype)
+    valid.narrow(-1, a["left"], n).fill_(1.0)
+    for k in reversed(path):
+        valid = apply(prog.nodes[k], [valid], params, k)
+    return valid.reshape(x.shape)
+
+
 def _sum_den(prop: bool, combined: torch.Tensor, y: torch.Tensor, mag: torch.Tensor, eps: float, R) -> torch.Tensor:
     """Denominator of a sum rule: Σ|t| + ε (proportional), or stab(z) (ε-rule, recording its condition)."""
     if prop:
@@ -390,11 +408,7 @@ def _op_relevance(prog, i, node, xs, y, R, params, table, consumers):
     if op in ("linear", "conv2d"):
         first = is_model_input(prog, node.args[0])
         spec = table[("input_" if first else "") + ("dense" if op == "linear" else "conv")]
-        valid = None
-        src = prog.nodes[node.args[0]]
-        if first and src.op == "pad":  # a padded input layer: its rule sees the image, padding is in the map
-            valid = torch.zeros_like(x)
-            valid.narrow(-1, src.attrs["left"], x.shape[-1] - src.attrs["left"] - src.attrs["right"]).fill_(1.0)
+        valid = _padding_mask(prog, node.args[0], x, params) if first else None
         W, b = _layer(prog, i, consumers, params, table)
         if op == "linear":
             return [linear_rule(spec, x, W, b, R, valid)], 0.0
