@@ -105,7 +105,7 @@ class Timers:
                 return orig_prop(run, seeds)
             finally:
                 timers.t["relevance pass (total)"] += time.perf_counter() - t0
-                for sid, spec in specs.items():
+                for spec in specs.values():
                     del spec.relevance  # back to the class's method
 
         engine.Run.propagate = propagate

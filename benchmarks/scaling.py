@@ -58,8 +58,8 @@ def main() -> None:
         x0, y = chain(steps)
         att = dynamiclrp.propagate(y, target=0, wrt=[x0], rules=RULES)  # warm-up, and the node count
         nodes = att.stats.nodes
-        t_lrp = median_time(lambda: dynamiclrp.propagate(y, target=0, wrt=[x0], rules=RULES), args.repeats)
-        t_grad = median_time(lambda: torch.autograd.grad(y.sum(), x0, retain_graph=True), args.repeats)
+        t_lrp = median_time(lambda y=y, x0=x0: dynamiclrp.propagate(y, target=0, wrt=[x0], rules=RULES), args.repeats)
+        t_grad = median_time(lambda y=y, x0=x0: torch.autograd.grad(y.sum(), x0, retain_graph=True), args.repeats)
         rows.append((steps, nodes, t_lrp, t_grad, t_lrp / nodes * 1e6))
         print(f"steps {steps:>6}  nodes {nodes:>7}  propagate {t_lrp:7.3f} s  grad {t_grad:7.3f} s  "
               f"{t_lrp / nodes * 1e6:6.1f} µs/node", flush=True)
