@@ -978,3 +978,17 @@ def test_sum_and_product_rules_under_no_grad():
     zs = a + b[:3, :4]
     assert_close(ea, a * R[:, :4] / stab(zs, EPS), **TOL)
     assert_close(eb, b[:3, :4] * R[:, :4] / stab(zs, EPS), **TOL)
+
+
+@pytest.mark.parametrize("rule", [r.Epsilon(EPS), r.Uniform(EPS), r.Proportional(EPS), r.Constant(EPS)],
+                         ids=["epsilon", "uniform", "proportional", "constant"])
+@pytest.mark.parametrize("fn", [torch.bmm, torch.matmul], ids=["bmm (direct transposes)", "matmul (autograd)"])
+def test_matrix_product_rules_with_given_output_and_direct_transposes(rule, fn):
+    """A product of two activations: passing the saved output z, and bmm's direct transposes (s bᵀ, aᵀ s), give
+    what the rule computes from scratch by autograd."""
+    g = gen(21)
+    a, b, R = randn(g, 2, 3, 4), randn(g, 2, 4, 5), randn(g, 2, 3, 5)
+    want = [t.clone() for t in rule.product(a, b, R, lambda x, y: torch.matmul(x, y))]  # autograd path
+    got = rule.product(a, b, R, fn, z=torch.bmm(a, b))
+    for w_, g_ in zip(want, got):
+        assert_close(g_, w_, **TOL)

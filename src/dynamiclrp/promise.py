@@ -103,6 +103,13 @@ class Promises:
                 break
             key = (operands[0].child, operands[0].nr)
 
+    def saved_copy(self, node: Node, nr: int = 0) -> torch.Tensor | None:
+        """Output slot ``nr`` if a consumer saved it (directly or behind views), never recomputed; else None."""
+        v = self._saved_copy((node.id, nr))
+        if v is not None:
+            self.values.setdefault((node.id, nr), v)
+        return v
+
     def available(self, node: Node, nr: int = 0) -> torch.Tensor | None:
         """Output slot ``nr`` if saved tensors hold it (no replay), else None."""
         return self._direct(node, nr)

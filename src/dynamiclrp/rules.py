@@ -58,6 +58,14 @@ def vjp(fn: Callable[..., Tensor], inputs: Sequence[Tensor], grad: Tensor) -> tu
         return torch.autograd.grad(out, xs, grad)
 
 
+def _product_vjp(fn: Callable[..., Tensor], a: Tensor, b: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """:math:`(J_a^\\top s, J_b^\\top s)` of ``fn(a, b)``: for a matrix product ``s bᵀ`` and ``aᵀ s`` directly
+    (no recomputation, no autograd round trip), else by autograd."""
+    if fn is torch.bmm or fn is torch.mm:
+        return s @ b.mT, a.mT @ s
+    return vjp(fn, [a, b], s)
+
+
 def add_terms(*terms: Tensor) -> Tensor:
     """:math:`\\sum_k t_k` with broadcasting: the ``combine`` of additions (add, sub, bias additions)."""
     total = terms[0]
@@ -161,6 +169,7 @@ class Epsilon:
     """
 
     eps: float = 1e-6
+    product_takes_z = True  # product(..., z=) takes the op's output when a saved copy holds it
     uses_z = True  # the op's output is the denominator: callers pass it when they have it
 
     def linear(self, x: Tensor, w: Tensor, R: Tensor, fn: LinearFn, z: Tensor | None = None,
@@ -175,11 +184,11 @@ class Epsilon:
         s = R / stabilize(z, self.eps)
         return [t * g for t, g in zip(terms, _sum_vjp(combine, terms, s))]
 
-    def product(self, a: Tensor, b: Tensor, R: Tensor, fn) -> tuple[Tensor, Tensor]:
+    def product(self, a: Tensor, b: Tensor, R: Tensor, fn, z: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Each factor, the other held fixed: :math:`R_a = a \\odot J_a^\\top (R / \\mathrm{stab}(z))`, and the
         same for :math:`b`; together they receive :math:`2R` (the paper's code for Bmm)."""
-        s = R / stabilize(fn(a, b), self.eps)
-        ga, gb = vjp(fn, [a, b], s)
+        s = R / stabilize(fn(a, b) if z is None else z, self.eps)
+        ga, gb = _product_vjp(fn, a, b, s)
         return a * ga, b * gb
 
 
@@ -352,15 +361,16 @@ class Proportional:
     """
 
     eps: float = 1e-11
+    product_takes_z = True  # product(..., z=) takes the op's output when a saved copy holds it
 
     def sum(self, terms, R, combine):
         mags = [t.abs() for t in terms]
         s = R / (combine(*mags) + self.eps)
         return [m * g for m, g in zip(mags, _sum_vjp(combine, mags, s))]
 
-    def product(self, a, b, R, fn):
+    def product(self, a, b, R, fn, z=None):
         if not _elementwise(fn):  # a matrix product: the bilinear form has no |·| split; halve it (AttnLRP)
-            return Uniform(self.eps).product(a, b, R, fn)
+            return Uniform(self.eps).product(a, b, R, fn, z)
         aa, bb = a.abs(), b.abs()
         s = R / (aa + bb + self.eps)
         return (aa * s).sum_to_size(a.shape), (bb * s).sum_to_size(b.shape)
@@ -380,13 +390,14 @@ class Uniform:
     """
 
     eps: float = 1e-6
+    product_takes_z = True  # product(..., z=) takes the op's output when a saved copy holds it
 
-    def product(self, a, b, R, fn):
+    def product(self, a, b, R, fn, z=None):
         if _elementwise(fn):
             half = R / 2
             return half.sum_to_size(a.shape), half.sum_to_size(b.shape)
-        s = R / (2 * stabilize(fn(a, b), self.eps))
-        ga, gb = vjp(fn, [a, b], s)
+        s = R / (2 * stabilize(fn(a, b) if z is None else z, self.eps))
+        ga, gb = _product_vjp(fn, a, b, s)
         return a * ga, b * gb
 
     def sum(self, terms, R, combine):
@@ -403,12 +414,16 @@ class Constant:
     """
 
     eps: float = 1e-6
+    product_takes_z = True  # product(..., z=) takes the op's output when a saved copy holds it
 
-    def product(self, a, b, R, fn):
+    def product(self, a, b, R, fn, z=None):
         if _elementwise(fn):
             return torch.zeros_like(a), R.sum_to_size(b.shape)
-        s = R / stabilize(fn(a, b), self.eps)
-        (gb,) = vjp(lambda b_: fn(a, b_), [b], s)
+        s = R / stabilize(fn(a, b) if z is None else z, self.eps)
+        if fn is torch.bmm or fn is torch.mm:
+            gb = a.mT @ s
+        else:
+            (gb,) = vjp(lambda b_: fn(a, b_), [b], s)
         return torch.zeros_like(a), b * gb
 
 

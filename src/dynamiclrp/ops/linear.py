@@ -189,7 +189,12 @@ class Product(OpSpec):
         if data[0] and data[1]:
             a, b = ctx.input(0), ctx.input(1)
             family = "attention" if _is_softmax_output(ctx, 0) else "product"
-            return list(ctx.rule(family).product(a, b, R, fn))
+            rule = ctx.rule(family)
+            if getattr(rule, "product_takes_z", False):  # the output, where a copy of it was saved (free)
+                z = ctx.run.promises.values.get((ctx.node.id, 0))
+                z = z if z is not None else ctx.run.promises.saved_copy(ctx.node)
+                return list(rule.product(a, b, R, fn, z=z if z is not None and z.dtype == ctx.dtype else None))
+            return list(rule.product(a, b, R, fn))
         if not (ctx.wants(0) or ctx.wants(1)):
             return [None, None]
         # one side is a weight: the op is linear in the other
