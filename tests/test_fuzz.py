@@ -62,11 +62,7 @@ def _noncontiguous_linear_bias(prog: Program, preset: str, mode: str = "explain"
     live = live_consumers(prog)
     if any(separate_bias(prog, i, live, tracked=True) is not None for i in range(len(prog.nodes))):
         return True
-    lin = [n for n in prog.nodes if n.op == "linear" and n.attrs["bias"] and len(prog.nodes[n.args[0]].shape) == 2]
-    if not lin:
-        return False
-    vals = forward(prog, materialize(prog), make_inputs(prog))
-    return any(not vals[n.args[0]].is_contiguous() for n in lin)
+    return _biased_linear_on_noncontiguous_input(prog)
 
 
 def _frozen_bias(prog: Program, preset: str, mode: str = "explain") -> bool:
@@ -152,15 +148,20 @@ def _padded_sequence_input_layer(prog: Program, preset: str, mode: str = "explai
                and is_model_input(prog, n.args[0]) for n in prog.nodes)
 
 
-def _frozen_unfused_linear_bias(prog: Program, preset: str, mode: str = "explain") -> bool:
-    """F10: a frozen bias of ``F.linear`` on a non-contiguous 3-d input (matmul + add instead of addmm)."""
-    if mode != "frozen":
-        return False
+def _biased_linear_on_noncontiguous_input(prog: Program) -> bool:
+    """A ``linear`` with bias on a non-contiguous 3-d activation: ``F.linear`` runs matmul + add, not addmm."""
     lin = [n for n in prog.nodes if n.op == "linear" and n.attrs["bias"] and len(prog.nodes[n.args[0]].shape) == 2]
     if not lin:
         return False
     vals = forward(prog, materialize(prog), make_inputs(prog))
     return any(not vals[n.args[0]].is_contiguous() for n in lin)
+
+
+def _frozen_unfused_linear_bias(prog: Program, preset: str, mode: str = "explain") -> bool:
+    """F10: a frozen bias of ``F.linear`` on a non-contiguous 3-d input (matmul + add instead of addmm)."""
+    if mode != "frozen":
+        return False
+    return _biased_linear_on_noncontiguous_input(prog)
 
 
 # the check that caught each finding first (benchmarks/fuzz.py reports it)

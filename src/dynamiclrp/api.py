@@ -198,14 +198,12 @@ def _train_mode_nodes(graph: Graph) -> str:
 
 def _train_mode_modules(model: torch.nn.Module) -> str:
     """Modules in train mode whose output depends on it: dropout with p > 0, batch norm."""
+    training = [m for m in model.modules() if m.training]
     found = []
-    for m in model.modules():
-        if not m.training:
-            continue
-        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 and "dropout" not in found:
-            found.append("dropout")
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and "batch norm on batch statistics" not in found:
-            found.append("batch norm on batch statistics")
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in training):
+        found.append("dropout")
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in training):
+        found.append("batch norm on batch statistics")
     return ", ".join(found)
 
 

@@ -61,7 +61,7 @@ def vjp(fn: Callable[..., Tensor], inputs: Sequence[Tensor], grad: Tensor) -> tu
 def _product_vjp(fn: Callable[..., Tensor], a: Tensor, b: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     """:math:`(J_a^\\top s, J_b^\\top s)` of ``fn(a, b)``: for a matrix product ``s bᵀ`` and ``aᵀ s`` directly
     (no recomputation, no autograd round trip), else by autograd."""
-    if fn is torch.bmm or fn is torch.mm:
+    if _matrix_product(fn):
         return s @ b.mT, a.mT @ s
     return vjp(fn, [a, b], s)
 
@@ -420,11 +420,16 @@ class Constant:
         if _elementwise(fn):
             return torch.zeros_like(a), R.sum_to_size(b.shape)
         s = R / stabilize(fn(a, b) if z is None else z, self.eps)
-        if fn is torch.bmm or fn is torch.mm:
+        if _matrix_product(fn):
             gb = a.mT @ s
         else:
             (gb,) = vjp(lambda b_: fn(a, b_), [b], s)
         return torch.zeros_like(a), b * gb
+
+
+def _matrix_product(fn) -> bool:
+    """``mm``/``bmm``: their transposes are plain matrix products (``s bᵀ``, ``aᵀ s``)."""
+    return fn is torch.bmm or fn is torch.mm
 
 
 def _elementwise(fn) -> bool:

@@ -140,11 +140,15 @@ class Add(AddTerms):
     is a 1-d parameter and the other a weighted ``mm`` seen through views, the addition is that layer's bias
     (family ``bias``), so the layer gets the same rule whatever the memory layout of its input."""
 
+    def __init__(self, terms):
+        super().__init__(terms)
+        self._bias_adds = (BiasAdd(terms, linear_index=0), BiasAdd(terms, linear_index=1))
+
     def decompose(self, fn):
         i = _unfused_linear_bias(fn)
         if i is None:
             return super().decompose(fn)
-        return [("AddBackward0", BiasAdd(self.terms, linear_index=i), [(NEXT, 0), (NEXT, 1)])]
+        return [("AddBackward0", self._bias_adds[i], [(NEXT, 0), (NEXT, 1)])]
 
 
 _VIEWS = ("UnsafeViewBackward0", "ViewBackward0", "ReshapeAliasBackward0")

@@ -269,11 +269,12 @@ class Addmm(OpSpec):
 
     def __init__(self, product_kind: str, product: Product):
         self.product_kind, self.product = product_kind, product
-        self.is_mm = product_kind == "MmBackward0"  # addmm's addend is a bias; baddbmm's may be a mask
+        # addmm's addend is a bias; baddbmm's may be a mask
+        self.bias_add = BiasAdd(self._bias_term, 1, untracked_is_bias=product_kind == "MmBackward0")
 
     def decompose(self, fn):
         return [
-            ("AddBackward0", BiasAdd(self._bias_term, 1, untracked_is_bias=self.is_mm), [(NEXT, 0), (PART, 1)]),
+            ("AddBackward0", self.bias_add, [(NEXT, 0), (PART, 1)]),
             (self.product_kind, self.product, [(NEXT, 1), (NEXT, 2)]),
         ]
 
@@ -288,6 +289,7 @@ class Convolution(Product):
 
     def __init__(self):
         super().__init__(None, ("input", "weight"), family="conv")
+        self.bias_add = BiasAdd(self._bias_term, linear_index=0, untracked_is_bias=True)
 
     def decompose(self, fn):
         sizes = saved(fn, "bias_sym_sizes_opt")
@@ -295,7 +297,7 @@ class Convolution(Product):
         if not has_bias:
             return [("ConvolutionBackward0", self, [(NEXT, 0), (NEXT, 1)])]
         return [
-            ("AddBackward0", BiasAdd(self._bias_term, linear_index=0, untracked_is_bias=True), [(PART, 1), (NEXT, 2)]),
+            ("AddBackward0", self.bias_add, [(PART, 1), (NEXT, 2)]),
             ("ConvolutionBackward0", self, [(NEXT, 0), (NEXT, 1)]),
         ]
 
