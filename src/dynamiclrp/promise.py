@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import ActivationUnavailableError
-from .ops.base import Routing, out_shape
+from .ops.base import Routing, out_shape, saved
 
 if TYPE_CHECKING:  # pragma: no cover
     from .graph import Graph, Node
@@ -169,7 +169,7 @@ class Promises:
             if v is not None:
                 return v
         node = self.graph.nodes[key[0]]
-        if depth >= 8 or node.part != 0:
+        if depth >= 16 or node.part != 0:
             return None
         for c, _ in consumers:
             consumer = self.graph.nodes[c]
@@ -183,7 +183,39 @@ class Promises:
                 x = consumer.spec.invert(consumer.fn, y, shape)
                 if x.shape == shape:
                     return x
+        x = self._from_parts(consumers, depth)
+        return x if x is not None and x.shape == torch.Size(out_shape(node.fn, key[1])) else None
+
+    def _from_parts(self, consumers, depth: int) -> torch.Tensor | None:
+        """A value assembled from saved copies of all its parts: ``qkv[0], qkv[1], qkv[2]`` (selects along one
+        dimension, one per index: torchvision's packed attention projection), or every output of an ``unbind`` or
+        ``split``. None unless every part has a copy."""
+        nodes = self.graph.nodes
+        if not consumers:
+            return None
+        first = nodes[consumers[0][0]]
+        if all(nodes[c].kind == "SelectBackward0" for c, _ in consumers):
+            sizes = saved(first.fn, "self_sym_sizes")
+            dims = {saved(nodes[c].fn, "dim") % len(sizes) for c, _ in consumers}
+            if len(dims) != 1:
+                return None
+            (dim,) = dims
+            by_index = {saved(nodes[c].fn, "index") % sizes[dim]: c for c, _ in consumers}
+            if len(consumers) != sizes[dim] or len(by_index) != sizes[dim]:
+                return None
+            parts = [self._copy((by_index[k], 0), depth) for k in range(sizes[dim])]
+            return None if any(p is None for p in parts) else torch.stack(parts, dim)
+        if len(consumers) == 1 and first.kind in ("UnbindBackward0", "SplitBackward0", "SplitWithSizesBackward0"):
+            parts = [self._copy((first.id, k), depth) for k in range(first.spec.n_outputs(first))]
+            if any(p is None for p in parts):
+                return None
+            dim = saved(first.fn, "dim")
+            return torch.stack(parts, dim) if first.kind == "UnbindBackward0" else torch.cat(parts, dim)
         return None
+
+    def _copy(self, key: tuple[int, int], depth: int) -> torch.Tensor | None:
+        v = self.values.get(key)
+        return v if v is not None else self._saved_copy(key, depth + 1)
 
     def _direct(self, node: Node, nr: int) -> torch.Tensor | None:
         """Output slot ``nr`` from the node's own saved tensors, or from a consumer that saved it as an operand."""

@@ -41,8 +41,31 @@ LinearFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def stabilize(z: Tensor, eps: float) -> Tensor:
-    r"""Return :math:`z + \varepsilon\,\mathrm{sign}(z)` with :math:`\mathrm{sign}(0) = 1`."""
-    return torch.where(z >= 0, z + eps, z - eps)  # one pass fewer than z + eps * sign, same values
+    r"""Return :math:`z + \varepsilon\,\mathrm{sign}(z)` with :math:`\mathrm{sign}(0) = 1` (a fresh tensor)."""
+    # sign(sign(z) + 1/2) is -1 below zero and +1 at ±0 and above (NaN stays NaN), in one allocation and four
+    # arithmetic passes: torch.where on a comparison costs several times as much on CPU, where bool tensors are slow
+    s = z.sign()
+    s.add_(0.5).sign_()
+    return torch.add(z, s, alpha=eps, out=s)
+
+
+def over_stabilized(R: Tensor, z: Tensor, eps: float) -> Tensor:
+    r""":math:`R / \mathrm{stab}_\varepsilon(z)`, written into the denominator's memory where the shapes allow
+    (one large allocation fewer per rule)."""
+    d = stabilize(z, eps)
+    if d.shape != R.shape or d.dtype != R.dtype or torch.is_grad_enabled():
+        return R / d
+    return torch.div(R, d, out=d)
+
+
+def _positive_part(z: Tensor) -> Tensor:
+    r""":math:`1[z > 0]` as numbers, without a bool tensor (slow on CPU): :math:`\max(\mathrm{sign}(z), 0)`."""
+    return z.sign().clamp_(min=0)
+
+
+def _negative_part(z: Tensor) -> Tensor:
+    r""":math:`1[z < 0]` as numbers: :math:`\max(-\mathrm{sign}(z), 0)`."""
+    return z.sign().neg_().clamp_(min=0)
 
 
 def safe_divide(r: Tensor, z: Tensor) -> Tensor:
@@ -144,9 +167,10 @@ def _products(pairs: Sequence[tuple[Tensor | None, Tensor]], fn) -> Tensor:
 def _signs(x: Tensor) -> tuple[Tensor | None, Tensor | None]:
     """:math:`(x^+, x^-)`, None for a part that is zero everywhere: its terms vanish exactly, so a rule that splits
     by sign skips them, and a layer after a ReLU (:math:`x^- = 0`) costs half the products."""
-    if not bool((x < 0).any()):
+    low, high = torch.aminmax(x)  # one reduction; comparisons on the whole tensor are slow on CPU
+    if not bool(low < 0):
         return x, None
-    if not bool((x > 0).any()):
+    if not bool(high > 0):
         return None, x
     return x.clamp(min=0), x.clamp(max=0)
 
@@ -177,17 +201,17 @@ class Epsilon:
         """Relevance of ``x``: :math:`z = xw + b` in the denominator."""
         if z is None:
             z = fn(x, w)
-        return _linear_terms([(x, w)], R / stabilize(_plus(z, b), self.eps), fn)
+        return _linear_terms([(x, w)], over_stabilized(R, _plus(z, b), self.eps), fn)
 
     def sum(self, terms: Sequence[Tensor], R: Tensor, combine: Callable[..., Tensor]) -> list[Tensor]:
         z = combine(*terms)
-        s = R / stabilize(z, self.eps)
+        s = over_stabilized(R, z, self.eps)
         return [t * g for t, g in zip(terms, _sum_vjp(combine, terms, s))]
 
     def product(self, a: Tensor, b: Tensor, R: Tensor, fn, z: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Each factor, the other held fixed: :math:`R_a = a \\odot J_a^\\top (R / \\mathrm{stab}(z))`, and the
         same for :math:`b`; together they receive :math:`2R` (the paper's code for Bmm)."""
-        s = R / stabilize(fn(a, b) if z is None else z, self.eps)
+        s = over_stabilized(R, fn(a, b) if z is None else z, self.eps)
         ga, gb = _product_vjp(fn, a, b, s)
         return a * ga, b * gb
 
@@ -204,9 +228,9 @@ class ZPlus:
 
     def linear(self, x, w, R, fn, z=None, b=None):
         xp, xn = _signs(x)
-        pairs = [(xp, w.clamp(min=0)), (xn, w.clamp(max=0))]
+        pairs = [(xp, None if xp is None else w.clamp(min=0)), (xn, None if xn is None else w.clamp(max=0))]
         zp = _plus(_products(pairs, fn), _pos(b))
-        return _linear_terms(pairs, R / stabilize(zp, self.eps), fn)
+        return _linear_terms(pairs, over_stabilized(R, zp, self.eps), fn)
 
 
 @dataclass(frozen=True)
@@ -236,8 +260,8 @@ class Gamma:
         neg = [(xp, wn), (xn, wp)]
         zp = _plus(_products(pos, fn), None if b is None else b + self.gamma * b.clamp(min=0))
         zn = _plus(_products(neg, fn), None if b is None else b + self.gamma * b.clamp(max=0))
-        sp = R * (z > 0) / stabilize(zp, self.eps)
-        sn = R * (z < 0) / stabilize(zn, self.eps)
+        sp = over_stabilized(R * _positive_part(z), zp, self.eps)
+        sn = over_stabilized(R * _negative_part(z), zn, self.eps)
         return _linear_terms(pos, sp, fn) + _linear_terms(neg, sn, fn)
 
     def _nonnegative(self, x, w, R, fn, z0, b):
@@ -253,8 +277,8 @@ class Gamma:
         z = _plus(z0, b)
         zp = _plus(z0 + g * u, None if b is None else b + g * b.clamp(min=0))
         zn = _plus((1 + g) * z0 - g * u, None if b is None else b + g * b.clamp(max=0))
-        sp = R * (z > 0) / stabilize(zp, self.eps)
-        sn = R * (z < 0) / stabilize(zn, self.eps)
+        sp = over_stabilized(R * _positive_part(z), zp, self.eps)
+        sn = over_stabilized(R * _negative_part(z), zn, self.eps)
         return x * (transpose(fn, (1 + g) * sn + sp, x, w) + g * transpose(fn, sp - sn, x, wpos))
 
 
@@ -277,8 +301,8 @@ class AlphaBeta:
         pos, neg = [(xp, wp), (xn, wn)], [(xp, wn), (xn, wp)]
         zp = _plus(_products(pos, fn), _pos(b))
         zn = _plus(_products(neg, fn), None if b is None else b.clamp(max=0))
-        rp = _linear_terms(pos, R / stabilize(zp, self.eps), fn)
-        rn = _linear_terms(neg, R / stabilize(zn, self.eps), fn)
+        rp = _linear_terms(pos, over_stabilized(R, zp, self.eps), fn)
+        rn = _linear_terms(neg, over_stabilized(R, zn, self.eps), fn)
         return self.alpha * rp - self.beta * rn
 
 
@@ -295,7 +319,7 @@ class Flat:
 
     def linear(self, x, w, R, fn, z=None, b=None):  # the bias is zeroed (zennit)
         ones_x, ones_w = torch.ones_like(x), torch.ones_like(w)
-        return _linear_terms([(ones_x, ones_w)], R / stabilize(fn(ones_x, ones_w), self.eps), fn)
+        return _linear_terms([(ones_x, ones_w)], over_stabilized(R, fn(ones_x, ones_w), self.eps), fn)
 
 
 @dataclass(frozen=True)
@@ -307,7 +331,7 @@ class WSquare:
     def linear(self, x, w, R, fn, z=None, b=None):
         ones_x, w2 = torch.ones_like(x), w * w
         z2 = _plus(fn(ones_x, w2), None if b is None else b * b)
-        return _linear_terms([(ones_x, w2)], R / stabilize(z2, self.eps), fn)
+        return _linear_terms([(ones_x, w2)], over_stabilized(R, z2, self.eps), fn)
 
 
 @dataclass(frozen=True)
@@ -330,7 +354,7 @@ class ZBox:
         high = torch.as_tensor(self.high, dtype=x.dtype, device=x.device).expand_as(x)
         wp, wn = w.clamp(min=0), w.clamp(max=0)
         zb = (fn(x, w) if z is None else z) - fn(low, wp) - fn(high, wn)
-        s = R / stabilize(zb, self.eps)
+        s = over_stabilized(R, zb, self.eps)
         return _linear_terms([(x, w)], s, fn) - _linear_terms([(low, wp), (high, wn)], s, fn)
 
 
@@ -419,7 +443,7 @@ class Constant:
     def product(self, a, b, R, fn, z=None):
         if _elementwise(fn):
             return torch.zeros_like(a), R.sum_to_size(b.shape)
-        s = R / stabilize(fn(a, b) if z is None else z, self.eps)
+        s = over_stabilized(R, fn(a, b) if z is None else z, self.eps)
         if _matrix_product(fn):
             gb = a.mT @ s
         else:
@@ -451,8 +475,11 @@ class AttnLRPSoftmax:
     """
 
     def softmax(self, x, s, R, dim):
-        r = x * (R - s * R.sum(dim, keepdim=True))
-        return torch.where(torch.isfinite(x), r, torch.zeros_like(r))
+        t = s * R.sum(dim, keepdim=True)
+        r = (torch.sub(R, t, out=t) if t.shape == R.shape and not torch.is_grad_enabled() else R - t).mul_(x)
+        if not bool(torch.isfinite(x.sum())):  # -inf logits (a mask in the graph): 0, not -inf * 0
+            r = torch.where(torch.isfinite(x), r, torch.zeros_like(r))
+        return r
 
 
 @dataclass(frozen=True)
@@ -484,7 +511,7 @@ class LinearisedNorm:
     needs_input = True
 
     def linearised(self, x, R, fn, y):
-        (g,) = vjp(fn, [x], R / stabilize(y, self.eps))
+        (g,) = vjp(fn, [x], over_stabilized(R, y, self.eps))
         return x * g
 
     def norm(self, R):

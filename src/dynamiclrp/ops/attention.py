@@ -52,17 +52,16 @@ class Softmax(OpSpec):
         (R,) = ctx.R
         rule = ctx.rule("softmax")
         s, dim = ctx.output(0), self.dim(ctx.node)
-        x, masked = None, False
+        x, attended = None, None
         if getattr(rule, "needs_input", True) or _masked_logits(ctx):
             x = ctx.input(0)
             e = ctx.node.inputs[0]
             if e is not None and (e.child, e.nr) in ctx.run.promises.provisional:
-                _check_mask(ctx.node, x, s, dim)
+                attended = _check_mask(ctx.node, x, s, dim)
                 ctx.run.promises.certify((e.child, e.nr))
-                masked = True
         r = rule.softmax(x, s, R, dim)
-        if masked:  # masked logits get no relevance, as with a -inf mask, whatever the fill value
-            r = torch.where(_attended(s, dim), r, torch.zeros_like(r))
+        if attended is not None:  # masked logits get no relevance, as with a -inf mask, whatever the fill value
+            r = r * attended
         return [r]
 
 
@@ -73,25 +72,29 @@ def _masked_logits(ctx) -> bool:
 
 
 def _attended(s, dim):
-    """Positions the softmax attends to: probability above 1e-30 of the row's largest (a mask of -100, as Swin's,
-    leaves exp(-100) > 0 in float64; it masks all the same)."""
-    return s > s.amax(dim, keepdim=True) * 1e-30
+    """1.0 at the positions the softmax attends to, else 0.0: probability above 1e-30 of the row's largest (a mask
+    of -100, as Swin's, leaves exp(-100) > 0 in float64; it masks all the same). Numbers, not bools: comparisons
+    and ``where`` over tokens x tokens tensors are several times slower on CPU than arithmetic."""
+    return (s - s.amax(dim, keepdim=True) * 1e-30).sign_().clamp_(min=0)
 
 
-def _check_mask(node, x, s, dim) -> None:
-    """Raise unless ``log s - x`` is constant per row on the attended positions (see :class:`Softmax`)."""
+def _check_mask(node, x, s, dim):
+    """Raise unless ``log s - x`` is constant per row on the attended positions (see :class:`Softmax`); return
+    :func:`_attended`. A NaN anywhere in the check raises too."""
     attended = _attended(s, dim)
-    diff = torch.where(attended, s.log() - x, torch.zeros_like(x))
-    count = attended.sum(dim, keepdim=True).clamp(min=1)
-    mean = diff.sum(dim, keepdim=True) / count
-    spread = torch.where(attended, (diff - mean).abs(), torch.zeros_like(x)).amax()
+    # log s where attended; log(s + 1) ~ 0 elsewhere (s ~ 0 there), so that nothing is -inf before the mask
+    diff = attended.neg().add_(1).add_(s).log_().sub_(x).mul_(attended)
+    count = attended.sum(dim, keepdim=True).clamp_(min=1)
+    mean = diff.sum(dim, keepdim=True).div_(count)
+    spread = diff.sub_(mean).abs_().mul_(attended).amax()
     tol = 1e-3 if x.dtype == torch.float64 else 2e-2
-    if float(spread) > tol * (1 + float(x.abs().amax())):
+    if not float(spread) <= tol * (1 + float(x.abs().amax())):
         raise ActivationUnavailableError(
             f"the logits of {node.kind} (node #{node.id}) include a constant autograd did not record that is not "
             "a plain mask (0 where attended): e.g. a position bias. Let that tensor require grad so the graph "
             "records it"
         )
+    return attended
 
 
 def _heads(q, k):

@@ -111,6 +111,24 @@ class BiasAdd(AddTerms):
             )
         return super().relevance(ctx)
 
+    def linear_output(self, ctx, node) -> torch.Tensor | None:
+        """The linear op's output (without bias) of this addition ``node``, from a copy of the layer's output that a
+        consumer saved (GELU saves its input, the attention matmul its operands behind views), less the bias term:
+        one subtraction instead of recomputing the product. None when no copy was saved or the bias is frozen
+        (its value is itself the output less the product)."""
+        if node.inputs[1 - self.linear_index] is None:
+            return None
+        zb = ctx.run.promises.values.get((node.id, 0))  # an explained output, or recovered already
+        zb = zb if zb is not None else ctx.run.promises.saved_copy(node)
+        if zb is None or zb.dtype != ctx.dtype:  # a lower-precision copy would not be exact
+            return None
+        b = self.bias_term(ctx, node)
+        meta = node.fn._input_metadata[0]
+        operands = [None, None]
+        operands[self.linear_index] = torch.ones([1] * len(meta.shape), dtype=ctx.dtype, device=meta.device)
+        scale = self.terms(node.fn, *operands)[self.linear_index]
+        return zb - b if bool((scale == 1).all()) else zb / scale - b
+
     def bias_term(self, ctx, node) -> torch.Tensor | None:
         """The bias term (scaled and shaped to broadcast over the linear op's output) of this addition ``node``,
         divided by the linear term's scale; None when it cannot be had (then the rule must not fuse)."""

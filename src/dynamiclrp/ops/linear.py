@@ -56,6 +56,16 @@ def _fused_bias(ctx):
     return b
 
 
+def _from_saved_layer_output(ctx):
+    """This op's output from a copy of its layer's output (bias included) that a consumer saved, the bias
+    subtracted; None where there is no such copy. Only a fused bias (``addmm``, convolution): after views the copy
+    would have the view's shape."""
+    add = _bias_add_of(ctx)
+    if add is None or add.fn is not ctx.node.fn:
+        return None
+    return add.spec.linear_output(ctx, add)
+
+
 def _pre_activation(ctx, R, through_batch_norm: bool):
     """The layer's output (bias, and merged batch norm, included) read off a ReLU that alone consumes it: ReLU saves
     its output, equal to its input wherever that is positive. Used only if the relevance is zero wherever the ReLU
@@ -69,7 +79,8 @@ def _pre_activation(ctx, R, through_batch_norm: bool):
     r = saved(relu.fn, "result")
     if r is None or r.shape != R.shape or r.dtype != ctx.dtype:  # a lower-precision copy would not be exact
         return None
-    if bool(((R != 0) & (r <= 0)).any()):
+    # relevance where the ReLU output is 0 (r >= 0): |R| (1 - sign r) > 0 there; arithmetic, as bool tensors are slow
+    if bool(R.abs().mul_(r.sign().neg_().add_(1)).amax() > 0):
         return None
     return r
 
@@ -212,6 +223,8 @@ class Product(OpSpec):
         b = _fused_bias(ctx)
         uses_z = ctx.wants(x_i) and getattr(rule, "uses_z", False)
         z = ctx.run.promises.values.get((ctx.node.id, 0)) if ctx.wants(x_i) else None  # recovered already: free
+        if uses_z and z is None:
+            z = _from_saved_layer_output(ctx)
         merged = _merged_batch_norm(ctx, b is not None or _bias_add_of(ctx) is None)
         if merged is not None and (w_m := self.scale_weight(ctx.node, w, merged[0], x_i)) is not None:
             scale, shift = merged  # a batch norm after this op is merged into it (zennit's canonizers)
