@@ -51,7 +51,8 @@ def methods(spec: dict) -> list[str]:
     """The method names of speed.py for this case (anchors included, those LXT lacks excluded)."""
     name = spec["name"]
     out = ["full", "floor"] + [f"dynamiclrp {p}" for p in speed.OURS.get(name, speed.OURS["text"])]
-    if name in ("vgg16", "resnet50"):
+    if name in ("vgg16", "resnet50"):  # a plan keeps transformed weights: what a data-set loop holds
+        out += ["dynamiclrp epsilon_plus + plan", "dynamiclrp epsilon_alpha2_beta1 + plan"]
         out += ["zennit EpsilonPlus", "zennit EpsilonGammaBox", "zennit EpsilonAlpha2Beta1"]
     if name == "vgg16":
         out.append("Captum LRP (ε)")
@@ -72,6 +73,12 @@ def one(spec: dict, method: str, quick: bool, device: str) -> dict:
         fn = case.full()
     elif method == "floor":
         fn = case.floor()
+    elif method.endswith(" + plan"):  # two calls with one plan: the second reuses it, as a loop does
+        once = case.ours(method.split(" ")[1], plan=True)
+
+        def fn():
+            once()
+            once()
     elif method.startswith("dynamiclrp "):
         fn = case.ours(method.split(" ", 1)[1])
     elif method.startswith("zennit "):
@@ -153,7 +160,8 @@ Written by `benchmarks/memory.py` (issue #8). torch {torch}; models, inputs and 
 
 1. import (dynamiclrp in every one; the anchors' processes also import zennit, Captum or LXT) and build the model;
 2. {what};
-3. one call of the method, without warm-up;
+3. one call of the method, without warm-up ("+ plan" rows: two calls sharing one `dynamiclrp.Plan()`, the second
+   reusing the weights the first transformed, as a loop over a data set does);
 4. {peak}.
 
 "increment" = peak − after build. PASS/MISS compares peaks (nothing subtracted): each dynamiclrp preset ≤ 1.3×

@@ -19,7 +19,8 @@ What is timed (one call each, medians of ``--reps`` interleaved repetitions afte
 * ``floor``: forward + ``torch.autograd.grad`` of the explained logit(s) with respect to the input only, every
   parameter frozen (token models: with respect to ``inputs_embeds``, the embedding lookup done outside).
 * ``dynamiclrp PRESET``: ``dynamiclrp.explain(model, inputs, preset=PRESET, ledger=False, check_finite=False)``,
-  forward included (inputs are the image or the token ids).
+  forward included (inputs are the image or the token ids); ``+ plan``: the same with one ``dynamiclrp.Plan()``
+  reused by every repetition (graph skeleton and transformed weights kept, as in a loop over a data set).
 * anchors: zennit composites (``EpsilonPlus``, ``EpsilonGammaBox(-3, 3)``, ``EpsilonAlpha2Beta1``) with the
   torchvision canonizer; Captum ``LRP`` (ε, VGG only: it does not support ResNet's additions); LXT 2.1
   (``lxt.efficient``) AttnLRP / CP-LRP in their own processes (LXT patches transformers globally), started once per
@@ -222,12 +223,13 @@ class Case:
 
         return run
 
-    def ours(self, preset):
+    def ours(self, preset, plan=False):
         import dynamiclrp
 
         inputs = self.inputs if self.spec["name"] in VISION else {**self.inputs, **self.kw}
+        kw = {"plan": dynamiclrp.Plan()} if plan else {}  # one plan per method, reused over its repetitions
         return lambda: dynamiclrp.explain(self.model, inputs, preset=preset, output=self.select, ledger=False,
-                                          check_finite=False)
+                                          check_finite=False, **kw)
 
     def zennit(self, composite):
         from zennit.attribution import Gradient
@@ -383,6 +385,7 @@ def methods_for(case: Case, threads: int, quick: bool, anchors: bool = True) -> 
     remotes: list = []
     for preset in OURS.get(name, OURS["text"]):
         fns[f"dynamiclrp {preset}"] = case.ours(preset)
+        fns[f"dynamiclrp {preset} + plan"] = case.ours(preset, plan=True)
     if not anchors:
         return fns, errors, remotes
     if name in ("vgg16", "resnet50"):
@@ -476,13 +479,17 @@ def verdicts(med: dict) -> list[str]:
     for k, v in med.items():
         if not k.startswith("dynamiclrp "):
             continue
-        preset = k.split(" ", 1)[1]
+        label = k.split(" ", 1)[1]
+        preset = label.removesuffix(" + plan")
         if preset in FLOOR_TARGET and floor:
             r = v / floor
-            lines.append(f"{'PASS' if r <= 1.5 else 'MISS'} {preset} ≤ 1.5× floor: {r:.2f}×")
+            lines.append(f"{'PASS' if r <= 1.5 else 'MISS'} {label} ≤ 1.5× floor: {r:.2f}×")
         if preset in FULL_TARGET and full:
             r = v / full
-            lines.append(f"{'PASS' if r <= 2.0 else 'MISS'} {preset} ≤ 2× full: {r:.2f}×")
+            lines.append(f"{'PASS' if r <= 2.0 else 'MISS'} {label} ≤ 2× full: {r:.2f}×")
+        if label != preset and med.get(f"dynamiclrp {preset}"):
+            saving = 1 - v / med[f"dynamiclrp {preset}"]
+            lines.append(f"plan saving, {preset} (repeated explanations): {saving:.1%}")
     for anchor, preset in ANCHOR_OF.items():
         a, o = med.get(anchor), med.get(f"dynamiclrp {preset}")
         if a and o:
@@ -546,7 +553,8 @@ HEADER = """# Speed: one explanation against the gradient pass (CPU)
 Written by `benchmarks/speed.py` (issue #8). torch {torch}, {cpu} CPU cores; random weights. "full" = forward +
 backward with parameter gradients; "floor" = forward + gradient with respect to the input only, parameters frozen;
 both on the same model, input and explained logit(s) as the explanations. Ratios are of medians within one section
-(one process, interleaved repetitions). dynamiclrp runs `explain(..., ledger=False, check_finite=False)`. zennit
+(one process, interleaved repetitions). dynamiclrp runs `explain(..., ledger=False, check_finite=False)`; "+ plan"
+rows pass one `dynamiclrp.Plan()` to all their repetitions (a data-set loop: the warm-up builds it). zennit
 0.5.1 composites with the torchvision canonizer, Captum `LRP` (ε); LXT 2.1 in its own process per anchor, timed
 inside it, its repetitions interleaved with ours. Transformers: eager attention everywhere. A method that failed
 shows its error instead of a time.

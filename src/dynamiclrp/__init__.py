@@ -21,6 +21,7 @@ from .errors import (
     TrainModeWarning,
 )
 from .ops import OpSpec, register_op
+from .plan import Plan
 from .presets import Preset, get_preset, presets, register_preset
 from .result import Attribution, Stats
 
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationUnavailableError", "Attribution", "coverage", "CoverageReport", "DynamicLRPError", "explain",
-    "get_preset", "GraphFreedError", "MissingRuleError", "NoGraphError", "NonFiniteError", "OpSpec", "Preset",
+    "get_preset", "GraphFreedError", "MissingRuleError", "NoGraphError", "NonFiniteError", "OpSpec", "Plan", "Preset",
     "presets", "propagate", "register_op", "register_preset", "rules", "Stats", "TargetError",
     "TorchInternalsError", "TrainModeWarning",
 ]

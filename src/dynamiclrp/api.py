@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -15,6 +16,7 @@ from .engine import Run
 from .errors import DynamicLRPError, MissingRuleError, NoGraphError, NonFiniteError, TrainModeWarning
 from .graph import Graph
 from .ops import Missing, saved
+from .plan import Plan
 from .presets import Preset, families_of, get_preset
 from .result import Attribution, Stats
 from .scopes import ModuleScopes, record_scopes
@@ -36,6 +38,7 @@ def propagate(
     check_finite: bool = True,
     dtype: torch.dtype | None = None,
     keep_run: bool = False,
+    plan: Plan | None = None,
 ) -> Attribution:
     """Propagate relevance from ``outputs`` to ``wrt`` over the outputs' existing autograd graph.
 
@@ -66,6 +69,11 @@ def propagate(
         Keep the engine's run (graph, recovered activations, relevance tables) in ``Attribution.extra["run"]``
         for inspection. Off by default: it keeps the autograd graph and its activations alive as long as the
         Attribution, which a loop over a data set must not do.
+    plan : Plan, optional
+        An execution plan shared by repeated explanations of one architecture (:class:`dynamiclrp.Plan`): it
+        reuses the graph skeleton when the new graph's fingerprint matches one read before, and weights the
+        rules transformed (:math:`w^+`, merged batch norms), checked against the weights' version counters.
+        It holds the transformed weights between calls (``plan.cached_bytes``).
 
     Returns
     -------
@@ -83,7 +91,7 @@ def propagate(
     outs = _as_outputs(outputs)
     wrt_list = [wrt] if isinstance(wrt, torch.Tensor) else list(wrt or [])
     att = _propagate(outs, target, wrt_list, get_preset(preset), seed=seed, rules=rules, strict=strict,
-                     ledger=ledger, check_finite=check_finite, dtype=dtype)
+                     ledger=ledger, check_finite=check_finite, dtype=dtype, plan=plan)
     if not keep_run:
         del att.extra["run"]
     return att
@@ -109,10 +117,10 @@ def _as_outputs(outputs: Tensors) -> list[torch.Tensor]:
 
 def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, strict=True, ledger=True,
                check_finite=True, dtype=None, extra_record=None, node_rules_for=None, scopes=None,
-               train_mode=None):
+               train_mode=None, plan=None):
     if rules:
         preset = preset.override(families=dict(rules))
-    graph = Graph.build([o.grad_fn for o in outs])
+    graph = Graph.build([o.grad_fn for o in outs], plan)
     kinds = Counter(n.kind for n in graph.nodes)
     missing = Counter(n.kind for n in graph.nodes if isinstance(n.spec, Missing))
     if missing and strict:
@@ -146,7 +154,7 @@ def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, stri
         for t in (o, o._base):
             if t is not None and t.grad_fn is not None and t.grad_fn in graph.head:
                 run.promises.values.setdefault((graph.head[t.grad_fn], t.output_nr), t.detach())
-    with torch.no_grad():
+    with torch.no_grad(), plan.active() if plan is not None else contextlib.nullcontext():
         run.propagate(seeds)
     if run.approximations:
         warnings.warn(

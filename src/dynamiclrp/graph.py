@@ -14,6 +14,7 @@ from typing import Any
 
 from .ops import spec_for
 from .ops.base import NEXT, OpSpec
+from .plan import Plan, Skeleton
 
 
 @dataclass(frozen=True)
@@ -56,28 +57,46 @@ class Graph:
         return None if i is None else self.nodes[i]
 
     @classmethod
-    def build(cls, root_fns: list[Any]) -> Graph:
+    def build(cls, root_fns: list[Any], plan: Plan | None = None) -> Graph:
+        """Read the graph below ``root_fns``; with a ``plan``, reuse the skeleton of an identical graph read before
+        (same fingerprint: every node's type, decomposition and edges, in discovery order)."""
+        fns, nexts = _discover(root_fns)
+        layouts = [spec_for(fn).decompose(fn) for fn in fns]
+        if plan is None:
+            return cls._assemble(root_fns, fns, nexts, layouts)
+        index = {fn: i for i, fn in enumerate(fns)}
+        fingerprint = (
+            tuple(index[f] for f in root_fns if f is not None),
+            tuple((type(fn), tuple((kind, id(spec), tuple(refs)) for kind, spec, refs in layout),
+                   tuple((-1 if c is None else index[c], nr) for c, nr in nx))
+                  for fn, layout, nx in zip(fns, layouts, nexts)),
+        )
+        skeleton = plan.skeleton(fingerprint)
+        if skeleton is not None:
+            return cls._from_skeleton(skeleton, fns)
+        g = cls._assemble(root_fns, fns, nexts, layouts)
+        plan.store(fingerprint, Skeleton(
+            nodes=[(index[n.fn], n.kind, n.spec, n.inputs, n.part, n.data, n.n_consumers) for n in g.nodes],
+            order=g.order, heads=[g.head[fn] for fn in fns], consumers=g.consumers))
+        return g
+
+    @classmethod
+    def _assemble(cls, root_fns, fns, nexts, layouts) -> Graph:
         g = cls()
-        fns = _discover(root_fns)
         # create nodes: a fused fn becomes several parts, part 0 (the head) producing the fn's outputs
-        layouts = {}
-        for fn in fns:
-            spec = spec_for(fn)
-            layout = spec.decompose(fn)
-            layouts[fn] = layout
+        for fn, layout in zip(fns, layouts):
             g.head[fn] = len(g.nodes)
             for k, (kind, part_spec, _) in enumerate(layout):
                 g.nodes.append(Node(len(g.nodes), kind, fn, part_spec, [], part=k))
-        for fn in fns:
+        for fn, nx, layout in zip(fns, nexts, layouts):
             base = g.head[fn]
-            nexts = fn.next_functions
-            for k, (_, _, refs) in enumerate(layouts[fn]):
+            for k, (_, _, refs) in enumerate(layout):
                 node = g.nodes[base + k]
                 for ref in refs:
                     if ref is None:
                         node.inputs.append(None)
                     elif ref[0] == NEXT:
-                        child, nr = nexts[ref[1]]
+                        child, nr = nx[ref[1]]
                         node.inputs.append(None if child is None else Edge(g.head[child], nr))
                     else:
                         node.inputs.append(Edge(base + ref[1], 0))
@@ -87,27 +106,43 @@ class Graph:
                     g.consumers.setdefault((e.child, e.nr), []).append((node.id, i))
                     g.nodes[e.child].n_consumers += 1
         g.order = _topological(g.nodes, [g.head[f] for f in root_fns])
-        for i in reversed(g.order):  # producers before consumers
-            node = g.nodes[i]
-            node.data = node.spec.is_data_source(node) or any(
-                e is not None and g.nodes[e.child].data for e in node.inputs
-            )
+        _mark_data(g)
+        return g
+
+    @classmethod
+    def _from_skeleton(cls, sk: Skeleton, fns: list[Any]) -> Graph:
+        """A graph with a stored skeleton's structure (shared, read-only) and the new autograd nodes."""
+        g = cls(order=sk.order, consumers=sk.consumers)
+        g.nodes = [Node(i, kind, fns[f], spec, inputs, part=part, n_consumers=nc)
+                   for i, (f, kind, spec, inputs, part, _, nc) in enumerate(sk.nodes)]
+        g.head = dict(zip(fns, sk.heads))
+        _mark_data(g)  # a leaf's kind of tensor (parameter or input) is not in the fingerprint: read again
         return g
 
 
-def _discover(root_fns: list[Any]) -> list[Any]:
-    """Every grad_fn reachable from the roots, each once (iterative, no recursion limit)."""
-    seen: dict[Any, None] = {}
+def _mark_data(g: Graph) -> None:
+    """Which nodes depend on the model's input (producers before consumers)."""
+    for i in reversed(g.order):
+        node = g.nodes[i]
+        node.data = node.spec.is_data_source(node) or any(
+            e is not None and g.nodes[e.child].data for e in node.inputs
+        )
+
+
+def _discover(root_fns: list[Any]) -> tuple[list[Any], list[tuple]]:
+    """Every grad_fn reachable from the roots, each once (iterative, no recursion limit), and its
+    ``next_functions`` (read once: each read builds a new tuple)."""
+    seen: dict[Any, tuple] = {}
     stack = [f for f in root_fns if f is not None]
     while stack:
         fn = stack.pop()
         if fn in seen:
             continue
-        seen[fn] = None
-        for child, _ in fn.next_functions:
+        nx = seen[fn] = fn.next_functions
+        for child, _ in nx:
             if child is not None and child not in seen:
                 stack.append(child)
-    return list(seen)
+    return list(seen), list(seen.values())
 
 
 def _topological(nodes: list[Node], roots: list[int]) -> list[int]:

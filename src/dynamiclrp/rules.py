@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .plan import weight_derived
+
 Tensor = torch.Tensor
 LinearFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -164,6 +166,16 @@ def _products(pairs: Sequence[tuple[Tensor | None, Tensor]], fn) -> Tensor:
     return total
 
 
+def _w_pos(w: Tensor) -> Tensor:
+    """:math:`w^+` (kept by an active :class:`~dynamiclrp.plan.Plan` between explanations)."""
+    return weight_derived("+", w, lambda: w.clamp(min=0))
+
+
+def _w_neg(w: Tensor) -> Tensor:
+    """:math:`w^-` (kept by an active plan)."""
+    return weight_derived("-", w, lambda: w.clamp(max=0))
+
+
 def _signs(x: Tensor) -> tuple[Tensor | None, Tensor | None]:
     """:math:`(x^+, x^-)`, None for a part that is zero everywhere: its terms vanish exactly, so a rule that splits
     by sign skips them, and a layer after a ReLU (:math:`x^- = 0`) costs half the products."""
@@ -228,7 +240,7 @@ class ZPlus:
 
     def linear(self, x, w, R, fn, z=None, b=None):
         xp, xn = _signs(x)
-        pairs = [(xp, None if xp is None else w.clamp(min=0)), (xn, None if xn is None else w.clamp(max=0))]
+        pairs = [(xp, None if xp is None else _w_pos(w)), (xn, None if xn is None else _w_neg(w))]
         zp = _plus(_products(pairs, fn), _pos(b))
         return _linear_terms(pairs, over_stabilized(R, zp, self.eps), fn)
 
@@ -254,7 +266,9 @@ class Gamma:
         xp, xn = _signs(x)
         if xn is None:
             return self._nonnegative(x, w, R, fn, z, b)
-        wp, wn = w + self.gamma * w.clamp(min=0), w + self.gamma * w.clamp(max=0)
+        g = self.gamma
+        wp = weight_derived(("gamma+", g), w, lambda: w + g * w.clamp(min=0))
+        wn = weight_derived(("gamma-", g), w, lambda: w + g * w.clamp(max=0))
         z = _plus(fn(x, w) if z is None else z, b)
         pos = [(xp, wp), (xn, wn)]
         neg = [(xp, wn), (xn, wp)]
@@ -271,7 +285,7 @@ class Gamma:
         :math:`J_{w^{+\gamma}}^\top s^+ + J_{w^{-\gamma}}^\top s^- = J_w^\top((1+\gamma)s^- + s^+)
         + \gamma J_{w^+}^\top(s^+ - s^-)`. Only :math:`z^\pm` where :math:`z \gtrless 0` are used, and there
         :math:`|z^\pm| \ge |z|`: no cancellation enters a denominator."""
-        g, wpos = self.gamma, w.clamp(min=0)
+        g, wpos = self.gamma, _w_pos(w)
         z0 = fn(x, w) if z0 is None else z0
         u = fn(x, wpos)
         z = _plus(z0, b)
@@ -297,7 +311,7 @@ class AlphaBeta:
     eps: float = 1e-6
 
     def linear(self, x, w, R, fn, z=None, b=None):
-        (xp, xn), wp, wn = _signs(x), w.clamp(min=0), w.clamp(max=0)
+        (xp, xn), wp, wn = _signs(x), _w_pos(w), _w_neg(w)
         pos, neg = [(xp, wp), (xn, wn)], [(xp, wn), (xn, wp)]
         zp = _plus(_products(pos, fn), _pos(b))
         zn = _plus(_products(neg, fn), None if b is None else b.clamp(max=0))
@@ -318,7 +332,7 @@ class Flat:
     eps: float = 1e-6
 
     def linear(self, x, w, R, fn, z=None, b=None):  # the bias is zeroed (zennit)
-        ones_x, ones_w = torch.ones_like(x), torch.ones_like(w)
+        ones_x, ones_w = torch.ones_like(x), weight_derived("ones", w, lambda: torch.ones_like(w))
         return _linear_terms([(ones_x, ones_w)], over_stabilized(R, fn(ones_x, ones_w), self.eps), fn)
 
 
@@ -329,7 +343,7 @@ class WSquare:
     eps: float = 1e-6
 
     def linear(self, x, w, R, fn, z=None, b=None):
-        ones_x, w2 = torch.ones_like(x), w * w
+        ones_x, w2 = torch.ones_like(x), weight_derived("square", w, lambda: w * w)
         z2 = _plus(fn(ones_x, w2), None if b is None else b * b)
         return _linear_terms([(ones_x, w2)], over_stabilized(R, z2, self.eps), fn)
 
@@ -352,7 +366,7 @@ class ZBox:
     def linear(self, x, w, R, fn, z=None, b=None):  # b - b⁺ - b⁻ = 0: the bias cancels (as in zennit)
         low = torch.as_tensor(self.low, dtype=x.dtype, device=x.device).expand_as(x)
         high = torch.as_tensor(self.high, dtype=x.dtype, device=x.device).expand_as(x)
-        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        wp, wn = _w_pos(w), _w_neg(w)
         zb = (fn(x, w) if z is None else z) - fn(low, wp) - fn(high, wn)
         s = over_stabilized(R, zb, self.eps)
         return _linear_terms([(x, w)], s, fn) - _linear_terms([(low, wp), (high, wn)], s, fn)
@@ -420,7 +434,7 @@ class Uniform:
         if _elementwise(fn):
             half = R / 2
             return half.sum_to_size(a.shape), half.sum_to_size(b.shape)
-        s = R / (2 * stabilize(fn(a, b) if z is None else z, self.eps))
+        s = over_stabilized(R, fn(a, b) if z is None else z, self.eps).mul_(0.5)  # = R / (2 stab(z)), exactly
         ga, gb = _product_vjp(fn, a, b, s)
         return a * ga, b * gb
 

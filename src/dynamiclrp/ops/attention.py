@@ -61,7 +61,7 @@ class Softmax(OpSpec):
                 ctx.run.promises.certify((e.child, e.nr))
         r = rule.softmax(x, s, R, dim)
         if attended is not None:  # masked logits get no relevance, as with a -inf mask, whatever the fill value
-            r = r * attended
+            r = r.mul_(attended) if r is not R and r.shape == attended.shape else r * attended
         return [r]
 
 
@@ -71,24 +71,24 @@ def _masked_logits(ctx) -> bool:
     return node is not None and (node.spec.zero_constants or node.spec.always_provisional)
 
 
-def _attended(s, dim):
-    """1.0 at the positions the softmax attends to, else 0.0: probability above 1e-30 of the row's largest (a mask
-    of -100, as Swin's, leaves exp(-100) > 0 in float64; it masks all the same). Numbers, not bools: comparisons
-    and ``where`` over tokens x tokens tensors are several times slower on CPU than arithmetic."""
-    return (s - s.amax(dim, keepdim=True) * 1e-30).sign_().clamp_(min=0)
+def _attended(s, top):
+    """1.0 at the positions the softmax attends to, else 0.0: probability above 1e-30 of the row's largest ``top``
+    (a mask of -100, as Swin's, leaves exp(-100) > 0 in float64; it masks all the same). Numbers, not bools:
+    comparisons and ``where`` over tokens x tokens tensors are several times slower on CPU than arithmetic."""
+    return (s - top * 1e-30).sign_().clamp_(min=0)
 
 
 def _check_mask(node, x, s, dim):
     """Raise unless ``log s - x`` is constant per row on the attended positions (see :class:`Softmax`); return
-    :func:`_attended`. A NaN anywhere in the check raises too."""
-    attended = _attended(s, dim)
-    # log s where attended; log(s + 1) ~ 0 elsewhere (s ~ 0 there), so that nothing is -inf before the mask
-    diff = attended.neg().add_(1).add_(s).log_().sub_(x).mul_(attended)
-    count = attended.sum(dim, keepdim=True).clamp_(min=1)
-    mean = diff.sum(dim, keepdim=True).div_(count)
-    spread = diff.sub_(mean).abs_().mul_(attended).amax()
+    :func:`_attended`. The constant is read at each row's most probable position (attended whatever the mask), and
+    every attended position must match it. A NaN anywhere in the check raises too."""
+    top, j = s.max(dim, keepdim=True)
+    attended = _attended(s, top)
+    shift = x.gather(dim, j) - top.log()  # x - log s at the most probable position
+    # |log s - x + shift| on attended positions; log of the threshold elsewhere keeps everything finite there
+    dev = torch.maximum(s, top * 1e-30).log_().sub_(x).add_(shift).abs_().mul_(attended).amax()
     tol = 1e-3 if x.dtype == torch.float64 else 2e-2
-    if not float(spread) <= tol * (1 + float(x.abs().amax())):
+    if not float(dev) <= tol * (1 + float(x.abs().amax())):
         raise ActivationUnavailableError(
             f"the logits of {node.kind} (node #{node.id}) include a constant autograd did not record that is not "
             "a plain mask (0 where attended): e.g. a position bias. Let that tensor require grad so the graph "

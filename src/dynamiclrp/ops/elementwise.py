@@ -51,8 +51,12 @@ class AddTerms(OpSpec):
                     "so the constant's share cannot be computed; let that operand require grad (dynamiclrp."
                     "explain does this for parameters) or register a different rule"
                 )
-            rest = add_terms(*(terms[i] for i in known)) if known else 0
-            terms = [t if t is not None else z.to(ctx.dtype) - rest for t in terms]
+            if (ctx.node.id, 0) in ctx.run.promises.provisional:  # replayed with the constant taken as zero
+                zero = torch.zeros((), dtype=ctx.dtype, device=z.device)
+                terms = [t if t is not None else zero for t in terms]
+            else:
+                rest = add_terms(*(terms[i] for i in known)) if known else 0
+                terms = [t if t is not None else z.to(ctx.dtype) - rest for t in terms]
         rel = self.sum_rule(ctx).sum(terms, R, add_terms)
         # an operand outside the graph (a frozen bias, a constant) keeps its share: returned for the ledger
         # (booked as given to parameters/constants), delivered nowhere

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ActivationUnavailableError
+from ..plan import active_plan, caching_weights
 from ..rules import LinearMap, MergeBatchNorm
 from .base import NEXT, PART, OpSpec, out_shape, saved, through_views
 from .elementwise import _VIEWS, BiasAdd
@@ -86,8 +87,9 @@ def _pre_activation(ctx, R, through_batch_norm: bool):
 
 
 def _merged_batch_norm(ctx, bias_handled: bool):
-    """(scale, shift) of an eval-mode batch norm that directly follows this linear op (after its bias addition)
-    and whose rule is MergeBatchNorm, shaped to broadcast over the op's output; else None."""
+    """(scale, shift, sources) of an eval-mode batch norm that directly follows this linear op (after its bias
+    addition) and whose rule is MergeBatchNorm, shaped to broadcast over the op's output; else None. ``sources``
+    are the tensors the scale is computed from (for a plan's cache of the merged weight)."""
     if not bias_handled:
         return None
     bn = _sole_consumer(ctx.run.graph, _layer_output(ctx).id, operand=0)
@@ -101,7 +103,8 @@ def _merged_batch_norm(ctx, bias_handled: bool):
     var, mean = saved(bn.fn, "running_var").to(dt), saved(bn.fn, "running_mean").to(dt)
     gamma = saved(bn.fn, "weight", None)
     eps = saved(bn.fn, "eps", None)
-    scale = (var + (eps if eps is not None else saved(bn.fn, "epsilon"))).rsqrt()
+    eps = eps if eps is not None else saved(bn.fn, "epsilon")
+    scale = (var + eps).rsqrt()
     if gamma is not None:
         scale = scale * gamma.to(dt)
     view = [1, -1] + [1] * (len(out_shape(bn.fn)) - 2)  # the batch norm's output has the layer's shape
@@ -110,7 +113,8 @@ def _merged_batch_norm(ctx, bias_handled: bool):
         shift = shift + ctx.run.promises.value(bn.inputs[2].child, bn.inputs[2].nr).to(dt)
     elif gamma is not None:  # an affine batch norm whose bias β the graph does not hold (frozen)
         shift = _frozen_batch_norm_shift(ctx, bn, scale.reshape(view))
-    return scale.reshape(view), shift.reshape(view)
+    sources = (saved(bn.fn, "running_var"),) + (() if gamma is None else (gamma,))
+    return scale.reshape(view), shift.reshape(view), (eps, sources)
 
 
 def _frozen_batch_norm_shift(ctx, bn, scale):
@@ -226,8 +230,8 @@ class Product(OpSpec):
         if uses_z and z is None:
             z = _from_saved_layer_output(ctx)
         merged = _merged_batch_norm(ctx, b is not None or _bias_add_of(ctx) is None)
-        if merged is not None and (w_m := self.scale_weight(ctx.node, w, merged[0], x_i)) is not None:
-            scale, shift = merged  # a batch norm after this op is merged into it (zennit's canonizers)
+        if merged is not None and (w_m := self._merged_weight(ctx, w, merged, x_i)) is not None:
+            scale, shift, _ = merged  # a batch norm after this op is merged into it (zennit's canonizers)
             w, b = w_m, shift if b is None else b * scale + shift
             z = None if z is None else z * scale
         else:
@@ -242,12 +246,23 @@ class Product(OpSpec):
                 z = None if z is None else (z * merged[0] if merged is not None else z)
         z = z if z is not None and z.dtype == ctx.dtype else None  # else recompute at full precision
         if ctx.wants(x_i):
-            out[x_i] = rule.linear(x, w, R, lmap, z=z, b=b)
+            with caching_weights(not data[w_i]):  # the rule's transforms of w may be kept by a plan
+                out[x_i] = rule.linear(x, w, R, lmap, z=z, b=b)
             if padded is not None:
                 out[x_i] = to_operand(out[x_i])  # zeros on the padding: its pad node routes the rest back
         if ctx.wants(w_i):  # parameter relevance: the same rule with the roles of input and weight swapped
             out[w_i] = rule.linear(w, x, R, self.linear_map(ctx.node, w_i), b=b)
         return out
+
+    def _merged_weight(self, ctx, w, merged, x_i: int):
+        """The weight with the batch norm after it merged in (kept by an active plan while neither the weight nor
+        the batch norm's variance and scale change), or None if this op cannot take it."""
+        plan = active_plan()
+        scale, _, (eps, sources) = merged
+        if plan is None or ctx.is_data(1 - x_i):
+            return self.scale_weight(ctx.node, w, scale, x_i)
+        return plan.derived(("merge-bn", type(self), x_i, eps), (w, *sources),
+                            lambda: self.scale_weight(ctx.node, w, scale, x_i))
 
     def scale_weight(self, node, w, scale, x_i: int):
         """``w`` scaled per output feature (``scale`` broadcasts over the output), or None if not supported."""

@@ -1,0 +1,108 @@
+"""Execution plans (issue #8): a skeleton reused only for an identical graph, transformed weights only while their
+sources are unchanged; results always bitwise equal to an explanation without a plan."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dynamiclrp
+
+D = torch.float64
+
+
+def _cnn():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).double().eval()
+    with torch.no_grad():  # non-trivial batch-norm statistics
+        m[1].running_mean.uniform_(-1, 1), m[1].running_var.uniform_(0.5, 2), m[1].weight.uniform_(0.5, 2)
+    return m
+
+
+def _same(a, b):
+    return all(torch.equal(p, q) for p, q in zip(a.inputs, b.inputs))
+
+
+@pytest.mark.parametrize("preset", ["epsilon", "epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1",
+                                    "epsilon_plus_flat"])
+def test_reused_plan_gives_the_same_relevance(preset):
+    m, plan = _cnn(), dynamiclrp.Plan()
+    for k in range(3):
+        x = torch.randn(2, 3, 8, 8, dtype=D, generator=torch.Generator().manual_seed(k))
+        with_plan = dynamiclrp.explain(m, x, target=[0, 2], preset=preset, plan=plan)
+        assert _same(with_plan, dynamiclrp.explain(m, x, target=[0, 2], preset=preset))
+    assert plan.stats.graphs_built == 1 and plan.stats.graphs_reused == 2
+    if preset != "epsilon":  # ε transforms no weight; the others clamp or merge the batch norm
+        assert plan.stats.weights_reused > 0 and plan.cached_bytes > 0
+
+
+def test_a_different_graph_builds_its_own_skeleton():
+    """Same op types, different wiring: the fingerprint differs, so nothing is reused."""
+    plan = dynamiclrp.Plan()
+    a = torch.randn(3, dtype=D, requires_grad=True)
+    b = torch.randn(3, dtype=D, requires_grad=True)
+    for wire in (lambda: a * b + a, lambda: a * b + b, lambda: a * b + a):
+        y = wire().sum()[None]
+        att = dynamiclrp.propagate(y, target=0, wrt=[a, b], plan=plan)
+        ref = dynamiclrp.propagate(wire().sum()[None], target=0, wrt=[a, b])
+        assert _same(att, ref)
+    assert plan.stats.graphs_built == 2 and plan.stats.graphs_reused == 1
+
+
+@pytest.mark.parametrize("change", ["weight in place", "optimizer step", "load_state_dict", "batch-norm variance",
+                                    "new parameter"])
+def test_changed_weights_are_not_served_from_the_cache(change):
+    """Each change would give a stale (wrong) relevance if the cache missed it: the result must equal a fresh
+    explanation with the new weights."""
+    m, plan = _cnn(), dynamiclrp.Plan()
+    x = torch.randn(1, 3, 8, 8, dtype=D)
+    before = dynamiclrp.explain(m, x, preset="epsilon_plus", plan=plan)
+    if change == "weight in place":
+        with torch.no_grad():
+            m[3].weight.mul_(-1.5)
+    elif change == "optimizer step":
+        m(x).sum().backward()
+        torch.optim.SGD(m.parameters(), lr=0.5).step()
+    elif change == "load_state_dict":
+        other = _cnn()
+        with torch.no_grad():
+            for p in other.parameters():
+                p.uniform_(-1, 1)
+        m.load_state_dict(other.state_dict())
+    elif change == "batch-norm variance":
+        with torch.no_grad():
+            m[1].running_var.mul_(4)
+    else:
+        m[3].weight = nn.Parameter(torch.randn_like(m[3].weight))
+    after = dynamiclrp.explain(m, x, preset="epsilon_plus", plan=plan)
+    fresh = dynamiclrp.explain(m, x, preset="epsilon_plus")
+    assert _same(after, fresh)
+    assert not _same(after, before)  # the change matters: a stale cache would have been caught
+
+
+def test_weights_not_used_by_the_latest_explanation_are_dropped():
+    plan = dynamiclrp.Plan()
+    x = torch.randn(1, 3, 8, 8, dtype=D)
+    dynamiclrp.explain(_cnn(), x, preset="epsilon_plus", plan=plan)
+    one_model = plan.cached_bytes
+    m2 = _cnn()
+    dynamiclrp.explain(m2, x, preset="epsilon_plus", plan=plan)
+    dynamiclrp.explain(m2, x, preset="epsilon_plus", plan=plan)
+    assert 0 < plan.cached_bytes <= one_model  # the first model's weights are gone
+
+
+def test_activations_are_never_cached():
+    """A product of two activations (attention) and a layer whose weight is computed from data: nothing from the
+    data side is kept."""
+    plan = dynamiclrp.Plan()
+    for k in range(2):
+        g = torch.Generator().manual_seed(k)
+        x = torch.randn(2, 4, dtype=D, generator=g, requires_grad=True)
+        w = torch.randn(4, 3, dtype=D, generator=g, requires_grad=True)
+        y = (x @ (w * x[:, :3].sum())).relu()
+        att = dynamiclrp.propagate(y, target=0, wrt=[x, w], preset="epsilon_plus", plan=plan)
+        ref = dynamiclrp.propagate((x @ (w * x[:, :3].sum())).relu(), target=0, wrt=[x, w], preset="epsilon_plus")
+        assert _same(att, ref)
+    assert plan.stats.weights_computed == 0
