@@ -60,7 +60,9 @@ class Run:
         finite: list[tuple[Node, list]] = []
         for (nid, nr), seed in seeds.items():
             _deliver(pending, nodes[nid], nr, seed.to(self.dtype))
+        release = _Release(self.graph, self.promises)
         for nid in self.graph.order:
+            release.done(nid)  # settles the node *after* this one's turn (see _Release)
             R = pending.pop(nid, None)
             if R is None:
                 continue
@@ -182,6 +184,33 @@ def _deliver(pending: dict[int, list], node: Node, nr: int, r: torch.Tensor) -> 
     if slots is None:
         slots = pending[node.id] = [None] * node.spec.n_outputs(node)
     slots[nr] = r if slots[nr] is None else slots[nr] + r
+
+
+class _Release:
+    """Drops recovered activations once nothing can ask for them any more, so that a run holds about one layer's
+    worth of them rather than every activation it recovered (peak memory).
+
+    A node's output is asked for by its consumers' rules, by its own, and by its producers' (a linear op reads the
+    batch norm after it): once the node and all its producers have had their turn it is released. A value asked for
+    again after that (from further away) is recovered again -- the same value, at some cost, never a wrong one.
+    """
+
+    def __init__(self, graph: Graph, promises: Promises):
+        self.graph, self.promises, self.last = graph, promises, None
+        self.waiting = [1 + len({e.child for e in n.inputs if e is not None}) for n in graph.nodes]
+        self.consumers: list[set[int]] = [set() for _ in graph.nodes]
+        for (child, _), uses in graph.consumers.items():
+            self.consumers[child].update(c for c, _ in uses)
+
+    def done(self, nid: int) -> None:
+        """Called as node ``nid``'s turn begins: the previous node's turn is over."""
+        prev, self.last = self.last, nid
+        if prev is None:
+            return
+        for m in (prev, *self.consumers[prev]):
+            self.waiting[m] -= 1
+            if self.waiting[m] == 0:
+                self.promises.forget(self.graph.nodes[m])
 
 
 def _useful(graph: Graph, record: set[tuple[int, int]]) -> list[bool]:

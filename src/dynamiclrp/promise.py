@@ -55,6 +55,7 @@ class Promises:
         # provisional values a consumer verified on the positions where relevance flows (see ops.attention)
         self.certified: set[tuple[int, int]] = set()
         self.values: dict[tuple[int, int], torch.Tensor] = {}
+        self.recovered_keys: set[tuple[int, int]] = set()  # every value recovered (values drops released ones)
         self.depth: dict[int, int] = {}
         self.replayed: set[int] = set()
         self.stats = PromiseStats()
@@ -102,6 +103,12 @@ class Promises:
             if len(operands) != 1 or not (node.spec.transparent or isinstance(node.spec, Routing)):
                 break
             key = (operands[0].child, operands[0].nr)
+
+    def forget(self, node: Node) -> None:
+        """Release the node's recovered outputs (asked for again, they are recovered again)."""
+        for nr in range(node.spec.n_outputs(node)):
+            self.values.pop((node.id, nr), None)
+        self.replayed.discard(node.id)
 
     def saved_copy(self, node: Node, nr: int = 0) -> torch.Tensor | None:
         """Output slot ``nr`` if a consumer saved it (directly or behind views), never recomputed; else None."""
@@ -152,6 +159,7 @@ class Promises:
             ) from None
         for k, o in enumerate(out if isinstance(out, (tuple, list)) else (out,)):
             self.values.setdefault((node.id, k), o)
+            self.recovered_keys.add((node.id, k))
             if provisional:
                 self.provisional.add((node.id, k))
         self.replayed.add(node.id)
@@ -230,5 +238,7 @@ class Promises:
         if v is not None:
             self.values[key] = v
             self.depth.setdefault(node.id, 0)
-            self.stats.recovered += 1
+            if key not in self.recovered_keys:  # read again after its release: a saved tensor, no new work
+                self.recovered_keys.add(key)
+                self.stats.recovered += 1
         return v
