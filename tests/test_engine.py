@@ -713,3 +713,63 @@ def test_layer_output_with_bias_read_off_a_saved_copy(where, monkeypatch):
     slow = explain()
     assert len(recomputed) > n_fast  # the check above could fail: without the copy the layer is recomputed
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-14)
+
+
+def test_softmax_mask_check_refuses_a_position_bias_and_accepts_a_mask():
+    """An untracked additive constant before softmax is replayed as zero; the check (log s - logits constant per row
+    on attended positions) must refuse a position bias (a wrong answer otherwise) and accept a plain mask, whose
+    masked positions then get exactly zero relevance."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 5, 4, generator=g, dtype=D).requires_grad_() for _ in range(3))
+
+    def explain(const):
+        y = torch.softmax(q @ k.transpose(-1, -2) + const, -1) @ v
+        return dynamiclrp.propagate(y, wrt=[q, k, v], preset="attnlrp").inputs
+
+    bias = torch.arange(5, dtype=D)[None, :] * 0.3 - torch.arange(5, dtype=D)[:, None] * 0.1  # ALiBi-like
+    with pytest.raises(dynamiclrp.ActivationUnavailableError, match="not a plain mask"):
+        explain(bias)
+    with pytest.raises(dynamiclrp.ActivationUnavailableError, match="not a plain mask"):
+        explain(torch.zeros(5, 5, dtype=D).index_fill(1, torch.tensor([2]), 0.5))  # one column shifted a little
+    mask = torch.zeros(5, 5, dtype=D)
+    mask[:, 3:] = -1e4
+    for ours, ref in zip(explain(mask), explain(mask.masked_fill(mask < 0, float("-inf")))):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("case", ["relu after a view", "cat with an untracked cache"])
+def test_more_saved_copies_spare_a_recomputation(case, monkeypatch):
+    """mm -> view -> ReLU (a linear layer on a 3-d input, no bias): z read off the ReLU; k = linear(x) appended to an
+    untracked (empty) cache by cat, saved by the attention matmul: read off the cat's copy. Same relevance as
+    recomputing."""
+    from dynamiclrp.ops import OPS
+    from dynamiclrp.ops import linear as linear_ops
+    from dynamiclrp.promise import Promises
+
+    torch.manual_seed(7)
+    proj, key = nn.Linear(8, 8, bias=False).double(), nn.Linear(8, 8, bias=False).double()
+    x = torch.randn(2, 5, 8, dtype=D, requires_grad=True)
+    mm = OPS["MmBackward0"]
+    recomputed = []
+    real_output = mm.output
+    monkeypatch.setattr(mm, "output", lambda node, nr: (recomputed.append(node.id), real_output(node, nr))[1])
+
+    def explain():
+        recomputed.clear()
+        h = proj(x.transpose(0, 1)).transpose(0, 1)  # mm on the folded non-contiguous input, then views
+        if case == "relu after a view":
+            y = h.relu().sum((1, 2))[:, None]
+        else:
+            kk = torch.cat([torch.zeros(2, 0, 8, dtype=D), key(x)], 1)  # the key is used through the cat only
+            y = ((h @ kk.transpose(-1, -2)).softmax(-1) @ kk).sum((1, 2))[:, None]
+        return dynamiclrp.propagate(y, target=0, wrt=[x], rules={"linear": Epsilon(0.1)}).inputs[0]
+
+    fast = explain()
+    assert not recomputed
+    if case == "relu after a view":
+        monkeypatch.setattr(linear_ops, "_pre_activation", lambda *a: None)
+    else:
+        monkeypatch.setattr(Promises, "_part_of_cat", lambda *a: None)
+    slow = explain()
+    assert recomputed  # the check above could fail: without the copy the layer is recomputed
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-14)

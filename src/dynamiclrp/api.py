@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -115,6 +117,26 @@ def _as_outputs(outputs: Tensors) -> list[torch.Tensor]:
     return outs
 
 
+def _gc_paused(fn):
+    """Run ``fn`` with Python's cyclic garbage collector paused. A run allocates thousands of small objects (nodes,
+    edges, contexts) and none of them in cycles, yet their number triggers full collections of the whole heap --
+    a large model's modules, a tokenizer -- at random moments: up to 0.27 s inside one 0.05 s explanation of a
+    small BERT. Reference counting frees the run's objects anyway; collection resumes when it returns."""
+
+    @functools.wraps(fn)
+    def paused(*args, **kwargs):
+        was = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was:
+                gc.enable()
+
+    return paused
+
+
+@_gc_paused
 def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, strict=True, ledger=True,
                check_finite=True, dtype=None, extra_record=None, node_rules_for=None, scopes=None,
                train_mode=None, plan=None):

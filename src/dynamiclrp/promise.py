@@ -191,8 +191,34 @@ class Promises:
                 x = consumer.spec.invert(consumer.fn, y, shape)
                 if x.shape == shape:
                     return x
+        shape = torch.Size(out_shape(node.fn, key[1]))
+        for c, i in consumers:
+            if self.graph.nodes[c].kind == "CatBackward0":
+                x = self._part_of_cat(self.graph.nodes[c], i, depth)
+                if x is not None and x.shape == shape:
+                    return x
         x = self._from_parts(consumers, depth)
-        return x if x is not None and x.shape == torch.Size(out_shape(node.fn, key[1])) else None
+        return x if x is not None and x.shape == shape else None
+
+    def _part_of_cat(self, cat: Node, i: int, depth: int) -> torch.Tensor | None:
+        """Operand ``i`` of ``cat`` as the slice of a saved copy of its output (a key/value cache appended to);
+        None unless every other operand's size along the dimension is known (or just one of them is not)."""
+        out = self._copy((cat.id, 0), depth)
+        if out is None:
+            return None
+        dim = saved(cat.fn, "dim") % out.dim()
+        sizes = [None if e is None else self._size(e, dim) for e in cat.inputs]
+        if sizes[i] is None or sum(s is None for s in sizes) > 1:
+            return None
+        sizes = [out.shape[dim] - sum(s for s in sizes if s is not None) if s is None else s for s in sizes]
+        return out.narrow(dim, sum(sizes[:i]), sizes[i])
+
+    def _size(self, e, dim: int) -> int | None:
+        child = self.graph.nodes[e.child]
+        if child.part != 0:
+            return None
+        shape = child.fn.variable.shape if not child.inputs else out_shape(child.fn, e.nr)
+        return shape[dim] if dim < len(shape) else None
 
     def _from_parts(self, consumers, depth: int) -> torch.Tensor | None:
         """A value assembled from saved copies of all its parts: ``qkv[0], qkv[1], qkv[2]`` (selects along one

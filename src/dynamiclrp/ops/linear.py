@@ -75,10 +75,19 @@ def _pre_activation(ctx, R, through_batch_norm: bool):
     if through_batch_norm:
         node = _sole_consumer(graph, node.id)
     relu = None if node is None else _sole_consumer(graph, node.id, operand=0)
+    views = []  # mm -> view (-> transpose ...) -> relu: a linear layer on a 3-d input; undone below
+    while relu is not None and relu.spec.invert is not None and len(relu.inputs) == 1:
+        views.append(relu)
+        relu = _sole_consumer(graph, relu.id, operand=0)
     if relu is None or relu.kind != "ReluBackward0":
         return None
     r = saved(relu.fn, "result")
-    if r is None or r.shape != R.shape or r.dtype != ctx.dtype:  # a lower-precision copy would not be exact
+    if r is None or r.dtype != ctx.dtype:  # a lower-precision copy would not be exact
+        return None
+    for k in range(len(views) - 1, -1, -1):  # each view's input has the shape of the node below it
+        below = views[k - 1] if k > 0 else node
+        r = views[k].spec.invert(views[k].fn, r, torch.Size(out_shape(below.fn, 0)))
+    if r.shape != R.shape:
         return None
     # relevance where the ReLU output is 0 (r >= 0): |R| (1 - sign r) > 0 there; arithmetic, as bool tensors are slow
     if bool(R.abs().mul_(r.sign().neg_().add_(1)).amax() > 0):
