@@ -67,10 +67,10 @@ class Timers:
         orig_build = graph.Graph.build.__func__
         saved.append((graph.Graph, "build", graph.Graph.build))
 
-        def build(cls, roots):
+        def build(cls, roots, plan=None):
             t0 = time.perf_counter()
             try:
-                return orig_build(cls, roots)
+                return orig_build(cls, roots, plan)
             finally:
                 self.t["graph"] += time.perf_counter() - t0
 

@@ -106,3 +106,21 @@ def test_activations_are_never_cached():
         ref = dynamiclrp.propagate((x @ (w * x[:, :3].sum())).relu(), target=0, wrt=[x, w], preset="epsilon_plus")
         assert _same(att, ref)
     assert plan.stats.weights_computed == 0
+
+
+def test_fused_nodes_hit_the_plan():
+    """Fused nodes split into parts (SDPA, addcmul, addmm, convolution with bias) name the same op entries each time,
+    so an identical graph is recognised (a fingerprint that changed per call would rebuild every time)."""
+    torch.manual_seed(1)
+    proj = nn.Linear(8, 24).double()
+    plan = dynamiclrp.Plan()
+    for k in range(3):
+        x = torch.randn(2, 5, 8, dtype=D, generator=torch.Generator().manual_seed(k), requires_grad=True)
+        q, kk, v = proj(x).view(2, 5, 3, 8).unbind(2)
+        mask = torch.ones(5, 5, dtype=torch.bool).tril()
+        y = torch.nn.functional.scaled_dot_product_attention(q, kk, v, attn_mask=mask)
+        y = torch.addcmul(y, y, y, value=0.5).sum((1, 2))[:, None]
+        att = dynamiclrp.propagate(y, target=0, wrt=[x], preset="attnlrp", plan=plan)
+        ref = dynamiclrp.propagate(y, target=0, wrt=[x], preset="attnlrp")
+        assert _same(att, ref)
+    assert plan.stats.graphs_built == 1 and plan.stats.graphs_reused == 2

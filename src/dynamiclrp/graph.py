@@ -65,12 +65,7 @@ class Graph:
         if plan is None:
             return cls._assemble(root_fns, fns, nexts, layouts)
         index = {fn: i for i, fn in enumerate(fns)}
-        fingerprint = (
-            tuple(index[f] for f in root_fns if f is not None),
-            tuple((type(fn), tuple((kind, id(spec), tuple(refs)) for kind, spec, refs in layout),
-                   tuple((-1 if c is None else index[c], nr) for c, nr in nx))
-                  for fn, layout, nx in zip(fns, layouts, nexts)),
-        )
+        fingerprint = _fingerprint(root_fns, fns, nexts, layouts, index)
         skeleton = plan.skeleton(fingerprint)
         if skeleton is not None:
             return cls._from_skeleton(skeleton, fns)
@@ -118,6 +113,25 @@ class Graph:
         g.head = dict(zip(fns, sk.heads))
         _mark_data(g)  # a leaf's kind of tensor (parameter or input) is not in the fingerprint: read again
         return g
+
+
+def _fingerprint(root_fns, fns, nexts, layouts, index) -> tuple:
+    """The topology of a graph as one flat tuple (cheap to hash and to compare in full): the roots, and for every
+    node in discovery order its type, each part's op entry and operand references, and its edges."""
+    flat: list = [index[f] for f in root_fns if f is not None]
+    put = flat.append
+    for fn, layout, nx in zip(fns, layouts, nexts):
+        put(type(fn))
+        for kind, spec, refs in layout:
+            put(kind)
+            put(id(spec))
+            put(len(refs))
+            flat.extend(refs)
+        put(len(nx))
+        for c, nr in nx:
+            put(-1 if c is None else index[c])
+            put(nr)
+    return tuple(flat)
 
 
 def _mark_data(g: Graph) -> None:

@@ -201,6 +201,9 @@ class _Values(OpSpec):
 class ScaledDotProductAttention(OpSpec):
     """Any fused SDPA backend node; split into values, softmax, mask and scores parts."""
 
+    def __init__(self):  # the parts' entries are built once: a plan's fingerprint names them by identity
+        self.values, self.probs, self.mask, self.scores = _Values(), _Probs(), _Mask(), _Scores()
+
     def decompose(self, fn):
         if saved(fn, "dropout_p", 0.0):
             raise DynamicLRPError(
@@ -211,12 +214,12 @@ class ScaledDotProductAttention(OpSpec):
         has_mask = _mask(fn, q, k) is not None
         kind = type(fn).__name__
         parts = [
-            (kind, _Values(), [(PART, 1), (NEXT, 2)]),
-            ("SoftmaxBackward0", _Probs(), [(PART, 2)]),
+            (kind, self.values, [(PART, 1), (NEXT, 2)]),
+            ("SoftmaxBackward0", self.probs, [(PART, 2)]),
         ]
         if has_mask:
-            parts.append(("AddBackward0", _Mask(), [(PART, 3)]))
-        parts.append(("MatmulBackward0", _Scores(), [(NEXT, 0), (NEXT, 1)]))
+            parts.append(("AddBackward0", self.mask, [(PART, 3)]))
+        parts.append(("MatmulBackward0", self.scores, [(NEXT, 0), (NEXT, 1)]))
         return parts
 
     def n_outputs(self, node):

@@ -264,11 +264,14 @@ def _unary(replay=None, out=None, saved_in=None):
 class Addcmul(OpSpec):
     """``self + value * tensor1 * tensor2``, split into an addition and a product."""
 
+    def __init__(self):  # the parts' entries are built once: a plan's fingerprint names them by identity
+        self.add = AddTerms(lambda fn, a, m: [a, None if m is None else saved(fn, "value") * m])
+        self.mul = Product(names=("tensor1", "tensor2"))
+
     def decompose(self, fn):
-        terms = AddTerms(lambda fn, a, m: [a, None if m is None else saved(fn, "value") * m])
         return [
-            ("AddBackward0", terms, [(NEXT, 0), (PART, 1)]),
-            ("MulBackward0", Product(names=("tensor1", "tensor2")), [(NEXT, 1), (NEXT, 2)]),
+            ("AddBackward0", self.add, [(NEXT, 0), (PART, 1)]),
+            ("MulBackward0", self.mul, [(NEXT, 1), (NEXT, 2)]),
         ]
 
 
