@@ -76,7 +76,7 @@ class Run:
             R_in = node.spec.relevance(ctx)
             self.rules_run += 1
             if self.check_finite:  # one flag per node, read once at the end: no host sync per node
-                finite.append((node, [None if r is None else torch.isfinite(r).all() for r in R_in]))
+                finite.append((node, [None if r is None else _all_finite(r) for r in R_in]))
             if self.ledger is not None:
                 self._book(node, R, R_in)
             for e, r in zip(node.inputs, R_in):
@@ -221,6 +221,14 @@ def _useful(graph: Graph, record: set[tuple[int, int]]) -> list[bool]:
         node = graph.nodes[nid]
         useful[nid] = nid in targets or any(e is not None and useful[e.child] for e in node.inputs)
     return useful
+
+
+def _all_finite(r: torch.Tensor) -> torch.Tensor:
+    """Whether every element is finite, as a 0-d bool tensor (no host sync): the extremes are finite exactly then
+    (min and max propagate NaN). One reduction, where ``isfinite(r).all()`` writes a bool tensor as large as ``r``."""
+    if r.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=r.device)
+    return torch.isfinite(torch.stack(torch.aminmax(r))).all()
 
 
 def _check_finite(flags: list[tuple[Node, list]]) -> None:
