@@ -773,3 +773,29 @@ def test_more_saved_copies_spare_a_recomputation(case, monkeypatch):
     slow = explain()
     assert recomputed  # the check above could fail: without the copy the layer is recomputed
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "3d"])
+def test_pointwise_convolution_as_channel_product_equals_the_convolution(layout, monkeypatch):
+    """1 x 1 convolutions (stride 1, no padding, one group) run as a matrix product over channels; every rule gives
+    the same relevance as with the convolution kernels."""
+    import dynamiclrp.ops.linear as linear_ops
+
+    torch.manual_seed(8)
+    conv = nn.Conv3d if layout == "3d" else nn.Conv2d
+    m = nn.Sequential(conv(4, 6, 1), nn.ReLU(), conv(6, 3, 1), nn.Flatten(1), nn.LazyLinear(2)).double()
+    x = torch.randn(2, 4, *((3, 5, 5) if layout == "3d" else (5, 5)), dtype=D)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    m(x)  # materialise the lazy layer
+    calls = []
+    real = linear_ops._channel_product
+    monkeypatch.setattr(linear_ops, "_channel_product", lambda *a: (calls.append(1), real(*a))[1])
+    for preset in ("epsilon", "epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1", "epsilon_plus_flat"):
+        calls.clear()
+        fast = dynamiclrp.explain(m, x, target=[0, 1], preset=preset).inputs[0]
+        assert calls  # the channel product ran
+        with monkeypatch.context() as mp:
+            mp.setattr(linear_ops, "_pointwise", lambda fn: False)
+            slow = dynamiclrp.explain(m, x, target=[0, 1], preset=preset).inputs[0]
+        torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-13)
