@@ -114,10 +114,10 @@ def test_fused_nodes_hit_the_plan():
     torch.manual_seed(1)
     proj = nn.Linear(8, 24).double()
     plan = dynamiclrp.Plan()
-    for k in range(3):
-        x = torch.randn(2, 5, 8, dtype=D, generator=torch.Generator().manual_seed(k), requires_grad=True)
-        q, kk, v = proj(x).view(2, 5, 3, 8).unbind(2)
-        mask = torch.ones(5, 5, dtype=torch.bool).tril()
+    for k, n in enumerate((5, 7, 5)):  # another sequence length is the same graph: the skeleton serves it too
+        x = torch.randn(2, n, 8, dtype=D, generator=torch.Generator().manual_seed(k), requires_grad=True)
+        q, kk, v = proj(x).view(2, n, 3, 8).unbind(2)
+        mask = torch.ones(n, n, dtype=torch.bool).tril()
         y = torch.nn.functional.scaled_dot_product_attention(q, kk, v, attn_mask=mask)
         y = torch.addcmul(y, y, y, value=0.5).sum((1, 2))[:, None]
         att = dynamiclrp.propagate(y, target=0, wrt=[x], preset="attnlrp", plan=plan)

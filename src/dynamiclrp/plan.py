@@ -9,7 +9,7 @@ A loop over a data set explains the same model again and again. Two things are t
 
 A :class:`Plan` keeps both, and reuse is checked, never assumed. A skeleton is keyed by a *topology fingerprint*
 of the new graph -- every node's type and decomposition into parts, and its edges, in discovery order -- so a
-different graph (another sequence length changes nothing here, but a branch taken or skipped does) builds and
+different graph (a branch taken or skipped; another sequence length is the same graph) builds and
 stores its own. A transformed weight is keyed by the identity (address, offset, shape, strides, dtype, device) and
 the version counter of every tensor it was computed from: an in-place update, an optimiser step or
 ``load_state_dict`` bumps the version, and the entry holds its source tensors so that their memory cannot be
