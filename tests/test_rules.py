@@ -992,3 +992,18 @@ def test_matrix_product_rules_with_given_output_and_direct_transposes(rule, fn):
     got = rule.product(a, b, R, fn, z=torch.bmm(a, b))
     for w_, g_ in zip(want, got):
         assert_close(g_, w_, **TOL)
+
+
+@pytest.mark.parametrize("rule", [r.Epsilon(), r.ZPlus(), r.Gamma(), r.AlphaBeta(), r.WSquare(),
+                                  r.ZBox()], ids=lambda r: type(r).__name__)
+def test_rules_work_inside_autograd(rule):
+    """The in-place and ``out=`` shortcuts step aside under autograd (tensors requiring grad, grad mode on), where
+    ``out=`` would raise: the same values as without it."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(4, 5, generator=g, dtype=torch.float64).requires_grad_()
+    R = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    out = rule.linear(x, w, R, torch.mm)
+    with torch.no_grad():
+        ref = rule.linear(x.detach(), w.detach(), R, torch.mm)
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-12, atol=1e-14)

@@ -62,7 +62,7 @@ class Run:
             _deliver(pending, nodes[nid], nr, seed.to(self.dtype))
         release = _Release(self.graph, self.promises)
         for nid in self.graph.order:
-            release.done(nid)  # settles the node *after* this one's turn (see _Release)
+            release.done(nid)  # the previous node's turn is over: release what nothing will ask for again
             R = pending.pop(nid, None)
             if R is None:
                 continue

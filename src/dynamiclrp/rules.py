@@ -48,6 +48,8 @@ def stabilize(z: Tensor, eps: float) -> Tensor:
     # arithmetic passes: torch.where on a comparison costs several times as much on CPU, where bool tensors are slow
     s = z.sign()
     s.add_(0.5).sign_()
+    if z.requires_grad and torch.is_grad_enabled():  # out= cannot be differentiated (a rule used inside autograd)
+        return z + eps * s
     return torch.add(z, s, alpha=eps, out=s)
 
 
