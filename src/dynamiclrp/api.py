@@ -317,7 +317,8 @@ def explain(
         Selects the tensor(s) to explain from the model's output; default: the output itself, ``.logits``, or
         the first tensor of a tuple.
     **kwargs
-        Passed to :func:`propagate` (``seed``, ``strict``, ``ledger``, ``dtype``, ``keep_run``, ...).
+        Passed to :func:`propagate` (``seed``, ``strict``, ``ledger``, ``dtype``, ``keep_run``, ``plan`` for a
+        loop over a data set, ...).
 
     Examples
     --------
