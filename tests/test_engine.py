@@ -651,6 +651,15 @@ def test_pre_activation_read_off_the_relu_equals_recomputation(upper, monkeypatc
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-14)
 
 
+def _recomputations(monkeypatch, product) -> list[int]:
+    """The ids of the nodes whose output ``product`` (an op entry) recomputes from its saved operands, as they
+    happen (the caller clears the list between explanations)."""
+    recomputed: list[int] = []
+    real_output = product.output
+    monkeypatch.setattr(product, "output", lambda node, nr: (recomputed.append(node.id), real_output(node, nr))[1])
+    return recomputed
+
+
 def test_a_copy_saved_behind_views_is_used(monkeypatch):
     """q = linear(x) is saved by the attention's bmm only after view/transpose/expand/clone/reshape: the Promise
     System undoes those views to hand the linear layer's rule its output z, where it would otherwise recompute
@@ -661,9 +670,7 @@ def test_a_copy_saved_behind_views_is_used(monkeypatch):
     proj = nn.Linear(8, 8, bias=False).double()
     x = torch.randn(2, 5, 8, dtype=D, requires_grad=True)
     mm = OPS["MmBackward0"]
-    recomputed = []
-    real_output = mm.output
-    monkeypatch.setattr(mm, "output", lambda node, nr: (recomputed.append(node.id), real_output(node, nr))[1])
+    recomputed = _recomputations(monkeypatch, mm)
 
     def explain():
         recomputed.clear()
@@ -692,9 +699,7 @@ def test_layer_output_with_bias_read_off_a_saved_copy(where, monkeypatch):
     proj, head = nn.Linear(8, 8).double(), nn.Linear(8, 1).double()
     x = torch.randn(2, 5, 8, dtype=D, requires_grad=True)
     mm = OPS["AddmmBackward0"].product
-    recomputed = []
-    real_output = mm.output
-    monkeypatch.setattr(mm, "output", lambda node, nr: (recomputed.append(node.id), real_output(node, nr))[1])
+    recomputed = _recomputations(monkeypatch, mm)
 
     def explain():
         recomputed.clear()
@@ -750,9 +755,7 @@ def test_more_saved_copies_spare_a_recomputation(case, monkeypatch):
     proj, key = nn.Linear(8, 8, bias=False).double(), nn.Linear(8, 8, bias=False).double()
     x = torch.randn(2, 5, 8, dtype=D, requires_grad=True)
     mm = OPS["MmBackward0"]
-    recomputed = []
-    real_output = mm.output
-    monkeypatch.setattr(mm, "output", lambda node, nr: (recomputed.append(node.id), real_output(node, nr))[1])
+    recomputed = _recomputations(monkeypatch, mm)
 
     def explain():
         recomputed.clear()
