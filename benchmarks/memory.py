@@ -57,7 +57,7 @@ def methods(spec: dict) -> list[str]:
     if name == "vgg16":
         out.append("Captum LRP (ε)")
     out += {"bert": ["LXT AttnLRP"], "llama300m": ["LXT AttnLRP", "LXT CP-LRP"],
-            "vit_b_16": ["LXT CP-LRP"]}.get(name, [])
+            "llama1b": ["LXT AttnLRP", "LXT CP-LRP"], "vit_b_16": ["LXT CP-LRP"]}.get(name, [])
     return out
 
 
@@ -176,6 +176,7 @@ def main() -> None:
     ap.add_argument("--cases", nargs="*", default=["vgg16", "resnet50", "vit_b_16", "bert@s128b1",
                                                     "llama300m@s128b1", "t5small@s128b1"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model and input dtype")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--jobs", type=int, default=1, help="processes side by side (RSS does not depend on load)")
     ap.add_argument("--out", default="results/memory.md")
@@ -200,7 +201,7 @@ def main() -> None:
     out.write_text(HEADER.format(device="GPU" if args.device == "cuda" else "CPU, peak RSS", torch=torch.__version__,
                                  what=what, peak=peak))
     for c in args.cases:
-        spec = speed.parse_case(c)
+        spec = {**speed.parse_case(c), "device": args.device, "dtype": args.dtype}
         names = methods(spec)
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             futs = {m: pool.submit(spawn, spec, m, args.quick, args.device, args.threads) for m in names}

@@ -60,7 +60,7 @@ import torch
 warnings.simplefilter("ignore")
 
 VISION = ("vgg16", "resnet50", "vit_b_16")
-TEXT = ("bert", "llama300m", "t5small", "llama_small")
+TEXT = ("bert", "llama300m", "t5small", "llama_small", "llama1b")
 OURS = {  # presets timed per model family
     "vgg16": ("epsilon", "epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1"),
     "resnet50": ("epsilon", "epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1"),
@@ -78,7 +78,7 @@ ANCHOR_OF = {  # anchor -> our preset it is compared with
     "LXT CP-LRP": "cp_lrp",
 }
 LXT_MAP = {"LXT AttnLRP": "attnLRP", "LXT CP-LRP": "cp_LRP"}
-HF_MODULE = {"bert": "bert", "llama300m": "llama", "t5small": "t5", "llama_small": "llama"}
+HF_MODULE = {"bert": "bert", "llama300m": "llama", "t5small": "t5", "llama_small": "llama", "llama1b": "llama"}
 
 
 # ---------------------------------------------------------------------------------------------------- cases
@@ -106,6 +106,12 @@ def hf_config(name: str, quick: bool):
             vocab_size=32000, hidden_size=1024, num_hidden_layers=18, num_attention_heads=16,
             num_key_value_heads=16, intermediate_size=2816, tie_word_embeddings=False)
         return T.LlamaConfig(max_position_embeddings=4096, **kw)
+    if name == "llama1b":  # the issue's GPU case (TinyLlama's shape, ≈ 1.1 B parameters), bf16 at 2,048 tokens
+        kw = dict(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=64) if quick else dict(
+            vocab_size=32000, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+            num_key_value_heads=4, intermediate_size=5632, tie_word_embeddings=False)
+        return T.LlamaConfig(max_position_embeddings=4096, **kw)
     if name == "llama_small":  # benchmarks/seq_scaling.py
         return T.LlamaConfig(vocab_size=32000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                              num_key_value_heads=4, intermediate_size=688, max_position_embeddings=4096,
@@ -121,7 +127,7 @@ def hf_config(name: str, quick: bool):
 def hf_class(name: str):
     """Looked up in the transformers module at call time: LXT's BERT patch replaces the module's classes."""
     mod = importlib.import_module(f"transformers.models.{HF_MODULE[name]}.modeling_{HF_MODULE[name]}")
-    cls = {"bert": "BertForSequenceClassification", "llama300m": "LlamaForCausalLM",
+    cls = {"bert": "BertForSequenceClassification", "llama300m": "LlamaForCausalLM", "llama1b": "LlamaForCausalLM",
            "llama_small": "LlamaForCausalLM", "t5small": "T5ForConditionalGeneration"}[name]
     return getattr(mod, cls)
 
@@ -130,6 +136,8 @@ class Case:
     """A model, its input and the pieces every method needs (built the same way in every process)."""
 
     def __init__(self, spec: dict, quick: bool = False, device: str = "cpu"):
+        device = spec.get("device", device)  # set by --device (and carried to the LXT processes in the spec)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.get("dtype"), torch.float32)
         self.spec, self.quick, self.device = spec, quick, device
         name, batch = spec["name"], spec["batch"]
         torch.manual_seed(0)
@@ -149,20 +157,20 @@ class Case:
             for m in model.modules():
                 if isinstance(m, torch.nn.ReLU):
                     m.inplace = False  # Captum needs out-of-place ReLUs; the same model for every method
-            self.model = model.eval().to(device)
-            self.x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+            self.model = model.eval().to(device, dtype)
+            self.x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
             self.inputs = self.x
             self.select = lambda o: o
             self.desc = f"torchvision {name}(weights=None), batch {batch} × 3 × {size}²"
         else:
             cfg = hf_config(name, quick)
             self.model = hf_class(name)._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
-            self.model.to(device)
+            self.model.to(device, dtype)
             g = torch.Generator().manual_seed(0)
             seq = spec["seq"] if not quick else 16
             ids = torch.randint(3, cfg.vocab_size, (batch, seq), generator=g)
             self.inputs = {"input_ids": ids.to(device)}
-            if name in ("llama300m", "llama_small"):
+            if name in ("llama300m", "llama_small", "llama1b"):
                 self.kw = {"use_cache": False, "logits_to_keep": 1}
                 self.select = lambda o: o.logits[:, -1]
             elif name == "t5small":
@@ -176,6 +184,8 @@ class Case:
             n = sum(p.numel() for p in self.model.parameters())
             self.desc = (f"transformers {type(self.model).__name__}, random init, {n / 1e6:.1f} M parameters, "
                          f"batch {batch} × {seq} tokens, eager attention")
+        if dtype != torch.float32 or device != "cpu":
+            self.desc += f"; {str(dtype).removeprefix('torch.')} on {device}"
         self.nparams = sum(p.numel() for p in self.model.parameters())
 
     # ------------------------------------------------------------------ the pieces
@@ -282,7 +292,7 @@ def lxt_patch(spec: dict, anchor: str):
             raise RuntimeError("LXT 2.1 has only a CP-LRP map for torchvision's ViT")
         monkey_patch(vt, verbose=False)
         return
-    if name not in ("bert", "llama300m"):
+    if name not in ("bert", "llama300m", "llama1b"):
         raise RuntimeError(f"LXT 2.1 has no map for {name}")
     rules = importlib.import_module(f"lxt.efficient.models.{HF_MODULE[name]}")
     if not hasattr(rules, LXT_MAP[anchor]):
@@ -400,6 +410,7 @@ def methods_for(case: Case, threads: int, quick: bool, anchors: bool = True) -> 
         except ImportError as e:
             errors["Captum LRP (ε)"] = short(e)
     lxt = {"bert": ["LXT AttnLRP"], "llama300m": ["LXT AttnLRP", "LXT CP-LRP"], "vit_b_16": ["LXT CP-LRP"],
+           "llama1b": ["LXT AttnLRP", "LXT CP-LRP"],
            "t5small": []}.get(name, [])
     if name == "bert":
         errors["LXT CP-LRP"] = "not available: LXT 2.1 has no CP-LRP map for BERT"
@@ -423,8 +434,13 @@ def timed(f) -> float:
     gc.collect()
     if getattr(f, "remote", False):
         return f()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:  # GPU work is asynchronous: time from an idle device to an idle device
+        torch.cuda.synchronize()
     t = time.perf_counter()
     f()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - t
 
 
@@ -530,6 +546,8 @@ def main() -> None:
     ap.add_argument("--out", default="results/speed.md")
     ap.add_argument("--append", action="store_true", help="append the sections to --out")
     ap.add_argument("--quick", action="store_true", help="tiny configs, 1 repetition (smoke run)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (a GPU machine)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model and input dtype")
     ap.add_argument("--worker", nargs=2, metavar=("SPEC", "ANCHOR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -541,7 +559,8 @@ def main() -> None:
     if not args.append or not out.exists():
         out.write_text(HEADER.format(torch=torch.__version__, cpu=os.cpu_count()))
     for case in args.cases:
-        res = bench(parse_case(case), 1 if args.quick else args.reps, args.threads, args.quick)
+        spec = {**parse_case(case), "device": args.device, "dtype": args.dtype}
+        res = bench(spec, 1 if args.quick else args.reps, args.threads, args.quick)
         text = section(res, args.threads)
         print("\n".join(text), flush=True)
         with out.open("a") as f:  # written case by case: a cut run keeps what it measured
