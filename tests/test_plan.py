@@ -94,18 +94,21 @@ def test_weights_not_used_by_the_latest_explanation_are_dropped():
 
 
 def test_activations_are_never_cached():
-    """A product of two activations (attention) and a layer whose weight is computed from data: nothing from the
-    data side is kept."""
-    plan = dynamiclrp.Plan()
-    for k in range(2):
-        g = torch.Generator().manual_seed(k)
-        x = torch.randn(2, 4, dtype=D, generator=g, requires_grad=True)
-        w = torch.randn(4, 3, dtype=D, generator=g, requires_grad=True)
-        y = (x @ (w * x[:, :3].sum())).relu()
-        att = dynamiclrp.propagate(y, target=0, wrt=[x, w], preset="epsilon_plus", plan=plan)
-        ref = dynamiclrp.propagate((x @ (w * x[:, :3].sum())).relu(), target=0, wrt=[x, w], preset="epsilon_plus")
-        assert _same(att, ref)
-    assert plan.stats.weights_computed == 0
+    """Parameter relevance runs the same rules with the roles swapped (the activation in the weight's place): what
+    they derive from the activation must not be kept. Every kept tensor comes from the model's parameters, and
+    asking for parameter relevance keeps nothing more; both would fail if the swapped call cached."""
+    m, x = _cnn(), torch.randn(1, 3, 8, 8, dtype=D)
+    counts = []
+    for params in ((), ("3.weight", "7.weight")):
+        plan = dynamiclrp.Plan()
+        att = dynamiclrp.explain(m, x, preset="epsilon_plus", params=list(params), plan=plan)
+        assert params == () or all(att.params[p] is not None for p in params)
+        counts.append(plan.stats.weights_computed)
+        # a kept tensor is derived from parameters, or from another kept tensor (w+ of a merged weight)
+        owners = {p.data_ptr() for p in m.parameters()} | {v.data_ptr() for _, v in plan._weights.values()}
+        for key, (sources, _) in plan._weights.items():
+            assert sources[0].data_ptr() in owners, key
+    assert counts[0] == counts[1] > 0
 
 
 def test_fused_nodes_hit_the_plan():

@@ -15,6 +15,7 @@ import torch
 
 from .errors import NonFiniteError
 from .graph import Graph, Node
+from .ops.base import recorded_shape
 from .presets import FALLBACK, Preset
 from .promise import Promises
 
@@ -145,12 +146,8 @@ class Context:
         e = self.node.inputs[i]
         if e is None:
             return None
-        child = self.run.graph.nodes[e.child]
-        if child.part == 0 and child.inputs:
-            return torch.Size(child.fn._input_metadata[e.nr].shape)
-        if not child.inputs:
-            return child.fn.variable.shape
-        return self.run.promises.value(e.child, e.nr).shape
+        shape = recorded_shape(self.run.graph.nodes[e.child], e.nr)
+        return shape if shape is not None else self.run.promises.value(e.child, e.nr).shape
 
     def output(self, nr: int = 0) -> torch.Tensor:
         """Forward value of the node's output slot ``nr``, in the relevance dtype."""

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import ActivationUnavailableError
-from .ops.base import Routing, out_shape, saved
+from .ops.base import Routing, out_shape, recorded_shape, saved
 
 if TYPE_CHECKING:  # pragma: no cover
     from .graph import Graph, Node
@@ -207,18 +207,12 @@ class Promises:
         if out is None:
             return None
         dim = saved(cat.fn, "dim") % out.dim()
-        sizes = [None if e is None else self._size(e, dim) for e in cat.inputs]
+        shapes = [None if e is None else recorded_shape(self.graph.nodes[e.child], e.nr) for e in cat.inputs]
+        sizes = [None if s is None or dim >= len(s) else s[dim] for s in shapes]
         if sizes[i] is None or sum(s is None for s in sizes) > 1:
             return None
         sizes = [out.shape[dim] - sum(s for s in sizes if s is not None) if s is None else s for s in sizes]
         return out.narrow(dim, sum(sizes[:i]), sizes[i])
-
-    def _size(self, e, dim: int) -> int | None:
-        child = self.graph.nodes[e.child]
-        if child.part != 0:
-            return None
-        shape = child.fn.variable.shape if not child.inputs else out_shape(child.fn, e.nr)
-        return shape[dim] if dim < len(shape) else None
 
     def _from_parts(self, consumers, depth: int) -> torch.Tensor | None:
         """A value assembled from saved copies of all its parts: ``qkv[0], qkv[1], qkv[2]`` (selects along one

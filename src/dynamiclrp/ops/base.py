@@ -74,6 +74,24 @@ def out_shape(fn: Any, nr: int = 0) -> torch.Size:
     return fn._input_metadata[nr].shape
 
 
+def recorded_shape(node: Node, nr: int = 0) -> torch.Size | None:
+    """Shape of the node's output slot ``nr`` as autograd recorded it (a leaf: its variable's), without recovering
+    the value; None for a later part of a fused node, whose output autograd does not describe."""
+    if node.part != 0:
+        return None
+    return node.fn.variable.shape if not node.inputs else torch.Size(out_shape(node.fn, nr))
+
+
+def undo_views(views: list, t: torch.Tensor, bottom_shape: torch.Size) -> torch.Tensor:
+    """``t``, the output of the top of a chain of views that keep every element (ordered from the consumer down),
+    taken back to the input of the bottom one: each view is undone (``spec.invert``) with the shape of the node
+    below it, ``bottom_shape`` being the shape below the last."""
+    for k, v in enumerate(views):
+        below = torch.Size(out_shape(views[k + 1].fn)) if k + 1 < len(views) else bottom_shape
+        t = v.spec.invert(v.fn, t, below)
+    return t
+
+
 def through_views(nodes: list, node: Node | None) -> Node | None:
     """The first node at or below ``node`` that is not transparent (a view, a cast): what it is a view of."""
     while node is not None and node.spec.transparent and node.inputs and node.inputs[0] is not None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..errors import ActivationUnavailableError
 from ..plan import active_plan, caching_weights
 from ..rules import LinearMap, MergeBatchNorm
-from .base import NEXT, PART, OpSpec, out_shape, saved, through_views
+from .base import NEXT, PART, OpSpec, out_shape, saved, through_views, undo_views
 from .elementwise import _VIEWS, BiasAdd
 
 
@@ -84,9 +84,7 @@ def _pre_activation(ctx, R, through_batch_norm: bool):
     r = saved(relu.fn, "result")
     if r is None or r.dtype != ctx.dtype:  # a lower-precision copy would not be exact
         return None
-    for k in range(len(views) - 1, -1, -1):  # each view's input has the shape of the node below it
-        below = views[k - 1] if k > 0 else node
-        r = views[k].spec.invert(views[k].fn, r, torch.Size(out_shape(below.fn, 0)))
+    r = undo_views(views[::-1], r, torch.Size(out_shape(node.fn, 0)))
     if r.shape != R.shape:
         return None
     # relevance where the ReLU output is 0 (r >= 0): |R| (1 - sign r) > 0 there; arithmetic, as bool tensors are slow
@@ -173,10 +171,7 @@ def _zero_padded_input(ctx, x_i: int, x: torch.Tensor):
         return t
 
     def from_operand(g):
-        for k, v in enumerate(views):  # each view's input has the shape of the node below it
-            below = views[k + 1] if k + 1 < len(views) else None
-            g = v.spec.invert(v.fn, g, padded_shape if below is None else torch.Size(out_shape(below.fn)))
-        return F.pad(g, crop)
+        return F.pad(undo_views(views, g, padded_shape), crop)
 
     if any(p < 0 for p in pad) or not torch.equal(to_operand(image), x):  # cropping, or a fill other than 0
         return None
