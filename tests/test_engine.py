@@ -740,6 +740,28 @@ def test_softmax_mask_check_refuses_a_position_bias_and_accepts_a_mask():
     mask[:, 3:] = -1e4
     for ours, ref in zip(explain(mask), explain(mask.masked_fill(mask < 0, float("-inf")))):
         torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-14)
+    # a constant per row (one the softmax cannot see) passes the check; its relevance is the plain mask's
+    row_shift = torch.arange(5, dtype=D)[:, None] * 7.0
+    for ours, ref in zip(explain(mask + row_shift), explain(mask)):
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_scratch_buffers_are_per_key_shape_and_dtype_and_end_with_the_run():
+    """Op entries' temporaries (the softmax's mask check) reuse one buffer per key, shape and dtype for a whole
+    run; the run drops them at its end."""
+    from dynamiclrp.engine import Run
+    from dynamiclrp.graph import Graph
+    from dynamiclrp.presets import get_preset
+
+    x = torch.randn(3, 4, dtype=D, requires_grad=True)
+    run = Run(Graph.build([(x @ x.T).grad_fn]), get_preset("attnlrp"), D, set())
+    like = torch.empty(2, 3, dtype=D)
+    a = run.scratch("a", like)
+    assert run.scratch("a", like) is a and a.shape == like.shape and a.dtype == D
+    assert run.scratch("b", like) is not a
+    assert run.scratch("a", like.float()) is not a and run.scratch("a", torch.empty(3, 3, dtype=D)) is not a
+    run.propagate({})
+    assert run.scratch("a", like) is not a  # a new run's buffer
 
 
 @pytest.mark.parametrize("case", ["relu after a view", "cat with an untracked cache"])

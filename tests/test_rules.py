@@ -980,6 +980,104 @@ def test_sum_and_product_rules_under_no_grad():
     assert_close(eb, b[:3, :4] * R[:, :4] / stab(zs, EPS), **TOL)
 
 
+def _storages(*ts) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in ts if isinstance(t, torch.Tensor)}
+
+
+def _assert_own_memory(outs, inputs):
+    """No output shares memory with an input. (Outputs may share memory with each other -- Uniform's sum hands the
+    same R/n to every term -- since nothing writes into a relevance it receives; what an in-place write could
+    corrupt shows as a difference from the allocating path.)"""
+    assert not _storages(*outs) & _storages(*inputs)
+
+
+@pytest.mark.parametrize("kind", OP_KINDS)
+@pytest.mark.parametrize("name", ["mm", "bmm", "matmul_shared", "conv_strided_grouped", "conv_transpose"])
+@pytest.mark.parametrize("rule_name", LINEAR_RULES)
+def test_linear_rules_write_only_memory_they_computed(rule_name, name, kind):
+    """Under no_grad (as the engine calls them) the rules write products and sums into tensors they computed
+    themselves: bitwise the values they give under autograd (where they allocate), operands untouched, and an
+    output that shares no memory with an operand."""
+    case = make_linear_case(name, 300 + LINEAR_RULES.index(rule_name))
+    g = gen(301)
+    rule = make_rule(rule_name, case.x, g)
+    R = randn(g, *case.fn(case.x, case.w).shape)
+    x0, w0, R0 = case.x.clone(), case.w.clone(), R.clone()
+    allocating = rule.linear(case.x, case.w, R, case.op(kind))
+    with torch.no_grad():
+        out = rule.linear(case.x, case.w, R, case.op(kind))
+    assert_close(out, allocating, **EXACT)
+    _assert_own_memory([out], [case.x, case.w, R])
+    for t, t0 in ((case.x, x0), (case.w, w0), (R, R0)):
+        assert_close(t, t0, **EXACT)
+
+
+def _doubled(*ts):
+    """A combine whose vector-Jacobian products are one tensor for every term (autograd hands the same ``2s`` to
+    each): writing one term's product into it would corrupt the next."""
+    return r.add_terms(*ts) * 2
+
+
+@pytest.mark.parametrize("combine", [r.add_terms, _add, _doubled], ids=["add_terms", "autograd", "aliased vjps"])
+@pytest.mark.parametrize("shapes", [*ADD_SHAPES, ((3, 4), ()), ((3, 4), (3, 4), ())], ids=str)
+@pytest.mark.parametrize("rule", [r.Epsilon(EPS), r.Epsilon(BIG_EPS), r.Proportional(EPS), r.Uniform(EPS)],
+                         ids=["epsilon", "epsilon_big", "proportional", "uniform"])
+def test_sum_rules_write_only_memory_they_computed(rule, shapes, combine):
+    """The sum rules under no_grad: bitwise their values under autograd, operands untouched, no share in an
+    operand's memory (the sum and the ratio are reused for the shares)."""
+    terms = _terms(shapes, 302)
+    R = randn(gen(303), *combine(*terms).shape)
+    kept = [t.clone() for t in [*terms, R]]
+    allocating = rule.sum(terms, R, combine)
+    with torch.no_grad():
+        out = rule.sum(terms, R, combine)
+    for o, a in zip(out, allocating, strict=True):
+        assert_close(o, a, **EXACT)
+    _assert_own_memory(out, [*terms, R])
+    for t, t0 in zip([*terms, R], kept):
+        assert_close(t, t0, **EXACT)
+
+
+def test_epsilon_sum_with_a_zero_scalar_term_is_the_rule_on_the_rest():
+    """A zero scalar term (an untracked mask replayed as zero) changes neither the denominator nor the others'
+    shares, and gets nothing itself; -0.0 in a term is stabilised as +0 either way (zennit's sign(0) = +1)."""
+    g = gen(304)
+    x = randn(g, 3, 4)
+    x[0, 0], x[0, 1] = 0.0, -0.0
+    R = randn(g, 3, 4)
+    zero = torch.zeros((), dtype=DT)
+    for eps in (EPS, BIG_EPS):
+        with torch.no_grad():
+            rx, rc = r.Epsilon(eps).sum([x, zero], R, r.add_terms)
+        assert_close(rx, x * R / stab(x + 0.0, eps), **TOL)
+        assert rc.shape == () and float(rc) == 0.0
+
+
+@pytest.mark.parametrize("elementwise", [False, True])
+@pytest.mark.parametrize("rule", [r.Epsilon(EPS), r.Uniform(EPS), r.Proportional(EPS), r.Constant(EPS)],
+                         ids=["epsilon", "uniform", "proportional", "constant"])
+def test_product_rules_write_only_memory_they_computed(rule, elementwise):
+    """The product rules under no_grad: bitwise their values under autograd, operands untouched, outputs in memory
+    of their own -- for direct transposes (bmm), autograd's (matmul, broadcasting) and element-wise products."""
+    g = gen(305)
+    if elementwise:
+        cases = [(torch.mul, randn(g, 2, 3), randn(g, 2, 3)), (torch.mul, randn(g, 3, 1), randn(g, 2, 3, 4))]
+    else:
+        cases = [(torch.bmm, randn(g, 2, 3, 4), randn(g, 2, 4, 5)),
+                 (torch.matmul, randn(g, 2, 1, 3, 4), randn(g, 3, 4, 5))]
+    for fn, a, b in cases:
+        R = randn(g, *fn(a, b).shape)
+        kept = [t.clone() for t in (a, b, R)]
+        allocating = rule.product(a, b, R, fn)
+        with torch.no_grad():
+            out = rule.product(a, b, R, fn)
+        for o, al in zip(out, allocating, strict=True):
+            assert_close(o, al, **EXACT)
+        _assert_own_memory(out, [a, b])  # R itself may pass through (CP-LRP's element-wise rule returns it)
+        for t, t0 in zip((a, b, R), kept):
+            assert_close(t, t0, **EXACT)
+
+
 @pytest.mark.parametrize("rule", [r.Epsilon(EPS), r.Uniform(EPS), r.Proportional(EPS), r.Constant(EPS)],
                          ids=["epsilon", "uniform", "proportional", "constant"])
 @pytest.mark.parametrize("fn", [torch.bmm, torch.matmul], ids=["bmm (direct transposes)", "matmul (autograd)"])

@@ -54,6 +54,18 @@ class Run:
     def __post_init__(self):
         self.promises = Promises(self.graph, self.approximations)
         self.useful = _useful(self.graph, self.record)
+        self._scratch: dict[tuple, torch.Tensor] = {}
+
+    def scratch(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        """A buffer with ``like``'s shape, dtype and device that an op entry may overwrite during its own turn and
+        must neither return nor keep: one per key, shape and dtype for the whole run. Each layer's temporaries
+        then reuse the previous layer's memory; on CPU a fresh large tensor costs several times the arithmetic
+        that fills it (page faults)."""
+        k = (key, like.shape, like.dtype, like.device)
+        buf = self._scratch.get(k)
+        if buf is None:
+            buf = self._scratch[k] = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        return buf
 
     def propagate(self, seeds: dict[tuple[int, int], torch.Tensor]) -> None:
         nodes = self.graph.nodes
@@ -85,6 +97,7 @@ class Run:
                     _deliver(pending, nodes[e.child], e.nr, r)
             if not pending:
                 break
+        self._scratch.clear()
         if finite:
             _check_finite(finite)
 

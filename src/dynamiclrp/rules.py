@@ -101,6 +101,29 @@ def add_terms(*terms: Tensor) -> Tensor:
     return total
 
 
+def _scaled_terms(terms: Sequence[Tensor], grads: Sequence[Tensor], s: Tensor, spare: Tensor | None) -> list[Tensor]:
+    """:math:`[t_k \\odot g_k]` for a ``sum`` op's terms and vector-Jacobian products of ``s``, written into memory
+    the rule holds where it can: ``spare`` (a tensor it no longer needs), the last product that reads ``s`` into
+    ``s``, and a fresh ``g_k`` (a reduction) into itself."""
+    last = max((k for k, g in enumerate(grads) if g is s), default=-1)
+    out = []
+    for k, (t, g) in enumerate(zip(terms, grads)):
+        later = grads[k + 1:]
+        if spare is not None and _fits(spare, t) and spare.shape == g.shape and _writable(spare, t, g, s):
+            out.append(torch.mul(t, g, out=spare))
+            spare = None
+        elif g is not s or k == last:
+            out.append(_times(t, g, *terms, *later, None if k == last else s))
+        else:
+            out.append(t * g)
+    return out
+
+
+def _zero_scalar(t: Tensor) -> bool:
+    """A 0-dim tensor holding 0: a term that leaves a sum unchanged (±0 alike, which the stabiliser treats alike)."""
+    return t.dim() == 0 and float(t) == 0.0
+
+
 def _sum_vjp(combine: Callable[..., Tensor], inputs: Sequence[Tensor], grad: Tensor) -> Sequence[Tensor]:
     """:math:`J_k^\\top g` of a ``sum`` op: for :func:`add_terms` each term's is ``g`` summed to the term's shape
     (no autograd needed), else by autograd."""
@@ -151,14 +174,40 @@ def _pos(b: Tensor | None) -> Tensor | None:
     return None if b is None else b.clamp(min=0)
 
 
+def _writable(g: Tensor, *keep: Tensor | None) -> bool:
+    """Whether ``g``, a tensor a rule has just computed, may be overwritten: no autograd recording, dense memory
+    and no storage shared with a tensor in ``keep`` (an operand, or one still to be read). Writing a rule's
+    products into memory it already holds saves an allocation per pass, and on CPU a fresh large tensor costs
+    several times the arithmetic that fills it (page faults)."""
+    if torch.is_grad_enabled() or not (g.is_contiguous() or g.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    p = g.untyped_storage().data_ptr()
+    return all(k is None or k.untyped_storage().data_ptr() != p for k in keep)
+
+
+def _fits(g: Tensor, x: Tensor) -> bool:
+    """Whether ``g <op> x`` has ``g``'s shape and dtype (so it can be written into ``g``)."""
+    return g.dtype == x.dtype and (g.shape == x.shape or torch.broadcast_shapes(g.shape, x.shape) == g.shape)
+
+
+def _times(x: Tensor, g: Tensor, *keep: Tensor | None) -> Tensor:
+    """``x * g``, into ``g`` when it is the rule's own tensor (:func:`_writable` with ``x`` and ``keep``)."""
+    return g.mul_(x) if _fits(g, x) and _writable(g, x, *keep) else x * g
+
+
+def _add_into(total: Tensor, g: Tensor, *keep: Tensor | None) -> Tensor:
+    """``total + g``, into ``total`` when it is the rule's own tensor."""
+    return total.add_(g) if _fits(total, g) and _writable(total, g, *keep) else total + g
+
+
 def _linear_terms(pairs: Sequence[tuple[Tensor | None, Tensor]], s: Tensor, fn) -> Tensor:
     """:math:`\\sum_k x_k \\odot J_{w_k}^\\top s` for (input, weight) pairs (a None input is zero: skipped)."""
     total = None
     for x, w in pairs:
         if x is None:
             continue
-        g = x * transpose(fn, s, x, w)
-        total = g if total is None else total + g
+        g = _times(x, transpose(fn, s, x, w), s, w)
+        total = g if total is None else _add_into(total, g)
     return total
 
 
@@ -169,7 +218,7 @@ def _products(pairs: Sequence[tuple[Tensor | None, Tensor]], fn) -> Tensor:
         if x is None:
             continue
         z = fn(x, w)
-        total = z if total is None else total + z
+        total = z if total is None else _add_into(total, z, *(t for pair in pairs for t in pair))
     return total
 
 
@@ -223,16 +272,22 @@ class Epsilon:
         return _linear_terms([(x, w)], over_stabilized(R, _plus(z, b), self.eps), fn)
 
     def sum(self, terms: Sequence[Tensor], R: Tensor, combine: Callable[..., Tensor]) -> list[Tensor]:
-        z = combine(*terms)
+        if combine is add_terms:  # a zero scalar (an untracked mask taken as zero) adds nothing to z
+            live = [t for t in terms if not _zero_scalar(t)] or terms[:1]
+            z, spare = add_terms(*live), None
+            if len(live) > 1:
+                spare = z  # a fresh sum, no longer needed once s is computed
+        else:
+            z, spare = combine(*terms), None
         s = over_stabilized(R, z, self.eps)
-        return [t * g for t, g in zip(terms, _sum_vjp(combine, terms, s))]
+        return _scaled_terms(terms, _sum_vjp(combine, terms, s), s, spare)
 
     def product(self, a: Tensor, b: Tensor, R: Tensor, fn, z: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Each factor, the other held fixed: :math:`R_a = a \\odot J_a^\\top (R / \\mathrm{stab}(z))`, and the
         same for :math:`b`; together they receive :math:`2R` (the paper's code for Bmm)."""
         s = over_stabilized(R, fn(a, b) if z is None else z, self.eps)
         ga, gb = _product_vjp(fn, a, b, s)
-        return a * ga, b * gb
+        return _times(a, ga, s, b, gb), _times(b, gb, s, a)
 
 
 @dataclass(frozen=True)
@@ -283,7 +338,7 @@ class Gamma:
         zn = _plus_(_products(neg, fn), None if b is None else b + self.gamma * b.clamp(max=0))
         sp = over_stabilized(R * _positive_part(z), zp, self.eps)
         sn = over_stabilized(R * _negative_part(z), zn, self.eps)
-        return _linear_terms(pos, sp, fn) + _linear_terms(neg, sn, fn)
+        return _add_into(_linear_terms(pos, sp, fn), _linear_terms(neg, sn, fn))
 
     def _nonnegative(self, x, w, R, fn, z0, b):
         r"""The same for :math:`x \ge 0` (after a ReLU), in one product and two transposes instead of two and
@@ -300,7 +355,7 @@ class Gamma:
         zn = _plus((1 + g) * z0 - g * u, None if b is None else b + g * b.clamp(max=0))
         sp = over_stabilized(R * _positive_part(z), zp, self.eps)
         sn = over_stabilized(R * _negative_part(z), zn, self.eps)
-        return x * (transpose(fn, (1 + g) * sn + sp, x, w) + g * transpose(fn, sp - sn, x, wpos))
+        return _times(x, _add_into(transpose(fn, (1 + g) * sn + sp, x, w), g * transpose(fn, sp - sn, x, wpos)))
 
 
 @dataclass(frozen=True)
@@ -324,6 +379,8 @@ class AlphaBeta:
         zn = _plus_(_products(neg, fn), None if b is None else b.clamp(max=0))
         rp = _linear_terms(pos, over_stabilized(R, zp, self.eps), fn)
         rn = _linear_terms(neg, over_stabilized(R, zn, self.eps), fn)
+        if _fits(rp, rn) and _writable(rp, rn) and _writable(rn, rp):  # both the rule's own: no allocation
+            return rp.mul_(self.alpha).sub_(rn.mul_(self.beta))
         return self.alpha * rp - self.beta * rn
 
 
@@ -443,7 +500,7 @@ class Uniform:
             return half.sum_to_size(a.shape), half.sum_to_size(b.shape)
         s = over_stabilized(R, fn(a, b) if z is None else z, self.eps).mul_(0.5)  # = R / (2 stab(z)), exactly
         ga, gb = _product_vjp(fn, a, b, s)
-        return a * ga, b * gb
+        return _times(a, ga, s, b, gb), _times(b, gb, s, a)
 
     def sum(self, terms, R, combine):
         ones = [torch.ones_like(t) for t in terms]
@@ -469,7 +526,7 @@ class Constant:
             gb = a.mT @ s
         else:
             (gb,) = vjp(lambda b_: fn(a, b_), [b], s)
-        return torch.zeros_like(a), b * gb
+        return torch.zeros_like(a), _times(b, gb, s, a)
 
 
 def _matrix_product(fn) -> bool:

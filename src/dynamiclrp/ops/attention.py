@@ -57,7 +57,7 @@ class Softmax(OpSpec):
             x = ctx.input(0)
             e = ctx.node.inputs[0]
             if e is not None and (e.child, e.nr) in ctx.run.promises.provisional:
-                attended = _check_mask(ctx.node, x, s, dim)
+                attended = _check_mask(ctx.node, x, s, dim, ctx.run.scratch)
                 ctx.run.promises.certify((e.child, e.nr))
         r = rule.softmax(x, s, R, dim)
         if attended is not None:  # masked logits get no relevance, as with a -inf mask, whatever the fill value
@@ -71,24 +71,24 @@ def _masked_logits(ctx) -> bool:
     return node is not None and (node.spec.zero_constants or node.spec.always_provisional)
 
 
-def _attended(s, top):
-    """1.0 at the positions the softmax attends to, else 0.0: probability above 1e-30 of the row's largest ``top``
-    (a mask of -100, as Swin's, leaves exp(-100) > 0 in float64; it masks all the same). Numbers, not bools:
-    comparisons and ``where`` over tokens x tokens tensors are several times slower on CPU than arithmetic."""
-    return (s - top * 1e-30).sign_().clamp_(min=0)
-
-
-def _check_mask(node, x, s, dim):
+def _check_mask(node, x, s, dim, scratch):
     """Raise unless ``log s - x`` is constant per row on the attended positions (see :class:`Softmax`); return
-    :func:`_attended`. The constant is read at each row's most probable position (attended whatever the mask), and
-    every attended position must match it. A NaN anywhere in the check raises too."""
-    top, j = s.max(dim, keepdim=True)
-    attended = _attended(s, top)
-    shift = x.gather(dim, j) - top.log()  # x - log s at the most probable position
-    # |log s - x + shift| on attended positions; log of the threshold elsewhere keeps everything finite there
-    dev = torch.maximum(s, top * 1e-30).log_().sub_(x).add_(shift).abs_().mul_(attended).amax()
+    the attended positions as numbers: 1.0 where the probability is above 1e-30 of the row's largest, else 0.0 (a
+    mask of -100, as Swin's, leaves exp(-100) > 0 in float64; it masks all the same). The constant is taken as the
+    row's mean over its attended positions, and every attended position must match it. A NaN anywhere in the check
+    raises too.
+
+    Numbers rather than bools, and no ``max`` with indices: comparisons, ``where`` and arg-reductions over tokens x
+    tokens tensors cost several times an arithmetic pass on CPU. The two tokens x tokens temporaries are the run's
+    ``scratch`` buffers, the same memory for every layer."""
+    floor = s.amax(dim, keepdim=True).mul_(1e-30)
+    attended = torch.sub(s, floor, out=scratch("attended", s)).sign_().clamp_(min=0)
+    c = torch.maximum(s, floor, out=scratch("mask check", s)).log_().sub_(x).mul_(attended)  # log s - x, attended
+    shift = c.sum(dim, keepdim=True).div_(attended.sum(dim, keepdim=True))
+    dev = c.sub_(shift).mul_(attended).abs_().amax()
+    low, high = torch.aminmax(x)  # max |x| without a tokens x tokens |x|
     tol = 1e-3 if x.dtype == torch.float64 else 2e-2
-    if not float(dev) <= tol * (1 + float(x.abs().amax())):
+    if not float(dev) <= tol * (1 + max(-float(low), float(high))):
         raise ActivationUnavailableError(
             f"the logits of {node.kind} (node #{node.id}) include a constant autograd did not record that is not "
             "a plain mask (0 where attended): e.g. a position bias. Let that tensor require grad so the graph "
