@@ -824,3 +824,20 @@ def test_pointwise_convolution_as_channel_product_equals_the_convolution(layout,
             mp.setattr(linear_ops, "_pointwise", lambda fn: False)
             slow = dynamiclrp.explain(m, x, target=[0, 1], preset=preset).inputs[0]
         torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-13)
+
+
+def test_relevance_summed_over_many_uses_leaves_each_share_intact():
+    """A value used three times: its relevance is the sum of the three shares (the engine adds the third into the
+    sum it made), and no share is overwritten: the recorded relevance of each use (passed on unchanged by clone and
+    relu, as a view by view) stays its own."""
+    x = (torch.rand(3, 4, dtype=D) + 0.5).requires_grad_()  # positive: every sum far from 0 (ε's effect < 1e-6)
+    h = x * 2
+    u1, u2, u3 = h.clone(), h.view(12).view(3, 4), h.relu()
+    y = (u1 + u2 + u3).sum(1, keepdim=True)
+    att = dynamiclrp.propagate(y, target=0, wrt=[x, u1, u2, u3, h], preset="epsilon")
+    r_x, r_u1, r_u2, r_u3, r_h = att.inputs
+    two_x = 2 * x.detach()
+    for r in (r_u1, r_u2, r_u3):
+        torch.testing.assert_close(r, two_x, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(r_h, 2 * two_x + two_x.relu(), rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(r_x, r_h, rtol=1e-12, atol=1e-14)

@@ -70,9 +70,10 @@ class Run:
     def propagate(self, seeds: dict[tuple[int, int], torch.Tensor]) -> None:
         nodes = self.graph.nodes
         pending: dict[int, list] = {}
+        sums: set[tuple[int, int]] = set()  # slots holding a sum the engine made (its own memory)
         finite: list[tuple[Node, list]] = []
         for (nid, nr), seed in seeds.items():
-            _deliver(pending, nodes[nid], nr, seed.to(self.dtype))
+            _deliver(pending, sums, nodes[nid], nr, seed.to(self.dtype))
         release = _Release(self.graph, self.promises)
         for nid in self.graph.order:
             release.done(nid)  # the previous node's turn is over: release what nothing will ask for again
@@ -94,7 +95,7 @@ class Run:
                 self._book(node, R, R_in)
             for e, r in zip(node.inputs, R_in):
                 if e is not None and r is not None and self.useful[e.child]:
-                    _deliver(pending, nodes[e.child], e.nr, r)
+                    _deliver(pending, sums, nodes[e.child], e.nr, r)
             if not pending:
                 break
         self._scratch.clear()
@@ -189,11 +190,21 @@ class Context:
         return self.run.preset.rule(family, node.kind)
 
 
-def _deliver(pending: dict[int, list], node: Node, nr: int, r: torch.Tensor) -> None:
+def _deliver(pending: dict[int, list], sums: set[tuple[int, int]], node: Node, nr: int, r: torch.Tensor) -> None:
+    """Add ``r`` to the relevance pending for output ``nr`` of ``node``. A rule's output may be another's input or
+    a recorded relevance, so the first sum is a new tensor; later ones (a value used three times or more, as a
+    position bias shared by every layer) add into it."""
     slots = pending.get(node.id)
     if slots is None:
         slots = pending[node.id] = [None] * node.spec.n_outputs(node)
-    slots[nr] = r if slots[nr] is None else slots[nr] + r
+    held = slots[nr]
+    if held is None:
+        slots[nr] = r
+    elif (node.id, nr) in sums and held.shape == r.shape and held.dtype == r.dtype:
+        held.add_(r)
+    else:
+        slots[nr] = held + r
+        sums.add((node.id, nr))
 
 
 class _Release:

@@ -62,6 +62,15 @@ def over_stabilized(R: Tensor, z: Tensor, eps: float) -> Tensor:
     return torch.div(R, d, out=d)
 
 
+def over_stabilized_nonnegative(R: Tensor, z: Tensor, eps: float) -> Tensor:
+    r""":math:`R / \mathrm{stab}_\varepsilon(z)` for a ``z`` that is a sum of non-negative contributions (z⁺):
+    there :math:`\mathrm{stab}_\varepsilon(z) = z + \varepsilon` exactly (sign(±0) = +1), one pass instead of
+    four. Written into ``z``'s memory when the rule computed it (``z`` is not read again)."""
+    if _fits(z, R) and z.shape == R.shape and _writable(z, R):
+        return torch.div(R, z.add_(eps), out=z)
+    return R / (z + eps)
+
+
 def _positive_part(z: Tensor) -> Tensor:
     r""":math:`1[z > 0]` as numbers, without a bool tensor (slow on CPU): :math:`\max(\mathrm{sign}(z), 0)`."""
     return z.sign().clamp_(min=0)
@@ -303,8 +312,8 @@ class ZPlus:
     def linear(self, x, w, R, fn, z=None, b=None):
         xp, xn = _signs(x)
         pairs = [(xp, None if xp is None else _w_pos(w)), (xn, None if xn is None else _w_neg(w))]
-        zp = _plus_(_products(pairs, fn), _pos(b))
-        return _linear_terms(pairs, over_stabilized(R, zp, self.eps), fn)
+        zp = _plus_(_products(pairs, fn), _pos(b))  # x⁺w⁺ + x⁻w⁻ + b⁺ >= 0
+        return _linear_terms(pairs, over_stabilized_nonnegative(R, zp, self.eps), fn)
 
 
 @dataclass(frozen=True)
@@ -377,7 +386,7 @@ class AlphaBeta:
         pos, neg = [(xp, wp), (xn, wn)], [(xp, wn), (xn, wp)]
         zp = _plus_(_products(pos, fn), _pos(b))
         zn = _plus_(_products(neg, fn), None if b is None else b.clamp(max=0))
-        rp = _linear_terms(pos, over_stabilized(R, zp, self.eps), fn)
+        rp = _linear_terms(pos, over_stabilized_nonnegative(R, zp, self.eps), fn)  # zp >= 0
         rn = _linear_terms(neg, over_stabilized(R, zn, self.eps), fn)
         if _fits(rp, rn) and _writable(rp, rn) and _writable(rn, rp):  # both the rule's own: no allocation
             return rp.mul_(self.alpha).sub_(rn.mul_(self.beta))

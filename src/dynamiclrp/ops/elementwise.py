@@ -342,8 +342,13 @@ def _result(fn):
     return saved(fn, "result")
 
 
+def _scaled(alpha, t):
+    """``alpha * t``; ``t`` itself for the usual ``alpha = 1`` (no copy of every residual stream)."""
+    return None if t is None else t if alpha == 1 else alpha * t
+
+
 ELEMENTWISE_OPS = {
-    "AddBackward0": Add(lambda fn, a, b: [a, None if b is None else saved(fn, "alpha") * b]),
+    "AddBackward0": Add(lambda fn, a, b: [a, _scaled(saved(fn, "alpha"), b)]),
     "SubBackward0": AddTerms(lambda fn, a, b: [a, None if b is None else -saved(fn, "alpha") * b]),
     "RsubBackward0": AddTerms(lambda fn, a, b: [None if a is None else -saved(fn, "alpha") * a, b]),
     "MulBackward0": Product(),
