@@ -78,17 +78,17 @@ def _check_mask(node, x, s, dim, scratch):
     row's mean over its attended positions, and every attended position must match it. A NaN anywhere in the check
     raises too.
 
-    Numbers rather than bools, and no ``max`` with indices: comparisons, ``where`` and arg-reductions over tokens x
+    Numbers rather than bools, and no ``max`` with indices: bool tensors, ``where`` and arg-reductions over tokens x
     tokens tensors cost several times an arithmetic pass on CPU. The two tokens x tokens temporaries are the run's
     ``scratch`` buffers, the same memory for every layer."""
     floor = s.amax(dim, keepdim=True).mul_(1e-30)
-    attended = torch.sub(s, floor, out=scratch("attended", s)).sign_().clamp_(min=0)
+    attended = torch.gt(s, floor, out=scratch("attended", s))  # written as numbers into a float buffer
     c = torch.maximum(s, floor, out=scratch("mask check", s)).log_().sub_(x).mul_(attended)  # log s - x, attended
     shift = c.sum(dim, keepdim=True).div_(attended.sum(dim, keepdim=True))
-    dev = c.sub_(shift).mul_(attended).abs_().amax()
+    dev_low, dev_high = torch.aminmax(c.addcmul_(shift, attended, value=-1))  # c - shift where attended, else 0
     low, high = torch.aminmax(x)  # max |x| without a tokens x tokens |x|
     tol = 1e-3 if x.dtype == torch.float64 else 2e-2
-    if not float(dev) <= tol * (1 + max(-float(low), float(high))):
+    if not max(-float(dev_low), float(dev_high)) <= tol * (1 + max(-float(low), float(high))):
         raise ActivationUnavailableError(
             f"the logits of {node.kind} (node #{node.id}) include a constant autograd did not record that is not "
             "a plain mask (0 where attended): e.g. a position bias. Let that tensor require grad so the graph "
