@@ -632,3 +632,44 @@ def test_unknown_preset():
     m, x = mlp(), torch.randn(1, 5, dtype=D, requires_grad=True)
     with pytest.raises(KeyError, match="unknown preset"):
         dynamiclrp.propagate(m(x), wrt=[x], preset="nope")
+
+
+def test_missing_rule_error_names_the_innermost_module(clean_ops):
+    """explain() names the module whose forward made a node without a rule: the innermost one, also when the node is
+    the first or the last its module makes (the sequence-number ranges are half open, no throw-away nodes)."""
+
+    class Tripled(nn.Module):
+        def forward(self, h):
+            return Triple.apply(h)  # the module's only node: first and last at once
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.tripled = nn.Linear(4, 4).double(), Tripled()
+
+        def forward(self, x):
+            return self.tripled(self.lin(x))
+
+    model = nn.Sequential(Block(), nn.Linear(4, 2).double())
+    with pytest.raises(MissingRuleError, match=r"TripleBackward \(x1, in module 0\.tripled\)"):
+        dynamiclrp.explain(model, torch.randn(3, 4, dtype=D), target=0)
+    _, scopes, _ = dynamiclrp.api.explain_forward(model, torch.randn(3, 4, dtype=D))
+    ranges = {name: (start, end) for start, end, name in scopes.ranges}
+    assert ranges["0.tripled"][1] - ranges["0.tripled"][0] == 1  # exactly one node, no probes in between
+    assert ranges["0"][0] <= ranges["0.lin"][0] and ranges["0.tripled"][1] <= ranges["0"][1]
+
+
+def test_module_scopes_without_the_counter_getter(clean_ops, monkeypatch):
+    """A torch without ``_get_sequence_nr``: the stamps make a throw-away node each, and the paths are the same."""
+    from dynamiclrp import scopes as scopes_module
+
+    monkeypatch.setattr(scopes_module, "_stamp", scopes_module._probe_stamp)
+    model = nn.Sequential(nn.Linear(4, 4).double(), nn.Sequential(nn.ReLU()), nn.Linear(4, 2).double())
+    x = torch.randn(3, 4, dtype=D, requires_grad=True)
+    outs, scopes, _ = dynamiclrp.api.explain_forward(model, x)
+    paths, todo = {}, [outs[0].grad_fn]
+    while todo:
+        fn = todo.pop()
+        paths.setdefault(fn.name(), set()).add(scopes.path_of(fn))
+        todo += [f for f, _ in fn.next_functions if f is not None]
+    assert paths["ReluBackward0"] == {"1.0"} and paths["AddmmBackward0"] == {"0", "2"}
