@@ -841,3 +841,25 @@ def test_relevance_summed_over_many_uses_leaves_each_share_intact():
         torch.testing.assert_close(r, two_x, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(r_h, 2 * two_x + two_x.relu(), rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(r_x, r_h, rtol=1e-12, atol=1e-14)
+
+
+def test_softmax_mask_check_accepts_a_fully_masked_row():
+    """A safe softmax (zeros for a row that attends to nothing, as SDPA's math path gives for a padded query) behind
+    a plain untracked mask: the check passes, the row gets no relevance, the rest is finite -- and a position bias
+    next to such a row is still refused."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 5, 4, generator=g, dtype=D).requires_grad_() for _ in range(3))
+    mask = torch.zeros(5, 5, dtype=D)
+    mask[2, :] = float("-inf")
+    mask[:, 4] = float("-inf")
+
+    def explain(const):
+        y = torch._safe_softmax(q @ k.transpose(-1, -2) + const, -1) @ v
+        return dynamiclrp.propagate(y, wrt=[q, k, v], preset="attnlrp").inputs
+
+    r_q, r_k, r_v = explain(mask)
+    assert all(bool(torch.isfinite(r).all()) for r in (r_q, r_k, r_v))
+    assert (r_q[:, 2] == 0).all() and r_q.abs().sum() > 0
+    bias = torch.arange(5, dtype=D)[None, :] * 0.3
+    with pytest.raises(dynamiclrp.ActivationUnavailableError, match="not a plain mask"):
+        explain(mask + bias)

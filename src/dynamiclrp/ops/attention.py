@@ -83,8 +83,12 @@ def _check_mask(node, x, s, dim, scratch):
     ``scratch`` buffers, the same memory for every layer."""
     floor = s.amax(dim, keepdim=True).mul_(1e-30)
     attended = torch.gt(s, floor, out=scratch("attended", s))  # written as numbers into a float buffer
-    c = torch.maximum(s, floor, out=scratch("mask check", s)).log_().sub_(x).mul_(attended)  # log s - x, attended
-    shift = c.sum(dim, keepdim=True).div_(attended.sum(dim, keepdim=True))
+    # log s - x on attended positions, 0 elsewhere; the log's argument kept at or above the dtype's smallest positive
+    # number so that a row attending to nothing (a fully masked row of a safe softmax: all zeros) stays finite
+    info = torch.finfo(s.dtype)
+    positive = floor.clamp(min=info.smallest_normal * info.eps)
+    c = torch.maximum(s, positive, out=scratch("mask check", s)).log_().sub_(x).mul_(attended)
+    shift = c.sum(dim, keepdim=True).div_(attended.sum(dim, keepdim=True).clamp_(min=1))
     dev_low, dev_high = torch.aminmax(c.addcmul_(shift, attended, value=-1))  # c - shift where attended, else 0
     low, high = torch.aminmax(x)  # max |x| without a tokens x tokens |x|
     tol = 1e-3 if x.dtype == torch.float64 else 2e-2
