@@ -66,7 +66,7 @@ def over_stabilized_nonnegative(R: Tensor, z: Tensor, eps: float) -> Tensor:
     r""":math:`R / \mathrm{stab}_\varepsilon(z)` for a ``z`` that is a sum of non-negative contributions (z⁺):
     there :math:`\mathrm{stab}_\varepsilon(z) = z + \varepsilon` exactly (sign(±0) = +1), one pass instead of
     four. Written into ``z``'s memory when the rule computed it (``z`` is not read again)."""
-    if _fits(z, R) and z.shape == R.shape and _writable(z, R):
+    if _fits(z, R) and _writable(z, R):
         return torch.div(R, z.add_(eps), out=z)
     return R / (z + eps)
 
