@@ -41,6 +41,7 @@ def propagate(
     dtype: torch.dtype | None = None,
     keep_run: bool = False,
     plan: Plan | None = None,
+    subtract_addends: bool = False,
 ) -> Attribution:
     """Propagate relevance from ``outputs`` to ``wrt`` over the outputs' existing autograd graph.
 
@@ -76,6 +77,13 @@ def propagate(
         reuses the graph skeleton when the new graph's fingerprint matches one read before, and weights the
         rules transformed (:math:`w^+`, merged batch norms), checked against the weights' version counters.
         It holds the transformed weights between calls (``plan.cached_bytes``).
+    subtract_addends : bool
+        Off by default: every activation autograd dropped is replayed from saved operands. If True, an addend autograd
+        dropped whose sum was saved (a residual branch's output before the next layer norm) is recovered as
+        :math:`a' = \\mathrm{fl}(s - b)` instead of replaying the layer that made it: one element-wise pass instead
+        of a matrix product per residual block. Not bitwise: :math:`|a' - a| \\le \\tfrac12\\mathrm{ulp}(s) +
+        \\tfrac12\\mathrm{ulp}(a')`, float32/float64 sums only; each use is counted in
+        ``Attribution.approximations``.
 
     Returns
     -------
@@ -93,7 +101,8 @@ def propagate(
     outs = _as_outputs(outputs)
     wrt_list = [wrt] if isinstance(wrt, torch.Tensor) else list(wrt or [])
     att = _propagate(outs, target, wrt_list, get_preset(preset), seed=seed, rules=rules, strict=strict,
-                     ledger=ledger, check_finite=check_finite, dtype=dtype, plan=plan)
+                     ledger=ledger, check_finite=check_finite, dtype=dtype, plan=plan,
+                     subtract_addends=subtract_addends)
     if not keep_run:
         del att.extra["run"]
     return att
@@ -139,7 +148,7 @@ def _gc_paused(fn):
 @_gc_paused
 def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, strict=True, ledger=True,
                check_finite=True, dtype=None, extra_record=None, node_rules_for=None, scopes=None,
-               train_mode=None, plan=None):
+               train_mode=None, plan=None, subtract_addends=False):
     if rules:
         preset = preset.override(families=dict(rules))
     graph = Graph.build([o.grad_fn for o in outs], plan)
@@ -171,7 +180,7 @@ def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, stri
         key = (graph.head[o.grad_fn], o.output_nr)
         seeds[key] = seeds[key] + s if key in seeds else s
     run = Run(graph, preset, dtype, record, node_rules=node_rules_for(graph) if node_rules_for else {},
-              ledger=[] if ledger else None, check_finite=check_finite)
+              ledger=[] if ledger else None, check_finite=check_finite, subtract_addends=subtract_addends)
     for o in outs:  # the explained outputs are activations we hold: promises may use them (and their bases)
         for t in (o, o._base):
             if t is not None and t.grad_fn is not None and t.grad_fn in graph.head:
@@ -318,7 +327,7 @@ def explain(
         the first tensor of a tuple.
     **kwargs
         Passed to :func:`propagate` (``seed``, ``strict``, ``ledger``, ``dtype``, ``keep_run``, ``plan`` for a
-        loop over a data set, ...).
+        loop over a data set, ``subtract_addends``, ...).
 
     Examples
     --------

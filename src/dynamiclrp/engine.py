@@ -50,9 +50,10 @@ class Run:
     recorded: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     approximations: dict[str, int] = field(default_factory=dict)
     rules_run: int = 0
+    subtract_addends: bool = False
 
     def __post_init__(self):
-        self.promises = Promises(self.graph, self.approximations)
+        self.promises = Promises(self.graph, self.approximations, self.subtract_addends)
         self.useful = _useful(self.graph, self.record)
         self._scratch: dict[tuple, torch.Tensor] = {}
 

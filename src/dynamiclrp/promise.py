@@ -46,9 +46,13 @@ class PromiseStats:
 class Promises:
     """Memoised recovery of node outputs for one run."""
 
-    def __init__(self, graph: Graph, notes: dict[str, int] | None = None):
+    def __init__(self, graph: Graph, notes: dict[str, int] | None = None, subtract_addends: bool = False):
         self.graph = graph
         self.notes = notes if notes is not None else {}
+        # recover an addend as the saved sum less the other addends (one subtraction, within an ulp of the sum)
+        # instead of replaying the layer that made it; off by default, counted in ``notes`` when used
+        self.subtract_addends = subtract_addends
+        self._subtracting = False
         # values replayed with an untracked constant taken as zero (an attention mask added to the scores):
         # only a consumer that can check them against what autograd saved may use them (softmax does)
         self.provisional: set[tuple[int, int]] = set()
@@ -198,7 +202,53 @@ class Promises:
                 if x is not None and x.shape == shape:
                     return x
         x = self._from_parts(consumers, depth)
+        if x is None and self.subtract_addends:
+            x = self._by_subtraction(key, shape, consumers, depth)
         return x if x is not None and x.shape == shape else None
+
+    def _by_subtraction(self, key: tuple[int, int], shape: torch.Size, consumers, depth: int) -> torch.Tensor | None:
+        """The value at ``key`` as an addition's saved output less its other operands (``s - b`` for ``s = a + b``),
+        where the sum and every other operand are held without replay (saved, or a copy a consumer saved): one
+        element-wise pass instead of replaying the layer that made ``a``. Within an ulp of ``s`` (see
+        ``AddTerms.operand_from_output``); counted as an approximation. Not nested: the sum and the other operands
+        are not themselves recovered by subtraction, so the error does not compound."""
+        if self._subtracting:
+            return None
+        nodes = self.graph.nodes
+        self._subtracting = True
+        try:
+            for c, i in consumers:
+                add = nodes[c]
+                edges = add.inputs
+                if sum(e is not None and (e.child, e.nr) == key for e in edges) != 1 or (c, 0) in self.provisional:
+                    continue
+                out = self.values.get((c, 0))
+                if out is None:
+                    out = self._saved_copy((c, 0), depth + 1)
+                if out is None:
+                    out = add.spec.output(add, 0) if add.part == 0 else None
+                if out is None:
+                    continue
+                operands: list[torch.Tensor | None] = []
+                for k, e in enumerate(edges):
+                    v = None
+                    if k != i and e is not None and (e.child, e.nr) not in self.provisional:
+                        v = self._copy((e.child, e.nr), depth)
+                        if v is None and not nodes[e.child].spec.costly_output:
+                            v = self._direct(nodes[e.child], e.nr)  # a leaf, a norm's output: no product
+                        if v is None:
+                            continue
+                    operands.append(v)
+                if len(operands) != len(edges) or any(e is None for e in edges):
+                    continue
+                x = add.spec.operand_from_output(add, i, out, operands)
+                if x is not None and x.shape == shape:
+                    what = f"{add.kind}: addend recovered as the saved sum less the other addends (subtract_addends)"
+                    self.notes[what] = self.notes.get(what, 0) + 1
+                    return x
+            return None
+        finally:
+            self._subtracting = False
 
     def _part_of_cat(self, cat: Node, i: int, depth: int) -> torch.Tensor | None:
         """Operand ``i`` of ``cat`` as the slice of a saved copy of its output (a key/value cache appended to);

@@ -129,6 +129,7 @@ def _scale(fn, q):
 
 class _Scores(OpSpec):
     family = "product"
+    costly_output = True
 
     def saved_input(self, node, i):
         return saved(node.fn, ("query", "key")[i]) if i < 2 else None

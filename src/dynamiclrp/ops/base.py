@@ -118,6 +118,8 @@ class OpSpec:
     #: for a view that keeps every element (reshape, transpose, permute, expand, clone): ``invert(fn, y, shape)``
     #: gives its operand (of ``shape``) back from its output ``y``, so a copy saved after the view serves too
     invert: Any = None
+    #: ``output`` computes a product (a matrix product, a convolution), not just reads or rescales saved tensors
+    costly_output: bool = False
 
     def decompose(self, fn: Any) -> list[tuple[str, OpSpec, list]]:
         return [(type(fn).__name__, self, [(NEXT, j) for j in range(len(fn.next_functions))])]
@@ -140,6 +142,13 @@ class OpSpec:
     def forward(self, node: Node, inputs: list[torch.Tensor | None]) -> torch.Tensor | tuple:
         """Replay the forward op on its operands (``None`` for an operand outside the graph)."""
         raise NotImplementedError
+
+    def operand_from_output(self, node: Node, i: int, out: torch.Tensor,
+                            operands: list[torch.Tensor | None]) -> torch.Tensor | None:
+        """Operand ``i`` computed from the node's output ``out`` and its other ``operands`` (``operands[i]`` is
+        None), or None where the op cannot be undone that way. Used only when the run allows approximate recovery
+        (``subtract_addends``): the Promise System then asks an addition for an addend autograd dropped."""
+        return None
 
     def infer_input(self, ctx: Context, i: int) -> torch.Tensor | None:
         """Operand ``i`` when it lies outside the graph (a constant), derived from the output; or None."""

@@ -34,6 +34,29 @@ class AddTerms(OpSpec):
     def sum_rule(self, ctx):
         return ctx.rule(self.family)
 
+    def operand_from_output(self, node, i, out, operands):
+        r"""Addend ``i`` as the sum less the other terms, :math:`a' = \mathrm{fl}(s - b)` for :math:`s = a + b`.
+
+        Not exact: the forward rounded :math:`s = \mathrm{fl}(a + b)`, so :math:`|a' - a| \le \tfrac12
+        \mathrm{ulp}(s) + \tfrac12 \mathrm{ulp}(a')` (Fast2Sum, Knuth TAOCP vol. 2 §4.2.2, Dekker 1971: the
+        subtraction itself is exact when :math:`|b| \ge |a|`). Only for float32/float64 (a half-precision sum's ulp
+        is too coarse), a term of scale ±1 (a plain ``+``/``-``), and an addend with the sum's full shape (a
+        broadcast addend is not determined by the difference)."""
+        if out.dtype not in (torch.float32, torch.float64) or any(
+                v is not None and v.dtype != out.dtype for v in operands):
+            return None
+        probe = [None] * len(operands)
+        probe[i] = torch.ones((), dtype=out.dtype, device=out.device)
+        scale = self.terms(node.fn, *probe)[i]
+        if scale is None or float(scale) not in (1.0, -1.0):
+            return None
+        terms = self.terms(node.fn, *operands)
+        others = [t for k, t in enumerate(terms) if k != i]
+        if any(t is None for t in others):  # a constant autograd did not record: unknown
+            return None
+        term = out - add_terms(*others) if others else out.clone()
+        return term if float(scale) == 1.0 else term.neg_()
+
     def relevance(self, ctx):
         (R,) = ctx.R
         n = len(ctx.node.inputs)

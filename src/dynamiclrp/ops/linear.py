@@ -187,6 +187,8 @@ def _after_padding(lmap: LinearMap, to_operand, from_operand) -> LinearMap:
 class Product(OpSpec):
     """``z = fn(a, b)``, bilinear: a weighted linear op when one side is a parameter, a product otherwise."""
 
+    costly_output = True
+
     def __init__(self, fn, names: tuple[str, str], family: str = "dense"):
         self.fn, self.names, self.linear_family = fn, names, family
 
