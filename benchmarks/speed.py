@@ -20,7 +20,9 @@ What is timed (one call each, medians of ``--reps`` interleaved repetitions afte
   parameter frozen (token models: with respect to ``inputs_embeds``, the embedding lookup done outside).
 * ``dynamiclrp PRESET``: ``dynamiclrp.explain(model, inputs, preset=PRESET, ledger=False, check_finite=False)``,
   forward included (inputs are the image or the token ids); ``+ plan``: the same with one ``dynamiclrp.Plan()``
-  reused by every repetition (graph skeleton and transformed weights kept, as in a loop over a data set).
+  reused by every repetition (graph skeleton and transformed weights kept, as in a loop over a data set);
+  ``+ subtract`` (with ``--subtract-addends``, token models): ``subtract_addends=True``, residual branches read off
+  the saved sums (an opt-in approximation within an ulp of the sum) instead of replaying their last layer.
 * anchors: zennit composites (``EpsilonPlus``, ``EpsilonGammaBox(-3, 3)``, ``EpsilonAlpha2Beta1``) with the
   torchvision canonizer; Captum ``LRP`` (ε, VGG only: it does not support ResNet's additions); LXT 2.1
   (``lxt.efficient``) AttnLRP / CP-LRP in their own processes (LXT patches transformers globally), started once per
@@ -233,11 +235,13 @@ class Case:
 
         return run
 
-    def ours(self, preset, plan=False):
+    def ours(self, preset, plan=False, subtract=False):
         import dynamiclrp
 
         inputs = self.inputs if self.spec["name"] in VISION else {**self.inputs, **self.kw}
         kw = {"plan": dynamiclrp.Plan()} if plan else {}  # one plan per method, reused over its repetitions
+        if subtract:
+            kw["subtract_addends"] = True
         return lambda: dynamiclrp.explain(self.model, inputs, preset=preset, output=self.select, ledger=False,
                                           check_finite=False, **kw)
 
@@ -387,8 +391,9 @@ def short(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}"[:200].replace("|", "/")
 
 
-def methods_for(case: Case, threads: int, quick: bool, anchors: bool = True) -> tuple[dict, dict, list]:
-    """(callables, errors, remotes) for every method of the case."""
+def methods_for(case: Case, threads: int, quick: bool, anchors: bool = True,
+                subtract: bool = False) -> tuple[dict, dict, list]:
+    """(callables, errors, remotes) for every method of the case; ``subtract``: also the ``+ subtract`` rows."""
     name = case.spec["name"]
     fns: dict = {"full": case.full(), "floor": case.floor()}
     errors: dict = {}
@@ -396,6 +401,8 @@ def methods_for(case: Case, threads: int, quick: bool, anchors: bool = True) -> 
     for preset in OURS.get(name, OURS["text"]):
         fns[f"dynamiclrp {preset}"] = case.ours(preset)
         fns[f"dynamiclrp {preset} + plan"] = case.ours(preset, plan=True)
+        if subtract and name in TEXT:
+            fns[f"dynamiclrp {preset} + subtract"] = case.ours(preset, subtract=True)
     if not anchors:
         return fns, errors, remotes
     if name in ("vgg16", "resnet50"):
@@ -474,10 +481,10 @@ def load() -> str:
     return "?"
 
 
-def bench(spec: dict, reps: int | None, threads: int, quick: bool) -> dict:
+def bench(spec: dict, reps: int | None, threads: int, quick: bool, subtract: bool = False) -> dict:
     t0 = time.time()
     case = Case(spec, quick)
-    fns, errors, remotes = methods_for(case, threads, quick)
+    fns, errors, remotes = methods_for(case, threads, quick, subtract=subtract)
     load0 = load()
     try:
         times, n = interleave(fns, reps, quick, errors)
@@ -496,21 +503,22 @@ def verdicts(med: dict) -> list[str]:
         if not k.startswith("dynamiclrp "):
             continue
         label = k.split(" ", 1)[1]
-        preset = label.removesuffix(" + plan")
+        preset = label.removesuffix(" + plan").removesuffix(" + subtract")
         if preset in FLOOR_TARGET and floor:
             r = v / floor
             lines.append(f"{'PASS' if r <= 1.5 else 'MISS'} {label} ≤ 1.5× floor: {r:.2f}×")
         if preset in FULL_TARGET and full:
             r = v / full
             lines.append(f"{'PASS' if r <= 2.0 else 'MISS'} {label} ≤ 2× full: {r:.2f}×")
-        if label != preset and med.get(f"dynamiclrp {preset}"):
+        if label.endswith(" + plan") and med.get(f"dynamiclrp {preset}"):
             saving = 1 - v / med[f"dynamiclrp {preset}"]
             lines.append(f"plan saving, {preset} (repeated explanations): {saving:.1%}")
     for anchor, preset in ANCHOR_OF.items():
-        a, o = med.get(anchor), med.get(f"dynamiclrp {preset}")
-        if a and o:
-            r = o / a
-            lines.append(f"{'PASS' if r < 1.0 else 'MISS'} {preset} faster than {anchor}: {r:.2f}× its time")
+        for label in (preset, f"{preset} + subtract"):
+            a, o = med.get(anchor), med.get(f"dynamiclrp {label}")
+            if a and o:
+                r = o / a
+                lines.append(f"{'PASS' if r < 1.0 else 'MISS'} {label} faster than {anchor}: {r:.2f}× its time")
     return lines
 
 
@@ -548,6 +556,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny configs, 1 repetition (smoke run)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (a GPU machine)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model and input dtype")
+    ap.add_argument("--subtract-addends", action="store_true",
+                    help="token models: also time each preset with subtract_addends=True ('+ subtract' rows)")
     ap.add_argument("--worker", nargs=2, metavar=("SPEC", "ANCHOR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -560,7 +570,7 @@ def main() -> None:
         out.write_text(HEADER.format(torch=torch.__version__, cpu=os.cpu_count()))
     for case in args.cases:
         spec = {**parse_case(case), "device": args.device, "dtype": args.dtype}
-        res = bench(spec, 1 if args.quick else args.reps, args.threads, args.quick)
+        res = bench(spec, 1 if args.quick else args.reps, args.threads, args.quick, args.subtract_addends)
         text = section(res, args.threads)
         print("\n".join(text), flush=True)
         with out.open("a") as f:  # written case by case: a cut run keeps what it measured
