@@ -152,3 +152,4 @@ def test_transformer_relevance_agrees_with_replay(arch, monkeypatch):
     ref = dynamiclrp.explain(model.double(), inputs, target=0, preset="attnlrp", output=output).tokens
     rounding = (exact.tokens.double() - ref).abs().max()
     assert 0 < (fast.tokens.double() - exact.tokens.double()).abs().max() <= rounding
+

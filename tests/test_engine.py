@@ -863,3 +863,29 @@ def test_softmax_mask_check_accepts_a_fully_masked_row():
     bias = torch.arange(5, dtype=D)[None, :] * 0.3
     with pytest.raises(dynamiclrp.ActivationUnavailableError, match="not a plain mask"):
         explain(mask + bias)
+
+
+def test_operands_held_constant_are_not_visited(monkeypatch):
+    """CP-LRP holds the attention weights and the MLP's gate constant and blocks the softmax: their relevance is
+    zero, so the query/key projections and the gate's layer are not visited at all (no rule runs there). The
+    relevance is the one propagating those zeros gives, and a module behind them reports zeros, not None."""
+    transformers = pytest.importorskip("transformers")
+    from dynamiclrp import rules
+
+    torch.manual_seed(4)
+    cfg = transformers.LlamaConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=2, intermediate_size=32, max_position_embeddings=32,
+                                   attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(cfg).double().eval()
+    inputs = {"input_ids": torch.randint(1, 60, (1, 9))}
+    kw = dict(target=0, preset="cp_lrp", output=lambda o: o.logits[:, -1],
+              modules=["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate_proj"])
+    skipped = dynamiclrp.explain(model, inputs, **kw)
+    monkeypatch.setattr(rules.Constant, "constant_operands", ())
+    monkeypatch.setattr(rules.Block, "constant_operands", ())
+    visited = dynamiclrp.explain(model, inputs, **kw)
+    assert skipped.stats.rules_run < visited.stats.rules_run - 2 * 6  # q, k, gate layers and more, per block
+    torch.testing.assert_close(skipped.tokens, visited.tokens, rtol=1e-12, atol=1e-15)
+    for name, r in visited.modules.items():
+        assert skipped.modules[name] is not None and skipped.modules[name].shape == r.shape
+        assert not skipped.modules[name].any() and not r.any()

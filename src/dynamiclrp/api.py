@@ -361,6 +361,7 @@ def explain(
                 raise DynamicLRPError(f"module {name!r} produced no tensor with a graph in this forward")
             e = get_gradient_edge(ts[0])
             keys[name] = (graph.head[e.node], e.output_nr) if e.node in graph.head else None
+            state["module_outputs"][name] = ts[0]
         return keys
 
     param_names = {id(p): n for n, p in all_params.items()}
@@ -383,7 +384,7 @@ def explain(
                 found[name] = ((n.id, 0), is_token)
         return found
 
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {"module_outputs": {}}
 
     def extra_record(graph):
         state["modules"] = module_keys(graph)
@@ -406,7 +407,9 @@ def explain(
     n_in = len(float_inputs)
     att.params = dict(zip(params, att.inputs[n_in:]))
     att.inputs = att.inputs[:n_in]
-    att.modules = {name: (run.recorded.get(k) if k is not None else None)
+    # a module in the graph that no relevance reached (behind a rule that holds its output constant) gets zeros
+    att.modules = {name: (_relevance_or_zeros(run, k, state["module_outputs"][name], run.dtype)
+                          if k is not None else None)
                    for name, k in state["modules"].items()}
     att.embeddings = {}
     toks = []

@@ -255,8 +255,8 @@ def _all_finite(r: torch.Tensor) -> torch.Tensor:
 
 def _check_finite(flags: list[tuple[Node, list]]) -> None:
     """Raise for the first node (from the output) whose rule produced NaN or inf."""
-    all_ok = torch.stack([f for _, fs in flags for f in fs if f is not None]).all() if flags else True
-    if bool(all_ok):
+    checked = [f for _, fs in flags for f in fs if f is not None]  # none: every rule passed nothing on
+    if not checked or bool(torch.stack(checked).all()):
         return
     for node, fs in flags:
         for i, f in enumerate(fs):

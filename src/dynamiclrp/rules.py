@@ -526,6 +526,7 @@ class Constant:
 
     eps: float = 1e-6
     product_takes_z = True  # product(..., z=) takes the op's output when a saved copy holds it
+    constant_operands = (0,)  # the engine then visits nothing below the first factor (its relevance is zero)
 
     def product(self, a, b, R, fn, z=None):
         if _elementwise(fn):
@@ -623,6 +624,7 @@ class Block:
     """Absorbs all relevance: nothing is passed on (e.g. softmax in the value-path-only attention setting)."""
 
     needs_input = False
+    constant_operands = (0,)  # the engine then visits nothing below (the logits' relevance is zero)
 
     def softmax(self, x, s, R, dim):
         return torch.zeros_like(R)

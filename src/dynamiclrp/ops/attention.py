@@ -15,7 +15,7 @@ import math
 import torch
 
 from ..errors import ActivationUnavailableError, DynamicLRPError
-from .base import NEXT, PART, OpSpec, saved, through_views
+from .base import NEXT, PART, OpSpec, held_constant, saved, through_views
 from .elementwise import AddTerms
 
 
@@ -51,6 +51,8 @@ class Softmax(OpSpec):
     def relevance(self, ctx):
         (R,) = ctx.R
         rule = ctx.rule("softmax")
+        if 0 in getattr(rule, "constant_operands", ()):  # blocked: the logits (and what made them) get nothing
+            return [None]
         s, dim = ctx.output(0), self.dim(ctx.node)
         x, attended = None, None
         if getattr(rule, "needs_input", True) or _masked_logits(ctx):
@@ -145,7 +147,8 @@ class _Scores(OpSpec):
     def relevance(self, ctx):
         (R,) = ctx.R
         q, k = ctx.input(0), ctx.input(1)
-        return list(ctx.rule("product").product(q, k, R, self._fn(ctx.node)))
+        rule = ctx.rule("product")
+        return held_constant(rule, rule.product(q, k, R, self._fn(ctx.node)))
 
 
 class _Mask(AddTerms):
@@ -200,7 +203,8 @@ class _Values(OpSpec):
     def relevance(self, ctx):
         R = ctx.R[0]
         p, v = ctx.input(0), ctx.input(1)
-        return list(ctx.rule("attention").product(p, v, R, self._fn(ctx.node)))
+        rule = ctx.rule("attention")
+        return held_constant(rule, rule.product(p, v, R, self._fn(ctx.node)))
 
 
 class ScaledDotProductAttention(OpSpec):

@@ -159,6 +159,17 @@ class OpSpec:
         raise NotImplementedError
 
 
+def held_constant(rule: Any, rel) -> list:
+    """``rel`` (a rule's relevance per operand) with None for the operands the rule holds constant
+    (``rule.constant_operands``: CP-LRP's attention weights and gates, a blocked softmax's logits). Their relevance
+    is zero by the rule, and zero stays zero below them; None means nothing below is visited at all, where zeros
+    would cost the branch's whole pass (the query and key projections, a gate's layer, the recomputed logits)."""
+    rel = list(rel)
+    for i in getattr(rule, "constant_operands", ()):
+        rel[i] = None
+    return rel
+
+
 def route(ctx: Context) -> list[torch.Tensor | None]:
     """Send relevance back through the node's own backward: exact for routing ops (views, slices, cat, ...).
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..errors import ActivationUnavailableError
 from ..rules import BiasInDenominator, add_terms
-from .base import NEXT, PART, Identity, OpSpec, saved
+from .base import NEXT, PART, Identity, OpSpec, held_constant, saved
 
 
 class AddTerms(OpSpec):
@@ -271,7 +271,8 @@ class Product(OpSpec):
             a, b = ctx.input(0), ctx.input(1)
             if self.divide:
                 b = 1.0 / b
-            return list(ctx.rule("product").product(a, b, R, torch.mul))
+            rule = ctx.rule("product")
+            return held_constant(rule, rule.product(a, b, R, torch.mul))
         out = [None, None]
         for i in (0, 1):  # a constant factor: the op is linear in the other, ε-rule = identity
             if data[i] or (not data[1 - i] and ctx.wants(i)):

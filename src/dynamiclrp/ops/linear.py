@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..errors import ActivationUnavailableError
 from ..plan import active_plan, caching_weights
 from ..rules import LinearMap, MergeBatchNorm
-from .base import NEXT, PART, OpSpec, out_shape, saved, through_views, undo_views
+from .base import NEXT, PART, OpSpec, held_constant, out_shape, saved, through_views, undo_views
 from .elementwise import _VIEWS, BiasAdd
 
 
@@ -214,8 +214,9 @@ class Product(OpSpec):
             if getattr(rule, "product_takes_z", False):  # the output, where a copy of it was saved (free)
                 z = ctx.run.promises.values.get((ctx.node.id, 0))
                 z = z if z is not None else ctx.run.promises.saved_copy(ctx.node)
-                return list(rule.product(a, b, R, fn, z=z if z is not None and z.dtype == ctx.dtype else None))
-            return list(rule.product(a, b, R, fn))
+                return held_constant(rule, rule.product(a, b, R, fn, z=z if z is not None and z.dtype == ctx.dtype
+                                                        else None))
+            return held_constant(rule, rule.product(a, b, R, fn))
         if not (ctx.wants(0) or ctx.wants(1)):
             return [None, None]
         # one side is a weight: the op is linear in the other
