@@ -21,7 +21,7 @@ What is timed (one call each, medians of ``--reps`` interleaved repetitions afte
 * ``dynamiclrp PRESET``: ``dynamiclrp.explain(model, inputs, preset=PRESET, ledger=False, check_finite=False)``,
   forward included (inputs are the image or the token ids); ``+ plan``: the same with one ``dynamiclrp.Plan()``
   reused by every repetition (graph skeleton and transformed weights kept, as in a loop over a data set);
-  ``+ subtract`` (with ``--subtract-addends``, token models): ``subtract_addends=True``, residual branches read off
+  ``+ subtract`` (with ``--subtract-addends``; not VGG): ``subtract_addends=True``, residual branches read off
   the saved sums (an opt-in approximation within an ulp of the sum) instead of replaying their last layer.
 * anchors: zennit composites (``EpsilonPlus``, ``EpsilonGammaBox(-3, 3)``, ``EpsilonAlpha2Beta1``) with the
   torchvision canonizer; Captum ``LRP`` (ε, VGG only: it does not support ResNet's additions); LXT 2.1
@@ -401,7 +401,7 @@ def methods_for(case: Case, threads: int, quick: bool, anchors: bool = True,
     for preset in OURS.get(name, OURS["text"]):
         fns[f"dynamiclrp {preset}"] = case.ours(preset)
         fns[f"dynamiclrp {preset} + plan"] = case.ours(preset, plan=True)
-        if subtract and name in TEXT:
+        if subtract and name != "vgg16":  # VGG has no additions
             fns[f"dynamiclrp {preset} + subtract"] = case.ours(preset, subtract=True)
     if not anchors:
         return fns, errors, remotes
@@ -557,7 +557,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (a GPU machine)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model and input dtype")
     ap.add_argument("--subtract-addends", action="store_true",
-                    help="token models: also time each preset with subtract_addends=True ('+ subtract' rows)")
+                    help="also time each preset with subtract_addends=True ('+ subtract' rows; not VGG16)")
     ap.add_argument("--worker", nargs=2, metavar=("SPEC", "ANCHOR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
