@@ -583,7 +583,9 @@ Written by `benchmarks/speed.py` (issue #8). torch {torch}, {cpu} CPU cores; ran
 backward with parameter gradients; "floor" = forward + gradient with respect to the input only, parameters frozen;
 both on the same model, input and explained logit(s) as the explanations. Ratios are of medians within one section
 (one process, interleaved repetitions). dynamiclrp runs `explain(..., ledger=False, check_finite=False)`; "+ plan"
-rows pass one `dynamiclrp.Plan()` to all their repetitions (a data-set loop: the warm-up builds it). zennit
+rows pass one `dynamiclrp.Plan()` to all their repetitions (a data-set loop: the warm-up builds it); "+ subtract"
+rows (`--subtract-addends`) pass `subtract_addends=True` (an opt-in approximation within an ulp of each residual
+sum, see README). zennit
 0.5.1 composites with the torchvision canonizer, Captum `LRP` (ε); LXT 2.1 in its own process per anchor, timed
 inside it, its repetitions interleaved with ours. Transformers: eager attention everywhere. A method that failed
 shows its error instead of a time.

@@ -272,6 +272,17 @@ def test_explain_text_classification(hf_dirs, tmp_path, capsys):
     assert code == 0 and "\x1b[" not in out and "negative" in out
 
 
+def test_explain_text_subtract_addends(hf_dirs, capsys):
+    """``--subtract-addends`` reaches explain: the approximation is used and reported, the prediction is the same."""
+    args = ["explain", "text", hf_dirs["cls"], "A wonderful movie.", "--color", "never"]
+    code, exact, err = run(args, capsys)
+    assert code == 0, err
+    with pytest.warns(UserWarning, match="subtract_addends"):
+        code, fast, err = run(args + ["--subtract-addends"], capsys)
+    assert code == 0, err
+    assert fast.splitlines()[0] == exact.splitlines()[0]  # the explained label
+
+
 def test_explain_text_qa(hf_dirs, tmp_path, capsys):
     out_html = tmp_path / "qa.html"
     code, out, err = run(["explain", "text", hf_dirs["qa"], "The cat sat on the mat.", "--question",

@@ -31,6 +31,10 @@ class CLIError(Exception):
     """An error with a message meant for the user (printed without traceback)."""
 
 
+_SUBTRACT_HELP = ("read residual branches off the saved sums (a' = s - b) instead of recomputing their last layer: "
+                  "faster, within an ulp of each sum, reported as an approximation")
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -80,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     ei.add_argument("--std", type=_floats, default=None, help="normalisation std (default: ImageNet's)")
     ei.add_argument("--cmap", default="bwr", help="colour map: bwr, rdbu, coldhot, gray, reds (default bwr)")
     ei.add_argument("--npy", action="store_true", help="also save the relevance as .npy")
+    ei.add_argument("--subtract-addends", action="store_true", help=_SUBTRACT_HELP)
 
     et = esub.add_parser("text", parents=[common], help="token heatmaps for Hugging Face models",
                          description="Explain a Hugging Face model saved in a local folder (with its tokenizer): "
@@ -96,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     et.add_argument("--generate", type=int, default=0, metavar="N",
                     help="causal LM: greedily generate N tokens and explain each")
     et.add_argument("--preset", default="attnlrp", help=f"rule preset: {names} (default: %(default)s)")
+    et.add_argument("--subtract-addends", action="store_true", help=_SUBTRACT_HELP)
     et.add_argument("--out", help="write the token heatmaps to this HTML file")
     et.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                     help="colours in the terminal rendering (default: auto, when stdout is a terminal)")
@@ -256,7 +262,7 @@ def cmd_explain_image(args: argparse.Namespace) -> int:
             labels = imagenet_labels() if n == 1000 else None
         if args.target is not None and not 0 <= args.target < n:
             raise CLIError(f"--target {args.target} is out of range: the model has {n} classes")
-        att = explain(model, x, target=args.target, preset=args.preset)
+        att = explain(model, x, target=args.target, preset=args.preset, subtract_addends=args.subtract_addends)
         cls = int(att.outputs[0][0].abs().argmax()) if args.target is None else args.target
         name = labels[cls] if labels else f"class {cls}"
         logit = float(logits[0, cls])
@@ -316,6 +322,7 @@ def cmd_explain_text(args: argparse.Namespace) -> int:
 
     get_preset(args.preset)
     model, tok, task = _hf_model(args.model, args.task)
+    kw = {"subtract_addends": args.subtract_addends}
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     results: list[hf.TokenRelevance] = []
     if task == "classification":
@@ -324,22 +331,22 @@ def cmd_explain_text(args: argparse.Namespace) -> int:
         n = model.config.num_labels
         if args.target is not None and not 0 <= args.target < n:
             raise CLIError(f"--target {args.target} is out of range: the model has {n} labels")
-        ex = hf.explain_text(model, tok, args.text, target=args.target, preset=args.preset)
+        ex = hf.explain_text(model, tok, args.text, target=args.target, preset=args.preset, **kw)
         results = ex.rows
     elif task == "qa":
         if not args.question:
             raise CLIError("a QA model needs --question (the text is the context)")
         for context in args.text:
-            r = hf.explain_qa(model, tok, args.question, context, preset=args.preset)
+            r = hf.explain_qa(model, tok, args.question, context, preset=args.preset, **kw)
             span = "" if r["end"] >= r["start"] else ": the end comes before the start, no span"
             print(f"answer: {r['answer']!r} (tokens {r['start']}..{r['end']}{span})")
             results += [r["start_relevance"], r["end_relevance"]]
     else:
         for prompt in args.text:
             if args.generate > 0:
-                results += hf.explain_generation(model, tok, prompt, args.generate, preset=args.preset)
+                results += hf.explain_generation(model, tok, prompt, args.generate, preset=args.preset, **kw)
             else:
-                results.append(hf.explain_next_token(model, tok, prompt, args.next_token, preset=args.preset))
+                results.append(hf.explain_next_token(model, tok, prompt, args.next_token, preset=args.preset, **kw))
     for r in results:
         print(f"{r.label}:")
         print("  " + r.ansi(color=color))

@@ -210,8 +210,9 @@ class Promises:
         """The value at ``key`` as an addition's saved output less its other operands (``s - b`` for ``s = a + b``),
         where the sum and every other operand are held without replay (saved, or a copy a consumer saved): one
         element-wise pass instead of replaying the layer that made ``a``. Within an ulp of ``s`` (see
-        ``AddTerms.operand_from_output``); counted as an approximation. Not nested: the sum and the other operands
-        are not themselves recovered by subtraction, so the error does not compound."""
+        ``AddTerms.operand_from_output``); counted as an approximation. The sum and the other operands are looked up
+        without subtraction; one recovered by an earlier subtraction (``x + a + b`` in one expression: the inner sum
+        from the outer) can still serve, each step adding at most its own bound."""
         if self._subtracting:
             return None
         nodes = self.graph.nodes
