@@ -801,6 +801,7 @@ MATMUL_CASES = [
     ("matmul_shared", torch.matmul, (2, 3, 4), (4, 5)),
     ("bmm", torch.bmm, (2, 3, 4), (2, 4, 5)),
     ("matmul_broadcast", torch.matmul, (2, 1, 3, 4), (3, 4, 5)),
+    ("matmul_batched", torch.matmul, (2, 3, 3, 4), (2, 3, 4, 5)),  # equal batch dims: direct transposes
 ]
 
 

@@ -97,7 +97,7 @@ def vjp(fn: Callable[..., Tensor], inputs: Sequence[Tensor], grad: Tensor) -> tu
 def _product_vjp(fn: Callable[..., Tensor], a: Tensor, b: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     """:math:`(J_a^\\top s, J_b^\\top s)` of ``fn(a, b)``: for a matrix product ``s bᵀ`` and ``aᵀ s`` directly
     (no recomputation, no autograd round trip), else by autograd."""
-    if _matrix_product(fn):
+    if _matrix_product(fn, a, b):
         return s @ b.mT, a.mT @ s
     return vjp(fn, [a, b], s)
 
@@ -532,16 +532,19 @@ class Constant:
         if _elementwise(fn):
             return torch.zeros_like(a), R.sum_to_size(b.shape)
         s = over_stabilized(R, fn(a, b) if z is None else z, self.eps)
-        if _matrix_product(fn):
+        if _matrix_product(fn, a, b):
             gb = a.mT @ s
         else:
             (gb,) = vjp(lambda b_: fn(a, b_), [b], s)
         return torch.zeros_like(a), _times(b, gb, s, a)
 
 
-def _matrix_product(fn) -> bool:
-    """``mm``/``bmm``: their transposes are plain matrix products (``s bᵀ``, ``aᵀ s``)."""
-    return fn is torch.bmm or fn is torch.mm
+def _matrix_product(fn, a: Tensor, b: Tensor) -> bool:
+    """``mm``/``bmm``, or ``matmul`` without broadcasting (equal batch dimensions): their transposes are plain
+    matrix products (``s bᵀ``, ``aᵀ s``), no autograd round trip."""
+    if fn is torch.bmm or fn is torch.mm:
+        return True
+    return fn is torch.matmul and a.dim() == b.dim() >= 2 and a.shape[:-2] == b.shape[:-2]
 
 
 def _elementwise(fn) -> bool:

@@ -194,7 +194,10 @@ class _Values(OpSpec):
         return saved(node.fn, "output") if nr == 0 else None
 
     def _fn(self, node):
-        expand = _heads(saved(node.fn, "query"), saved(node.fn, "value"))
+        q, v = saved(node.fn, "query"), saved(node.fn, "value")
+        if q.dim() >= 3 and q.shape[-3] == v.shape[-3]:  # as many value heads as query heads: a plain product
+            return torch.matmul
+        expand = _heads(q, v)
         return lambda p, v: p @ expand(v)
 
     def forward(self, node, inputs):
