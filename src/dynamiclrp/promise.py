@@ -221,26 +221,11 @@ class Promises:
             for c, i in consumers:
                 add = nodes[c]
                 edges = add.inputs
-                if sum(e is not None and (e.child, e.nr) == key for e in edges) != 1 or (c, 0) in self.provisional:
-                    continue
-                out = self.values.get((c, 0))
-                if out is None:
-                    out = self._saved_copy((c, 0), depth + 1)
-                if out is None:
-                    out = add.spec.output(add, 0) if add.part == 0 else None
-                if out is None:
-                    continue
-                operands: list[torch.Tensor | None] = []
-                for k, e in enumerate(edges):
-                    v = None
-                    if k != i and e is not None and (e.child, e.nr) not in self.provisional:
-                        v = self._copy((e.child, e.nr), depth)
-                        if v is None and not nodes[e.child].spec.costly_output:
-                            v = self._direct(nodes[e.child], e.nr)  # a leaf, a norm's output: no product
-                        if v is None:
-                            continue
-                    operands.append(v)
-                if len(operands) != len(edges) or any(e is None for e in edges):
+                if any(e is None for e in edges) or sum((e.child, e.nr) == key for e in edges) != 1:
+                    continue  # a constant autograd did not record, or this value added to itself
+                out = self._held(add, 0)
+                operands = [None if k == i else self._held(nodes[e.child], e.nr) for k, e in enumerate(edges)]
+                if out is None or any(v is None for k, v in enumerate(operands) if k != i):
                     continue
                 x = add.spec.operand_from_output(add, i, out, operands)
                 if x is not None and x.shape == shape:
@@ -250,6 +235,17 @@ class Promises:
             return None
         finally:
             self._subtracting = False
+
+    def _held(self, node: Node, nr: int) -> torch.Tensor | None:
+        """Output slot ``nr`` held without a replay or a product (saved, a saved copy, or rebuilt element-wise from
+        saved tensors: a norm's output, a leaf), and not provisional; else None."""
+        key = (node.id, nr)
+        if key in self.provisional:
+            return None
+        if node.spec.costly_output:  # its own output() would recompute a matrix product or a convolution
+            v = self.values.get(key)
+            return v if v is not None else self._saved_copy(key)
+        return self._direct(node, nr)
 
     def _part_of_cat(self, cat: Node, i: int, depth: int) -> torch.Tensor | None:
         """Operand ``i`` of ``cat`` as the slice of a saved copy of its output (a key/value cache appended to);

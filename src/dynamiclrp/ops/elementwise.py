@@ -34,6 +34,14 @@ class AddTerms(OpSpec):
     def sum_rule(self, ctx):
         return ctx.rule(self.family)
 
+    def term_scale(self, node, i: int, dtype: torch.dtype) -> torch.Tensor:
+        """Term ``i``'s factor on its operand (``alpha``; ``-alpha`` for a subtrahend), as ones of the output's rank
+        put through ``terms``."""
+        meta = node.fn._input_metadata[0]
+        probe = [None] * len(node.inputs)
+        probe[i] = torch.ones([1] * len(meta.shape), dtype=dtype, device=meta.device)
+        return self.terms(node.fn, *probe)[i]
+
     def operand_from_output(self, node, i, out, operands):
         r"""Addend ``i`` as the sum less the other terms, :math:`a' = \mathrm{fl}(s - b)` for :math:`s = a + b`.
 
@@ -45,17 +53,16 @@ class AddTerms(OpSpec):
         if out.dtype not in (torch.float32, torch.float64) or any(
                 v is not None and v.dtype != out.dtype for v in operands):
             return None
-        probe = [None] * len(operands)
-        probe[i] = torch.ones((), dtype=out.dtype, device=out.device)
-        scale = self.terms(node.fn, *probe)[i]
-        if scale is None or float(scale) not in (1.0, -1.0):
+        scale = self.term_scale(node, i, out.dtype)
+        sign = float(scale) if scale is not None and scale.numel() == 1 else 0.0
+        if sign not in (1.0, -1.0):
             return None
-        terms = self.terms(node.fn, *operands)
-        others = [t for k, t in enumerate(terms) if k != i]
+        filled = [torch.ones_like(scale) if k == i else v for k, v in enumerate(operands)]  # addmm's needs all
+        others = [t for k, t in enumerate(self.terms(node.fn, *filled)) if k != i]
         if any(t is None for t in others):  # a constant autograd did not record: unknown
             return None
         term = out - add_terms(*others) if others else out.clone()
-        return term if float(scale) == 1.0 else term.neg_()
+        return term if sign == 1.0 else term.neg_()
 
     def relevance(self, ctx):
         (R,) = ctx.R
@@ -150,10 +157,7 @@ class BiasAdd(AddTerms):
         if zb is None or zb.dtype != ctx.dtype:  # a lower-precision copy would not be exact
             return None
         b = self.bias_term(ctx, node)
-        meta = node.fn._input_metadata[0]
-        operands = [None, None]
-        operands[self.linear_index] = torch.ones([1] * len(meta.shape), dtype=ctx.dtype, device=meta.device)
-        scale = self.terms(node.fn, *operands)[self.linear_index]
+        scale = self.term_scale(node, self.linear_index, ctx.dtype)
         return zb - b if bool((scale == 1).all()) else zb / scale - b
 
     def bias_term(self, ctx, node) -> torch.Tensor | None:
@@ -162,21 +166,18 @@ class BiasAdd(AddTerms):
         i, j = self.linear_index, 1 - self.linear_index
         e = node.inputs[j]
         promises = ctx.run.promises
-        meta = node.fn._input_metadata[0]
-        ones = torch.ones([1] * len(meta.shape), dtype=ctx.dtype, device=meta.device)  # the output's rank
+        scale = self.term_scale(node, i, ctx.dtype)  # ones of the output's rank: the result broadcasts over it
         operands = [None, None]
-        operands[i] = ones
         if e is None:  # frozen: the layer's output less its linear term
             z = promises.available(node, 0)
             lin = node.inputs[i]
             if z is None or lin is None:
                 return None
-            scale = self.terms(node.fn, *operands)[i]
             operands[i] = promises.value(lin.child, lin.nr).to(ctx.dtype)
             return (z.to(ctx.dtype) - self.terms(node.fn, *operands)[i]) / scale
+        operands[i] = torch.ones_like(scale)  # some terms functions need every operand (addmm's)
         operands[j] = promises.value(e.child, e.nr).to(ctx.dtype)
-        terms = self.terms(node.fn, *operands)
-        return terms[j] / terms[i]
+        return self.terms(node.fn, *operands)[j] / scale
 
 
 class Add(AddTerms):
