@@ -153,3 +153,17 @@ def test_transformer_relevance_agrees_with_replay(arch, monkeypatch):
     rounding = (exact.tokens.double() - ref).abs().max()
     assert 0 < (fast.tokens.double() - exact.tokens.double()).abs().max() <= rounding
 
+
+
+def test_addmm_product_recovered_from_its_output():
+    """A fused ``addmm``'s bias addition: its matrix-product operand is the output less ``beta * bias`` (addmm's terms
+    need every operand, so the recovered one is passed as a placeholder)."""
+    torch.manual_seed(5)
+    lin = nn.Linear(4, 3).double()
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    y = lin(x)
+    graph = Graph.build([y.grad_fn])
+    add = graph.nodes[0]
+    assert add.kind == "AddBackward0" and graph.nodes[add.inputs[1].child].kind == "MmBackward0"
+    got = add.spec.operand_from_output(add, 1, y.detach(), [lin.bias.detach(), None])
+    assert torch.equal(got, y.detach() - lin.bias.detach())
