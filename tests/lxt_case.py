@@ -1,8 +1,11 @@
 """One LXT comparison case, run in its own process (LXT's monkey patches change transformers globally).
 
-Usage: ``python tests/lxt_case.py MODEL PRESET ATTN`` prints ``rel_diff seed_ours seed_lxt sum_ours sum_lxt``: the
-max-abs difference of the token relevance of dynamiclrp and of LXT 2.1 (input × gradient at the embeddings),
-relative to LXT's largest, for the same float64 model, input and target, the explained outputs and Σ relevance.
+Usage: ``python tests/lxt_case.py MODEL PRESET ATTN [FORM]`` prints ``rel_diff seed_ours seed_lxt sum_ours
+sum_lxt``: the max-abs difference of the token relevance of dynamiclrp and of LXT 2.1 (input × gradient at the
+embeddings), relative to LXT's largest, for the same float64 model, input and target, the explained outputs and
+Σ relevance.
+``FORM`` ``gradient`` makes dynamiclrp use the gradient form (``gradient_form=True, ledger=False``); default: the
+node-by-node relevance propagation (``gradient_form=False``).
 
 Besides the random tiny configs of ``MODELS``:
 
@@ -31,6 +34,9 @@ import dynamiclrp
 
 warnings.simplefilter("ignore")
 
+#: how dynamiclrp propagates: set from the command line (FORM)
+FORM = {"gradient_form": False}
+
 MODELS = {
     "llama": ("llama", T.LlamaForCausalLM, lambda: T.LlamaConfig(
         vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -56,7 +62,7 @@ def main(name: str, preset: str, attn: str) -> None:
     ours = cls._from_config(copy.deepcopy(cfg), attn_implementation=attn, dtype=torch.float64).eval()
     state = ours.state_dict()
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
-    att = dynamiclrp.explain(ours, {"input_ids": ids}, preset=preset, output=out)
+    att = dynamiclrp.explain(ours, {"input_ids": ids}, preset=preset, output=out, **FORM)
 
     from lxt.efficient import monkey_patch
 
@@ -100,7 +106,7 @@ def minilm(preset: str, attn: str) -> None:
         return head((o.last_hidden_state * m).sum(1) / m.sum(1))
 
     ours = T.BertModel.from_pretrained(path, attn_implementation=attn, dtype=torch.float64).eval()
-    att = dynamiclrp.explain(ours, dict(batch), target=target, preset=preset, output=out)
+    att = dynamiclrp.explain(ours, dict(batch), target=target, preset=preset, output=out, **FORM)
 
     from lxt.efficient import monkey_patch
 
@@ -159,4 +165,6 @@ def vit(preset: str, size: str) -> None:
 
 if __name__ == "__main__":
     name, preset, arg = sys.argv[1:4]
+    if sys.argv[4:] == ["gradient"]:
+        FORM = {"gradient_form": True, "ledger": False}
     {"minilm": minilm, "vit": vit}.get(name, lambda p, a: main(name, p, a))(preset, arg)

@@ -165,10 +165,14 @@ def test_targets_on_a_sequence_output():
 
 def test_ledger_off():
     m, x = mlp(), torch.randn(2, 5, dtype=D)
-    att, _ = run(m, x, 0, ledger=False, rules=EXACT)
+    att, _ = run(m, x, 0, ledger=False, rules=EXACT, gradient_form=False)
     on, _ = run(m, x, 0, rules=EXACT)
     assert att.ledger is None
-    assert torch.equal(att.inputs[0], on.inputs[0])
+    assert torch.equal(att.inputs[0], on.inputs[0])  # the ledger only observes
+    fast, _ = run(m, x, 0, ledger=False, rules=EXACT)  # these rules have a gradient form: used without a ledger
+    assert fast.stats.gradient_form and not on.stats.gradient_form
+    limit, _ = run(m, x, 0, rules={k: Epsilon(1e-30) for k in ("linear", "sum")})  # the form's ε → 0 limit
+    torch.testing.assert_close(fast.inputs[0], limit.inputs[0], rtol=1e-12, atol=1e-15)
     with pytest.raises(ValueError, match="ledger=True"):
         att.conservation()
     assert len(on.ledger) == on.stats.rules_run

@@ -25,8 +25,9 @@ transformers = pytest.importorskip("transformers")
 TF5 = int(transformers.__version__.split(".")[0]) >= 5
 pytestmark = [pytest.mark.compare, pytest.mark.skipif(TF5, reason="LXT 2.1 needs transformers < 5")]
 
-CASES = [(m, p, a) for m in ("llama", "qwen3", "gemma3", "gpt2") for p in ("attnlrp", "cp_lrp")
-         for a in ("eager", "sdpa")] + [("bert", "attnlrp", a) for a in ("eager", "sdpa")]
+CASES = [(m, p, a, f) for m in ("llama", "qwen3", "gemma3", "gpt2") for p in ("attnlrp", "cp_lrp")
+         for a in ("eager", "sdpa") for f in ("relevance", "gradient")] + [
+    ("bert", "attnlrp", a, f) for a in ("eager", "sdpa") for f in ("relevance", "gradient")]
 
 
 def run_case(*args: str) -> tuple[float, float, float, float, float]:
@@ -39,9 +40,10 @@ def run_case(*args: str) -> tuple[float, float, float, float, float]:
     return rel, seed_ours, seed_lxt, sum_ours, sum_lxt
 
 
-@pytest.mark.parametrize("model,preset,attn", CASES, ids=["-".join(c) for c in CASES])
-def test_matches_lxt(model, preset, attn):
-    rel, seed_ours, seed_lxt, _, _ = run_case(model, preset, attn)
+@pytest.mark.parametrize("model,preset,attn,form", CASES, ids=["-".join(c) for c in CASES])
+def test_matches_lxt(model, preset, attn, form):
+    """Both ways of propagating: node by node (relevance) and in one gradient pass (gradient form)."""
+    rel, seed_ours, seed_lxt, _, _ = run_case(model, preset, attn, form)
     assert seed_ours == pytest.approx(seed_lxt, rel=1e-12)  # the same prediction explained
     assert rel < 1e-5, rel
 

@@ -16,6 +16,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from .engine import Run
 from .errors import DynamicLRPError, MissingRuleError, NoGraphError, NonFiniteError, TrainModeWarning
+from .gradient_form import gradient_steps, propagate_gradient_form
 from .graph import Graph
 from .ops import Missing, saved
 from .plan import Plan
@@ -42,6 +43,7 @@ def propagate(
     keep_run: bool = False,
     plan: Plan | None = None,
     subtract_addends: bool = False,
+    gradient_form: bool | None = None,
 ) -> Attribution:
     """Propagate relevance from ``outputs`` to ``wrt`` over the outputs' existing autograd graph.
 
@@ -84,6 +86,15 @@ def propagate(
         of a matrix product per residual block. Not bitwise: :math:`|a' - a| \\le \\tfrac12\\mathrm{ulp}(s) +
         \\tfrac12\\mathrm{ulp}(a')`, float32/float64 sums only; each use is counted in
         ``Attribution.approximations``.
+    gradient_form : bool or None
+        Relevance as input times a modified gradient, in one pass of autograd's own engine with hooks on the few
+        nodes whose rule is not their gradient (:mod:`dynamiclrp.gradient_form`). It exists for rule sets whose
+        every rule on the way has that form: the ``attnlrp`` and ``cp_lrp`` presets (ε-rules at ε ≤ 1e-12, which
+        it takes to their ε → 0 limit). None (default): used where it exists and nothing asks for per-node
+        relevance (``ledger=False``, the relevance dtype that of the outputs), the results agreeing with the
+        node-by-node propagation to rounding; True: required (an error says why it cannot be used); False:
+        never. Hooks the model registered on activation gradients run in this pass: pass False for such a model.
+        ``Attribution.stats.gradient_form`` tells which was used.
 
     Returns
     -------
@@ -102,7 +113,7 @@ def propagate(
     wrt_list = [wrt] if isinstance(wrt, torch.Tensor) else list(wrt or [])
     att = _propagate(outs, target, wrt_list, get_preset(preset), seed=seed, rules=rules, strict=strict,
                      ledger=ledger, check_finite=check_finite, dtype=dtype, plan=plan,
-                     subtract_addends=subtract_addends)
+                     subtract_addends=subtract_addends, gradient_form=gradient_form)
     if not keep_run:
         del att.extra["run"]
     return att
@@ -148,7 +159,7 @@ def _gc_paused(fn):
 @_gc_paused
 def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, strict=True, ledger=True,
                check_finite=True, dtype=None, extra_record=None, node_rules_for=None, scopes=None,
-               train_mode=None, plan=None, subtract_addends=False):
+               train_mode=None, plan=None, subtract_addends=False, gradient_form=None):
     if rules:
         preset = preset.override(families=dict(rules))
     graph = Graph.build([o.grad_fn for o in outs], plan)
@@ -186,7 +197,9 @@ def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, stri
             if t is not None and t.grad_fn is not None and t.grad_fn in graph.head:
                 run.promises.values.setdefault((graph.head[t.grad_fn], t.output_nr), t.detach())
     with torch.no_grad(), plan.active() if plan is not None else contextlib.nullcontext():
-        run.propagate(seeds)
+        used_gradient_form = _gradient_form(run, outs, seeds, gradient_form)
+        if not used_gradient_form:
+            run.propagate(seeds)
     if run.approximations:
         warnings.warn(
             "dynamiclrp used documented approximations: "
@@ -196,12 +209,33 @@ def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, stri
         )
     ps = run.promises.stats
     stats = Stats(nodes=len(graph.nodes), ops=dict(kinds), rules_run=run.rules_run, promises=ps.promises,
-                  recovered=ps.recovered, internal_nodes=ps.internal_nodes, delta=ps.delta, origins=ps.origins)
+                  recovered=ps.recovered, internal_nodes=ps.internal_nodes, delta=ps.delta, origins=ps.origins,
+                  gradient_form=used_gradient_form)
     inputs = [_relevance_or_zeros(run, k, t, dtype) for k, t in zip(wrt_keys, wrt_list)]
     att = Attribution(inputs=inputs, outputs=seed_list, stats=stats, ledger=run.ledger,
                       approximations=dict(run.approximations))
     att.extra["run"] = run
     return att
+
+
+def _gradient_form(run: Run, outs: list[torch.Tensor], seeds: dict, wanted: bool | None) -> bool:
+    """Propagate by the gradient form where ``wanted`` allows it and the run's rules have it; whether it did."""
+    if wanted is False:
+        return False
+    reason = None
+    if run.ledger is not None:
+        reason = "the per-node ledger was asked for (ledger=True)"
+    elif any(o.dtype != run.dtype for o in outs):
+        reason = f"the relevance dtype ({run.dtype}) is not the outputs' ({outs[0].dtype})"
+    hooks = []
+    if reason is None:
+        hooks, reason = gradient_steps(run)
+    if reason is not None:
+        if wanted:
+            raise DynamicLRPError(f"gradient_form=True, but the gradient form cannot be used: {reason}")
+        return False
+    values = {(run.graph.head[o.grad_fn], o.output_nr): o.detach() for o in outs}
+    return propagate_gradient_form(run, {k: (s, values[k]) for k, s in seeds.items()}, hooks)
 
 
 #: what to do about node types that hide the graph of the ops they ran

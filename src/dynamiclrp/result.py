@@ -17,7 +17,8 @@ class Stats:
     ``promises``: operand activations a rule needed that its node had not saved -- one promise *branch* each, as
     the paper's table counts them (``branches`` is the same number); ``origins``: nodes that made promises;
     ``internal_nodes``: nodes whose output was replayed to keep a promise; ``delta`` (δ): the sum of the promises'
-    depths; ``rho`` (ρ): promises per node; ``recovered``: distinct activations recovered (each at most once).
+    depths; ``rho`` (ρ): promises per node; ``recovered``: distinct activations recovered (each at most once);
+    ``gradient_form``: whether the run used the gradient form (:mod:`dynamiclrp.gradient_form`).
     """
 
     nodes: int
@@ -28,6 +29,7 @@ class Stats:
     internal_nodes: int
     delta: int
     origins: int = 0
+    gradient_form: bool = False
 
     @property
     def branches(self) -> int:

@@ -41,6 +41,20 @@ from .plan import weight_derived
 Tensor = torch.Tensor
 LinearFn = Callable[[Tensor, Tensor], Tensor]
 
+# ----------------------------------------------------------------------------------------------------------
+# the gradient form (see dynamiclrp.gradient_form): what a rule does to the ratio g = R / x
+
+#: an ε at or below this only guards 0/0: the rule is its ε → 0 limit, which carries relevance as input × gradient
+GRADIENT_EPS = 1e-12
+#: the op's own backward, unchanged, carries the ratio
+PLAIN = "plain"
+#: relevance passes unchanged (``R_x = R_y``): the ratio is multiplied by ``y / x``
+IDENTITY = "identity"
+#: the op's gradient with its normalisation statistics held constant
+LINEARISED = "linearised"
+#: nothing passes
+BLOCKED = "blocked"
+
 
 def stabilize(z: Tensor, eps: float) -> Tensor:
     r"""Return :math:`z + \varepsilon\,\mathrm{sign}(z)` with :math:`\mathrm{sign}(0) = 1` (a fresh tensor)."""
@@ -273,6 +287,12 @@ class Epsilon:
     product_takes_z = True  # product(..., z=) takes the op's output when a saved copy holds it
     uses_z = True  # the op's output is the denominator: callers pass it when they have it
 
+    def gradient_form(self, family: str):
+        """ε → 0: the op's own gradient (both factors of a product whole)."""
+        if self.eps > GRADIENT_EPS:
+            return None
+        return (1.0, 1.0) if family in ("product", "attention") else PLAIN
+
     def linear(self, x: Tensor, w: Tensor, R: Tensor, fn: LinearFn, z: Tensor | None = None,
                b: Tensor | None = None) -> Tensor:
         """Relevance of ``x``: :math:`z = xw + b` in the denominator."""
@@ -455,6 +475,9 @@ class BiasInDenominator:
     op's output and the bias by the ``sum`` rule, as the DynamicLRP paper does.
     """
 
+    def gradient_form(self, family: str):
+        return PLAIN
+
 
 # ----------------------------------------------------------------------------------------------------------
 # rules for sums and products of activations
@@ -503,6 +526,10 @@ class Uniform:
     eps: float = 1e-6
     product_takes_z = True  # product(..., z=) takes the op's output when a saved copy holds it
 
+    def gradient_form(self, family: str):
+        """Half the gradient to each factor of a product (an equal split of a sum has no gradient form)."""
+        return (0.5, 0.5) if family in ("product", "attention") and self.eps <= GRADIENT_EPS else None
+
     def product(self, a, b, R, fn, z=None):
         if _elementwise(fn):
             half = R / 2
@@ -527,6 +554,10 @@ class Constant:
     eps: float = 1e-6
     product_takes_z = True  # product(..., z=) takes the op's output when a saved copy holds it
     constant_operands = (0,)  # the engine then visits nothing below the first factor (its relevance is zero)
+
+    def gradient_form(self, family: str):
+        """No gradient to the first factor, the whole gradient to the second."""
+        return (None, 1.0) if family in ("product", "attention") and self.eps <= GRADIENT_EPS else None
 
     def product(self, a, b, R, fn, z=None):
         if _elementwise(fn):
@@ -565,6 +596,11 @@ class AttnLRPSoftmax:
     part is absorbed (recorded in the ledger). Masked logits (:math:`x_i = -\infty`) get 0.
     """
 
+    def gradient_form(self, family: str):
+        r"""With :math:`R = s \odot g`: :math:`R_x = x \odot s \odot (g - \sum_j s_j g_j)`, the input times
+        softmax's own gradient."""
+        return PLAIN
+
     def softmax(self, x, s, R, dim):
         t = s * R.sum(dim, keepdim=True)
         r = (torch.sub(R, t, out=t) if t.shape == R.shape and not torch.is_grad_enabled() else R - t).mul_(x)
@@ -578,6 +614,9 @@ class Pass:
     """Identity: relevance passes unchanged to the (first) operand; for softmax and normalisation layers."""
 
     needs_input = False
+
+    def gradient_form(self, family: str):
+        return IDENTITY
 
     def softmax(self, x, s, R, dim):
         return R
@@ -600,6 +639,9 @@ class LinearisedNorm:
     eps: float = 1e-12
     linearises = True
     needs_input = True
+
+    def gradient_form(self, family: str):
+        return LINEARISED if self.eps <= GRADIENT_EPS else None
 
     def linearised(self, x, R, fn, y):
         (g,) = vjp(fn, [x], over_stabilized(R, y, self.eps))
@@ -628,6 +670,9 @@ class Block:
 
     needs_input = False
     constant_operands = (0,)  # the engine then visits nothing below (the logits' relevance is zero)
+
+    def gradient_form(self, family: str):
+        return BLOCKED
 
     def softmax(self, x, s, R, dim):
         return torch.zeros_like(R)

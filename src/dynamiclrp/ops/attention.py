@@ -15,7 +15,8 @@ import math
 import torch
 
 from ..errors import ActivationUnavailableError, DynamicLRPError
-from .base import NEXT, PART, OpSpec, held_constant, saved, through_views
+from ..rules import BLOCKED, PLAIN
+from .base import NEXT, PART, OpSpec, held_constant, rule_form, saved, scaled_gradient, through_views
 from .elementwise import AddTerms
 
 
@@ -65,6 +66,12 @@ class Softmax(OpSpec):
         if attended is not None:  # masked logits get no relevance, as with a -inf mask, whatever the fill value
             r = r.mul_(attended) if r is not R and r.shape == attended.shape else r * attended
         return [r]
+
+    def gradient_step(self, ctx):
+        """AttnLRP's rule is softmax's own gradient (masked logits, whatever their fill value, get a gradient of
+        0 or of the order of their probability); a blocked softmax passes nothing."""
+        form = rule_form(ctx.rule("softmax"), "softmax")
+        return PLAIN if form is PLAIN else scaled_gradient((None,)) if form is BLOCKED else None
 
 
 def _masked_logits(ctx) -> bool:
@@ -236,6 +243,24 @@ class ScaledDotProductAttention(OpSpec):
 
     def n_outputs(self, node):
         return len(node.fn._input_metadata)
+
+    def gradient_step_fused(self, ctx, parts):
+        """The fused backward's query, key and value gradients scaled by the parts' rules: the values product's
+        factors (weights, values), softmax's own gradient (or none, blocked), the mask's ε → 0 sum, and the scores
+        product's factors (query, key)."""
+        from ..engine import Context  # noqa: PLC0415 - the engine imports this module
+
+        at = {type(p.spec): Context(ctx.run, p, []) for p in parts}
+        weights, values = rule_form(at[_Values].rule("attention"), "attention") or (0, 0)
+        q, k = rule_form(at[_Scores].rule("product"), "product") or (0, 0)
+        softmax = rule_form(at[_Probs].rule("softmax"), "softmax")
+        if 0 in (weights, values, q, k) or softmax not in (PLAIN, BLOCKED):
+            return None
+        if _Mask in at and rule_form(at[_Mask].rule("sum"), "sum") is not PLAIN:
+            return None
+        through = None if softmax is BLOCKED or weights is None else weights
+        return scaled_gradient((None if through is None or q is None else through * q,
+                                None if through is None or k is None else through * k, values))
 
 
 SDPA_KINDS = (

@@ -16,11 +16,13 @@ torch release that renames one fails loudly in one place.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import GraphFreedError, TorchInternalsError
+from ..rules import BLOCKED, IDENTITY, PLAIN
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import Context
@@ -158,6 +160,21 @@ class OpSpec:
         """Relevance for each operand, given ``ctx.R`` (relevance per output slot)."""
         raise NotImplementedError
 
+    def gradient_step(self, ctx: Context) -> Any:
+        """This node's rule in the gradient form (:mod:`dynamiclrp.gradient_form`): ``PLAIN`` when the node's own
+        backward carries the ratio :math:`g = R / x` exactly, a hook ``hook(grad_inputs, grad_outputs) ->
+        grad_inputs`` that turns the backward's result into the rule's, or None when the rule has no such form
+        (the run then propagates relevance)."""
+        return None
+
+    def gradient_step_fused(self, ctx: Context, parts: list[Node]) -> Any:
+        """The gradient step of a node split into ``parts`` (``ctx`` is at the head part): the node's backward
+        when every part's is plain, else None. A fused op whose parts scale its gradient overrides this."""
+        from ..engine import Context  # noqa: PLC0415 - the engine imports this module
+
+        steps = [p.spec.gradient_step(Context(ctx.run, p, [])) for p in parts]
+        return PLAIN if all(s is PLAIN for s in steps) else None
+
 
 def held_constant(rule: Any, rel) -> list:
     """``rel`` (a rule's relevance per operand) with None for the operands the rule holds constant
@@ -168,6 +185,75 @@ def held_constant(rule: Any, rel) -> list:
     for i in getattr(rule, "constant_operands", ()):
         rel[i] = None
     return rel
+
+
+def rule_form(rule: Any, family: str) -> Any:
+    """The rule's gradient form for ``family`` (``rule.gradient_form``), or None for a rule without one."""
+    form = getattr(rule, "gradient_form", None)
+    return None if form is None else form(family)
+
+
+class PreHook:
+    """A gradient step that acts on the gradient arriving at the node (``hook(grad_outputs) -> grad_outputs``),
+    before its backward runs; a plain function is a step on the backward's result instead."""
+
+    __slots__ = ("hook",)
+
+    def __init__(self, hook: Any):
+        self.hook = hook
+
+
+def scaled_gradient(factors: tuple) -> Any:
+    """Gradient step: operand ``i``'s gradient times ``factors[i]`` (None: no gradient; past the end: as is).
+    One factor for every operand (AttnLRP's halves) scales the node's incoming gradient instead: one pass over the
+    output rather than one per operand."""
+    if len(set(factors)) == 1 and factors[0] is not None:
+        f = factors[0]
+        return PreHook(lambda grad_outputs: tuple(None if g is None else g * f for g in grad_outputs))
+
+    def hook(grad_inputs, grad_outputs):
+        return tuple(g if g is None or i >= len(factors) else None if factors[i] is None
+                     else g if factors[i] == 1.0 else g * factors[i] for i, g in enumerate(grad_inputs))
+    return hook
+
+
+def gradient_of_rule_form(form: Any, ctx: Context) -> Any:
+    """The gradient step of a single-operand op whose rule has the gradient form ``form`` (``PLAIN``,
+    ``IDENTITY``, ``BLOCKED``), or None."""
+    if form is PLAIN:
+        return PLAIN
+    if form is BLOCKED:
+        return scaled_gradient((None,))
+    if form is IDENTITY:
+        return identity_gradient(ctx)
+    return None
+
+
+def ratio(r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``r / x`` (a fresh tensor): the ratio that carries relevance ``r`` at a value ``x``. Where ``x = 0`` and
+    ``r = 0`` it is 0 (the relevance ``x g`` is 0 whatever ``g``); where ``x = 0`` but ``r ≠ 0`` no ratio carries
+    ``r`` and it is ±inf, which makes the relevance below non-finite: the run's check then falls back to the
+    node-by-node propagation instead of losing ``r``."""
+    return torch.div(r, x).nan_to_num_(0.0, posinf=math.inf, neginf=-math.inf)
+
+
+def identity_gradient(ctx: Context, quotient: Any = None) -> Any:
+    r"""Gradient step of the identity rule :math:`R_x = R_y`: :math:`g_x = R_x / x = g_y\,y / x`, with
+    ``quotient(fn, x)`` giving :math:`y / x` as a fresh tensor (its limit at 0 included), else by :func:`ratio`.
+    The other operands get nothing."""
+    def hook(grad_inputs, grad_outputs):
+        g = grad_outputs[0]
+        if g is None or grad_inputs[0] is None:
+            return grad_inputs
+        if quotient is not None:
+            r = quotient(ctx.node.fn, ctx.input(0)).mul_(g)
+        else:
+            y = ctx.node.spec.output(ctx.node, 0)  # from what the node saved: not kept by the promises
+            r = ratio(g * (ctx.output(0) if y is None else y.to(g.dtype)), ctx.input(0))
+        if r.shape != grad_inputs[0].shape:
+            r = r.sum_to_size(grad_inputs[0].shape)
+        return (r,) + (None,) * (len(grad_inputs) - 1)
+    return hook
 
 
 def route(ctx: Context) -> list[torch.Tensor | None]:
@@ -213,12 +299,20 @@ class Routing(OpSpec):
     def relevance(self, ctx):
         return route(ctx)
 
+    def gradient_step(self, ctx):
+        return PLAIN  # the relevance already is the node's backward
+
 
 class Identity(OpSpec):
-    """Element-wise ops that pass relevance unchanged to their single operand (Neg, Clone, activations, ...)."""
+    r"""Element-wise ops that pass relevance unchanged to their single operand (Neg, Clone, activations, ...).
 
-    def __init__(self, replay=None, out=None, saved_in=None, fallback=False):
+    ``homogeneous``: the op is :math:`y = c(x)\,x` with :math:`c` constant where it is differentiable (ReLU,
+    scaling, negation, casts): then :math:`y / x` is its gradient, and the gradient form needs no hook."""
+
+    def __init__(self, replay=None, out=None, saved_in=None, fallback=False, homogeneous=False, quotient=None):
         self.replay, self.out, self.saved_in, self.fallback = replay, out, saved_in, fallback
+        self.homogeneous = homogeneous
+        self.quotient = quotient  # quotient(fn, x) = y / x in closed form (GELU: Φ(x)), for the gradient form
 
     def saved_input(self, node, i):
         return self.saved_in(node.fn) if self.saved_in is not None and i == 0 else None
@@ -237,3 +331,8 @@ class Identity(OpSpec):
     def relevance(self, ctx):
         (R,) = ctx.R
         return [R] + [None] * (len(ctx.node.inputs) - 1)
+
+    def gradient_step(self, ctx):
+        if self.fallback:
+            return None
+        return PLAIN if self.homogeneous and len(ctx.node.inputs) == 1 else identity_gradient(ctx, self.quotient)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ActivationUnavailableError
-from ..rules import BiasInDenominator, add_terms
-from .base import NEXT, PART, Identity, OpSpec, held_constant, saved
+from ..rules import IDENTITY, LINEARISED, PLAIN, BiasInDenominator, add_terms
+from .base import NEXT, PART, Identity, OpSpec, held_constant, rule_form, saved, scaled_gradient
 
 
 class AddTerms(OpSpec):
@@ -92,6 +92,12 @@ class AddTerms(OpSpec):
         # (booked as given to parameters/constants), delivered nowhere
         return [r.sum_to_size(t.shape).reshape(v.shape) if v is not None else r
                 for r, t, v in zip(rel, terms, values)]
+
+    def gradient_step(self, ctx):
+        """ε → 0 on a sum: :math:`R_k = t_k \\odot J_k^\\top (R / z)`, the terms times the gradient (a constant
+        term, recorded or not, keeps its share without anyone computing it)."""
+        plain = rule_form(ctx.rule(self.family), "sum") is PLAIN and rule_form(ctx.rule("sum"), "sum") is PLAIN
+        return PLAIN if plain else None
 
 
 class BiasAdd(AddTerms):
@@ -281,9 +287,38 @@ class Product(OpSpec):
                 break
         return out
 
+    def gradient_step(self, ctx):
+        """``a * f(a)`` (a norm or an activation by hand): ``a`` gets the whole gradient with ``f(a)`` held
+        constant, ``f(a)`` none. A product of two activations: the rule's factors on the two gradients (a quotient
+        of two activations has none). One constant factor: the op is linear, its own gradient."""
+        data = ctx.is_data(0), ctx.is_data(1)
+        if not (data[0] and data[1]):
+            keep = next((i for i in (0, 1) if data[i] or (not data[1 - i] and ctx.wants(i))), None)
+            if not any(ctx.wants(i) for i in (0, 1) if i != keep):
+                return PLAIN  # autograd computes no gradient for the other factor
+            return scaled_gradient(tuple(1.0 if i == keep else None for i in (0, 1)))
+        for i in (1, 0):
+            kind = derived_factor(ctx, i, 1 - i)
+            if kind is not None:
+                if kind == "norm" and rule_form(ctx.rule("norm"), "norm") not in (LINEARISED, IDENTITY):
+                    return None  # the norm rule passes R on to a (R_a = R_y) for these two only
+                if self.divide and i == 0:  # f(a) / a: not a's gradient with f(a) fixed
+                    return None
+                return scaled_gradient(tuple(None if k == i else 1.0 for k in (0, 1)))
+        factors = rule_form(ctx.rule("product"), "product")
+        if factors is None or self.divide:
+            return None
+        return scaled_gradient(factors)
 
-def _unary(replay=None, out=None, saved_in=None):
-    return Identity(replay=replay, out=out, saved_in=saved_in)
+
+def _unary(replay=None, out=None, saved_in=None, homogeneous=False, quotient=None):
+    return Identity(replay=replay, out=out, saved_in=saved_in, homogeneous=homogeneous, quotient=quotient)
+
+
+def _gelu_quotient(fn, x):
+    """``gelu(x) / x`` (the normal CDF Φ(x), or its tanh approximation), 1/2 at 0: a recomputed GELU divided by
+    ``x`` costs a third of an ``erf``."""
+    return F.gelu(x, approximate=saved(fn, "approximate")).div_(x).nan_to_num_(0.5)
 
 
 class Addcmul(OpSpec):
@@ -349,7 +384,7 @@ def _elementwise_step(node) -> bool:
 
 
 def _cast(replay, invert=None):
-    spec = Identity(replay=replay)
+    spec = Identity(replay=replay, homogeneous=True)
     spec.transparent = True
     spec.invert = invert
     return spec
@@ -383,16 +418,18 @@ ELEMENTWISE_OPS = {
     "AddBackward1": _unary(),
     "SubBackward1": _unary(),
     "RsubBackward1": _unary(),
-    "MulBackward1": _unary(lambda fn, x: x * saved(fn, "other")),
-    "DivBackward1": _unary(lambda fn, x: x / saved(fn, "other")),
-    "NativeDropoutBackward0": _unary(lambda fn, x: x * saved(fn, "result1") / (1.0 - saved(fn, "p"))),
-    "NegBackward0": _unary(lambda fn, x: -x),
+    "MulBackward1": _unary(lambda fn, x: x * saved(fn, "other"), homogeneous=True),
+    "DivBackward1": _unary(lambda fn, x: x / saved(fn, "other"), homogeneous=True),
+    "NativeDropoutBackward0": _unary(lambda fn, x: x * saved(fn, "result1") / (1.0 - saved(fn, "p")),
+                                     homogeneous=True),
+    "NegBackward0": _unary(lambda fn, x: -x, homogeneous=True),
     "CloneBackward0": _cast(lambda fn, x: x.clone(), invert=_same),
     "AliasBackward0": _cast(lambda fn, x: x, invert=_same),
     "ToCopyBackward0": _cast(lambda fn, x: x.to(fn._input_metadata[0].dtype)),
-    "ReluBackward0": _unary(lambda fn, x: x.relu(), out=_result),
-    "GeluBackward0": _unary(lambda fn, x: F.gelu(x, approximate=saved(fn, "approximate")), saved_in=_self),
-    "SiluBackward0": _unary(lambda fn, x: F.silu(x), saved_in=_self),
+    "ReluBackward0": _unary(lambda fn, x: x.relu(), out=_result, homogeneous=True),
+    "GeluBackward0": _unary(lambda fn, x: F.gelu(x, approximate=saved(fn, "approximate")), saved_in=_self,
+                            quotient=_gelu_quotient),
+    "SiluBackward0": _unary(lambda fn, x: F.silu(x), saved_in=_self, quotient=lambda fn, x: x.sigmoid()),
     "TanhBackward0": _unary(lambda fn, x: x.tanh(), out=_result),
     "SigmoidBackward0": _unary(lambda fn, x: x.sigmoid(), out=_result),
     "ExpBackward0": _unary(lambda fn, x: x.exp(), out=_result),
@@ -402,12 +439,13 @@ ELEMENTWISE_OPS = {
     "PowBackward0": _unary(lambda fn, x: x.pow(saved(fn, "exponent")), saved_in=_self),
     "HardtanhBackward0": _unary(lambda fn, x: x.clamp(saved(fn, "min_val"), saved(fn, "max_val")),
                                 saved_in=_self),
-    "LeakyReluBackward0": _unary(lambda fn, x: F.leaky_relu(x, saved(fn, "negative_slope")), saved_in=_self),
+    "LeakyReluBackward0": _unary(lambda fn, x: F.leaky_relu(x, saved(fn, "negative_slope")), saved_in=_self,
+                                 homogeneous=True),
     "EluBackward0": _unary(None, out=lambda fn: None),
     "SoftplusBackward0": _unary(lambda fn, x: F.softplus(x, saved(fn, "beta"), saved(fn, "threshold")),
                                 saved_in=_self),
     "ErfBackward0": _unary(lambda fn, x: torch.erf(x), saved_in=_self),
-    "AbsBackward0": _unary(lambda fn, x: x.abs(), saved_in=_self),
+    "AbsBackward0": _unary(lambda fn, x: x.abs(), saved_in=_self, homogeneous=True),
     "ClampMinBackward0": _unary(lambda fn, x: x.clamp(min=saved(fn, "min")), saved_in=_self),
     "ClampBackward1": _unary(lambda fn, x: x.clamp(saved(fn, "min", None), saved(fn, "max", None)),
                              saved_in=_self),

@@ -13,8 +13,19 @@ import torch.nn.functional as F
 
 from ..errors import ActivationUnavailableError
 from ..plan import active_plan, caching_weights
-from ..rules import LinearMap, MergeBatchNorm
-from .base import NEXT, PART, OpSpec, held_constant, out_shape, saved, through_views, undo_views
+from ..rules import PLAIN, LinearMap, MergeBatchNorm
+from .base import (
+    NEXT,
+    PART,
+    OpSpec,
+    held_constant,
+    out_shape,
+    rule_form,
+    saved,
+    scaled_gradient,
+    through_views,
+    undo_views,
+)
 from .elementwise import _VIEWS, BiasAdd
 
 
@@ -260,6 +271,17 @@ class Product(OpSpec):
         if ctx.wants(w_i):  # parameter relevance: the same rule with the roles of input and weight swapped
             out[w_i] = rule.linear(w, x, R, self.linear_map(ctx.node, w_i), b=b)
         return out
+
+    def gradient_step(self, ctx):
+        """A product of two activations: the rule's factors on the two gradients. One operand a weight: the
+        ε → 0 rule is the op's own gradient, its bias (fused or not) in the denominator."""
+        data = ctx.is_data(0), ctx.is_data(1)
+        if data[0] and data[1]:
+            family = "attention" if _is_softmax_output(ctx, 0) else "product"
+            factors = rule_form(ctx.rule(family), family)
+            return None if factors is None else scaled_gradient(factors)
+        x_i = 0 if data[0] or not data[1] and ctx.wants(0) else 1
+        return PLAIN if rule_form(ctx.rule(self.family_at(ctx, x_i)), "linear") is PLAIN else None
 
     def _merged_weight(self, ctx, w, merged, x_i: int):
         """The weight with the batch norm after it merged in (kept by an active plan while neither the weight nor

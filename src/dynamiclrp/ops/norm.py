@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import torch
 
-from .base import OpSpec, saved
+from ..rules import IDENTITY, LINEARISED, vjp
+from .base import OpSpec, gradient_of_rule_form, rule_form, saved
 
 
 class Norm(OpSpec):
     family = "norm"
 
-    def __init__(self, normalise, linear=None):
+    def __init__(self, normalise, linear=None, linear_vjp=None):
         self.normalise, self.linear = normalise, linear  # linear: the map left when the statistics are fixed
+        self.linear_vjp = linear_vjp  # its transpose in closed form, ``linear_vjp(fn, w, g)`` (optional)
 
     def saved_input(self, node, i):
         return saved(node.fn, "input") if i == 0 else None
@@ -60,6 +62,28 @@ class Norm(OpSpec):
             return [rule.linearised(x, R, fn, ctx.output(0))] + rest
         return [rule.norm(R)] + rest
 
+    def gradient_step(self, ctx):
+        form = rule_form(ctx.rule("norm"), "norm")
+        if form is not LINEARISED:
+            return gradient_of_rule_form(form, ctx)
+        if self.linear is None:
+            return gradient_of_rule_form(IDENTITY, ctx)  # the rule passes R on where it cannot linearise
+        node, n = ctx.node, len(ctx.node.inputs)
+
+        def hook(grad_inputs, grad_outputs):
+            g = grad_outputs[0]
+            if g is None or grad_inputs[0] is None:
+                return grad_inputs
+            w = saved(node.fn, "weight", None)
+            w = None if w is None else w.to(g.dtype)
+            if self.linear_vjp is not None:
+                gx = self.linear_vjp(node.fn, w, g)
+            else:
+                (gx,) = vjp(self.linear(node.fn, w, g.dtype), [ctx.input(0)], g)
+            return (gx,) + (None,) * (n - 1)  # R_x = x ⊙ Jᵀ(R / y) = x ⊙ Jᵀ g for R = y ⊙ g
+
+        return hook
+
 
 def _scaled(t, rstd, w, view=None):
     t = t * rstd
@@ -73,6 +97,13 @@ def _layer_norm_linear(fn, w, dt):
     dims = tuple(range(-len(saved(fn, "normalized_shape")), 0))
     rstd = saved(fn, "result2").to(dt)
     return lambda t: _scaled(t - t.mean(dims, keepdim=True), rstd, w)
+
+
+def _layer_norm_linear_vjp(fn, w, g):
+    """The transpose of :func:`_layer_norm_linear`: ``rstd * (w g - mean(w g))`` over the normalised dimensions."""
+    dims = tuple(range(-len(saved(fn, "normalized_shape")), 0))
+    wg = g.clone() if w is None else g * w
+    return wg.sub_(wg.mean(dims, keepdim=True)).mul_(saved(fn, "result2").to(g.dtype))
 
 
 def _batch_norm_linear(fn, w, dt):
@@ -170,7 +201,7 @@ class WeightNorm(OpSpec):
 
 
 NORM_OPS = {
-    "NativeLayerNormBackward0": Norm(_layer_norm, _layer_norm_linear),
+    "NativeLayerNormBackward0": Norm(_layer_norm, _layer_norm_linear, _layer_norm_linear_vjp),
     "NativeBatchNormBackward0": Norm(_batch_norm, _batch_norm_linear),
     # batch norm on CUDA (cuDNN) and ROCm (MIOpen): the same layer, the same saved statistics
     "CudnnBatchNormBackward0": Norm(_batch_norm, _batch_norm_linear),

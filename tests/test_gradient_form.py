@@ -1,0 +1,197 @@
+"""The gradient form (:mod:`dynamiclrp.gradient_form`) against the node-by-node propagation, in float64.
+
+The gradient form computes the ε → 0 limit of the ε-rules (ε ≤ 1e-12). The node-by-node side runs with
+ε = 1e-30 on every ε-rule, so both compute the same limit and must agree to rounding and to the 1e-12 guard the
+gradient form keeps on its few divisions (the seed over the logit, the identity rule's y / x): 1e-9 of the largest
+relevance. A wrong factor (a missing half, a held-constant operand that still gets gradient) is off by O(1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dynamiclrp
+from dynamiclrp import rules as r
+from dynamiclrp.errors import DynamicLRPError
+
+D = torch.float64
+TOL = 1e-9
+
+LIMIT = {"linear": r.Epsilon(1e-30), "sum": r.Epsilon(1e-30), "norm": r.LinearisedNorm(1e-30)}
+LIMIT_PRESET = {"attnlrp": {**LIMIT, "product": r.Uniform(1e-30)},
+                "cp_lrp": {**LIMIT, "product": r.Constant(1e-30), "attention": r.Constant(1e-30)}}
+
+
+class Mixer(nn.Module):
+    """One of each op the gradient form hooks or passes: linear layers with and without bias, layer norm,
+    attention by hand (scaled scores, an untracked causal mask, softmax, the product with the values), a residual
+    stream, RMSNorm by hand (``x * rsqrt(mean(x²) + ε) * w``), SwiGLU (a product of two activations), GELU (erf
+    and tanh), tanh, sigmoid, mean pooling, slicing, cat, scaling by constants."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.ln = nn.LayerNorm(d)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d, bias=False)
+        self.rms = nn.Parameter(torch.rand(d) + 0.5)
+        self.gate, self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.ff = nn.Linear(d, d)
+        self.head = nn.Linear(3 * d, 3)
+
+    def forward(self, x):
+        t = x.shape[1]
+        h = self.inp(x)
+        a = self.ln(h)
+        s = self.q(a) @ self.k(a).transpose(-1, -2) / math.sqrt(a.shape[-1])
+        mask = torch.triu(torch.full((t, t), -1e9, dtype=x.dtype), 1)
+        h = h + torch.softmax(s + mask, -1) @ self.v(a)
+        n = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.rms
+        h = h + self.down(F.gelu(F.silu(self.gate(n)) * self.up(n), approximate="tanh"))
+        h = h + F.gelu(self.ff(h))
+        feats = torch.cat([h.mean(1), torch.tanh(h[:, 0]) * 2.0, torch.sigmoid(h[:, -1])], -1)
+        return self.head(feats) / 2.0
+
+
+def mixer():
+    torch.manual_seed(0)
+    return Mixer().to(D).eval(), torch.randn(2, 5, 8, dtype=D)
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("preset", ["attnlrp", "cp_lrp"])
+def test_matches_node_by_node_on_every_op(preset):
+    model, x = mixer()
+    mods = ["ln", "v", "down", "ff"]
+    ref = dynamiclrp.explain(model, x, preset=preset, modules=mods, ledger=False, gradient_form=False,
+                             rules=LIMIT_PRESET[preset])
+    got = dynamiclrp.explain(model, x, preset=preset, modules=mods, ledger=False, gradient_form=True)
+    assert got.stats.gradient_form and not ref.stats.gradient_form
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < TOL
+    for m in mods:
+        assert rel_diff(got.modules[m], ref.modules[m]) < TOL, m
+    assert float(got.inputs[0].abs().sum()) > 0
+
+
+def test_default_presets_agree_to_their_epsilon():
+    """With the presets' own ε = 1e-12 on the node-by-node side: the difference is ε's, far below float32."""
+    model, x = mixer()
+    for preset in ("attnlrp", "cp_lrp"):
+        ref = dynamiclrp.explain(model, x, preset=preset, ledger=False, gradient_form=False)
+        got = dynamiclrp.explain(model, x, preset=preset, ledger=False)
+        assert got.stats.gradient_form
+        assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-7
+
+
+def test_cp_lrp_gives_held_constant_operands_nothing():
+    """CP-LRP holds the attention weights and the gate constant: the query/key and gate layers get nothing."""
+    model, x = mixer()
+    att = dynamiclrp.explain(model, x, preset="cp_lrp", modules=["q", "k", "gate", "up"], ledger=False)
+    assert att.stats.gradient_form
+    for m in ("q", "k", "gate"):
+        assert float(att.modules[m].abs().max()) == 0.0, m
+    assert float(att.modules["up"].abs().max()) > 0
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny(name: str, attn: str):
+    torch.manual_seed(0)
+    if name == "bert":
+        cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64)
+        model = transformers.BertForSequenceClassification._from_config(cfg, attn_implementation=attn)
+        return model.to(D).eval(), lambda o: o.logits
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    model = transformers.GPT2LMHeadModel._from_config(cfg, attn_implementation=attn)
+    return model.to(D).eval(), lambda o: o.logits[:, -1]
+
+
+@pytest.mark.parametrize("name,attn,preset", [(n, a, p) for n in ("bert", "gpt2") for a in ("eager", "sdpa")
+                                              for p in ("attnlrp", "cp_lrp")])
+def test_matches_node_by_node_on_transformers(name, attn, preset):
+    """Fused SDPA attention included: its query, key and value gradients scaled by the parts' rules."""
+    model, out = tiny(name, attn)
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids}
+    if name == "bert":  # padding: the attention mask reaches the softmax (by hand) or SDPA (fused)
+        inputs["attention_mask"] = torch.ones_like(ids)
+        inputs["attention_mask"][1, :3] = 0
+    ref = dynamiclrp.explain(model, inputs, preset=preset, output=out, ledger=False, gradient_form=False,
+                             rules=LIMIT_PRESET[preset])
+    got = dynamiclrp.explain(model, inputs, preset=preset, output=out, ledger=False)
+    assert got.stats.gradient_form
+    for k in ref.embeddings:
+        assert rel_diff(got.embeddings[k], ref.embeddings[k]) < TOL, k
+
+
+# ---------------------------------------------------------------------------------------------- when it is not used
+class Conv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c(x)).flatten(1))
+
+
+def test_rules_without_a_gradient_form_propagate_node_by_node():
+    torch.manual_seed(0)
+    model, x = Conv().to(D).eval(), torch.randn(2, 3, 8, 8, dtype=D)
+    att = dynamiclrp.explain(model, x, preset="epsilon_plus", ledger=False)
+    assert not att.stats.gradient_form  # z⁺ needs w⁺: not the gradient of the layer
+    with pytest.raises(DynamicLRPError, match=r"\(node #\d+\) has no gradient form"):
+        dynamiclrp.explain(model, x, preset="epsilon_plus", ledger=False, gradient_form=True)
+    with pytest.raises(DynamicLRPError, match="no gradient form"):  # ε = 1e-6 is not its ε → 0 limit
+        dynamiclrp.explain(model, x, preset="epsilon", ledger=False, gradient_form=True)
+    att = dynamiclrp.explain(model, x, preset="attnlrp", ledger=False)
+    assert att.stats.gradient_form
+
+
+def test_ledger_and_dtype_keep_the_node_by_node_propagation():
+    model, x = mixer()
+    assert not dynamiclrp.explain(model, x, preset="attnlrp").stats.gradient_form  # ledger=True by default
+    with pytest.raises(DynamicLRPError, match="ledger"):
+        dynamiclrp.explain(model, x, preset="attnlrp", gradient_form=True)
+    half = Mixer().to(torch.bfloat16).eval()
+    att = dynamiclrp.explain(half, x.to(torch.bfloat16), preset="attnlrp", ledger=False)
+    assert not att.stats.gradient_form and att.inputs[0].dtype == torch.float32  # float32 relevance
+    with pytest.raises(DynamicLRPError, match="dtype"):
+        dynamiclrp.explain(half, x.to(torch.bfloat16), preset="attnlrp", ledger=False, gradient_form=True)
+
+
+def test_graph_serves_backward_afterwards_without_the_hooks():
+    model, x = mixer()
+    x = x.requires_grad_()
+    y = model(x)
+    first = dynamiclrp.propagate(y, target=0, wrt=[x], preset="attnlrp", ledger=False)
+    again = dynamiclrp.propagate(y, target=0, wrt=[x], preset="attnlrp", ledger=False)
+    assert first.stats.gradient_form and torch.equal(first.inputs[0], again.inputs[0])
+    y[:, 0].sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    model.zero_grad()
+    model(x2)[:, 0].sum().backward()
+    assert torch.equal(x.grad, x2.grad)  # a hook left on a node would have changed the gradient
+
+
+def test_non_finite_relevance_falls_back_to_the_node_by_node_answer():
+    """An infinite input that the model saturates (sigmoid(inf) = 1): input × gradient is inf × 0 there, while the
+    identity rule passes the finite relevance on. With the check the run falls back; without it, NaN shows."""
+    lin = nn.Linear(3, 2).to(D)
+    x = torch.tensor([[0.5, float("inf"), -1.0]], dtype=D, requires_grad=True)
+    y = lin(torch.sigmoid(x))
+    att = dynamiclrp.propagate(y, target=0, wrt=[x], preset="attnlrp", ledger=False)
+    ref = dynamiclrp.propagate(y, target=0, wrt=[x], preset="attnlrp", ledger=False, gradient_form=False)
+    assert not att.stats.gradient_form and torch.isfinite(att.inputs[0]).all()
+    assert torch.equal(att.inputs[0], ref.inputs[0])
+    raw = dynamiclrp.propagate(y, target=0, wrt=[x], preset="attnlrp", ledger=False, check_finite=False)
+    assert raw.stats.gradient_form and torch.isnan(raw.inputs[0][0, 1])
