@@ -41,7 +41,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import ActivationUnavailableError
-from .base import OpSpec, Routing, out_shape, route, saved
+from ..rules import PLAIN
+from .base import OpSpec, Routing, out_shape, route, rule_form, saved
 
 
 def _zeros(node, like: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -109,6 +110,10 @@ class Accumulate(OpSpec):
         rb, rs = ctx.rule("sum").sum(terms, R, self.combine(ctx.node.fn))
         return [rb, rs] + [None] * (len(ctx.node.inputs) - 2)
 
+    def gradient_step(self, ctx):
+        """ε → 0 on the sum: base and source times the gradient (an untracked base keeps its share unseen)."""
+        return PLAIN if rule_form(ctx.rule("sum"), "sum") is PLAIN else None
+
 
 class IndexPut(OpSpec):
     """``base.index_put(indices, values, accumulate)``: a sum of copies when accumulating, else a copy (routing)."""
@@ -132,6 +137,9 @@ class IndexPut(OpSpec):
         if saved(ctx.node.fn, "accumulate"):
             return self._sum.relevance(ctx)
         return route(ctx)
+
+    def gradient_step(self, ctx):
+        return self._sum.gradient_step(ctx) if saved(ctx.node.fn, "accumulate") else PLAIN
 
 
 def _indices(fn):
