@@ -4,7 +4,12 @@ Phases: the model's forward (with the graph recorded), reading the graph (``Grap
 relevance pass, split into the rules' own work per op family and the Promise System's replays. Timed by wrapping
 the entry points with ``time.perf_counter`` (CPU, synchronous), medians over ``--reps`` runs.
 
-Run: ``python benchmarks/phases.py [--models vgg16 resnet50 bert] [--preset epsilon] [--out results/phases.md]``
+Where the preset has a gradient form (``attnlrp``, ``cp_lrp``; :mod:`dynamiclrp.gradient_form`) the relevance pass
+is one autograd call instead: its total, the hooks' own time per node kind, and the planning of the hooks
+(``steps``); ``--gradient-form off`` times the node-by-node pass for the same preset.
+
+Run: ``python benchmarks/phases.py [--models vgg16 resnet50 bert] [--preset epsilon] [--gradient-form auto|off]
+[--out results/phases.md]``
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch  # noqa: E402
 
 import dynamiclrp  # noqa: E402
 from dynamiclrp import api, engine, graph, promise  # noqa: E402
+from dynamiclrp.ops.base import PreHook  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -109,6 +115,30 @@ class Timers:
                     del spec.relevance  # back to the class's method
 
         engine.Run.propagate = propagate
+        wrap(api, "gradient_steps", "gradient form: steps")
+        orig_grad = api.propagate_gradient_form
+        saved.append((api, "propagate_gradient_form", orig_grad))
+
+        def timed_hook(h, key):
+            def hook(*a):
+                t0 = time.perf_counter()
+                try:
+                    return h(*a)
+                finally:
+                    timers.t[key] += time.perf_counter() - t0
+            return hook
+
+        def gradient_pass(run, seeds, hooks):
+            # each hook timed under its node's kind; the rest of the pass is autograd's own backward
+            hooks = [(fn, PreHook(timed_hook(h.hook, f"hooks: {type(fn).__name__}")) if isinstance(h, PreHook)
+                      else timed_hook(h, f"hooks: {type(fn).__name__}")) for fn, h in hooks]
+            t0 = time.perf_counter()
+            try:
+                return orig_grad(run, seeds, hooks)
+            finally:
+                timers.t["gradient form: pass (total)"] += time.perf_counter() - t0
+
+        api.propagate_gradient_form = gradient_pass
         try:
             yield
         finally:
@@ -122,28 +152,33 @@ def main() -> None:
     ap.add_argument("--preset", default="epsilon")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default="results/phases.md")
+    ap.add_argument("--gradient-form", choices=["auto", "off"], default="auto",
+                    help="off: gradient_form=False (node by node even where the preset has a gradient form)")
     args = ap.parse_args()
+    kw = {"gradient_form": False} if args.gradient_form == "off" else {}
     lines = [f"# Where the time goes (benchmarks/phases.py, preset `{args.preset}`)", "",
              f"torch {torch.__version__}, CPU, 1 thread, medians of {args.reps} runs after a warm-up; seconds and "
              "share of the whole explanation. `rules: <family>` is the rules' own time (replays they triggered "
              "are under `promise replays`); `other` is the engine loop, seeding and bookkeeping.", ""]
     for name, model, x in models(args.models):
-        dynamiclrp.explain(model, x, preset=args.preset, ledger=False, check_finite=False)  # warm-up
+        dynamiclrp.explain(model, x, preset=args.preset, ledger=False, check_finite=False, **kw)  # warm-up
         runs = []
         for _ in range(args.reps):
             timers = Timers()
             with timers.patch():
                 t0 = time.perf_counter()
-                dynamiclrp.explain(model, x, preset=args.preset, ledger=False, check_finite=False)
+                dynamiclrp.explain(model, x, preset=args.preset, ledger=False, check_finite=False, **kw)
                 timers.t["total"] = time.perf_counter() - t0
             runs.append(dict(timers.t))
         keys = sorted({k for r in runs for k in r}, key=lambda k: -statistics.median(r.get(k, 0) for r in runs))
         med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
-        accounted = med["forward"] + med["graph"] + med["relevance pass (total)"]
+        accounted = sum(med.get(k, 0.0) for k in ("forward", "graph", "relevance pass (total)",
+                                                   "gradient form: steps", "gradient form: pass (total)"))
         med["other (api: seeding, results)"] = med["total"] - accounted
         lines += [f"## {name}", "", "| phase | s | share |", "|---|---|---|"]
         for k in ["total", "forward", "graph", "relevance pass (total)", "promise replays",
-                  *[k for k in keys if k.startswith("rules:")], "other (api: seeding, results)"]:
+                  *[k for k in keys if k.startswith("rules:")], "gradient form: steps", "gradient form: pass (total)",
+                  *[k for k in keys if k.startswith("hooks:")], "other (api: seeding, results)"]:
             if k in med:
                 lines.append(f"| {k} | {med[k]:.4f} | {med[k] / med['total']:.1%} |")
         lines.append("")
