@@ -17,7 +17,7 @@ from torch import nn
 
 import dynamiclrp
 from dynamiclrp import rules as r
-from dynamiclrp.errors import DynamicLRPError
+from dynamiclrp.errors import DynamicLRPError, GraphFreedError
 
 D = torch.float64
 TOL = 1e-9
@@ -181,6 +181,15 @@ def test_graph_serves_backward_afterwards_without_the_hooks():
     model.zero_grad()
     model(x2)[:, 0].sum().backward()
     assert torch.equal(x.grad, x2.grad)  # a hook left on a node would have changed the gradient
+
+
+def test_freed_graph_is_named():
+    model, x = mixer()
+    x = x.requires_grad_()
+    y = model(x)
+    y.sum().backward()
+    with pytest.raises(GraphFreedError, match="retain_graph=True"):
+        dynamiclrp.propagate(y, target=0, wrt=[x], preset="attnlrp", ledger=False)
 
 
 def test_non_finite_relevance_falls_back_to_the_node_by_node_answer():

@@ -361,7 +361,7 @@ def explain(
         the first tensor of a tuple.
     **kwargs
         Passed to :func:`propagate` (``seed``, ``strict``, ``ledger``, ``dtype``, ``keep_run``, ``plan`` for a
-        loop over a data set, ``subtract_addends``, ...).
+        loop over a data set, ``subtract_addends``, ``gradient_form``, ...).
 
     Examples
     --------

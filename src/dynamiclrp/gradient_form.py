@@ -36,8 +36,9 @@ import torch
 from torch.autograd.graph import GradientEdge
 
 from .engine import Context, Run, _all_finite
+from .errors import GraphFreedError
 from .ops import spec_for
-from .ops.base import PreHook, ratio
+from .ops.base import GRAPH_FREED, PreHook, freed, ratio
 from .rules import PLAIN
 
 
@@ -76,6 +77,10 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
     try:
         grads = torch.autograd.grad(outputs, [GradientEdge(graph.nodes[nid].fn, nr) for nid, nr in keys], ratios,
                                     retain_graph=True, allow_unused=True)
+    except RuntimeError as err:
+        if freed(err):
+            raise GraphFreedError(GRAPH_FREED) from None
+        raise
     finally:
         for h in handles:
             h.remove()

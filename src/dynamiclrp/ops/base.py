@@ -34,6 +34,16 @@ PART = "part"  # a decomposition reference to part k of the same fused node
 _MISSING = object()
 
 
+GRAPH_FREED = ("the autograd graph was already freed by backward(): explain before calling backward(), or call "
+               "backward(retain_graph=True)")
+
+
+def freed(err: RuntimeError) -> bool:
+    """Whether autograd raised ``err`` because ``backward()`` already freed the graph's saved tensors."""
+    msg = str(err)
+    return "freed" in msg or "backward through the graph a second time" in msg
+
+
 def saved(fn: Any, name: str, default: Any = _MISSING) -> Any:
     """Read the torch-private saved value ``_saved_<name>`` of an autograd node.
 
@@ -52,11 +62,8 @@ def saved(fn: Any, name: str, default: Any = _MISSING) -> Any:
         ) from None
     except RuntimeError as err:
         msg = str(err)
-        if "freed" in msg or "backward through the graph a second time" in msg:
-            raise GraphFreedError(
-                "the autograd graph was already freed by backward(): explain before calling backward(), "
-                "or call backward(retain_graph=True)"
-            ) from None
+        if freed(err):
+            raise GraphFreedError(GRAPH_FREED) from None
         if "inplace" in msg or "in-place" in msg:
             return None
         raise
