@@ -24,8 +24,10 @@ identity rule -- the ``attnlrp`` and ``cp_lrp`` presets. A graph with any other 
 ε = 1e-6) is propagated as relevance, node by node (:mod:`dynamiclrp.engine`), as is a run that wants the
 per-node ledger or a relevance dtype other than the graph's.
 
-One caveat: a hook the model itself registered on an activation's gradient (``tensor.register_hook``) runs during
-this pass too. :func:`dynamiclrp.propagate` takes ``gradient_form=False`` for such a model.
+Two caveats. A hook the model itself registered on an activation's gradient (``tensor.register_hook``) runs during
+this pass too: :func:`dynamiclrp.propagate` takes ``gradient_form=False`` for such a model. And the hooks sit on the
+graph's nodes while the pass runs, so two explanations of the *same* graph must not run at the same time in two
+threads (explanations of separate forwards may).
 """
 
 from __future__ import annotations
