@@ -206,6 +206,23 @@ def test_non_finite_relevance_falls_back_to_the_node_by_node_answer():
     assert raw.stats.gradient_form and torch.isnan(raw.inputs[0][0, 1])
 
 
+def test_hooks_reuse_only_a_fresh_unshared_gradient_buffer():
+    """A hook may overwrite the gradient it replaces (the node's own backward just made it) only when nothing it
+    reads shares that memory, and the buffer is dense and of the result's shape and dtype."""
+    from dynamiclrp.ops.base import spare
+
+    g, fresh = torch.randn(4, 5), torch.empty(4, 5)
+    shape = torch.Size((4, 5))
+    assert spare(fresh, shape, torch.float32, g) is fresh
+    assert spare(None, shape, torch.float32, g) is None
+    assert spare(g, shape, torch.float32, g) is None  # the incoming gradient itself
+    assert spare(fresh, shape, torch.float32, g, fresh.view(20)) is None  # shares memory with an operand
+    assert spare(torch.empty(8, 5)[:4], shape, torch.float32, g) is None  # a view
+    assert spare(torch.empty_strided((4, 5), (1, 4)), shape, torch.float32, g) is None  # not dense
+    assert spare(fresh, shape, torch.float64, g) is None
+    assert spare(fresh, torch.Size((5, 4)), torch.float32, g) is None
+
+
 # ---------------------------------------------------------------------------------------------- every architecture
 def _text_cases():
     import sys

@@ -244,19 +244,41 @@ def ratio(r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.div(r, x).nan_to_num_(0.0, posinf=math.inf, neginf=-math.inf)
 
 
+def ratio_(r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """:func:`ratio` in place: ``r`` is overwritten by ``r / x`` and returned."""
+    return r.div_(x).nan_to_num_(0.0, posinf=math.inf, neginf=-math.inf)
+
+
+def spare(grad: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype, *others: torch.Tensor) -> Any:
+    """A gradient hook may write its result into ``grad``, the gradient the node's own backward just computed and
+    the hook replaces, when that is a fresh dense tensor of the result's ``shape`` and ``dtype`` sharing no memory
+    with ``others`` (what the hook reads); else None (allocate). Reusing it spares the pass an allocation of an
+    activation's size per hook: fresh memory is what a backward pass pays page faults for."""
+    if (grad is None or grad.shape != shape or grad.dtype != dtype or grad._base is not None
+            or not grad.is_contiguous()):
+        return None
+    ptr = grad.untyped_storage().data_ptr()
+    return None if any(t.untyped_storage().data_ptr() == ptr for t in others) else grad
+
+
 def identity_gradient(ctx: Context, quotient: Any = None) -> Any:
     r"""Gradient step of the identity rule :math:`R_x = R_y`: :math:`g_x = R_x / x = g_y\,y / x`, with
-    ``quotient(fn, x)`` giving :math:`y / x` as a fresh tensor (its limit at 0 included), else by :func:`ratio`.
-    The other operands get nothing."""
+    ``quotient(fn, x, out)`` writing :math:`y / x` (its limit at 0 included) into ``out`` (a tensor like ``x``, or
+    None: allocate) and returning it, else by :func:`ratio`. The other operands get nothing."""
     def hook(grad_inputs, grad_outputs):
         g = grad_outputs[0]
         if g is None or grad_inputs[0] is None:
             return grad_inputs
+        x = ctx.input(0)
         if quotient is not None:
-            r = quotient(ctx.node.fn, ctx.input(0)).mul_(g)
+            out = spare(grad_inputs[0], x.shape, torch.promote_types(x.dtype, g.dtype), x, g)
+            r = quotient(ctx.node.fn, x, out).mul_(g)
         else:
             y = ctx.node.spec.output(ctx.node, 0)  # from what the node saved: not kept by the promises
-            r = ratio(g * (ctx.output(0) if y is None else y.to(g.dtype)), ctx.input(0))
+            y = ctx.output(0) if y is None else y.to(g.dtype)
+            shape = torch.broadcast_shapes(g.shape, y.shape, x.shape)
+            out = spare(grad_inputs[0], shape, torch.promote_types(g.dtype, y.dtype), x, g, y)
+            r = ratio_(torch.mul(g, y) if out is None else torch.mul(g, y, out=out), x)
         if r.shape != grad_inputs[0].shape:
             r = r.sum_to_size(grad_inputs[0].shape)
         return (r,) + (None,) * (len(grad_inputs) - 1)
@@ -319,7 +341,7 @@ class Identity(OpSpec):
     def __init__(self, replay=None, out=None, saved_in=None, fallback=False, homogeneous=False, quotient=None):
         self.replay, self.out, self.saved_in, self.fallback = replay, out, saved_in, fallback
         self.homogeneous = homogeneous
-        self.quotient = quotient  # quotient(fn, x) = y / x in closed form (GELU: Φ(x)), for the gradient form
+        self.quotient = quotient  # quotient(fn, x, out) = y / x in closed form (GELU: Φ(x)), for the gradient form
 
     def saved_input(self, node, i):
         return self.saved_in(node.fn) if self.saved_in is not None and i == 0 else None

@@ -315,10 +315,17 @@ def _unary(replay=None, out=None, saved_in=None, homogeneous=False, quotient=Non
     return Identity(replay=replay, out=out, saved_in=saved_in, homogeneous=homogeneous, quotient=quotient)
 
 
-def _gelu_quotient(fn, x):
-    """``gelu(x) / x`` (the normal CDF Φ(x), or its tanh approximation), 1/2 at 0: a recomputed GELU divided by
-    ``x`` costs a third of an ``erf``."""
-    return F.gelu(x, approximate=saved(fn, "approximate")).div_(x).nan_to_num_(0.5)
+def _gelu_quotient(fn, x, out=None):
+    """``gelu(x) / x`` (the normal CDF Φ(x), or its tanh approximation), 1/2 at 0, into ``out``: a recomputed GELU
+    divided by ``x`` costs a third of an ``erf``."""
+    a = saved(fn, "approximate")
+    y = F.gelu(x, approximate=a) if out is None else torch.ops.aten.gelu.out(x, approximate=a, out=out)
+    return y.div_(x).nan_to_num_(0.5)
+
+
+def _silu_quotient(fn, x, out=None):
+    """``silu(x) / x = sigmoid(x)``, into ``out``."""
+    return torch.sigmoid(x) if out is None else torch.sigmoid(x, out=out)
 
 
 class Addcmul(OpSpec):
@@ -429,7 +436,7 @@ ELEMENTWISE_OPS = {
     "ReluBackward0": _unary(lambda fn, x: x.relu(), out=_result, homogeneous=True),
     "GeluBackward0": _unary(lambda fn, x: F.gelu(x, approximate=saved(fn, "approximate")), saved_in=_self,
                             quotient=_gelu_quotient),
-    "SiluBackward0": _unary(lambda fn, x: F.silu(x), saved_in=_self, quotient=lambda fn, x: x.sigmoid()),
+    "SiluBackward0": _unary(lambda fn, x: F.silu(x), saved_in=_self, quotient=_silu_quotient),
     "TanhBackward0": _unary(lambda fn, x: x.tanh(), out=_result),
     "SigmoidBackward0": _unary(lambda fn, x: x.sigmoid(), out=_result),
     "ExpBackward0": _unary(lambda fn, x: x.exp(), out=_result),

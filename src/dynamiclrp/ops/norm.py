@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..rules import IDENTITY, LINEARISED, vjp
-from .base import OpSpec, gradient_of_rule_form, rule_form, saved
+from .base import OpSpec, gradient_of_rule_form, rule_form, saved, spare
 
 
 class Norm(OpSpec):
@@ -77,7 +77,8 @@ class Norm(OpSpec):
             w = saved(node.fn, "weight", None)
             w = None if w is None else w.to(g.dtype)
             if self.linear_vjp is not None:
-                gx = self.linear_vjp(node.fn, w, g)
+                out = spare(grad_inputs[0], g.shape, g.dtype, g, *([] if w is None else [w]))
+                gx = self.linear_vjp(node.fn, w, g, out)
             else:
                 (gx,) = vjp(self.linear(node.fn, w, g.dtype), [ctx.input(0)], g)
             return (gx,) + (None,) * (n - 1)  # R_x = x ⊙ Jᵀ(R / y) = x ⊙ Jᵀ g for R = y ⊙ g
@@ -99,10 +100,11 @@ def _layer_norm_linear(fn, w, dt):
     return lambda t: _scaled(t - t.mean(dims, keepdim=True), rstd, w)
 
 
-def _layer_norm_linear_vjp(fn, w, g):
-    """The transpose of :func:`_layer_norm_linear`: ``rstd * (w g - mean(w g))`` over the normalised dimensions."""
+def _layer_norm_linear_vjp(fn, w, g, out=None):
+    """The transpose of :func:`_layer_norm_linear`: ``rstd * (w g - mean(w g))`` over the normalised dimensions,
+    into ``out`` (a tensor like ``g``, or None)."""
     dims = tuple(range(-len(saved(fn, "normalized_shape")), 0))
-    wg = g.clone() if w is None else g * w
+    wg = torch.mul(g, 1.0 if w is None else w, out=out)
     return wg.sub_(wg.mean(dims, keepdim=True)).mul_(saved(fn, "result2").to(g.dtype))
 
 
