@@ -663,6 +663,27 @@ def test_missing_rule_error_names_the_innermost_module(clean_ops):
     assert ranges["0"][0] <= ranges["0.lin"][0] and ranges["0.tripled"][1] <= ranges["0"][1]
 
 
+def test_module_scopes_keep_this_threads_calls_of_this_model():
+    """The scope hooks are global module hooks: calls of another model, or of this one on another thread (whose
+    sequence numbers are its own), are not recorded; none is left registered afterwards."""
+    import threading
+
+    from dynamiclrp.scopes import record_scopes
+
+    model, other = nn.Sequential(nn.Linear(4, 4).double()), nn.Linear(4, 4).double()
+    x = torch.randn(2, 4, dtype=D, requires_grad=True)
+    with record_scopes(model) as scopes:
+        worker = threading.Thread(target=lambda: model(x))
+        worker.start()
+        worker.join()
+        other(x)
+        assert scopes.ranges == []
+        model(x)
+    assert sorted(name for _, _, name in scopes.ranges) == ["", "0"]
+    model(x)
+    assert len(scopes.ranges) == 2
+
+
 def test_module_scopes_without_the_counter_getter(clean_ops, monkeypatch):
     """A torch without ``_get_sequence_nr``: the stamps make a throw-away node each, and the paths are the same."""
     from dynamiclrp import scopes as scopes_module

@@ -9,10 +9,12 @@ forward returns.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 
 def _probe_stamp() -> int:
@@ -48,21 +50,26 @@ class ModuleScopes:
 
 @contextlib.contextmanager
 def record_scopes(model: torch.nn.Module) -> Iterator[ModuleScopes]:
-    """Record module scopes during the forward passes run inside the ``with`` block."""
+    """Record module scopes during the forward passes run inside the ``with`` block, on this thread.
+
+    Two global module hooks (``torch.nn.modules.module.register_module_forward_*hook``) see every module call and
+    keep the calls of ``model``'s modules made on this thread (sequence numbers count per thread): registering a
+    pair of hooks on each of a transformer's hundreds of modules, and removing them, cost more than the calls."""
     scopes = ModuleScopes()
+    names = {id(module): name for name, module in model.named_modules()}
+    thread = threading.get_ident()
     open_calls: dict[int, list[int]] = {}
-    handles = []
-    for name, module in model.named_modules():
-        def pre(mod, args, name=name):
+
+    def pre(mod, args):
+        if id(mod) in names and threading.get_ident() == thread:
             open_calls.setdefault(id(mod), []).append(_stamp())
 
-        def post(mod, args, out, name=name):
-            starts = open_calls.get(id(mod))
-            if starts:
-                scopes.ranges.append((starts.pop(), _stamp(), name))
+    def post(mod, args, out):
+        starts = open_calls.get(id(mod)) if threading.get_ident() == thread else None
+        if starts:
+            scopes.ranges.append((starts.pop(), _stamp(), names[id(mod)]))
 
-        handles.append(module.register_forward_pre_hook(pre))
-        handles.append(module.register_forward_hook(post))
+    handles = [register_module_forward_pre_hook(pre), register_module_forward_hook(post)]
     try:
         yield scopes
     finally:
