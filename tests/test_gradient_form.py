@@ -206,6 +206,72 @@ def test_non_finite_relevance_falls_back_to_the_node_by_node_answer():
     assert raw.stats.gradient_form and torch.isnan(raw.inputs[0][0, 1])
 
 
+class PackedAttention(nn.Module):
+    """``nn.MultiheadAttention`` in a pre-norm residual block, as torchvision's ViT has it: one packed in-projection
+    whose output is split into queries, keys and values, and fused attention."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.inp, self.ln, self.head = nn.Linear(d, d), nn.LayerNorm(d), nn.Linear(d, 3)
+        self.mha = nn.MultiheadAttention(d, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.inp(x)
+        a = self.ln(h)
+        h = h + self.mha(a, a, a, need_weights=False)[0]
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("preset", ["attnlrp", "cp_lrp"])
+def test_fused_projection_bypass(preset, monkeypatch):
+    """CP-LRP gives queries and keys no gradient: the packed in-projection's backward is bypassed by a product over
+    the value columns only, carried through the layer norm to the residual stream by hand. The same answer as
+    without the bypass and as node by node (ε → 0); under AttnLRP the queries have gradients and nothing is
+    bypassed. The hooks are gone afterwards."""
+    from dynamiclrp import gradient_form
+
+    torch.manual_seed(0)
+    model, x = PackedAttention().to(D).eval(), torch.randn(2, 5, 8, dtype=D, requires_grad=True)
+    y = model(x)
+    got = dynamiclrp.propagate(y, target=0, wrt=[x], preset=preset, ledger=False)
+    ref = dynamiclrp.propagate(y, target=0, wrt=[x], preset=preset, ledger=False, gradient_form=False,
+                               rules=LIMIT_PRESET[preset])
+    monkeypatch.setattr(gradient_form, "BYPASSES", False)
+    plain = dynamiclrp.propagate(y, target=0, wrt=[x], preset=preset, ledger=False)
+    assert got.stats.bypassed == (1 if preset == "cp_lrp" else 0) and plain.stats.bypassed == 0
+    assert rel_diff(got.inputs[0], plain.inputs[0]) < 1e-12
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < TOL
+    y[:, 0].sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    model(x2)[:, 0].sum().backward()
+    assert torch.equal(x.grad, x2.grad)
+
+
+def test_bypass_steps_aside_where_it_cannot_hand_its_gradient_on(monkeypatch):
+    """A recorded activation inside the carried stretch (here the layer norm's output) keeps the node's own
+    backward; a carried gradient that finds nothing to join makes the pass run again without bypasses."""
+    from dynamiclrp import gradient_bypass
+
+    torch.manual_seed(0)
+    model, x = PackedAttention().to(D).eval(), torch.randn(2, 5, 8, dtype=D)
+    plain = dynamiclrp.explain(model, x, preset="cp_lrp", ledger=False, modules=["ln"])
+    assert plain.stats.gradient_form and plain.stats.bypassed == 0
+    free = dynamiclrp.explain(model, x, preset="cp_lrp", ledger=False)
+    assert free.stats.bypassed == 1 and rel_diff(free.inputs[0], plain.inputs[0]) < 1e-12
+
+    def refuse(self, fn):
+        def hook(grad_outputs):
+            if any(k[0] is fn for k in self.pending):
+                raise gradient_bypass.UndeliveredError("test")
+            return grad_outputs
+        return hook
+
+    monkeypatch.setattr(gradient_bypass.Bypasses, "_deliver_hook", refuse)
+    again = dynamiclrp.explain(model, x, preset="cp_lrp", ledger=False)
+    assert again.stats.gradient_form and again.stats.bypassed == 0
+    assert torch.equal(again.inputs[0], plain.inputs[0])
+
+
 def test_hooks_reuse_only_a_fresh_unshared_gradient_buffer():
     """A hook may overwrite the gradient it replaces (the node's own backward just made it) only when nothing it
     reads shares that memory, and the buffer is dense and of the result's shape and dtype."""

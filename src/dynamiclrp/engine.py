@@ -51,6 +51,7 @@ class Run:
     approximations: dict[str, int] = field(default_factory=dict)
     rules_run: int = 0
     subtract_addends: bool = False
+    bypassed: int = 0  # nodes the gradient form bypassed (gradient_bypass)
 
     def __post_init__(self):
         self.promises = Promises(self.graph, self.approximations, self.subtract_addends)

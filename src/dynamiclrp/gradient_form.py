@@ -39,9 +39,12 @@ from torch.autograd.graph import GradientEdge
 
 from .engine import Context, Run, _all_finite
 from .errors import GraphFreedError
+from .gradient_bypass import UndeliveredError, plan_bypasses
 from .ops import spec_for
 from .ops.base import GRAPH_FREED, PreHook, freed, ratio
 from .rules import PLAIN
+
+BYPASSES = True  # narrow fused projections' backward where their gradient is partly zero (gradient_bypass)
 
 
 def gradient_steps(run: Run) -> tuple[list[tuple[Any, Any]], str | None]:
@@ -66,19 +69,25 @@ def gradient_steps(run: Run) -> tuple[list[tuple[Any, Any]], str | None]:
 
 
 def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]],
-              hooks: list[tuple[Any, Any]]) -> bool:
+              hooks: list[tuple[Any, Any]], bypass: bool | None = None) -> bool:
     """Fill ``run.recorded`` by one gradient pass: ``seeds`` maps an output slot to (its relevance, its value).
     Returns False, recording nothing, when a relevance came out non-finite and ``run.check_finite`` is set (the
-    caller then propagates relevance node by node, which names the node)."""
+    caller then propagates relevance node by node, which names the node). A bypass
+    (:mod:`dynamiclrp.gradient_bypass`; ``bypass``, default :data:`BYPASSES`) that could not hand its gradient on
+    makes the pass run again without bypasses."""
     graph = run.graph
     keys = sorted(run.record)
     outputs = [GradientEdge(graph.nodes[nid].fn, nr) for nid, nr in seeds]
     ratios = [ratio(r.to(v.dtype), v) for r, v in seeds.values()]  # at an output: its relevance over its value
-    handles = [fn.register_prehook(hook.hook) if isinstance(hook, PreHook) else fn.register_hook(hook)
-               for fn, hook in hooks]
+    bypasses = plan_bypasses(run, dict(hooks)) if (BYPASSES if bypass is None else bypass) else None
+    handles = [fn.register_prehook(hook.hook) for fn, hook in (bypasses.hooks if bypasses else ())]
+    handles += [fn.register_prehook(hook.hook) if isinstance(hook, PreHook) else fn.register_hook(hook)
+                for fn, hook in hooks]
     try:
         grads = torch.autograd.grad(outputs, [GradientEdge(graph.nodes[nid].fn, nr) for nid, nr in keys], ratios,
                                     retain_graph=True, allow_unused=True)
+    except UndeliveredError:
+        grads = None
     except RuntimeError as err:
         if freed(err):
             raise GraphFreedError(GRAPH_FREED) from None
@@ -86,6 +95,8 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
     finally:
         for h in handles:
             h.remove()
+    if grads is None or bypasses and bypasses.undelivered():  # hooks removed: again, without bypasses
+        return propagate_gradient_form(run, seeds, hooks, bypass=False)
     recorded = {}
     for (nid, nr), g in zip(keys, grads):
         if g is not None:
@@ -93,6 +104,7 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
     if run.check_finite and recorded and not bool(torch.stack([_all_finite(r) for r in recorded.values()]).all()):
         return False
     run.recorded.update(recorded)
+    run.bypassed = bypasses.narrowed if bypasses else 0
     run.rules_run = sum(1 for n in graph.nodes if run.useful[n.id] and n.inputs)
     return True
 

@@ -18,7 +18,8 @@ class Stats:
     the paper's table counts them (``branches`` is the same number); ``origins``: nodes that made promises;
     ``internal_nodes``: nodes whose output was replayed to keep a promise; ``delta`` (δ): the sum of the promises'
     depths; ``rho`` (ρ): promises per node; ``recovered``: distinct activations recovered (each at most once);
-    ``gradient_form``: whether the run used the gradient form (:mod:`dynamiclrp.gradient_form`).
+    ``gradient_form``: whether the run used the gradient form (:mod:`dynamiclrp.gradient_form`); ``bypassed``: nodes
+    whose backward it computed by a narrower product than their own (:mod:`dynamiclrp.gradient_bypass`).
     """
 
     nodes: int
@@ -30,6 +31,7 @@ class Stats:
     delta: int
     origins: int = 0
     gradient_form: bool = False
+    bypassed: int = 0
 
     @property
     def branches(self) -> int:
