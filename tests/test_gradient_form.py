@@ -247,6 +247,22 @@ def test_fused_projection_bypass(preset, monkeypatch):
     assert torch.equal(x.grad, x2.grad)
 
 
+@pytest.mark.parametrize("preset,expected", [("attnlrp", 2), ("cp_lrp", 1)])
+def test_activation_bypass(preset, expected, monkeypatch):
+    """The identity rule's step on GELU and SiLU is computed in place of their own backward and carried down to the
+    residual stream (the ``ff`` GELU) or to the RMSNorm's output (the SiLU gate; CP-LRP holds the gate constant, so
+    only the GELU then). The tanh-GELU over a product of two projections of one input is not bypassed: its branches
+    meet again where nothing else would carry a gradient. Answers as without bypasses."""
+    from dynamiclrp import gradient_form
+
+    model, x = mixer()
+    got = dynamiclrp.explain(model, x, preset=preset, ledger=False)
+    monkeypatch.setattr(gradient_form, "BYPASSES", False)
+    plain = dynamiclrp.explain(model, x, preset=preset, ledger=False)
+    assert got.stats.bypassed == expected and plain.stats.bypassed == 0
+    assert rel_diff(got.inputs[0], plain.inputs[0]) < 1e-12
+
+
 def test_bypass_steps_aside_where_it_cannot_hand_its_gradient_on(monkeypatch):
     """A recorded activation inside the carried stretch (here the layer norm's output) keeps the node's own
     backward; a carried gradient that finds nothing to join makes the pass run again without bypasses."""

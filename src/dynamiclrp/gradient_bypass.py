@@ -8,10 +8,14 @@ computing). What it computed must then reach the nodes below by another way, for
 directly, with its own step, as the engine would), to the first slot that also receives a gradient from elsewhere,
 and added there by a pre-hook of that slot's node. The sums are the engine's, in another order.
 
-The one bypass so far is the fused projection: one matrix product computing the queries, keys and values
-(``in_proj`` of ``torch.nn.MultiheadAttention``, GPT-2's ``c_attn``), then split. Under CP-LRP the queries and keys
-get no gradient: the product's backward multiplies a gradient two thirds zero by the whole weight. The bypass
-multiplies the non-zero columns only, :math:`g_x = g_{[:, a:b]}\,W_{[a:b]}`: the same sum without the zero terms.
+Two kinds of node are bypassed:
+
+* a fused projection: one matrix product computing the queries, keys and values (``in_proj`` of
+  ``torch.nn.MultiheadAttention``, GPT-2's ``c_attn``), then split. Under CP-LRP the queries and keys get no
+  gradient, and the product's backward multiplies a gradient two thirds zero by the whole weight. The bypass
+  multiplies the non-zero columns only, :math:`g_x = g_{[:, a:b]}\,W_{[a:b]}`: the same sum without the zero terms;
+* an element-wise activation under the identity rule whose own backward costs an ``erf`` or an ``exp`` (GELU,
+  SiLU): its step's :math:`g_x = g_y\,y / x` is computed in place of that backward, not after it.
 
 Anything unforeseen at run time (a slot that was to take the hand-carried gradient receives none from elsewhere)
 raises :class:`UndeliveredError`; :func:`dynamiclrp.gradient_form.propagate_gradient_form` then reports failure and the
@@ -47,7 +51,7 @@ class Bypasses:
     def __init__(self) -> None:
         self.hooks: list[tuple[Any, PreHook]] = []
         self.pending: dict[tuple[Any, int], torch.Tensor] = {}
-        self.narrowed = 0  # projections whose backward was bypassed in this pass
+        self.bypassed = 0  # nodes whose own backward was bypassed in this pass
         self._delivery_slots: dict[Any, set[int]] = {}
 
     def __bool__(self) -> bool:
@@ -114,22 +118,48 @@ def plan_bypasses(run: Run, steps: dict[Any, Any]) -> Bypasses:
     graph, useful = run.graph, run.useful
     bypasses = Bypasses()
     for fn, nid in graph.head.items():
-        kind = fn.name()
-        if kind not in _PROJECTIONS or fn in steps or not useful[nid] or not _feeds_a_split(run, nid, steps):
+        if not useful[nid]:
             continue
-        x_slot, weight = _PROJECTIONS[kind]
-        if any(i != x_slot and _useful_child(run, fn, i) for i in range(len(fn.next_functions))):
-            continue  # the weight (or bias) side is wanted too: keep the node's own backward
+        step = steps.get(fn)
+        if step is None:
+            kind = fn.name()
+            if kind not in _PROJECTIONS or not _feeds_a_split(run, nid, steps):
+                continue
+            x_slot, weight = _PROJECTIONS[kind]
+            if any(i != x_slot and _useful_child(run, fn, i) for i in range(len(fn.next_functions))):
+                continue  # the weight (or bias) side is wanted too: keep the node's own backward
+            slots = [x_slot]
+        elif getattr(step, "bypass", None) is not None:
+            slots = list(range(len(fn.next_functions)))
+        else:
+            continue
         deliveries: list[tuple[Any, int]] = []
         try:
-            route = _route(run, steps, fn, x_slot, 0, deliveries)
+            routes = {i: _route(run, steps, fn, i, 0, deliveries) for i in slots}
         except _NoBypassError:
             continue
-        if route is not None:
-            for child, nr in deliveries:
-                bypasses.add_delivery(child, nr)
-            bypasses.hooks.append((fn, PreHook(_narrowed_projection(bypasses, fn, weight, route))))
+        if all(r is None for r in routes.values()):
+            continue
+        for child, nr in deliveries:
+            bypasses.add_delivery(child, nr)
+        hook = _narrowed_projection(bypasses, fn, weight, routes[x_slot]) if step is None else \
+            _replaced(bypasses, step.bypass, routes)
+        bypasses.hooks.append((fn, PreHook(hook)))
     return bypasses
+
+
+def _replaced(bypasses: Bypasses, compute: Any, routes: dict[int, Any]):
+    """Pre-hook of a node whose step computes its input gradients from the incoming one (``compute``): they are
+    carried on by hand and the node gets nothing, so its own backward does not run."""
+    def hook(grad_outputs):
+        if grad_outputs[0] is None:
+            return grad_outputs
+        for i, g in enumerate(compute(grad_outputs)):
+            if g is not None and routes.get(i) is not None:
+                bypasses.carry(routes[i], g)
+        bypasses.bypassed += 1
+        return (None,) * len(grad_outputs)
+    return hook
 
 
 def _narrowed_projection(bypasses: Bypasses, fn: Any, weight: str, route: Any):
@@ -149,7 +179,7 @@ def _narrowed_projection(bypasses: Bypasses, fn: Any, weight: str, route: Any):
             gx = g[:, a:b] @ saved(fn, weight)[:, a:b].mT
             alpha = saved(fn, "alpha", 1)
             bypasses.carry(route, gx if alpha == 1 else gx * alpha)
-            bypasses.narrowed += 1
+            bypasses.bypassed += 1
         return (None,)
     return hook
 
@@ -195,5 +225,9 @@ def _route(run: Run, steps: dict, fn: Any, i: int, depth: int, deliveries: list)
         return ("deliver", child, nr)
     if depth >= _MAX_CHAIN or len(child._input_metadata) != 1:
         raise _NoBypassError  # too deep, or a node with several outputs (the others' gradients come from elsewhere)
-    return ("through", child, steps.get(child),
-            [_route(run, steps, child, j, depth + 1, deliveries) for j in range(len(child.next_functions))])
+    children = [_route(run, steps, child, j, depth + 1, deliveries) for j in range(len(child.next_functions))]
+    if sum(r is not None for r in children) > 1:
+        # a fork: its branches may meet again at a slot that then gets its gradients only from here, with none
+        # from elsewhere to join (a product of two projections of one input)
+        raise _NoBypassError
+    return ("through", child, steps.get(child), children)
