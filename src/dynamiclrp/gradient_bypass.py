@@ -8,14 +8,10 @@ computing). What it computed must then reach the nodes below by another way, for
 directly, with its own step, as the engine would), to the first slot that also receives a gradient from elsewhere,
 and added there by a pre-hook of that slot's node. The sums are the engine's, in another order.
 
-Two kinds of node are bypassed:
-
-* a fused projection: one matrix product computing the queries, keys and values (``in_proj`` of
-  ``torch.nn.MultiheadAttention``, GPT-2's ``c_attn``), then split. Under CP-LRP the queries and keys get no
-  gradient, and the product's backward multiplies a gradient two thirds zero by the whole weight. The bypass
-  multiplies the non-zero columns only, :math:`g_x = g_{[:, a:b]}\,W_{[a:b]}`: the same sum without the zero terms;
-* an element-wise activation under the identity rule whose own backward costs an ``erf`` or an ``exp`` (GELU,
-  SiLU): its step's :math:`g_x = g_y\,y / x` is computed in place of that backward, not after it.
+The one bypass so far is the fused projection: one matrix product computing the queries, keys and values
+(``in_proj`` of ``torch.nn.MultiheadAttention``, GPT-2's ``c_attn``), then split. Under CP-LRP the queries and keys
+get no gradient: the product's backward multiplies a gradient two thirds zero by the whole weight. The bypass
+multiplies the non-zero columns only, :math:`g_x = g_{[:, a:b]}\,W_{[a:b]}`: the same sum without the zero terms.
 
 Anything unforeseen at run time (a slot that was to take the hand-carried gradient receives none from elsewhere)
 raises :class:`UndeliveredError`; :func:`dynamiclrp.gradient_form.propagate_gradient_form` then reports failure and the
@@ -118,48 +114,22 @@ def plan_bypasses(run: Run, steps: dict[Any, Any]) -> Bypasses:
     graph, useful = run.graph, run.useful
     bypasses = Bypasses()
     for fn, nid in graph.head.items():
-        if not useful[nid]:
+        kind = fn.name()
+        if kind not in _PROJECTIONS or fn in steps or not useful[nid] or not _feeds_a_split(run, nid, steps):
             continue
-        step = steps.get(fn)
-        if step is None:
-            kind = fn.name()
-            if kind not in _PROJECTIONS or not _feeds_a_split(run, nid, steps):
-                continue
-            x_slot, weight = _PROJECTIONS[kind]
-            if any(i != x_slot and _useful_child(run, fn, i) for i in range(len(fn.next_functions))):
-                continue  # the weight (or bias) side is wanted too: keep the node's own backward
-            slots = [x_slot]
-        elif getattr(step, "bypass", None) is not None:
-            slots = list(range(len(fn.next_functions)))
-        else:
-            continue
+        x_slot, weight = _PROJECTIONS[kind]
+        if any(i != x_slot and _useful_child(run, fn, i) for i in range(len(fn.next_functions))):
+            continue  # the weight (or bias) side is wanted too: keep the node's own backward
         deliveries: list[tuple[Any, int]] = []
         try:
-            routes = {i: _route(run, steps, fn, i, 0, deliveries) for i in slots}
+            route = _route(run, steps, fn, x_slot, 0, deliveries)
         except _NoBypassError:
             continue
-        if all(r is None for r in routes.values()):
-            continue
-        for child, nr in deliveries:
-            bypasses.add_delivery(child, nr)
-        hook = _narrowed_projection(bypasses, fn, weight, routes[x_slot]) if step is None else \
-            _replaced(bypasses, step.bypass, routes)
-        bypasses.hooks.append((fn, PreHook(hook)))
+        if route is not None:
+            for child, nr in deliveries:
+                bypasses.add_delivery(child, nr)
+            bypasses.hooks.append((fn, PreHook(_narrowed_projection(bypasses, fn, weight, route))))
     return bypasses
-
-
-def _replaced(bypasses: Bypasses, compute: Any, routes: dict[int, Any]):
-    """Pre-hook of a node whose step computes its input gradients from the incoming one (``compute``): they are
-    carried on by hand and the node gets nothing, so its own backward does not run."""
-    def hook(grad_outputs):
-        if grad_outputs[0] is None:
-            return grad_outputs
-        for i, g in enumerate(compute(grad_outputs)):
-            if g is not None and routes.get(i) is not None:
-                bypasses.carry(routes[i], g)
-        bypasses.bypassed += 1
-        return (None,) * len(grad_outputs)
-    return hook
 
 
 def _narrowed_projection(bypasses: Bypasses, fn: Any, weight: str, route: Any):

@@ -19,7 +19,7 @@ class Stats:
     ``internal_nodes``: nodes whose output was replayed to keep a promise; ``delta`` (δ): the sum of the promises'
     depths; ``rho`` (ρ): promises per node; ``recovered``: distinct activations recovered (each at most once);
     ``gradient_form``: whether the run used the gradient form (:mod:`dynamiclrp.gradient_form`); ``bypassed``: nodes
-    whose own backward it replaced by a cheaper computation of the same step (:mod:`dynamiclrp.gradient_bypass`).
+    whose backward it computed by a narrower product than their own (:mod:`dynamiclrp.gradient_bypass`).
     """
 
     nodes: int

@@ -264,35 +264,24 @@ def spare(grad: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype, *oth
 def identity_gradient(ctx: Context, quotient: Any = None) -> Any:
     r"""Gradient step of the identity rule :math:`R_x = R_y`: :math:`g_x = R_x / x = g_y\,y / x`, with
     ``quotient(fn, x, out)`` writing :math:`y / x` (its limit at 0 included) into ``out`` (a tensor like ``x``, or
-    None: allocate) and returning it, else by :func:`ratio`. The other operands get nothing.
-
-    With a ``quotient`` (GELU, SiLU: a backward that costs an ``erf`` or an ``exp``) the step also offers
-    ``hook.bypass(grad_outputs)``, the same input gradients from the incoming gradient alone, for the gradient form
-    to compute in place of the node's own backward (:mod:`dynamiclrp.gradient_bypass`)."""
-    n = len(ctx.node.inputs)
-
-    def compute(g, spare_grad):
-        x = ctx.input(0)
-        if quotient is not None:
-            out = spare(spare_grad, x.shape, torch.promote_types(x.dtype, g.dtype), x, g)
-            return quotient(ctx.node.fn, x, out).mul_(g)
-        y = ctx.node.spec.output(ctx.node, 0)  # from what the node saved: not kept by the promises
-        y = ctx.output(0) if y is None else y.to(g.dtype)
-        shape = torch.broadcast_shapes(g.shape, y.shape, x.shape)
-        out = spare(spare_grad, shape, torch.promote_types(g.dtype, y.dtype), x, g, y)
-        return ratio_(torch.mul(g, y) if out is None else torch.mul(g, y, out=out), x)
-
+    None: allocate) and returning it, else by :func:`ratio`. The other operands get nothing."""
     def hook(grad_inputs, grad_outputs):
         g = grad_outputs[0]
         if g is None or grad_inputs[0] is None:
             return grad_inputs
-        r = compute(g, grad_inputs[0])
+        x = ctx.input(0)
+        if quotient is not None:
+            out = spare(grad_inputs[0], x.shape, torch.promote_types(x.dtype, g.dtype), x, g)
+            r = quotient(ctx.node.fn, x, out).mul_(g)
+        else:
+            y = ctx.node.spec.output(ctx.node, 0)  # from what the node saved: not kept by the promises
+            y = ctx.output(0) if y is None else y.to(g.dtype)
+            shape = torch.broadcast_shapes(g.shape, y.shape, x.shape)
+            out = spare(grad_inputs[0], shape, torch.promote_types(g.dtype, y.dtype), x, g, y)
+            r = ratio_(torch.mul(g, y) if out is None else torch.mul(g, y, out=out), x)
         if r.shape != grad_inputs[0].shape:
             r = r.sum_to_size(grad_inputs[0].shape)
         return (r,) + (None,) * (len(grad_inputs) - 1)
-
-    if quotient is not None:
-        hook.bypass = lambda grad_outputs: (compute(grad_outputs[0], None),) + (None,) * (n - 1)
     return hook
 
 
