@@ -121,10 +121,10 @@ def test_matches_node_by_node_on_transformers(name, attn, preset):
     """Fused SDPA attention included: its query, key and value gradients scaled by the parts' rules."""
     model, out = tiny(name, attn)
     ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
-    inputs = {"input_ids": ids}
-    if name == "bert":  # padding: the attention mask reaches the softmax (by hand) or SDPA (fused)
-        inputs["attention_mask"] = torch.ones_like(ids)
-        inputs["attention_mask"][1, :3] = 0
+    # padding: the attention mask reaches the softmax (by hand) or SDPA (fused). GPT-2's is left padding under its
+    # causal mask: the padded queries' rows attend only to padded keys, every logit rounded away by the fill value
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    inputs["attention_mask"][1, :3] = 0
     ref = dynamiclrp.explain(model, inputs, preset=preset, output=out, ledger=False, gradient_form=False,
                              rules=LIMIT_PRESET[preset])
     got = dynamiclrp.explain(model, inputs, preset=preset, output=out, ledger=False)

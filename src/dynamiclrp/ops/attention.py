@@ -28,7 +28,9 @@ class Softmax(OpSpec):
     and irrelevant where it masks (probability 0, relevance 0) -- which holds exactly when, on the positions the
     saved probabilities attend to, ``log p - logits`` is constant per row. The check is made; a mask that does
     more (a position bias) raises an error instead of a wrong answer. Masked positions then get no relevance,
-    as with a ``-inf`` mask, whatever fill value (``-inf``, ``finfo.min``, ``-1e4``) the model used.
+    as with a ``-inf`` mask, whatever fill value (``-inf``, ``finfo.min``, ``-1e4``) the model used. A row whose
+    every attended logit the fill value rounded away (a padded query: equal probabilities whatever its scores)
+    counts as fully masked and gets none either.
 
     One case the check cannot see: an untracked constant that *shifts* a whole row (softmax is blind to it). A
     frozen layer bias there is refused (:class:`~dynamiclrp.ops.elementwise.BiasAdd`); any other untracked
@@ -101,13 +103,34 @@ def _check_mask(node, x, s, dim, scratch):
     dev_low, dev_high = torch.aminmax(c.addcmul_(shift, attended, value=-1))  # c - shift where attended, else 0
     low, high = torch.aminmax(x)  # max |x| without a tokens x tokens |x|
     tol = 1e-3 if x.dtype == torch.float64 else 2e-2
-    if not max(-float(dev_low), float(dev_high)) <= tol * (1 + max(-float(low), float(high))):
+    bound = tol * (1 + max(-float(low), float(high)))
+    if not max(-float(dev_low), float(dev_high)) <= bound:
+        _drop_saturated_rows(s, dim, attended, c, bound)
+        dev_low, dev_high = torch.aminmax(c)
+    if not max(-float(dev_low), float(dev_high)) <= bound:
         raise ActivationUnavailableError(
             f"the logits of {node.kind} (node #{node.id}) include a constant autograd did not record that is not "
             "a plain mask (0 where attended): e.g. a position bias. Let that tensor require grad so the graph "
             "records it"
         )
     return attended
+
+
+def _drop_saturated_rows(s, dim, attended, c, bound) -> None:
+    """Rows that fail the mask check only because a fill value rounded their logits away: every position the row
+    attends to was shifted by the same huge constant (a padded query under a causal mask, ``finfo.min`` added twice
+    or to a tiny score), which leaves equal probabilities there whatever the logits were. Such a row attends to
+    nothing the logits decided: it is marked masked in ``attended`` (its relevance 0) and cleared in ``c`` (the
+    check's deviations). A failing row whose attended probabilities differ stays, and the check raises. Only on the
+    check's failure path: it costs three passes."""
+    big = torch.where(attended > 0, s, torch.full((), float("inf"), dtype=s.dtype, device=s.device))
+    uniform = torch.eq(big.amin(dim, keepdim=True), s.amax(dim, keepdim=True))
+    failing = c.abs().amax(dim, keepdim=True) > bound
+    saturated = uniform & failing
+    if bool(saturated.any()):
+        keep = saturated.logical_not().to(attended.dtype)
+        attended.mul_(keep)
+        c.mul_(keep)
 
 
 def _heads(q, k):
