@@ -250,6 +250,28 @@ def test_fused_projection_bypass(preset, monkeypatch):
     assert torch.equal(x.grad, x2.grad)
 
 
+def test_fused_projection_bypass_on_torchvision_vit(monkeypatch):
+    """torchvision's VisionTransformer (two layers, small widths): under CP-LRP both packed in-projections are
+    bypassed; the answer is the plain pass's and the node-by-node run's (ε → 0)."""
+    torchvision = pytest.importorskip("torchvision")
+    from dynamiclrp import gradient_form
+
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                 hidden_dim=16, mlp_dim=32, num_classes=5).to(D).eval()
+    with torch.no_grad():  # torchvision initialises the head to zero
+        model.heads.head.weight.normal_(0, 0.5)
+    x = torch.randn(2, 3, 32, 32, dtype=D)
+    got = dynamiclrp.explain(model, x, preset="cp_lrp", ledger=False)
+    ref = dynamiclrp.explain(model, x, preset="cp_lrp", ledger=False, gradient_form=False,
+                             rules=LIMIT_PRESET["cp_lrp"])
+    monkeypatch.setattr(gradient_form, "BYPASSES", False)
+    plain = dynamiclrp.explain(model, x, preset="cp_lrp", ledger=False)
+    assert got.stats.bypassed == 2 and plain.stats.bypassed == 0
+    assert rel_diff(got.inputs[0], plain.inputs[0]) < 1e-12
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < TOL
+
+
 def test_bypass_steps_aside_where_it_cannot_hand_its_gradient_on(monkeypatch):
     """A recorded activation inside the carried stretch (here the layer norm's output) keeps the node's own
     backward; a carried gradient that finds nothing to join makes the pass run again without bypasses."""
