@@ -14,8 +14,8 @@ get no gradient: the product's backward multiplies a gradient two thirds zero by
 multiplies the non-zero columns only, :math:`g_x = g_{[:, a:b]}\,W_{[a:b]}`: the same sum without the zero terms.
 
 Anything unforeseen at run time (a slot that was to take the hand-carried gradient receives none from elsewhere)
-raises :class:`UndeliveredError`; :func:`dynamiclrp.gradient_form.propagate_gradient_form` then reports failure and the
-run propagates relevance node by node instead.
+raises :class:`UndeliveredError`; :func:`dynamiclrp.gradient_form.propagate_gradient_form` then removes the hooks
+and runs the pass again without bypasses.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def plan_bypasses(run: Run, steps: dict[Any, Any]) -> Bypasses:
         if kind not in _PROJECTIONS or fn in steps or not useful[nid] or not _feeds_a_split(run, nid, steps):
             continue
         x_slot, weight = _PROJECTIONS[kind]
-        if any(i != x_slot and _useful_child(run, fn, i) for i in range(len(fn.next_functions))):
+        if any(i != x_slot and _useful_child(run, fn, i)[2] for i in range(len(fn.next_functions))):
             continue  # the weight (or bias) side is wanted too: keep the node's own backward
         deliveries: list[tuple[Any, int]] = []
         try:
@@ -167,26 +167,26 @@ def _feeds_a_split(run: Run, nid: int, steps: dict) -> bool:
         if len(cons) != 1:
             return False
         node = graph.nodes[cons[0][0]]
-        if node.fn in steps or graph.head[node.fn] != node.id or graph.head[node.fn] + 1 < len(graph.nodes) and \
-                graph.nodes[node.id + 1].fn is node.fn or \
+        if node.fn in steps or graph.parts(node.fn) != [node] or \
                 sum(1 for e in node.inputs if e is not None and useful[e.child]) != 1:
             return False
         slot = (node.id, 0)
     return False
 
 
-def _useful_child(run: Run, fn: Any, i: int) -> bool:
-    child = fn.next_functions[i][0]
+def _useful_child(run: Run, fn: Any, i: int) -> tuple[Any, int, Any]:
+    """``fn``'s input ``i``: (its autograd node, output slot, graph node), the graph node None where no gradient
+    is wanted there."""
+    child, nr = fn.next_functions[i]
     node = None if child is None else run.graph.node_of(child)
-    return node is not None and bool(run.useful[node.id])
+    return child, nr, node if node is not None and run.useful[node.id] else None
 
 
 def _route(run: Run, steps: dict, fn: Any, i: int, depth: int, deliveries: list) -> Any:
     """Where the gradient of ``fn``'s input ``i`` goes: nowhere (None), to a slot that also receives gradient from
     elsewhere (``deliver``), or through the node that only ``fn`` feeds (``through``, and on below it)."""
-    child, nr = fn.next_functions[i]
-    node = None if child is None else run.graph.node_of(child)
-    if node is None or not run.useful[node.id]:
+    child, nr, node = _useful_child(run, fn, i)
+    if node is None:
         return None
     if (node.id, nr) in run.record:
         raise _NoBypassError  # a recorded slot: the pass reads its gradient where this one would not have arrived

@@ -58,7 +58,7 @@ def gradient_steps(run: Run) -> tuple[list[tuple[Any, Any]], str | None]:
             continue
         seen.add(node.fn)
         head = graph.nodes[graph.head[node.fn]]
-        parts = [n for n in graph.nodes[head.id:head.id + 8] if n.fn is node.fn]
+        parts = graph.parts(node.fn)
         ctx = Context(run, head, [])
         step = head.spec.gradient_step(ctx) if len(parts) == 1 else spec_for(head.fn).gradient_step_fused(ctx, parts)
         if step is None:

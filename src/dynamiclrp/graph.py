@@ -51,6 +51,14 @@ class Graph:
     head: dict[Any, int] = field(default_factory=dict)
     consumers: dict[tuple[int, int], list[tuple[int, int]]] = field(default_factory=dict)
 
+    def parts(self, fn: Any) -> list[Node]:
+        """The nodes ``fn`` was split into (one for an unfused node), head first: they are numbered in a row."""
+        i, out = self.head[fn], []
+        while i < len(self.nodes) and self.nodes[i].fn is fn:
+            out.append(self.nodes[i])
+            i += 1
+        return out
+
     def node_of(self, fn: Any) -> Node | None:
         """The node that produces ``fn``'s outputs (the head part of a fused node)."""
         i = self.head.get(fn)

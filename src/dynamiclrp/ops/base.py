@@ -241,12 +241,17 @@ def ratio(r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     ``r = 0`` it is 0 (the relevance ``x g`` is 0 whatever ``g``); where ``x = 0`` but ``r ≠ 0`` no ratio carries
     ``r`` and it is ±inf, which makes the relevance below non-finite: the run's check then falls back to the
     node-by-node propagation instead of losing ``r``."""
-    return torch.div(r, x).nan_to_num_(0.0, posinf=math.inf, neginf=-math.inf)
+    return _zero_undefined_(torch.div(r, x))
 
 
 def ratio_(r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """:func:`ratio` in place: ``r`` is overwritten by ``r / x`` and returned."""
-    return r.div_(x).nan_to_num_(0.0, posinf=math.inf, neginf=-math.inf)
+    return _zero_undefined_(r.div_(x))
+
+
+def _zero_undefined_(q: torch.Tensor) -> torch.Tensor:
+    """0/0 (NaN) → 0 in place; ±inf kept (see :func:`ratio`)."""
+    return q.nan_to_num_(0.0, posinf=math.inf, neginf=-math.inf)
 
 
 def spare(grad: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype, *others: torch.Tensor) -> Any:
