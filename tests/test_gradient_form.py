@@ -118,7 +118,8 @@ def tiny(name: str, attn: str):
 @pytest.mark.parametrize("name,attn,preset", [(n, a, p) for n in ("bert", "gpt2") for a in ("eager", "sdpa")
                                               for p in ("attnlrp", "cp_lrp")])
 def test_matches_node_by_node_on_transformers(name, attn, preset):
-    """Fused SDPA attention included: its query, key and value gradients scaled by the parts' rules."""
+    """Fused SDPA attention included: its query, key and value gradients scaled by the parts' rules (under CP-LRP
+    its value gradient alone, the node bypassed)."""
     model, out = tiny(name, attn)
     ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
     # padding: the attention mask reaches the softmax (by hand) or SDPA (fused). GPT-2's is left padding under its
@@ -129,6 +130,8 @@ def test_matches_node_by_node_on_transformers(name, attn, preset):
                              rules=LIMIT_PRESET[preset])
     got = dynamiclrp.explain(model, inputs, preset=preset, output=out, ledger=False)
     assert got.stats.gradient_form
+    if attn == "sdpa" and preset == "cp_lrp":  # each layer's attention, and GPT-2's packed projection
+        assert got.stats.bypassed == {"bert": 2, "gpt2": 4}[name]
     for k in ref.embeddings:
         assert rel_diff(got.embeddings[k], ref.embeddings[k]) < TOL, k
 
@@ -241,7 +244,7 @@ def test_fused_projection_bypass(preset, monkeypatch):
                                rules=LIMIT_PRESET[preset])
     monkeypatch.setattr(gradient_form, "BYPASSES", False)
     plain = dynamiclrp.propagate(y, target=0, wrt=[x], preset=preset, ledger=False)
-    assert got.stats.bypassed == (1 if preset == "cp_lrp" else 0) and plain.stats.bypassed == 0
+    assert got.stats.bypassed == (2 if preset == "cp_lrp" else 0) and plain.stats.bypassed == 0
     assert rel_diff(got.inputs[0], plain.inputs[0]) < 1e-12
     assert rel_diff(got.inputs[0], ref.inputs[0]) < TOL
     y[:, 0].sum().backward()
@@ -267,7 +270,7 @@ def test_fused_projection_bypass_on_torchvision_vit(monkeypatch):
                              rules=LIMIT_PRESET["cp_lrp"])
     monkeypatch.setattr(gradient_form, "BYPASSES", False)
     plain = dynamiclrp.explain(model, x, preset="cp_lrp", ledger=False)
-    assert got.stats.bypassed == 2 and plain.stats.bypassed == 0
+    assert got.stats.bypassed == 4 and plain.stats.bypassed == 0  # two projections, two attentions
     assert rel_diff(got.inputs[0], plain.inputs[0]) < 1e-12
     assert rel_diff(got.inputs[0], ref.inputs[0]) < TOL
 
@@ -282,7 +285,7 @@ def test_bypass_steps_aside_where_it_cannot_hand_its_gradient_on(monkeypatch):
     plain = dynamiclrp.explain(model, x, preset="cp_lrp", ledger=False, modules=["ln"])
     assert plain.stats.gradient_form and plain.stats.bypassed == 0
     free = dynamiclrp.explain(model, x, preset="cp_lrp", ledger=False)
-    assert free.stats.bypassed == 1 and rel_diff(free.inputs[0], plain.inputs[0]) < 1e-12
+    assert free.stats.bypassed == 2 and rel_diff(free.inputs[0], plain.inputs[0]) < 1e-12
 
     def refuse(self, fn):
         def hook(grad_outputs):
@@ -311,6 +314,97 @@ def test_bypass_does_not_carry_through_a_fork(monkeypatch):
         monkeypatch.setattr(gradient_form, "BYPASSES", True)
         assert got.stats.gradient_form and got.stats.bypassed == 0
         assert torch.equal(got.inputs[0], plain.inputs[0])
+
+
+SDPA_CASES = {  # (query heads, key/value heads, queries, keys, mask, is_causal, scale)
+    "plain": (4, 4, 40, 45, None, False, None),
+    "grouped-query, causal": (4, 2, 40, 40, None, True, None),
+    "causal, fewer queries than keys": (2, 2, 40, 45, None, True, 0.3),
+    "boolean padding mask": (2, 2, 40, 45, "bool", False, None),
+    "additive mask": (2, 2, 40, 40, "float", False, None),
+}
+
+
+@pytest.mark.parametrize("case", list(SDPA_CASES))
+def test_values_gradient_of_fused_attention(case, monkeypatch):
+    r"""The value gradient CP-LRP keeps from a fused attention node, computed alone a block of 16 query rows at a
+    time: the explicit formula :math:`g_V = P^\top g_O`, :math:`P = \mathrm{softmax}(\mathrm{scale}\,QK^\top
+    + M)` (grouped heads summed onto their value head), and the node's own backward."""
+    from dynamiclrp.ops import attention
+
+    hq, hkv, L, S, mask, causal, scale = SDPA_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, hq, L, 8, dtype=D, generator=g)
+    k, v = (torch.randn(2, hkv, S, 8, dtype=D, generator=g).requires_grad_() for _ in range(2))
+    m = None
+    if mask == "bool":
+        m = torch.rand(2, 1, 1, S, generator=g) > 0.3
+        m[..., 0] = True  # every query attends to something
+    elif mask == "float":
+        m = torch.randn(L, S, dtype=D, generator=g)
+    o = F.scaled_dot_product_attention(q.requires_grad_(), k, v, attn_mask=m, is_causal=causal, scale=scale,
+                                       enable_gqa=hq != hkv)
+    assert type(o.grad_fn).__name__ in attention.SDPA_KINDS
+    go = torch.randn(o.shape, dtype=D, generator=g)
+    monkeypatch.setattr(attention, "_BLOCK", 1)  # blocks of 16 rows: three here
+    got = attention._values_gradient(o.grad_fn, (go,), 0.5)[2]
+
+    logits = (scale or 1 / math.sqrt(8)) * q.detach() @ k.detach().repeat_interleave(hq // hkv, 1).mT
+    if m is not None:
+        logits = logits + (torch.zeros(m.shape, dtype=D).masked_fill(~m, -math.inf) if m.dtype == torch.bool else m)
+    if causal:
+        logits = logits.masked_fill(torch.ones(L, S, dtype=torch.bool).tril().logical_not(), -math.inf)
+    formula = (torch.softmax(logits, -1).mT @ go).unflatten(1, (hkv, hq // hkv)).sum(2)
+    assert rel_diff(got, 0.5 * formula) < 1e-12
+    (own,) = torch.autograd.grad(o, v, go)
+    assert rel_diff(got, 0.5 * own) < 1e-12
+
+
+def test_values_gradient_declines_where_the_log_sum_exp_has_a_gradient():
+    from dynamiclrp.ops import attention
+
+    q, k, v = (torch.randn(1, 2, 5, 4, dtype=D, requires_grad=True) for _ in range(3))
+    o = F.scaled_dot_product_attention(q, k, v)
+    assert attention._values_gradient(o.grad_fn, (torch.ones_like(o), torch.ones(1, 2, 5, dtype=D)), 1.0) is None
+    assert attention._values_gradient(o.grad_fn, (None,), 1.0) is None
+
+
+class SeparateAttention(nn.Module):
+    """Fused attention fed by three projections of one layer-normed stream, grouped-query and causal, in a residual
+    block (as transformers' SDPA attention has it)."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.inp, self.ln, self.head = nn.Linear(d, d), nn.LayerNorm(d), nn.Linear(d, 3)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d // 2), nn.Linear(d, d // 2)
+
+    def forward(self, x):
+        x = self.inp(x)
+        a = self.ln(x)
+        n, t, _ = a.shape
+        q, k, v = (p(a).view(n, t, -1, 2).transpose(1, 2) for p in (self.q, self.k, self.v))
+        h = x + F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2).flatten(2)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("model_cls", [PackedAttention, SeparateAttention])
+def test_fused_attention_bypass(model_cls, monkeypatch):
+    """Under CP-LRP the fused attention's backward is bypassed by its value gradient alone, carried by hand down
+    the value path: through the packed projection's split (its query and key parts get nothing) to the projection's
+    own bypass, or through the value projection to the layer norm's output, where the query and key projections
+    give nothing but the residual stream does. Equal to the pass without bypasses and to node by node."""
+    from dynamiclrp import gradient_form
+
+    torch.manual_seed(0)
+    model, x = model_cls().to(D).eval(), torch.randn(2, 5, 8, dtype=D)
+    got = dynamiclrp.explain(model, x, preset="cp_lrp", ledger=False)
+    ref = dynamiclrp.explain(model, x, preset="cp_lrp", ledger=False, gradient_form=False,
+                             rules=LIMIT_PRESET["cp_lrp"])
+    monkeypatch.setattr(gradient_form, "BYPASSES", False)
+    plain = dynamiclrp.explain(model, x, preset="cp_lrp", ledger=False)
+    assert got.stats.bypassed == (2 if model_cls is PackedAttention else 1) and plain.stats.bypassed == 0
+    assert rel_diff(got.inputs[0], plain.inputs[0]) < 1e-12
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < TOL
 
 
 def test_hooks_reuse_only_a_fresh_unshared_gradient_buffer():

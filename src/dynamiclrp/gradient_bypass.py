@@ -8,14 +8,19 @@ computing). What it computed must then reach the nodes below by another way, for
 directly, with its own step, as the engine would), to the first slot that also receives a gradient from elsewhere,
 and added there by a pre-hook of that slot's node. The sums are the engine's, in another order.
 
-The one bypass so far is the fused projection: one matrix product computing the queries, keys and values
-(``in_proj`` of ``torch.nn.MultiheadAttention``, GPT-2's ``c_attn``), then split. Under CP-LRP the queries and keys
-get no gradient: the product's backward multiplies a gradient two thirds zero by the whole weight. The bypass
-multiplies the non-zero columns only, :math:`g_x = g_{[:, a:b]}\,W_{[a:b]}`: the same sum without the zero terms.
+Two bypasses so far, both for CP-LRP, which gives the queries and keys of attention no gradient:
 
-Anything unforeseen at run time (a slot that was to take the hand-carried gradient receives none from elsewhere)
-raises :class:`UndeliveredError`; :func:`dynamiclrp.gradient_form.propagate_gradient_form` then removes the hooks
-and runs the pass again without bypasses.
+* the fused projection: one matrix product computing the queries, keys and values (``in_proj`` of
+  ``torch.nn.MultiheadAttention``, GPT-2's ``c_attn``), then split. Its backward multiplies a gradient two thirds
+  zero by the whole weight; the bypass multiplies the non-zero columns only, :math:`g_x = g_{[:, a:b]}\,W_{[a:b]}`:
+  the same sum without the zero terms;
+* fused attention (``scaled_dot_product_attention``): its backward computes the query, key and value gradients
+  (five products over the attention weights); the step then drops the first two. The bypass computes the value
+  gradient alone, :math:`g_V = P^\top g_O` (a node's :class:`~dynamiclrp.ops.base.DirectStep`).
+
+Something unforeseen at run time -- a carried gradient still pending after the pass (its slot's node never ran), or
+a delivery hook raising :class:`UndeliveredError` -- makes
+:func:`dynamiclrp.gradient_form.propagate_gradient_form` remove the hooks and run the pass again without bypasses.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 import torch
 
 from .engine import Run
-from .ops.base import PreHook, saved
+from .ops.base import DirectStep, PreHook, saved
 
 # how the gradient of a fused projection's output reaches the parts it is split into
 _SPLITS = frozenset({"SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0", "UnsafeSplitBackward0",
@@ -33,7 +38,7 @@ _SPLITS = frozenset({"SplitBackward0", "SplitWithSizesBackward0", "UnbindBackwar
 _PICKS = frozenset({"SelectBackward0", "SliceBackward0"})
 # the projections a bypass can narrow: (input slot of the activation, saved name of the weight side)
 _PROJECTIONS = {"AddmmBackward0": (1, "mat2"), "MmBackward0": (0, "mat2")}
-_MAX_CHAIN = 8  # nodes carried through by hand below a bypassed node
+_MAX_CHAIN = 16  # nodes carried through by hand below a bypassed node
 
 
 class UndeliveredError(RuntimeError):
@@ -72,7 +77,7 @@ class Bypasses:
                 carried = self.pending.pop((fn, slot), None)
                 if carried is None:
                     continue
-                if grads[slot] is None:
+                if grads[slot] is None:  # autograd lets no hook turn "no gradient" into one
                     raise UndeliveredError(f"{fn.name()} slot {slot} receives no gradient besides a bypassed node's")
                 grads[slot] = grads[slot] + carried.to(grads[slot].dtype)
             return tuple(grads)
@@ -81,7 +86,7 @@ class Bypasses:
     # ---------------------------------------------------------------------------------------------- running
     def carry(self, route: Any, grad: torch.Tensor) -> None:
         """Send ``grad`` along a planned route: ``None`` (nothing needs it), ``("deliver", fn, slot)`` or
-        ``("through", fn, step, children)``."""
+        ``("through", fn, slot, step, children)``."""
         if route is None:
             return
         if route[0] == "deliver":
@@ -89,10 +94,12 @@ class Bypasses:
             prev = self.pending.get(key)
             self.pending[key] = grad if prev is None else prev + grad
             return
-        _, fn, step, children = route
-        grads: tuple = (grad,)
+        _, fn, nr, step, children = route
+        grads: tuple = tuple(grad if o == nr else None for o in range(len(fn._input_metadata)))
         if isinstance(step, PreHook):
             grads = step.hook(grads)
+            if all(g is None for g in grads):  # a bypassed node: its hook carried its result on
+                return
         out = fn(*grads) if callable(fn) else fn.apply(*grads)
         out = out if isinstance(out, tuple) else (out,)
         if step is not None and not isinstance(step, PreHook):
@@ -109,10 +116,11 @@ class _NoBypassError(Exception):
     pass
 
 
-def plan_bypasses(run: Run, steps: dict[Any, Any]) -> Bypasses:
-    """The bypasses this run's graph allows, given the other nodes' gradient ``steps`` (autograd node → hook)."""
+def plan_bypasses(run: Run, steps: dict[Any, Any], seeds: frozenset = frozenset()) -> Bypasses:
+    """The bypasses this run's graph allows, given the other nodes' gradient ``steps`` (autograd node → hook) and
+    ``seeds``, the output slots the pass starts from."""
     graph, useful = run.graph, run.useful
-    bypasses = Bypasses()
+    plan = _Planner(run, steps, seeds)
     for fn, nid in graph.head.items():
         kind = fn.name()
         if kind not in _PROJECTIONS or fn in steps or not useful[nid] or not _feeds_a_split(run, nid, steps):
@@ -120,16 +128,114 @@ def plan_bypasses(run: Run, steps: dict[Any, Any]) -> Bypasses:
         x_slot, weight = _PROJECTIONS[kind]
         if any(i != x_slot and _useful_child(run, fn, i)[2] for i in range(len(fn.next_functions))):
             continue  # the weight (or bias) side is wanted too: keep the node's own backward
-        deliveries: list[tuple[Any, int]] = []
-        try:
-            route = _route(run, steps, fn, x_slot, 0, deliveries)
-        except _NoBypassError:
-            continue
+        route = plan.route(fn, x_slot)
         if route is not None:
-            for child, nr in deliveries:
-                bypasses.add_delivery(child, nr)
-            bypasses.hooks.append((fn, PreHook(_narrowed_projection(bypasses, fn, weight, route))))
-    return bypasses
+            plan.hook(fn, _narrowed_projection(plan.bypasses, fn, weight, route))
+    direct = [(fn, step) for fn, step in steps.items() if isinstance(step, DirectStep) and len(step.slots) == 1]
+    # their other operands get nothing, nor what only those feed (a guess that fails for a node left unbypassed
+    # costs a node run twice -- by hand and by the engine -- not a wrong sum: backward is linear in the gradient)
+    plan.silent_below.update(fn for fn, _ in direct)
+    for fn, step in direct:
+        route = plan.route(fn, step.slots[0])
+        if route is not None:
+            plan.hook(fn, _direct(plan.bypasses, step, route))
+        else:
+            plan.speak(fn)
+    return plan.bypasses
+
+
+class _Planner:
+    """Routes for the gradients bypasses carry, with what they found on the way."""
+
+    def __init__(self, run: Run, steps: dict, seeds: frozenset) -> None:
+        self.run, self.steps, self.seeds = run, steps, seeds
+        self.bypasses = Bypasses()
+        self.hooks: dict[Any, PreHook] = {}  # the bypassed nodes so far
+        self.silent_below: set[Any] = set()  # bypassed nodes that give some operands nothing at all
+        self._deliveries: list[tuple[Any, int]] = []
+        self._silence: dict[int, bool] = {}  # _silent's answers while silent_below stands
+
+    def speak(self, fn: Any) -> None:
+        """``fn`` is not bypassed after all: its operands get gradients."""
+        self.silent_below.discard(fn)
+        self._silence.clear()
+
+    def hook(self, fn: Any, hook: Any) -> None:
+        for child, nr in self._deliveries:
+            self.bypasses.add_delivery(child, nr)
+        self.hooks[fn] = PreHook(hook)
+        self.bypasses.hooks.append((fn, self.hooks[fn]))
+
+    def route(self, fn: Any, i: int) -> Any:
+        """The route of ``fn``'s input ``i``'s gradient, or None where it cannot (or need not) be carried."""
+        self._deliveries = []
+        try:
+            return self._route(fn, i, 0)
+        except _NoBypassError:
+            return None
+
+    def _route(self, fn: Any, i: int, depth: int) -> Any:
+        """Where the gradient of ``fn``'s input ``i`` goes: nowhere (None), to a slot that also receives gradient
+        from elsewhere (``deliver``), or through the node that only ``fn`` feeds -- or whose other consumers give
+        it nothing -- (``through``, and on below it; a node bypassed itself carries on by its own hook)."""
+        run = self.run
+        child, nr, node = _useful_child(run, fn, i)
+        if node is None:
+            return None
+        if (node.id, nr) in run.record:
+            raise _NoBypassError  # a recorded slot: the pass reads its gradient where this one would not arrive
+        others = [c for c, _ in run.graph.consumers.get((node.id, nr), ()) if run.graph.nodes[c].fn is not fn]
+        if others and not all(self._silent(c) for c in others):
+            self._deliveries.append((child, nr))
+            return ("deliver", child, nr)
+        if child in self.hooks:
+            return ("through", child, nr, self.hooks[child], [None] * len(child.next_functions))
+        if depth >= _MAX_CHAIN:
+            raise _NoBypassError
+        if not all(self._quiet(node.id, o) for o in range(len(child._input_metadata)) if o != nr):
+            raise _NoBypassError  # another output of the node gets a gradient: the node runs anyway
+        children = [self._route(child, j, depth + 1) for j in range(len(child.next_functions))]
+        if sum(r is not None for r in children) > 1:
+            # a fork: its branches may meet again at a slot that then gets its gradients only from here, with
+            # none from elsewhere to join (a product of two projections of one input)
+            raise _NoBypassError
+        return ("through", child, nr, self.steps.get(child), children)
+
+    def _silent(self, nid: int, depth: int = 0) -> bool:
+        """Whether graph node ``nid`` gives its operands no gradient in this pass: it is a part of a node in
+        :attr:`silent_below` (the operands it gives something are on the route asking), wanted by nothing, or
+        fed only by such nodes."""
+        known = self._silence.get(nid)
+        if known is not None:
+            return known
+        fn = self.run.graph.nodes[nid].fn
+        if fn in self.silent_below or not self.run.useful[nid]:
+            return True
+        head = self.run.graph.head[fn]  # a node split into parts gets its gradients at its head's slots
+        # past the depth limit: taken to get a gradient (a delivery there, checked at run time)
+        silent = depth < 2 * _MAX_CHAIN and all(self._quiet(head, nr, depth) for nr in range(len(fn._input_metadata)))
+        self._silence[nid] = silent
+        return silent
+
+    def _quiet(self, nid: int, nr: int, depth: int = 0) -> bool:
+        """Whether output slot ``nr`` of graph node ``nid`` gets no gradient: no seed, not recorded, only silent
+        consumers."""
+        run = self.run
+        return (nid, nr) not in run.record and (nid, nr) not in self.seeds and all(
+            self._silent(c, depth + 1) for c, _ in run.graph.consumers.get((nid, nr), ()))
+
+
+def _direct(bypasses: Bypasses, step: DirectStep, route: Any):
+    """Pre-hook of a node whose step computes its one wanted input gradient directly (:class:`DirectStep`): that
+    gradient is carried on by hand and the node is given nothing."""
+    def hook(grad_outputs):
+        grads = step.direct(grad_outputs)
+        if grads is None:
+            return grad_outputs
+        bypasses.carry(route, grads[step.slots[0]])
+        bypasses.bypassed += 1
+        return (None,) * len(grad_outputs)
+    return hook
 
 
 def _narrowed_projection(bypasses: Bypasses, fn: Any, weight: str, route: Any):
@@ -180,24 +286,3 @@ def _useful_child(run: Run, fn: Any, i: int) -> tuple[Any, int, Any]:
     child, nr = fn.next_functions[i]
     node = None if child is None else run.graph.node_of(child)
     return child, nr, node if node is not None and run.useful[node.id] else None
-
-
-def _route(run: Run, steps: dict, fn: Any, i: int, depth: int, deliveries: list) -> Any:
-    """Where the gradient of ``fn``'s input ``i`` goes: nowhere (None), to a slot that also receives gradient from
-    elsewhere (``deliver``), or through the node that only ``fn`` feeds (``through``, and on below it)."""
-    child, nr, node = _useful_child(run, fn, i)
-    if node is None:
-        return None
-    if (node.id, nr) in run.record:
-        raise _NoBypassError  # a recorded slot: the pass reads its gradient where this one would not have arrived
-    if len(run.graph.consumers.get((node.id, nr), ())) >= 2:
-        deliveries.append((child, nr))
-        return ("deliver", child, nr)
-    if depth >= _MAX_CHAIN or len(child._input_metadata) != 1:
-        raise _NoBypassError  # too deep, or a node with several outputs (the others' gradients come from elsewhere)
-    children = [_route(run, steps, child, j, depth + 1, deliveries) for j in range(len(child.next_functions))]
-    if sum(r is not None for r in children) > 1:
-        # a fork: its branches may meet again at a slot that then gets its gradients only from here, with none
-        # from elsewhere to join (a product of two projections of one input)
-        raise _NoBypassError
-    return ("through", child, steps.get(child), children)

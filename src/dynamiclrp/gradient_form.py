@@ -79,7 +79,7 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
     keys = sorted(run.record)
     outputs = [GradientEdge(graph.nodes[nid].fn, nr) for nid, nr in seeds]
     ratios = [ratio(r.to(v.dtype), v) for r, v in seeds.values()]  # at an output: its relevance over its value
-    bypasses = plan_bypasses(run, dict(hooks)) if (BYPASSES if bypass is None else bypass) else None
+    bypasses = plan_bypasses(run, dict(hooks), frozenset(seeds)) if (BYPASSES if bypass is None else bypass) else None
     handles = [fn.register_prehook(hook.hook) for fn, hook in (bypasses.hooks if bypasses else ())]
     handles += [fn.register_prehook(hook.hook) if isinstance(hook, PreHook) else fn.register_hook(hook)
                 for fn, hook in hooks]

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ActivationUnavailableError, DynamicLRPError
 from ..rules import BLOCKED, PLAIN
-from .base import NEXT, PART, OpSpec, held_constant, rule_form, saved, scaled_gradient, through_views
+from .base import NEXT, PART, DirectStep, OpSpec, held_constant, rule_form, saved, scaled_gradient, through_views
 from .elementwise import AddTerms
 
 
@@ -282,8 +282,57 @@ class ScaledDotProductAttention(OpSpec):
         if _Mask in at and rule_form(at[_Mask].rule("sum"), "sum") is not PLAIN:
             return None
         through = None if softmax is BLOCKED or weights is None else weights
-        return scaled_gradient((None if through is None or q is None else through * q,
-                                None if through is None or k is None else through * k, values))
+        factors = (None if through is None or q is None else through * q,
+                   None if through is None or k is None else through * k, values)
+        step = scaled_gradient(factors)
+        fn = ctx.node.fn
+        if factors[:2] == (None, None) and values is not None and len(fn.next_functions) == 3:
+            # CP-LRP: the values' gradient alone
+            return DirectStep(step, lambda grad_outputs: _values_gradient(fn, grad_outputs, values), (2,))
+        return step
+
+
+#: elements of one block of recomputed attention weights in :func:`_values_gradient` (in cache on a CPU)
+_BLOCK = 1 << 17
+
+
+def _values_gradient(fn, grad_outputs, factor: float):
+    r"""The value gradient of a fused attention node, :math:`g_V = \mathrm{factor}\,P^\top g_O`, without the
+    query and key gradients its backward also computes (three of its five products). The weights
+    :math:`P = \mathrm{softmax}(\mathrm{scale}\,QK^\top + M)` are recomputed a block of query rows at a time
+    (about :data:`_BLOCK` elements, so each block stays in cache as the fused kernels' tiles do); under a causal
+    mask a block reads only the keys its rows can attend to. Grouped-query heads are summed back onto their
+    shared value head. Returns None (the node then runs its own backward) where the output's second gradient
+    (the log-sum-exp) is wanted too."""
+    g = grad_outputs[0]
+    if g is None or any(o is not None for o in grad_outputs[1:]):
+        return None
+    q, k = saved(fn, "query"), saved(fn, "key")
+    work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    scale, m, causal = _scale(fn, q), _mask(fn, q, k), bool(saved(fn, "is_causal", False))
+    q, kx, g = q.to(work), _heads(q, k)(k).to(work), g.to(work)
+    L, S = q.shape[-2], kx.shape[-2]
+    batch = math.prod(torch.broadcast_shapes(q.shape[:-2], kx.shape[:-2], g.shape[:-2]))
+    rows = max(16, _BLOCK // max(1, batch * S))
+    dv = g.new_zeros(*torch.broadcast_shapes(q.shape[:-2], g.shape[:-2]), S, g.shape[-1])
+    for a in range(0, L, rows):
+        e = min(a + rows, L)
+        cols = min(e, S) if causal else S  # rows a:e attend to keys before e at most
+        s = torch.matmul(q[..., a:e, :], kx[..., :cols, :].mT).mul_(scale)
+        if m is not None:
+            s += (m if m.dim() < 2 or m.shape[-2] == 1 else m[..., a:e, :])[..., :cols].to(work)
+        p = torch.softmax(s, -1)
+        if m is not None:
+            p.nan_to_num_(0.0)  # a fully masked row attends to nothing
+        dv[..., :cols, :].add_(p.mT @ g[..., a:e, :])
+    v = saved(fn, "value")
+    if dv.shape[-3] != v.shape[-3]:  # grouped-query: the query heads sharing a value head
+        dv = dv.unflatten(-3, (v.shape[-3], -1)).sum(-3)
+    if dv.shape != v.shape:  # batch dimensions the values were broadcast along
+        dv = dv.sum_to_size(v.shape)
+    if factor != 1:
+        dv.mul_(factor)
+    return {2: dv.to(v.dtype)}
 
 
 SDPA_KINDS = (

@@ -210,6 +210,22 @@ class PreHook:
         self.hook = hook
 
 
+class DirectStep:
+    """A gradient step on a node's result (a post-hook, as :func:`scaled_gradient` gives) that also knows a cheaper
+    way to the same result: ``direct(grad_outputs)`` returns the gradients of the input slots in ``slots`` (the
+    others get none from the step) without the node's own backward. :mod:`dynamiclrp.gradient_bypass` runs it
+    instead of the node where it can carry those gradients on by hand; elsewhere the node runs and ``post``
+    applies. ``direct`` may return None to decline at run time (the node then runs as usual)."""
+
+    __slots__ = ("post", "direct", "slots")
+
+    def __init__(self, post: Any, direct: Any, slots: tuple[int, ...]):
+        self.post, self.direct, self.slots = post, direct, slots
+
+    def __call__(self, grad_inputs, grad_outputs):
+        return self.post(grad_inputs, grad_outputs)
+
+
 def scaled_gradient(factors: tuple) -> Any:
     """Gradient step: operand ``i``'s gradient times ``factors[i]`` (None: no gradient; past the end: as is).
     One factor for every operand (AttnLRP's halves) scales the node's incoming gradient instead: one pass over the
