@@ -40,7 +40,12 @@ def models(names):
 
     for name in names:
         if name in ("vgg16", "resnet50", "vit_b_16"):
-            yield name, getattr(torchvision.models, name)().eval(), torch.randn(1, 3, 224, 224)
+            model = getattr(torchvision.models, name)().eval()
+            if name == "vit_b_16":  # torchvision initialises the head to zero: every gradient would be zero
+                with torch.no_grad():
+                    model.heads.head.weight.normal_(0, 0.05)
+                    model.heads.head.bias.normal_(0, 0.05)
+            yield name, model, torch.randn(1, 3, 224, 224)
         elif name == "bert":
             from transformers import BertConfig, BertForSequenceClassification
 

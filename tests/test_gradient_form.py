@@ -320,6 +320,7 @@ SDPA_CASES = {  # (query heads, key/value heads, queries, keys, mask, is_causal,
     "plain": (4, 4, 40, 45, None, False, None),
     "grouped-query, causal": (4, 2, 40, 40, None, True, None),
     "causal, fewer queries than keys": (2, 2, 40, 45, None, True, 0.3),
+    "causal, more queries than keys": (2, 2, 45, 40, None, True, None),
     "boolean padding mask": (2, 2, 40, 45, "bool", False, None),
     "additive mask": (2, 2, 40, 40, "float", False, None),
 }
@@ -327,8 +328,8 @@ SDPA_CASES = {  # (query heads, key/value heads, queries, keys, mask, is_causal,
 
 @pytest.mark.parametrize("case", list(SDPA_CASES))
 def test_values_gradient_of_fused_attention(case, monkeypatch):
-    r"""The value gradient CP-LRP keeps from a fused attention node, computed alone a block of 16 query rows at a
-    time: the explicit formula :math:`g_V = P^\top g_O`, :math:`P = \mathrm{softmax}(\mathrm{scale}\,QK^\top
+    r"""The value gradient CP-LRP keeps from a fused attention node, computed alone a head and a block of 16 query
+    rows at a time: the explicit formula :math:`g_V = P^\top g_O`, :math:`P = \mathrm{softmax}(\mathrm{scale}\,QK^\top
     + M)` (grouped heads summed onto their value head), and the node's own backward."""
     from dynamiclrp.ops import attention
 
@@ -346,7 +347,8 @@ def test_values_gradient_of_fused_attention(case, monkeypatch):
                                        enable_gqa=hq != hkv)
     assert type(o.grad_fn).__name__ in attention.SDPA_KINDS
     go = torch.randn(o.shape, dtype=D, generator=g)
-    monkeypatch.setattr(attention, "_BLOCK", 1)  # blocks of 16 rows: three here
+    monkeypatch.setattr(attention, "_BLOCK", 1)  # blocks of 16 rows: three here, the last one short
+    monkeypatch.setattr(attention, "_HEADS_BLOCK", 1)  # one head at a time
     got = attention._values_gradient(o.grad_fn, (go,), 0.5)[2]
 
     logits = (scale or 1 / math.sqrt(8)) * q.detach() @ k.detach().repeat_interleave(hq // hkv, 1).mT

@@ -141,17 +141,23 @@ def _heads(q, k):
 
 def _mask(fn, q, k):
     """The additive mask of an attention node (0 where attended, -inf or a bias elsewhere), or None."""
-    m = saved(fn, "attn_mask", None)
-    if m is None:
-        m = saved(fn, "attn_bias", None)
+    m = _given_mask(fn, q)
     L, S = q.shape[-2], k.shape[-2]
-    if m is not None and m.dtype == torch.bool:
-        m = torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill(~m, float("-inf"))
     if saved(fn, "is_causal", False):
         causal = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
         c = torch.zeros(L, S, dtype=q.dtype, device=q.device).masked_fill(~causal, float("-inf"))
         m = c if m is None else m + c
     return None if m is None else m.to(q.dtype)
+
+
+def _given_mask(fn, q):
+    """The mask the attention was called with (``attn_mask``, additive), without ``is_causal``'s; or None."""
+    m = saved(fn, "attn_mask", None)
+    if m is None:
+        m = saved(fn, "attn_bias", None)
+    if m is not None and m.dtype == torch.bool:
+        m = torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill(~m, float("-inf"))
+    return m
 
 
 def _scale(fn, q):
@@ -292,39 +298,58 @@ class ScaledDotProductAttention(OpSpec):
         return step
 
 
-#: elements of one block of recomputed attention weights in :func:`_values_gradient` (in cache on a CPU)
-_BLOCK = 1 << 17
+#: elements of one block of recomputed attention weights in :func:`_values_gradient`, and of the keys (and of the
+#: value gradients) of one group of heads: sizes that stay in a CPU's cache, as the fused kernels' tiles do
+_BLOCK, _HEADS_BLOCK = 1 << 17, 1 << 16
 
 
 def _values_gradient(fn, grad_outputs, factor: float):
     r"""The value gradient of a fused attention node, :math:`g_V = \mathrm{factor}\,P^\top g_O`, without the
-    query and key gradients its backward also computes (three of its five products). The weights
-    :math:`P = \mathrm{softmax}(\mathrm{scale}\,QK^\top + M)` are recomputed a block of query rows at a time
-    (about :data:`_BLOCK` elements, so each block stays in cache as the fused kernels' tiles do); under a causal
-    mask a block reads only the keys its rows can attend to. Grouped-query heads are summed back onto their
-    shared value head. Returns None (the node then runs its own backward) where the output's second gradient
-    (the log-sum-exp) is wanted too."""
+    query and key gradients its backward also computes (three of its five products over the weights). The weights
+    :math:`P = \mathrm{softmax}(\mathrm{scale}\,QK^\top + M)` are recomputed for a group of heads and a block of
+    query rows at a time (:data:`_HEADS_BLOCK`, :data:`_BLOCK`), so that the keys, the block and the gradients it
+    adds to stay in cache; under a causal mask a block reads only the keys its rows can attend to. Grouped-query
+    heads are summed back onto their shared value head. Returns None (the node then runs its own backward) where
+    the output's second gradient (the log-sum-exp) is wanted too."""
     g = grad_outputs[0]
     if g is None or any(o is not None for o in grad_outputs[1:]):
         return None
     q, k = saved(fn, "query"), saved(fn, "key")
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    scale, m, causal = _scale(fn, q), _mask(fn, q, k), bool(saved(fn, "is_causal", False))
-    q, kx, g = q.to(work), _heads(q, k)(k).to(work), g.to(work)
-    L, S = q.shape[-2], kx.shape[-2]
-    batch = math.prod(torch.broadcast_shapes(q.shape[:-2], kx.shape[:-2], g.shape[:-2]))
-    rows = max(16, _BLOCK // max(1, batch * S))
-    dv = g.new_zeros(*torch.broadcast_shapes(q.shape[:-2], g.shape[:-2]), S, g.shape[-1])
-    for a in range(0, L, rows):
-        e = min(a + rows, L)
-        cols = min(e, S) if causal else S  # rows a:e attend to keys before e at most
-        s = torch.matmul(q[..., a:e, :], kx[..., :cols, :].mT).mul_(scale)
-        if m is not None:
-            s += (m if m.dim() < 2 or m.shape[-2] == 1 else m[..., a:e, :])[..., :cols].to(work)
-        p = torch.softmax(s, -1)
-        if m is not None:
-            p.nan_to_num_(0.0)  # a fully masked row attends to nothing
-        dv[..., :cols, :].add_(p.mT @ g[..., a:e, :])
+    scale, m, causal = _scale(fn, q), _given_mask(fn, q), bool(saved(fn, "is_causal", False))
+    k = _heads(q, k)(k)
+    L, S = q.shape[-2], k.shape[-2]
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], g.shape[:-2])
+    heads = batch[-1] if batch else 1
+
+    def four(t, *last):  # (batch, heads, *last): a view where it can be (a mask is often broadcast)
+        return t.expand(*batch, *last).reshape(-1, heads, *last)
+
+    # dense once (the heads are often a strided view): a product per block copies nothing
+    q, k, g = (four(t, *t.shape[-2:]).to(work).contiguous() for t in (q, k, g))
+    m = None if m is None else four(m, L, S)
+    dv = g.new_zeros(*g.shape[:2], S, g.shape[-1])
+    group = max(1, _HEADS_BLOCK // (S * k.shape[-1]))
+    rows = max(16, _BLOCK // (min(group, heads) * S))
+    # is_causal (top-left): row i attends to keys j <= i; the block's rows a:e see all keys before a, and this
+    # triangle on keys a:e
+    tri = torch.full((rows, rows), -math.inf, dtype=work, device=q.device).triu_(1) if causal else None
+    for b in range(q.shape[0]):
+        for h in range(0, heads, group):
+            hs = slice(h, h + group)
+            for a in range(0, L, rows):
+                e = min(a + rows, L)
+                cols = min(e, S) if causal else S
+                s = torch.bmm(q[b, hs, a:e], k[b, hs, :cols].mT).mul_(scale)
+                if m is not None:
+                    s += m[b, hs, a:e, :cols]
+                if causal and a < cols:
+                    s[..., a:cols] += tri[:e - a, :cols - a]
+                p = torch.softmax(s, -1)
+                if m is not None:
+                    p.nan_to_num_(0.0)  # a fully masked row attends to nothing
+                dv[b, hs, :cols].baddbmm_(p.mT, g[b, hs, a:e])
+    dv = dv.view(*batch, S, g.shape[-1])
     v = saved(fn, "value")
     if dv.shape[-3] != v.shape[-3]:  # grouped-query: the query heads sharing a value head
         dv = dv.unflatten(-3, (v.shape[-3], -1)).sum(-3)
