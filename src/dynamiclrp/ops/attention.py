@@ -310,9 +310,10 @@ def _values_gradient(fn, grad_outputs, factor: float):
     query rows at a time (:data:`_HEADS_BLOCK`, :data:`_BLOCK`), so that the keys, the block and the gradients it
     adds to stay in cache; under a causal mask a block reads only the keys its rows can attend to. Grouped-query
     heads are summed back onto their shared value head. Returns None (the node then runs its own backward) where
-    the output's second gradient (the log-sum-exp) is wanted too."""
+    the output's second gradient (the log-sum-exp) is wanted too, and off the CPU: the blocks are sized for a CPU's
+    cache, and on a GPU a loop of small products has not been measured against the fused kernels."""
     g = grad_outputs[0]
-    if g is None or any(o is not None for o in grad_outputs[1:]):
+    if g is None or g.device.type != "cpu" or any(o is not None for o in grad_outputs[1:]):
         return None
     q, k = saved(fn, "query"), saved(fn, "key")
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
