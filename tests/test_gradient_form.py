@@ -118,8 +118,9 @@ def tiny(name: str, attn: str):
 @pytest.mark.parametrize("name,attn,preset", [(n, a, p) for n in ("bert", "gpt2") for a in ("eager", "sdpa")
                                               for p in ("attnlrp", "cp_lrp")])
 def test_matches_node_by_node_on_transformers(name, attn, preset):
-    """Fused SDPA attention included: its query, key and value gradients scaled by the parts' rules (under CP-LRP
-    its value gradient alone, the node bypassed)."""
+    """Fused SDPA attention included: its query, key and value gradients scaled by the parts' rules. Under CP-LRP
+    the attention (the fused node, or eager attention's product of weights and values) gives the values their
+    gradient alone, the node bypassed."""
     model, out = tiny(name, attn)
     ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
     # padding: the attention mask reaches the softmax (by hand) or SDPA (fused). GPT-2's is left padding under its
@@ -130,7 +131,7 @@ def test_matches_node_by_node_on_transformers(name, attn, preset):
                              rules=LIMIT_PRESET[preset])
     got = dynamiclrp.explain(model, inputs, preset=preset, output=out, ledger=False)
     assert got.stats.gradient_form
-    if attn == "sdpa" and preset == "cp_lrp":  # each layer's attention, and GPT-2's packed projection
+    if preset == "cp_lrp":  # each layer's attention (fused, or the product with the values), GPT-2's projection
         assert got.stats.bypassed == {"bert": 2, "gpt2": 4}[name]
     for k in ref.embeddings:
         assert rel_diff(got.embeddings[k], ref.embeddings[k]) < TOL, k
@@ -369,6 +370,24 @@ def test_values_gradient_declines_where_the_log_sum_exp_has_a_gradient():
     o = F.scaled_dot_product_attention(q, k, v)
     assert attention._values_gradient(o.grad_fn, (torch.ones_like(o), torch.ones(1, 2, 5, dtype=D)), 1.0) is None
     assert attention._values_gradient(o.grad_fn, (None,), 1.0) is None
+
+
+@pytest.mark.parametrize("kept", [0, 1])
+def test_one_operand_gradient_of_a_product(kept):
+    """The gradient a product of activations gives its one operand that is not held constant, computed alone:
+    :math:`f\\,g\\,b^\\top` for ``a``, :math:`f\\,a^\\top g` for ``b`` -- and the node's own backward, scaled."""
+    from dynamiclrp.ops.linear import MATMUL_OPS, _one_operand_gradient
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 4, 5, dtype=D, generator=g).requires_grad_()
+    b = torch.randn(3, 5, 6, dtype=D, generator=g).requires_grad_()
+    out = torch.bmm(a, b)
+    go = torch.randn(out.shape, dtype=D, generator=g)
+    got = _one_operand_gradient(out.grad_fn, MATMUL_OPS["BmmBackward0"], kept, 0.5)((go,))
+    assert list(got) == [kept]
+    formula = go @ b.detach().mT if kept == 0 else a.detach().mT @ go
+    own = torch.autograd.grad(out, (a, b)[kept], go)[0]
+    assert rel_diff(got[kept], 0.5 * formula) < 1e-15 and rel_diff(got[kept], 0.5 * own) < 1e-15
 
 
 class SeparateAttention(nn.Module):

@@ -8,7 +8,7 @@ computing). What it computed must then reach the nodes below by another way, for
 directly, with its own step, as the engine would), to the first slot that also receives a gradient from elsewhere,
 and added there by a pre-hook of that slot's node. The sums are the engine's, in another order.
 
-Two bypasses so far, both for CP-LRP, which gives the queries and keys of attention no gradient:
+Three bypasses so far, all for CP-LRP, which gives the queries and keys of attention no gradient:
 
 * the fused projection: one matrix product computing the queries, keys and values (``in_proj`` of
   ``torch.nn.MultiheadAttention``, GPT-2's ``c_attn``), then split. Its backward multiplies a gradient two thirds
@@ -16,7 +16,10 @@ Two bypasses so far, both for CP-LRP, which gives the queries and keys of attent
   the same sum without the zero terms;
 * fused attention (``scaled_dot_product_attention``): its backward computes the query, key and value gradients
   (five products over the attention weights); the step then drops the first two. The bypass computes the value
-  gradient alone, :math:`g_V = P^\top g_O` (a node's :class:`~dynamiclrp.ops.base.DirectStep`).
+  gradient alone, :math:`g_V = P^\top g_O` (a node's :class:`~dynamiclrp.ops.base.DirectStep`);
+* attention written out (``softmax(...) @ v``): the product's backward computes the weights' gradient
+  :math:`g\,V^\top` too, which the step then drops; the bypass computes :math:`P^\top g` alone (likewise for any
+  product of two activations one of which its rule holds constant).
 
 Something unforeseen at run time -- a carried gradient still pending after the pass (its slot's node never ran), or
 a delivery hook raising :class:`UndeliveredError` -- makes

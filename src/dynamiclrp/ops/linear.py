@@ -17,6 +17,7 @@ from ..rules import PLAIN, LinearMap, MergeBatchNorm
 from .base import (
     NEXT,
     PART,
+    DirectStep,
     OpSpec,
     held_constant,
     out_shape,
@@ -279,7 +280,16 @@ class Product(OpSpec):
         if data[0] and data[1]:
             family = "attention" if _is_softmax_output(ctx, 0) else "product"
             factors = rule_form(ctx.rule(family), family)
-            return None if factors is None else scaled_gradient(factors)
+            if factors is None:
+                return None
+            step = scaled_gradient(factors)
+            kept = [i for i, f in enumerate(factors) if f is not None]
+            if len(kept) == 1 and self.fn in (torch.mm, torch.bmm) and len(ctx.node.fn.next_functions) == 2:
+                # one operand held constant (CP-LRP's attention weights): the other's gradient alone, without
+                # the product the backward would also spend on the held one
+                return DirectStep(step, _one_operand_gradient(ctx.node.fn, self, kept[0], factors[kept[0]]),
+                                  tuple(kept))
+            return step
         x_i = 0 if data[0] or not data[1] and ctx.wants(0) else 1
         return PLAIN if rule_form(ctx.rule(self.family_at(ctx, x_i)), "linear") is PLAIN else None
 
@@ -319,6 +329,19 @@ class Product(OpSpec):
         if producer is not None and not producer.inputs and producer.data and ctx.has_rule("input"):
             return "input"
         return self.linear_family
+
+
+def _one_operand_gradient(fn, spec: Product, i: int, factor: float):
+    r""":class:`~dynamiclrp.ops.base.DirectStep` computation for a product ``a @ b`` of which only operand ``i``
+    gets a gradient: :math:`g_a = f\,g\,b^\top` or :math:`g_b = f\,a^\top g`."""
+    def direct(grad_outputs):
+        g = grad_outputs[0]
+        if g is None:
+            return None
+        other = saved(fn, spec.names[1 - i])
+        grad = g @ other.mT if i == 0 else other.mT @ g
+        return {i: grad if factor == 1 else grad.mul_(factor)}
+    return direct
 
 
 class Addmm(OpSpec):
