@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/speed.py [--cases vgg16 resnet50 vit_b_16 bert@s128b1 llama300m@s128b1 t5small@s128b1 ...]
-                               [--reps N] [--threads 1] [--out results/speed.md] [--append] [--quick]
+                               [--reps N] [--threads 1] [--presets P ...] [--out results/speed.md] [--append] [--quick]
 
 A case is ``MODEL[@sSEQbBATCH]``: ``vgg16``, ``resnet50``, ``vit_b_16`` (torchvision, random weights, 224², batch
 ``b``, default 1), ``bert`` (``BertForSequenceClassification(BertConfig())``, BERT-base, 2 labels), ``llama300m``
@@ -80,6 +80,7 @@ ANCHOR_OF = {  # anchor -> our preset it is compared with
     "LXT CP-LRP": "cp_lrp",
 }
 LXT_MAP = {"LXT AttnLRP": "attnLRP", "LXT CP-LRP": "cp_LRP"}
+ONLY: tuple[str, ...] = ()  # --presets: time only these presets (and their anchors)
 HF_MODULE = {"bert": "bert", "llama300m": "llama", "t5small": "t5", "llama_small": "llama", "llama1b": "llama"}
 
 
@@ -399,6 +400,8 @@ def methods_for(case: Case, threads: int, quick: bool, anchors: bool = True,
     errors: dict = {}
     remotes: list = []
     for preset in OURS.get(name, OURS["text"]):
+        if ONLY and preset not in ONLY:
+            continue
         fns[f"dynamiclrp {preset}"] = case.ours(preset)
         fns[f"dynamiclrp {preset} + plan"] = case.ours(preset, plan=True)
         if subtract and name != "vgg16":  # VGG has no additions
@@ -408,10 +411,11 @@ def methods_for(case: Case, threads: int, quick: bool, anchors: bool = True,
     if name in ("vgg16", "resnet50"):
         try:
             for comp in ("EpsilonPlus", "EpsilonGammaBox", "EpsilonAlpha2Beta1"):
-                fns[f"zennit {comp}"] = case.zennit(comp)
+                if not ONLY or ANCHOR_OF[f"zennit {comp}"] in ONLY:
+                    fns[f"zennit {comp}"] = case.zennit(comp)
         except ImportError as e:
             errors["zennit"] = short(e)
-    if name == "vgg16":
+    if name == "vgg16" and (not ONLY or "epsilon" in ONLY):
         try:
             fns["Captum LRP (ε)"] = case.captum()
         except ImportError as e:
@@ -424,6 +428,8 @@ def methods_for(case: Case, threads: int, quick: bool, anchors: bool = True,
     if name == "t5small":
         errors["LXT AttnLRP"] = errors["LXT CP-LRP"] = "not available: LXT 2.1 has no T5 map"
     for anchor in lxt:
+        if ONLY and ANCHOR_OF[anchor] not in ONLY:
+            continue
         try:
             r = Remote(case.spec, anchor, threads, quick)
         except Exception as e:  # noqa: BLE001
@@ -554,12 +560,15 @@ def main() -> None:
     ap.add_argument("--out", default="results/speed.md")
     ap.add_argument("--append", action="store_true", help="append the sections to --out")
     ap.add_argument("--quick", action="store_true", help="tiny configs, 1 repetition (smoke run)")
+    ap.add_argument("--presets", nargs="*", help="only these of our presets, with their anchors (default: all)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (a GPU machine)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model and input dtype")
     ap.add_argument("--subtract-addends", action="store_true",
                     help="also time each preset with subtract_addends=True ('+ subtract' rows; not VGG16)")
     ap.add_argument("--worker", nargs=2, metavar=("SPEC", "ANCHOR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global ONLY
+    ONLY = tuple(args.presets or ())
     torch.set_num_threads(args.threads)
     if args.worker:
         worker(json.loads(args.worker[0]), args.worker[1], args.quick)
