@@ -162,7 +162,7 @@ def part_fmnist(out: pathlib.Path, quick: bool) -> dict:
     import fashion_mnist as fm
     from zennit.canonizers import SequentialMergeBatchNorm
 
-    model, log = fm.get_model()
+    model, log = fm.get_model(not quick, fm.QUICK_CONFIG if quick else fm.CONFIG)
     x, y = fm.load("test")
     n = 8 if quick else 1000
     x, y = x[:n], y[:n]
