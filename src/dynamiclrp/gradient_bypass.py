@@ -134,12 +134,12 @@ def plan_bypasses(run: Run, steps: dict[Any, Any], seeds: frozenset = frozenset(
         route = plan.route(fn, x_slot)
         if route is not None:
             plan.hook(fn, _narrowed_projection(plan.bypasses, fn, weight, route))
-    direct = [(fn, step) for fn, step in steps.items() if isinstance(step, DirectStep) and len(step.slots) == 1]
+    direct = [(fn, step) for fn, step in steps.items() if isinstance(step, DirectStep)]
     # their other operands get nothing, nor what only those feed (a guess that fails for a node left unbypassed
     # costs a node run twice -- by hand and by the engine -- not a wrong sum: backward is linear in the gradient)
     plan.silent_below.update(fn for fn, _ in direct)
     for fn, step in direct:
-        route = plan.route(fn, step.slots[0])
+        route = plan.route(fn, step.slot)
         if route is not None:
             plan.hook(fn, _direct(plan.bypasses, step, route))
         else:
@@ -235,7 +235,7 @@ def _direct(bypasses: Bypasses, step: DirectStep, route: Any):
         grads = step.direct(grad_outputs)
         if grads is None:
             return grad_outputs
-        bypasses.carry(route, grads[step.slots[0]])
+        bypasses.carry(route, grads[step.slot])
         bypasses.bypassed += 1
         return (None,) * len(grad_outputs)
     return hook

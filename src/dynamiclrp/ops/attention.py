@@ -294,7 +294,7 @@ class ScaledDotProductAttention(OpSpec):
         fn = ctx.node.fn
         if factors[:2] == (None, None) and values is not None and len(fn.next_functions) == 3:
             # CP-LRP: the values' gradient alone
-            return DirectStep(step, lambda grad_outputs: _values_gradient(fn, grad_outputs, values), (2,))
+            return DirectStep(step, lambda grad_outputs: _values_gradient(fn, grad_outputs, values), 2)
         return step
 
 

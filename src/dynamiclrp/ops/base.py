@@ -212,15 +212,15 @@ class PreHook:
 
 class DirectStep:
     """A gradient step on a node's result (a post-hook, as :func:`scaled_gradient` gives) that also knows a cheaper
-    way to the same result: ``direct(grad_outputs)`` returns the gradients of the input slots in ``slots`` (the
-    others get none from the step) without the node's own backward. :mod:`dynamiclrp.gradient_bypass` runs it
-    instead of the node where it can carry those gradients on by hand; elsewhere the node runs and ``post``
-    applies. ``direct`` may return None to decline at run time (the node then runs as usual)."""
+    way to the same result: the step gives a gradient to input ``slot`` alone, and ``direct(grad_outputs)`` returns
+    it as ``{slot: gradient}`` without the node's own backward. :mod:`dynamiclrp.gradient_bypass` runs it instead
+    of the node where it can carry that gradient on by hand; elsewhere the node runs and ``post`` applies.
+    ``direct`` may return None to decline at run time (the node then runs as usual)."""
 
-    __slots__ = ("post", "direct", "slots")
+    __slots__ = ("post", "direct", "slot")
 
-    def __init__(self, post: Any, direct: Any, slots: tuple[int, ...]):
-        self.post, self.direct, self.slots = post, direct, slots
+    def __init__(self, post: Any, direct: Any, slot: int):
+        self.post, self.direct, self.slot = post, direct, slot
 
     def __call__(self, grad_inputs, grad_outputs):
         return self.post(grad_inputs, grad_outputs)

@@ -287,8 +287,7 @@ class Product(OpSpec):
             if len(kept) == 1 and self.fn in (torch.mm, torch.bmm) and len(ctx.node.fn.next_functions) == 2:
                 # one operand held constant (CP-LRP's attention weights): the other's gradient alone, without
                 # the product the backward would also spend on the held one
-                return DirectStep(step, _one_operand_gradient(ctx.node.fn, self, kept[0], factors[kept[0]]),
-                                  tuple(kept))
+                return DirectStep(step, _one_operand_gradient(ctx.node.fn, self, kept[0], factors[kept[0]]), kept[0])
             return step
         x_i = 0 if data[0] or not data[1] and ctx.wants(0) else 1
         return PLAIN if rule_form(ctx.rule(self.family_at(ctx, x_i)), "linear") is PLAIN else None
