@@ -174,12 +174,14 @@ def main() -> None:
                 t0 = time.perf_counter()
                 dynamiclrp.explain(model, x, preset=args.preset, ledger=False, check_finite=False, **kw)
                 timers.t["total"] = time.perf_counter() - t0
-            runs.append(dict(timers.t))
+            t = dict(timers.t)
+            # per run, then the median: medians of the parts do not add up to the median of the whole, and on a
+            # machine that drifts by ±20 % their difference is noise, not overhead
+            t["other (api: seeding, results)"] = t["total"] - sum(t.get(k, 0.0) for k in (
+                "forward", "graph", "relevance pass (total)", "gradient form: steps", "gradient form: pass (total)"))
+            runs.append(t)
         keys = sorted({k for r in runs for k in r}, key=lambda k: -statistics.median(r.get(k, 0) for r in runs))
         med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
-        accounted = sum(med.get(k, 0.0) for k in ("forward", "graph", "relevance pass (total)",
-                                                   "gradient form: steps", "gradient form: pass (total)"))
-        med["other (api: seeding, results)"] = med["total"] - accounted
         lines += [f"## {name}", "", "| phase | s | share |", "|---|---|---|"]
         for k in ["total", "forward", "graph", "relevance pass (total)", "promise replays",
                   *[k for k in keys if k.startswith("rules:")], "gradient form: steps", "gradient form: pass (total)",

@@ -31,6 +31,9 @@ What is timed (one call each, medians of ``--reps`` interleaved repetitions afte
   For ViT-B/16, LXT's torchvision map (CP-LRP in the attention, GELU identity, layer norm linearised) without
   zennit's γ, against our ``cp_lrp``.
 
+The machine's speed drifts (±20 % within minutes here), so each "faster than" verdict also gives the per-round
+ratio ours ÷ anchor: its median and a sign-test interval (``benchmarks/timing_stats.py``), "tie" where that holds 1.
+
 Targets (PASS/MISS printed and written, measured ratio in every line): ``epsilon``, ``epsilon_plus``, ``attnlrp``,
 ``cp_lrp`` ≤ 1.5× floor; ``epsilon_gamma_box``, ``epsilon_alpha2_beta1`` ≤ 2× full; each of ours faster than the
 matching anchor in the same run. Memory is in ``benchmarks/memory.py``.
@@ -58,6 +61,7 @@ import time
 import warnings
 
 import torch
+from timing_stats import paired_ratio  # benchmarks/ is the script's directory, first on sys.path
 
 warnings.simplefilter("ignore")
 
@@ -502,7 +506,10 @@ def bench(spec: dict, reps: int | None, threads: int, quick: bool, subtract: boo
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def verdicts(med: dict) -> list[str]:
+def verdicts(med: dict, times: dict | None = None) -> list[str]:
+    """PASS/MISS per target, by ratios of medians (the issue's definition); where ``times`` holds both methods'
+    per-round times, a "faster than" line adds the paired per-round ratio and its interval (benchmarks/timing_stats.py),
+    which tells a tie on a drifting machine from a real difference."""
     lines = []
     full, floor = med.get("full"), med.get("floor")
     for k, v in med.items():
@@ -524,7 +531,11 @@ def verdicts(med: dict) -> list[str]:
             a, o = med.get(anchor), med.get(f"dynamiclrp {label}")
             if a and o:
                 r = o / a
-                lines.append(f"{'PASS' if r < 1.0 else 'MISS'} {label} faster than {anchor}: {r:.2f}× its time")
+                line = f"{'PASS' if r < 1.0 else 'MISS'} {label} faster than {anchor}: {r:.2f}× its time"
+                ta, to = (times or {}).get(anchor), (times or {}).get(f"dynamiclrp {label}")
+                if ta and to and len(ta) == len(to):
+                    line += f"; {paired_ratio(to, ta)}"
+                lines.append(line)
     return lines
 
 
@@ -547,7 +558,7 @@ def section(res: dict, threads: int) -> list[str]:
         out.append(f"| {k} | {m:.3f} ({min(v):.3f}–{max(v):.3f}) | {rf} | {rl} |")
     for k, e in errors.items():
         out.append(f"| {k} | **{'not run' if e.startswith('not available') else 'failed'}**: {e} | – | – |")
-    out += ["", *[f"- {v}" for v in verdicts(med)], ""]
+    out += ["", *[f"- {v}" for v in verdicts(med, times)], ""]
     return out
 
 
@@ -591,7 +602,9 @@ HEADER = """# Speed: one explanation against the gradient pass (CPU)
 Written by `benchmarks/speed.py` (issue #8). torch {torch}, {cpu} CPU cores; random weights. "full" = forward +
 backward with parameter gradients; "floor" = forward + gradient with respect to the input only, parameters frozen;
 both on the same model, input and explained logit(s) as the explanations. Ratios are of medians within one section
-(one process, interleaved repetitions). dynamiclrp runs `explain(..., ledger=False, check_finite=False)`; "+ plan"
+(one process, interleaved repetitions); a "faster than" line adds the median of the per-round ratios with its
+sign-test interval (`benchmarks/timing_stats.py`), "tie" where the interval holds 1. dynamiclrp runs
+`explain(..., ledger=False, check_finite=False)`; "+ plan"
 rows pass one `dynamiclrp.Plan()` to all their repetitions (a data-set loop: the warm-up builds it); "+ subtract"
 rows (`--subtract-addends`) pass `subtract_addends=True` (an opt-in approximation within an ulp of each residual
 sum, see README). zennit
