@@ -7,7 +7,7 @@ import functools
 import gc
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -269,9 +269,9 @@ def _train_mode_nodes(graph: Graph) -> str:
     return ", ".join(found)
 
 
-def _train_mode_modules(model: torch.nn.Module) -> str:
+def _train_mode_modules(modules: Iterable[torch.nn.Module]) -> str:
     """Modules in train mode whose output depends on it: dropout with p > 0, batch norm."""
-    training = [m for m in model.modules() if m.training]
+    training = [m for m in modules if m.training]
     found = []
     if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in training):
         found.append("dropout")
@@ -372,7 +372,7 @@ def explain(
     (torch.Size([2, 4]), torch.Size([2, 8]))
     """
     model = getattr(model, "_orig_mod", model)  # torch.compile: explain the eager module (same parameters)
-    named = dict(model.named_modules())
+    named = dict(model.named_modules())  # walked once: a transformer has hundreds of modules
     for name in list(modules) + list(module_rules or {}):
         if name not in named:
             raise DynamicLRPError(f"model has no module named {name!r}")
@@ -381,8 +381,9 @@ def explain(
         if name not in all_params:
             raise DynamicLRPError(f"model has no parameter named {name!r}")
 
-    fwd = _forward(model, inputs, output, watch=set(modules) | set(module_rules or {}))
-    kwargs.setdefault("train_mode", _train_mode_modules(model) or None)
+    fwd = _forward(model, inputs, output, watch=set(modules) | set(module_rules or {}), named=named,
+                   params=all_params.values())
+    kwargs.setdefault("train_mode", _train_mode_modules(named.values()) or None)
     outs, float_inputs, int_inputs = fwd.outputs, fwd.float_inputs, fwd.int_inputs
     seen_out, seen_in = fwd.seen_out, fwd.seen_in
     param_tensors = [all_params[n] for n in params]
@@ -469,10 +470,13 @@ class Forward:
     seen_in: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
-def _forward(model: torch.nn.Module, inputs: Any, output: Callable | None = None, watch=()) -> Forward:
+def _forward(model: torch.nn.Module, inputs: Any, output: Callable | None = None, watch=(),
+             named: Mapping[str, torch.nn.Module] | None = None,
+             params: Iterable[torch.nn.Parameter] | None = None) -> Forward:
     """Run the model once with autograd on, parameters requiring grad (flags restored after) and observing hooks
-    (removed after): the outputs, the float inputs made leaves that require grad, and which module made what."""
-    named = dict(model.named_modules())
+    (removed after): the outputs, the float inputs made leaves that require grad, and which module made what.
+    ``named`` and ``params``: the model's ``named_modules()`` and parameters, where the caller has them."""
+    named = dict(model.named_modules()) if named is None else named
     args, kw = _split_inputs(inputs)
     float_inputs: list[torch.Tensor] = []
 
@@ -497,12 +501,12 @@ def _forward(model: torch.nn.Module, inputs: Any, output: Callable | None = None
             seen_in[name] = _tensors(inp)
             seen_out[name] = _tensors(out)
         handles.append(named[name].register_forward_hook(hook))
-    flags = {p: p.requires_grad for p in model.parameters()}
+    flags = {p: p.requires_grad for p in (model.parameters() if params is None else params)}
     try:
         for p in flags:
             if p.is_floating_point():
                 p.requires_grad_(True)
-        with torch.enable_grad(), record_scopes(model) as scopes:
+        with torch.enable_grad(), record_scopes(model, named) as scopes:
             raw = model(*args, **kw)
     finally:
         for h in handles:

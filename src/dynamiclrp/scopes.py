@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -49,14 +49,16 @@ class ModuleScopes:
 
 
 @contextlib.contextmanager
-def record_scopes(model: torch.nn.Module) -> Iterator[ModuleScopes]:
+def record_scopes(model: torch.nn.Module,
+                  named: Mapping[str, torch.nn.Module] | None = None) -> Iterator[ModuleScopes]:
     """Record module scopes during the forward passes run inside the ``with`` block, on this thread.
 
     Two global module hooks (``torch.nn.modules.module.register_module_forward_*hook``) see every module call and
     keep the calls of ``model``'s modules made on this thread (sequence numbers count per thread): registering a
-    pair of hooks on each of a transformer's hundreds of modules, and removing them, cost more than the calls."""
+    pair of hooks on each of a transformer's hundreds of modules, and removing them, cost more than the calls.
+    ``named``: ``model.named_modules()`` as a mapping, where the caller has it."""
     scopes = ModuleScopes()
-    names = {id(module): name for name, module in model.named_modules()}
+    names = {id(module): name for name, module in (model.named_modules() if named is None else named.items())}
     thread = threading.get_ident()
     open_calls: dict[int, list[int]] = {}
 
