@@ -131,8 +131,14 @@ def test_matches_node_by_node_on_transformers(name, attn, preset):
                              rules=LIMIT_PRESET[preset])
     got = dynamiclrp.explain(model, inputs, preset=preset, output=out, ledger=False)
     assert got.stats.gradient_form
-    if preset == "cp_lrp":  # each layer's attention (fused, or the product with the values), GPT-2's projection
-        assert got.stats.bypassed == {"bert": 2, "gpt2": 4}[name]
+    # BERT's GELU (identity rule) in both presets; under CP-LRP each layer's attention (fused, or the product with
+    # the values) and GPT-2's packed projection. GPT-2's GELU is written out (a product rule, nothing to bypass)
+    expected = {"GeluBackward0": 2} if name == "bert" else {}
+    if preset == "cp_lrp":
+        expected["BmmBackward0" if attn == "eager" else "ScaledDotProductFlashAttentionForCpuBackward0"] = 2
+        if name == "gpt2":
+            expected["AddmmBackward0"] = 2
+    assert got.stats.bypassed_kinds == expected
     for k in ref.embeddings:
         assert rel_diff(got.embeddings[k], ref.embeddings[k]) < TOL, k
 
@@ -271,7 +277,9 @@ def test_fused_projection_bypass_on_torchvision_vit(monkeypatch):
                              rules=LIMIT_PRESET["cp_lrp"])
     monkeypatch.setattr(gradient_form, "BYPASSES", False)
     plain = dynamiclrp.explain(model, x, preset="cp_lrp", ledger=False)
-    assert got.stats.bypassed == 4 and plain.stats.bypassed == 0  # two projections, two attentions
+    assert got.stats.bypassed_kinds == {"MmBackward0": 2, "ScaledDotProductFlashAttentionForCpuBackward0": 2,
+                                        "GeluBackward0": 2}  # two projections, two attentions, two GELUs
+    assert got.stats.bypassed == 6 and plain.stats.bypassed == 0
     assert rel_diff(got.inputs[0], plain.inputs[0]) < 1e-12
     assert rel_diff(got.inputs[0], ref.inputs[0]) < TOL
 
@@ -303,7 +311,9 @@ def test_bypass_steps_aside_where_it_cannot_hand_its_gradient_on(monkeypatch):
 
 def test_bypass_does_not_carry_through_a_fork(monkeypatch):
     """Below the projection a product of two activations of one tensor: its branches meet again at that tensor,
-    which would then get gradient only from the carried branches. No bypass; the answer is the plain pass's."""
+    which would then get gradient only from the carried branches. No bypass of the projection or the attention (the
+    gate's sigmoid, identity rule, is bypassed: it hands its gradient straight to the residual stream); the answer
+    is the plain pass's."""
     from dynamiclrp import gradient_form
 
     torch.manual_seed(0)
@@ -313,8 +323,56 @@ def test_bypass_does_not_carry_through_a_fork(monkeypatch):
         monkeypatch.setattr(gradient_form, "BYPASSES", False)
         plain = dynamiclrp.explain(model, x, preset=preset, ledger=False)
         monkeypatch.setattr(gradient_form, "BYPASSES", True)
-        assert got.stats.gradient_form and got.stats.bypassed == 0
-        assert torch.equal(got.inputs[0], plain.inputs[0])
+        assert got.stats.gradient_form and got.stats.bypassed_kinds == {"SigmoidBackward0": 1}
+        assert rel_diff(got.inputs[0], plain.inputs[0]) < 1e-12
+
+
+class ActivationBlock(nn.Module):
+    """A residual MLP block, ``h + W_2 f(W_1 h)``, on a projection of the input: the activation's input is a
+    projection of ``h``, which the residual stream also takes."""
+
+    def __init__(self, act: nn.Module, d: int = 6):
+        super().__init__()
+        self.inp, self.up, self.down, self.head, self.act = (nn.Linear(d, d), nn.Linear(d, 2 * d),
+                                                             nn.Linear(2 * d, d), nn.Linear(d, 3), act)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.head(h + self.down(self.act(self.up(h))))
+
+
+@pytest.mark.parametrize("act,kind", [(nn.GELU(), "GeluBackward0"), (nn.GELU("tanh"), "GeluBackward0"),
+                                      (nn.SiLU(), "SiluBackward0"), (nn.Tanh(), "TanhBackward0")])
+@pytest.mark.parametrize("preset", ["attnlrp", "cp_lrp"])
+def test_identity_rule_bypass(act, kind, preset, monkeypatch):
+    r"""The identity rule's step :math:`g_x = g_y\,f(x)/x` replaces what the activation's own backward computed; the
+    bypass computes it instead of that backward and carries it through the up-projection by hand to the residual
+    stream. Explicit formula: with the up-projection's output :math:`u`, the residual stream's gradient gains
+    :math:`W_1^\top (g_y f(u)/u)`. Equal to the pass without bypasses, to node by node (ε → 0), and to the
+    formula; ``tanh`` saves only its output, so its input is recovered first."""
+    from dynamiclrp import gradient_form
+
+    torch.manual_seed(0)
+    model, x = ActivationBlock(act).to(D).eval(), torch.randn(4, 6, dtype=D)
+    got = dynamiclrp.explain(model, x, preset=preset, target=[0, 2, 1, 0], ledger=False)
+    ref = dynamiclrp.explain(model, x, preset=preset, target=[0, 2, 1, 0], ledger=False, gradient_form=False,
+                             rules=LIMIT_PRESET[preset])
+    monkeypatch.setattr(gradient_form, "BYPASSES", False)
+    plain = dynamiclrp.explain(model, x, preset=preset, target=[0, 2, 1, 0], ledger=False)
+    assert got.stats.bypassed_kinds == {kind: 1} and plain.stats.bypassed == 0
+    assert rel_diff(got.inputs[0], plain.inputs[0]) < 1e-12
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < TOL
+    # the formula, in float64 by hand: every layer here is linear (the gradient), the activation the identity rule
+    with torch.no_grad():
+        h = model.inp(x)
+        u = model.up(h)
+        y = model.head(h + model.down(act(u)))
+        seed = torch.zeros_like(y)
+        seed[torch.arange(4), torch.tensor([0, 2, 1, 0])] = 1.0  # relevance y_t at the target: ratio 1 there
+        g_h = seed @ model.head.weight
+        g_h = g_h + ((g_h @ model.down.weight) * act(u) / u) @ model.up.weight
+        expected = x * (g_h @ model.inp.weight)
+    assert rel_diff(got.inputs[0], expected) < 1e-12
 
 
 SDPA_CASES = {  # (query heads, key/value heads, queries, keys, mask, is_causal, scale)

@@ -51,7 +51,7 @@ class Run:
     approximations: dict[str, int] = field(default_factory=dict)
     rules_run: int = 0
     subtract_addends: bool = False
-    bypassed: int = 0  # nodes the gradient form bypassed (gradient_bypass)
+    bypassed: dict[str, int] = field(default_factory=dict)  # node type -> nodes the gradient form bypassed
 
     def __post_init__(self):
         self.promises = Promises(self.graph, self.approximations, self.subtract_addends)

@@ -104,7 +104,7 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
     if run.check_finite and recorded and not bool(torch.stack([_all_finite(r) for r in recorded.values()]).all()):
         return False
     run.recorded.update(recorded)
-    run.bypassed = bypasses.bypassed if bypasses else 0
+    run.bypassed = dict(bypasses.bypassed) if bypasses else {}
     run.rules_run = sum(1 for n in graph.nodes if run.useful[n.id] and n.inputs)
     return True
 

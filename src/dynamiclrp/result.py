@@ -19,7 +19,8 @@ class Stats:
     ``internal_nodes``: nodes whose output was replayed to keep a promise; ``delta`` (δ): the sum of the promises'
     depths; ``rho`` (ρ): promises per node; ``recovered``: distinct activations recovered (each at most once);
     ``gradient_form``: whether the run used the gradient form (:mod:`dynamiclrp.gradient_form`); ``bypassed``: nodes
-    whose backward it computed by a narrower product than their own (:mod:`dynamiclrp.gradient_bypass`).
+    whose backward it skipped, computing their gradient by a cheaper formula (:mod:`dynamiclrp.gradient_bypass`),
+    and ``bypassed_kinds`` the same by node type.
     """
 
     nodes: int
@@ -32,6 +33,7 @@ class Stats:
     origins: int = 0
     gradient_form: bool = False
     bypassed: int = 0
+    bypassed_kinds: dict[str, int] = field(default_factory=dict)
 
     @property
     def branches(self) -> int:

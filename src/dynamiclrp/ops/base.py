@@ -282,28 +282,44 @@ def spare(grad: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype, *oth
     return None if any(t.untyped_storage().data_ptr() == ptr for t in others) else grad
 
 
-def identity_gradient(ctx: Context, quotient: Any = None) -> Any:
+def identity_gradient(ctx: Context, quotient: Any = None) -> DirectStep:
     r"""Gradient step of the identity rule :math:`R_x = R_y`: :math:`g_x = R_x / x = g_y\,y / x`, with
     ``quotient(fn, x, out)`` writing :math:`y / x` (its limit at 0 included) into ``out`` (a tensor like ``x``, or
-    None: allocate) and returning it, else by :func:`ratio`. The other operands get nothing."""
+    None: allocate) and returning it, else by :func:`ratio`. The other operands get nothing.
+
+    A :class:`DirectStep`: the node's own backward (``gelu_backward``, ``silu_backward``, ...) computes a gradient
+    the step then throws away, as costly as the step itself; where the bypass can carry the step's result on by
+    hand (:mod:`dynamiclrp.gradient_bypass`) the node is not run at all."""
+    def step(g: torch.Tensor, out_like: torch.Tensor | None) -> torch.Tensor:
+        x = ctx.input(0)
+        if quotient is not None:
+            out = None if out_like is None else spare(out_like, x.shape, torch.promote_types(x.dtype, g.dtype), x, g)
+            return quotient(ctx.node.fn, x, out).mul_(g)
+        y = ctx.node.spec.output(ctx.node, 0)  # from what the node saved: not kept by the promises
+        y = ctx.output(0) if y is None else y.to(g.dtype)
+        shape = torch.broadcast_shapes(g.shape, y.shape, x.shape)
+        out = None if out_like is None else spare(out_like, shape, torch.promote_types(g.dtype, y.dtype), x, g, y)
+        return ratio_(torch.mul(g, y) if out is None else torch.mul(g, y, out=out), x)
+
     def hook(grad_inputs, grad_outputs):
         g = grad_outputs[0]
         if g is None or grad_inputs[0] is None:
             return grad_inputs
-        x = ctx.input(0)
-        if quotient is not None:
-            out = spare(grad_inputs[0], x.shape, torch.promote_types(x.dtype, g.dtype), x, g)
-            r = quotient(ctx.node.fn, x, out).mul_(g)
-        else:
-            y = ctx.node.spec.output(ctx.node, 0)  # from what the node saved: not kept by the promises
-            y = ctx.output(0) if y is None else y.to(g.dtype)
-            shape = torch.broadcast_shapes(g.shape, y.shape, x.shape)
-            out = spare(grad_inputs[0], shape, torch.promote_types(g.dtype, y.dtype), x, g, y)
-            r = ratio_(torch.mul(g, y) if out is None else torch.mul(g, y, out=out), x)
+        r = step(g, grad_inputs[0])  # into the node's own result where it can (see spare)
         if r.shape != grad_inputs[0].shape:
             r = r.sum_to_size(grad_inputs[0].shape)
         return (r,) + (None,) * (len(grad_inputs) - 1)
-    return hook
+
+    def direct(grad_outputs):
+        g = grad_outputs[0]
+        if g is None:
+            return None
+        x = ctx.input(0)
+        r = step(g, None)
+        if r.shape != x.shape:
+            r = r.sum_to_size(x.shape)
+        return {0: r.to(x.dtype)}
+    return DirectStep(hook, direct, 0)
 
 
 def route(ctx: Context) -> list[torch.Tensor | None]:
