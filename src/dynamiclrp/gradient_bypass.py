@@ -8,7 +8,14 @@ computing). What it computed must then reach the nodes below by another way, for
 directly, with its own step, as the engine would), to the first slot that also receives a gradient from elsewhere,
 and added there by a pre-hook of that slot's node. The sums are the engine's, in another order.
 
-Three bypasses so far, all for CP-LRP, which gives the queries and keys of attention no gradient:
+The bypasses so far:
+
+* an activation under the identity rule (GELU, SiLU, tanh; AttnLRP and CP-LRP): the step's gradient
+  :math:`g\,f(x)/x` replaces what the node's own backward (``gelu_backward``, ...) computed, at about the same cost;
+  the bypass computes the step alone (:func:`dynamiclrp.ops.base.identity_gradient`, a
+  :class:`~dynamiclrp.ops.base.DirectStep`).
+
+The others are for CP-LRP, which gives the queries and keys of attention no gradient:
 
 * the fused projection: one matrix product computing the queries, keys and values (``in_proj`` of
   ``torch.nn.MultiheadAttention``, GPT-2's ``c_attn``), then split. Its backward multiplies a gradient two thirds
