@@ -18,9 +18,9 @@ class Stats:
     the paper's table counts them (``branches`` is the same number); ``origins``: nodes that made promises;
     ``internal_nodes``: nodes whose output was replayed to keep a promise; ``delta`` (δ): the sum of the promises'
     depths; ``rho`` (ρ): promises per node; ``recovered``: distinct activations recovered (each at most once);
-    ``gradient_form``: whether the run used the gradient form (:mod:`dynamiclrp.gradient_form`); ``bypassed``: nodes
-    whose backward it skipped, computing their gradient by a cheaper formula (:mod:`dynamiclrp.gradient_bypass`),
-    and ``bypassed_kinds`` the same by node type.
+    ``gradient_form``: whether the run used the gradient form (:mod:`dynamiclrp.gradient_form`); ``bypassed_kinds``:
+    node type -> nodes whose backward it skipped, computing their gradient by a cheaper formula
+    (:mod:`dynamiclrp.gradient_bypass`), and ``bypassed`` their total.
     """
 
     nodes: int
@@ -32,8 +32,11 @@ class Stats:
     delta: int
     origins: int = 0
     gradient_form: bool = False
-    bypassed: int = 0
     bypassed_kinds: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def bypassed(self) -> int:
+        return sum(self.bypassed_kinds.values())
 
     @property
     def branches(self) -> int:

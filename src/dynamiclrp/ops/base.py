@@ -290,8 +290,7 @@ def identity_gradient(ctx: Context, quotient: Any = None) -> DirectStep:
     A :class:`DirectStep`: the node's own backward (``gelu_backward``, ``silu_backward``, ...) computes a gradient
     the step then throws away, as costly as the step itself; where the bypass can carry the step's result on by
     hand (:mod:`dynamiclrp.gradient_bypass`) the node is not run at all."""
-    def step(g: torch.Tensor, out_like: torch.Tensor | None) -> torch.Tensor:
-        x = ctx.input(0)
+    def step(x: torch.Tensor, g: torch.Tensor, out_like: torch.Tensor | None) -> torch.Tensor:
         if quotient is not None:
             out = None if out_like is None else spare(out_like, x.shape, torch.promote_types(x.dtype, g.dtype), x, g)
             return quotient(ctx.node.fn, x, out).mul_(g)
@@ -305,7 +304,7 @@ def identity_gradient(ctx: Context, quotient: Any = None) -> DirectStep:
         g = grad_outputs[0]
         if g is None or grad_inputs[0] is None:
             return grad_inputs
-        r = step(g, grad_inputs[0])  # into the node's own result where it can (see spare)
+        r = step(ctx.input(0), g, grad_inputs[0])  # into the node's own result where it can (see spare)
         if r.shape != grad_inputs[0].shape:
             r = r.sum_to_size(grad_inputs[0].shape)
         return (r,) + (None,) * (len(grad_inputs) - 1)
@@ -315,7 +314,7 @@ def identity_gradient(ctx: Context, quotient: Any = None) -> DirectStep:
         if g is None:
             return None
         x = ctx.input(0)
-        r = step(g, None)
+        r = step(x, g, None)
         if r.shape != x.shape:
             r = r.sum_to_size(x.shape)
         return {0: r.to(x.dtype)}
