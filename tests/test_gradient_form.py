@@ -110,6 +110,11 @@ def tiny(name: str, attn: str):
                                       intermediate_size=64)
         model = transformers.BertForSequenceClassification._from_config(cfg, attn_implementation=attn)
         return model.to(D).eval(), lambda o: o.logits
+    if name == "llama":  # grouped-query attention, RMSNorm and SwiGLU
+        cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+        model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation=attn)
+        return model.to(D).eval(), lambda o: o.logits[:, -1]
     cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32)
     model = transformers.GPT2LMHeadModel._from_config(cfg, attn_implementation=attn)
     return model.to(D).eval(), lambda o: o.logits[:, -1]
@@ -131,9 +136,10 @@ def test_matches_node_by_node_on_transformers(name, attn, preset):
                              rules=LIMIT_PRESET[preset])
     got = dynamiclrp.explain(model, inputs, preset=preset, output=out, ledger=False)
     assert got.stats.gradient_form
-    # BERT's GELU (identity rule) in both presets; under CP-LRP each layer's attention (fused, or the product with
-    # the values) and GPT-2's packed projection. GPT-2's GELU is written out (a product rule, nothing to bypass)
-    expected = {"GeluBackward0": 2} if name == "bert" else {}
+    # BERT's GELU (identity rule) in both presets; GPT-2's GELU is written out, x * f(x) with f(x) held constant:
+    # the product's gradient for x alone. Under CP-LRP each layer's attention (fused, or the product with the
+    # values) and GPT-2's packed projection
+    expected = {"GeluBackward0": 2} if name == "bert" else {"MulBackward0": 2}
     if preset == "cp_lrp":
         expected["BmmBackward0" if attn == "eager" else "ScaledDotProductFlashAttentionForCpuBackward0"] = 2
         if name == "gpt2":
@@ -141,6 +147,26 @@ def test_matches_node_by_node_on_transformers(name, attn, preset):
     assert got.stats.bypassed_kinds == expected
     for k in ref.embeddings:
         assert rel_diff(got.embeddings[k], ref.embeddings[k]) < TOL, k
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("preset", ["attnlrp", "cp_lrp"])
+def test_llama_bypasses(attn, preset, monkeypatch):
+    """LLaMA's bypasses: its RMSNorms' products ``x * f(x)`` (not the final one, nor the first layer's, whose input
+    is the recorded embedding: it must get its gradient through autograd), the SiLUs under AttnLRP; under CP-LRP
+    the gates' products and the second layer's attention, routed through its RMSNorm. The same answer as without
+    bypasses."""
+    from dynamiclrp import gradient_form
+
+    model, out = tiny("llama", attn)
+    inputs = {"input_ids": torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))}
+    got = dynamiclrp.explain(model, inputs, preset=preset, output=out, ledger=False)
+    monkeypatch.setattr(gradient_form, "BYPASSES", False)
+    plain = dynamiclrp.explain(model, inputs, preset=preset, output=out, ledger=False)
+    expected = {"MulBackward0": 3, "SiluBackward0": 2} if preset == "attnlrp" else {
+        "MulBackward0": 5, "BmmBackward0" if attn == "eager" else "ScaledDotProductFlashAttentionForCpuBackward0": 1}
+    assert got.stats.gradient_form and got.stats.bypassed_kinds == expected and plain.stats.bypassed == 0
+    assert float(plain.tokens.abs().max()) > 0 and rel_diff(got.tokens, plain.tokens) < 1e-12
 
 
 # ---------------------------------------------------------------------------------------------- when it is not used
@@ -310,10 +336,12 @@ def test_bypass_steps_aside_where_it_cannot_hand_its_gradient_on(monkeypatch):
 
 
 def test_bypass_does_not_carry_through_a_fork(monkeypatch):
-    """Below the projection a product of two activations of one tensor: its branches meet again at that tensor,
-    which would then get gradient only from the carried branches. No bypass of the projection or the attention (the
-    gate's sigmoid, identity rule, is bypassed: it hands its gradient straight to the residual stream); the answer
-    is the plain pass's."""
+    """Below the projection a product of two activations of one tensor: under AttnLRP (half the gradient to each
+    factor) its branches meet again at that tensor, which would then get gradient only from the carried branches.
+    No bypass of the projection or the attention (the gate's sigmoid, identity rule, is bypassed: it hands its
+    gradient straight to the residual stream). CP-LRP holds the first factor constant: the product's step gives the
+    layer norm's branch nothing, there is no fork, and the projection, the attention, the product (its other
+    operand's gradient alone) and the sigmoid are bypassed. Either way the answer is the plain pass's."""
     from dynamiclrp import gradient_form
 
     torch.manual_seed(0)
@@ -323,7 +351,10 @@ def test_bypass_does_not_carry_through_a_fork(monkeypatch):
         monkeypatch.setattr(gradient_form, "BYPASSES", False)
         plain = dynamiclrp.explain(model, x, preset=preset, ledger=False)
         monkeypatch.setattr(gradient_form, "BYPASSES", True)
-        assert got.stats.gradient_form and got.stats.bypassed_kinds == {"SigmoidBackward0": 1}
+        expected = {"SigmoidBackward0": 1} if preset == "attnlrp" else {
+            "MmBackward0": 1, "ScaledDotProductFlashAttentionForCpuBackward0": 1, "MulBackward0": 1,
+            "SigmoidBackward0": 1}
+        assert got.stats.gradient_form and got.stats.bypassed_kinds == expected
         assert rel_diff(got.inputs[0], plain.inputs[0]) < 1e-12
 
 
@@ -541,3 +572,82 @@ def test_every_text_architecture(name, preset):
         return
     assert got.stats.gradient_form
     assert rel_diff(got.tokens, ref.tokens) < 1e-6
+
+
+class RMSDecoder(nn.Module):
+    """Pre-norm decoder blocks as LLaMA writes them, everything by hand: RMSNorm ``x * rsqrt(mean(x²) + ε) * w``
+    (its statistics a branch of the stream it normalises), causal attention ``softmax(q kᵀ) @ v``, a SwiGLU MLP,
+    residual additions, a final norm before the head. One norm is a layer norm written with a division,
+    ``d / sqrt(mean(d²) + ε)``."""
+
+    def __init__(self, d: int = 8, blocks: int = 2):
+        super().__init__()
+        self.inp, self.head = nn.Linear(d, d), nn.Linear(d, 3)
+        self.qkv = nn.ModuleList(nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(3)) for _ in range(blocks))
+        self.mlp = nn.ModuleList(nn.ModuleList((nn.Linear(d, 2 * d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)))
+                                 for _ in range(blocks))
+        self.w = nn.Parameter(torch.rand(2 * blocks + 1, d) + 0.5)
+
+    def norm(self, h, k):
+        if k == 1:  # the division form
+            d = h - h.mean(-1, keepdim=True)
+            return d / torch.sqrt(d.pow(2).mean(-1, keepdim=True) + 1e-6) * self.w[k]
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.w[k]
+
+    def forward(self, x):
+        t = x.shape[1]
+        mask = torch.triu(torch.full((t, t), -1e9, dtype=x.dtype), 1)
+        h = self.inp(x)
+        for b, ((q, k, v), (gate, up, down)) in enumerate(zip(self.qkv, self.mlp)):
+            a = self.norm(h, 2 * b)
+            h = h + torch.softmax(q(a) @ k(a).transpose(-1, -2) / math.sqrt(a.shape[-1]) + mask, -1) @ v(a)
+            n = self.norm(h, 2 * b + 1)
+            h = h + down(F.silu(gate(n)) * up(n))
+        return self.head(self.norm(h, len(self.w) - 1)[:, -1])
+
+
+@pytest.mark.parametrize("preset", ["attnlrp", "cp_lrp"])
+def test_bypass_through_written_out_norms(preset, monkeypatch):
+    """A product ``a * f(a)`` (a norm by hand: ``f(a)`` its statistics, held constant) gives ``f(a)``'s branch no
+    gradient, so that branch is no fork in a carried route: under CP-LRP the attention's product with the values
+    is bypassed through the norm to the residual stream. The products that give one operand alone a gradient (the
+    norms; CP-LRP's gate) compute that one without the other's, bypassed too, except the final norm (its stream
+    gets no gradient from elsewhere to join). Equal to the pass without bypasses and to node by node (ε → 0)."""
+    from dynamiclrp import gradient_form
+
+    torch.manual_seed(0)
+    model, x = RMSDecoder().to(D).eval(), torch.randn(2, 5, 8, dtype=D)
+    got = dynamiclrp.explain(model, x, preset=preset, ledger=False)
+    ref = dynamiclrp.explain(model, x, preset=preset, ledger=False, gradient_form=False, rules=LIMIT_PRESET[preset])
+    monkeypatch.setattr(gradient_form, "BYPASSES", False)
+    plain = dynamiclrp.explain(model, x, preset=preset, ledger=False)
+    # the RMSNorms' products but the final one; under AttnLRP the SiLUs, under CP-LRP the products with the values
+    # and the gates. Not the layer norm's division: its centring ``h - mean(h)`` is a fork (both terms carry
+    # gradient to ``h``), which also stops the first block's gate, whose route crosses it
+    expected = {"MulBackward0": 3, "SiluBackward0": 2} if preset == "attnlrp" else {"MulBackward0": 4,
+                                                                                   "BmmBackward0": 2}
+    assert got.stats.bypassed_kinds == expected and plain.stats.bypassed == 0
+    assert rel_diff(got.inputs[0], plain.inputs[0]) < 1e-12
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < TOL
+
+
+@pytest.mark.parametrize("op,kept", [(torch.mul, 0), (torch.mul, 1), (torch.div, 0)])
+def test_one_factor_gradient_of_an_elementwise_product(op, kept):
+    """The gradient an element-wise ``a * b`` (``a / b``) gives its one operand that gets any, computed alone:
+    :math:`f\\,g \\odot b` (:math:`f\\,g / b`) for ``a``, :math:`f\\,g \\odot a` for ``b``, summed over the
+    dimensions the operand was broadcast along -- and the node's own backward, scaled."""
+    from dynamiclrp.ops.elementwise import ELEMENTWISE_OPS, _one_factor_gradient
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 4, 5), (3, 4, 5)]
+    shapes[kept] = (3, 1, 5)  # the kept operand broadcast along dimension 1
+    a, b = (torch.randn(s, dtype=D, generator=g).requires_grad_() for s in shapes)
+    out = op(a, b)
+    go = torch.randn(out.shape, dtype=D, generator=g)
+    got = _one_factor_gradient(out.grad_fn, ELEMENTWISE_OPS[out.grad_fn.name()], kept, 0.5)((go,))
+    assert list(got) == [kept] and got[kept].shape == shapes[kept]
+    other = (a, b)[1 - kept].detach()
+    formula = (go / other if op is torch.div else go * other).sum(1, keepdim=True)
+    own = torch.autograd.grad(out, (a, b)[kept], go)[0]
+    assert rel_diff(got[kept], 0.5 * formula) < 1e-15 and rel_diff(got[kept], 0.5 * own) < 1e-15
+    assert _one_factor_gradient(out.grad_fn, ELEMENTWISE_OPS[out.grad_fn.name()], kept, 1.0)((None,)) is None

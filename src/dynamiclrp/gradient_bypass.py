@@ -13,7 +13,15 @@ The bypasses so far:
 * an activation under the identity rule (GELU, SiLU, tanh; AttnLRP and CP-LRP): the step's gradient
   :math:`g\,f(x)/x` replaces what the node's own backward (``gelu_backward``, ...) computed, at about the same cost;
   the bypass computes the step alone (:func:`dynamiclrp.ops.base.identity_gradient`, a
-  :class:`~dynamiclrp.ops.base.DirectStep`).
+  :class:`~dynamiclrp.ops.base.DirectStep`);
+* an element-wise product of which one operand alone gets a gradient: a norm written out, ``x * f(x)`` with its
+  statistics ``f(x)`` held constant (LLaMA's RMSNorm), an activation written out (GPT-2's GELU), CP-LRP's gate held
+  constant. Its backward also computes the held operand's gradient (for a broadcast statistic, a product and a
+  sum over the whole tensor); the bypass computes :math:`g \odot b` alone.
+
+A step that gives an operand no gradient at all (:func:`~dynamiclrp.ops.base.silenced`) cuts that branch out of a
+route: the statistics of a norm are no fork on the way to the residual stream, and a node only they feed needs no
+route of its own.
 
 The others are for CP-LRP, which gives the queries and keys of attention no gradient:
 
@@ -41,7 +49,7 @@ from typing import Any
 import torch
 
 from .engine import Run
-from .ops.base import DirectStep, PreHook, saved
+from .ops.base import DirectStep, PreHook, saved, silenced
 
 # how the gradient of a fused projection's output reaches the parts it is split into
 _SPLITS = frozenset({"SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0", "UnsafeSplitBackward0",
@@ -50,6 +58,7 @@ _PICKS = frozenset({"SelectBackward0", "SliceBackward0"})
 # the projections a bypass can narrow: (input slot of the activation, saved name of the weight side)
 _PROJECTIONS = {"AddmmBackward0": (1, "mat2"), "MmBackward0": (0, "mat2")}
 _MAX_CHAIN = 16  # nodes carried through by hand below a bypassed node
+_MAX_UNREACHED = 8  # consumers followed up to find that a node gets no gradient (a norm's statistics: 3)
 
 
 class UndeliveredError(RuntimeError):
@@ -111,10 +120,15 @@ class Bypasses:
             grads = step.hook(grads)
             if all(g is None for g in grads):  # a bypassed node: its hook carried its result on
                 return
-        out = fn(*grads) if callable(fn) else fn.apply(*grads)
-        out = out if isinstance(out, tuple) else (out,)
-        if step is not None and not isinstance(step, PreHook):
-            out = step(out, grads)
+        direct = step.direct(grads) if isinstance(step, DirectStep) else None
+        if direct is not None:  # the step's one gradient, without the node's own backward
+            out: tuple = tuple(direct.get(j) for j in range(len(fn.next_functions)))
+            self.bypassed[fn.name()] += 1
+        else:
+            out = fn(*grads) if callable(fn) else fn.apply(*grads)
+            out = out if isinstance(out, tuple) else (out,)
+            if step is not None and not isinstance(step, PreHook):
+                out = step(out, grads)
         for (child, nr), sub, g in zip(fn.next_functions, children, out):
             if sub is not None and g is not None:
                 meta = child._input_metadata[nr]  # as the engine does with a node's results
@@ -142,7 +156,9 @@ def plan_bypasses(run: Run, steps: dict[Any, Any], seeds: frozenset = frozenset(
         route = plan.route(fn, x_slot)
         if route is not None:
             plan.hook(fn, _narrowed_projection(plan.bypasses, fn, weight, route))
-    direct = [(fn, step) for fn, step in steps.items() if isinstance(step, DirectStep)]
+    # a node no gradient reaches (RMSNorm's statistics, below the product that holds them constant) needs no route
+    direct = [(fn, step) for fn, step in steps.items()
+              if isinstance(step, DirectStep) and not plan.unreached(graph.head[fn])]
     # their other operands get nothing, nor what only those feed (a guess that fails for a node left unbypassed
     # costs a node run twice -- by hand and by the engine -- not a wrong sum: backward is linear in the gradient)
     plan.silent_below.update(fn for fn, _ in direct)
@@ -165,6 +181,7 @@ class _Planner:
         self.silent_below: set[Any] = set()  # bypassed nodes that give some operands nothing at all
         self._deliveries: list[tuple[Any, int]] = []
         self._silence: dict[int, bool] = {}  # _silent's answers while silent_below stands
+        self._unreached: dict[int, bool] = {}
 
     def speak(self, fn: Any) -> None:
         """``fn`` is not bypassed after all: its operands get gradients."""
@@ -195,8 +212,8 @@ class _Planner:
             return None
         if (node.id, nr) in run.record:
             raise _NoBypassError  # a recorded slot: the pass reads its gradient where this one would not arrive
-        others = [c for c, _ in run.graph.consumers.get((node.id, nr), ()) if run.graph.nodes[c].fn is not fn]
-        if others and not all(self._silent(c) for c in others):
+        others = [(c, k) for c, k in run.graph.consumers.get((node.id, nr), ()) if run.graph.nodes[c].fn is not fn]
+        if others and not all(self._gives_nothing(c, k) for c, k in others):
             self._deliveries.append((child, nr))
             return ("deliver", child, nr)
         if child in self.hooks:
@@ -205,12 +222,31 @@ class _Planner:
             raise _NoBypassError
         if not all(self._quiet(node.id, o) for o in range(len(child._input_metadata)) if o != nr):
             raise _NoBypassError  # another output of the node gets a gradient: the node runs anyway
-        children = [self._route(child, j, depth + 1) for j in range(len(child.next_functions))]
+        step = self.steps.get(child)
+        quiet = silenced(step)  # operands the node's step gives nothing: no branch there (RMSNorm's statistics)
+        children = [None if j in quiet else self._route(child, j, depth + 1)
+                    for j in range(len(child.next_functions))]
         if sum(r is not None for r in children) > 1:
             # a fork: its branches may meet again at a slot that then gets its gradients only from here, with
             # none from elsewhere to join (a product of two projections of one input)
             raise _NoBypassError
-        return ("through", child, nr, self.steps.get(child), children)
+        return ("through", child, nr, step, children)
+
+    def unreached(self, nid: int, depth: int = 0) -> bool:
+        """Whether no gradient reaches graph node ``nid`` in this pass, bypassed or not: no seed at its outputs, and
+        every consumer's step silences the operand it takes from there, or is unreached itself (taken to be reached
+        past the depth limit)."""
+        known = self._unreached.get(nid)
+        if known is not None:
+            return known
+        graph, fn = self.run.graph, self.run.graph.nodes[nid].fn
+        head = graph.head[fn]
+        unreached = depth < _MAX_UNREACHED and all(
+            (head, nr) not in self.seeds and all(self._gives_nothing_ever(c, k) or self.unreached(c, depth + 1)
+                                                 for c, k in graph.consumers.get((head, nr), ()))
+            for nr in range(len(fn._input_metadata)))
+        self._unreached[nid] = unreached
+        return unreached
 
     def _silent(self, nid: int, depth: int = 0) -> bool:
         """Whether graph node ``nid`` gives its operands no gradient in this pass: it is a part of a node in
@@ -233,7 +269,18 @@ class _Planner:
         consumers."""
         run = self.run
         return (nid, nr) not in run.record and (nid, nr) not in self.seeds and all(
-            self._silent(c, depth + 1) for c, _ in run.graph.consumers.get((nid, nr), ()))
+            self._gives_nothing(c, k, depth + 1) for c, k in run.graph.consumers.get((nid, nr), ()))
+
+    def _gives_nothing(self, nid: int, k: int, depth: int = 0) -> bool:
+        """Whether graph node ``nid`` gives its operand ``k`` no gradient: its step silences that operand (an
+        unfused node: its operands are its autograd node's inputs, in order), or the node gives none at all."""
+        return self._gives_nothing_ever(nid, k) or self._silent(nid, depth)
+
+    def _gives_nothing_ever(self, nid: int, k: int) -> bool:
+        """Whether graph node ``nid``'s step silences its operand ``k`` (an unfused node: its operands are its
+        autograd node's inputs, in order), whatever the node is given."""
+        fn = self.run.graph.nodes[nid].fn
+        return k in silenced(self.steps.get(fn)) and len(self.run.graph.parts(fn)) == 1
 
 
 def _direct(bypasses: Bypasses, fn: Any, step: DirectStep, route: Any):

@@ -217,10 +217,11 @@ class DirectStep:
     of the node where it can carry that gradient on by hand; elsewhere the node runs and ``post`` applies.
     ``direct`` may return None to decline at run time (the node then runs as usual)."""
 
-    __slots__ = ("post", "direct", "slot")
+    __slots__ = ("post", "direct", "slot", "silenced")
 
     def __init__(self, post: Any, direct: Any, slot: int):
         self.post, self.direct, self.slot = post, direct, slot
+        self.silenced = silenced(post)
 
     def __call__(self, grad_inputs, grad_outputs):
         return self.post(grad_inputs, grad_outputs)
@@ -237,7 +238,14 @@ def scaled_gradient(factors: tuple) -> Any:
     def hook(grad_inputs, grad_outputs):
         return tuple(g if g is None or i >= len(factors) else None if factors[i] is None
                      else g if factors[i] == 1.0 else g * factors[i] for i, g in enumerate(grad_inputs))
+    hook.silenced = frozenset(i for i, f in enumerate(factors) if f is None)  # type: ignore[attr-defined]
     return hook
+
+
+def silenced(step: Any) -> frozenset[int]:
+    """The inputs a gradient step gives no gradient at all, whatever the node computed for them (a factor None
+    of :func:`scaled_gradient`): what only they feed gets nothing from this node."""
+    return getattr(step, "silenced", frozenset())
 
 
 def gradient_of_rule_form(form: Any, ctx: Context) -> Any:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..errors import ActivationUnavailableError
 from ..rules import IDENTITY, LINEARISED, PLAIN, BiasInDenominator, add_terms
-from .base import NEXT, PART, Identity, OpSpec, held_constant, rule_form, saved, scaled_gradient
+from .base import NEXT, PART, DirectStep, Identity, OpSpec, held_constant, rule_form, saved, scaled_gradient
 
 
 class AddTerms(OpSpec):
@@ -296,7 +296,7 @@ class Product(OpSpec):
             keep = next((i for i in (0, 1) if data[i] or (not data[1 - i] and ctx.wants(i))), None)
             if not any(ctx.wants(i) for i in (0, 1) if i != keep):
                 return PLAIN  # autograd computes no gradient for the other factor
-            return scaled_gradient(tuple(1.0 if i == keep else None for i in (0, 1)))
+            return self._step(ctx.node.fn, tuple(1.0 if i == keep else None for i in (0, 1)))
         for i in (1, 0):
             kind = derived_factor(ctx, i, 1 - i)
             if kind is not None:
@@ -304,11 +304,39 @@ class Product(OpSpec):
                     return None  # the norm rule passes R on to a (R_a = R_y) for these two only
                 if self.divide and i == 0:  # f(a) / a: not a's gradient with f(a) fixed
                     return None
-                return scaled_gradient(tuple(None if k == i else 1.0 for k in (0, 1)))
+                return self._step(ctx.node.fn, tuple(None if k == i else 1.0 for k in (0, 1)))
         factors = rule_form(ctx.rule("product"), "product")
         if factors is None or self.divide:
             return None
-        return scaled_gradient(factors)
+        return self._step(ctx.node.fn, factors)
+
+    def _step(self, fn, factors: tuple):
+        """The factors on the operands' gradients; where one operand alone gets one (RMSNorm's statistics, CP-LRP's
+        gate held constant), a :class:`DirectStep` that computes that one without the other's product (and, for
+        a broadcast operand, its sum)."""
+        step = scaled_gradient(factors)
+        kept = [i for i, f in enumerate(factors) if f is not None]
+        if len(kept) != 1 or len(fn.next_functions) != 2 or self.divide and kept[0] == 1:
+            return step
+        return DirectStep(step, _one_factor_gradient(fn, self, kept[0], factors[kept[0]]), kept[0])
+
+
+def _one_factor_gradient(fn, spec: Product, i: int, factor: float):
+    r""":class:`~dynamiclrp.ops.base.DirectStep` computation for an element-wise ``a * b`` (or ``a / b``) of which
+    only operand ``i`` gets a gradient: :math:`g_a = f\,g \odot b` (:math:`f\,g / b`), summed to ``a``'s shape
+    where ``a`` was broadcast."""
+    def direct(grad_outputs):
+        g = grad_outputs[0]
+        child, nr = fn.next_functions[i]
+        if g is None or child is None or g.is_complex():
+            return None
+        other = saved(fn, spec.names[1 - i])
+        grad = g / other if spec.divide else g * other
+        meta = child._input_metadata[nr]
+        if grad.shape != meta.shape:
+            grad = grad.sum_to_size(meta.shape)
+        return {i: (grad if factor == 1 else grad.mul_(factor)).to(meta.dtype)}
+    return direct
 
 
 def _unary(replay=None, out=None, saved_in=None, homogeneous=False, quotient=None):
