@@ -21,6 +21,8 @@ What is timed (one call each, medians of ``--reps`` interleaved repetitions afte
 * ``dynamiclrp PRESET``: ``dynamiclrp.explain(model, inputs, preset=PRESET, ledger=False, check_finite=False)``,
   forward included (inputs are the image or the token ids); ``+ plan``: the same with one ``dynamiclrp.Plan()``
   reused by every repetition (graph skeleton and transformed weights kept, as in a loop over a data set);
+  ``(own process)`` (with ``--isolate``, presets compared with LXT): the same, alone in a process of its own
+  started and driven as LXT's are, so that both sides of that comparison run under the same conditions;
   ``+ subtract`` (with ``--subtract-addends``; not VGG): ``subtract_addends=True``, residual branches read off
   the saved sums (an opt-in approximation within an ulp of the sum) instead of replaying their last layer.
 * anchors: zennit composites (``EpsilonPlus``, ``EpsilonGammaBox(-3, 3)``, ``EpsilonAlpha2Beta1``) with the
@@ -328,11 +330,16 @@ def lxt_run(case: Case):
 
 
 def worker(spec: dict, anchor: str, quick: bool) -> None:
-    """Child process: patch, build, answer ``run`` lines with the time of one explanation (``@@`` lines)."""
+    """Child process: patch (LXT), build, answer ``run`` lines with the time of one explanation (``@@`` lines).
+    ``anchor`` "dynamiclrp PRESET": our preset instead, alone in its process (``--isolate``)."""
     try:
-        lxt_patch(spec, anchor)
-        case = Case(spec, quick)
-        run = lxt_run(case)
+        if anchor.startswith("dynamiclrp "):
+            case = Case(spec, quick)
+            run = case.ours(anchor.split(" ", 1)[1])
+        else:
+            lxt_patch(spec, anchor)
+            case = Case(spec, quick)
+            run = lxt_run(case)
         print(f"@@ready {case.logit()!r}", flush=True)
     except Exception as e:  # noqa: BLE001 - reported to the parent
         print(f"@@error {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
@@ -356,7 +363,8 @@ def child_env(threads: int) -> dict:
 
 
 class Remote:
-    """An LXT anchor in its own process; calling it runs one explanation there and returns its inside time."""
+    """A method in its own process (an LXT anchor, or with ``--isolate`` one of our presets); calling it runs one
+    explanation there and returns its inside time."""
 
     remote = True
 
@@ -397,8 +405,10 @@ def short(e: BaseException) -> str:
 
 
 def methods_for(case: Case, threads: int, quick: bool, anchors: bool = True,
-                subtract: bool = False) -> tuple[dict, dict, list]:
-    """(callables, errors, remotes) for every method of the case; ``subtract``: also the ``+ subtract`` rows."""
+                subtract: bool = False, isolate: bool = False) -> tuple[dict, dict, list]:
+    """(callables, errors, remotes) for every method of the case; ``subtract``: also the ``+ subtract`` rows;
+    ``isolate``: also each preset that has an LXT anchor in a process of its own, as LXT runs (``(own process)``
+    rows: the same conditions on both sides of the comparison)."""
     name = case.spec["name"]
     fns: dict = {"full": case.full(), "floor": case.floor()}
     errors: dict = {}
@@ -434,13 +444,18 @@ def methods_for(case: Case, threads: int, quick: bool, anchors: bool = True,
     for anchor in lxt:
         if ONLY and ANCHOR_OF[anchor] not in ONLY:
             continue
-        try:
-            r = Remote(case.spec, anchor, threads, quick)
-        except Exception as e:  # noqa: BLE001
-            errors[anchor] = short(e)
+        isolated = f"dynamiclrp {ANCHOR_OF[anchor]}"
+        for key, who in ([(anchor, anchor)] + ([(f"{isolated} (own process)", isolated)] if isolate else [])):
+            try:
+                r = Remote(case.spec, who, threads, quick)
+            except Exception as e:  # noqa: BLE001
+                errors[key] = short(e)
+                continue
+            remotes.append(r)
+            fns[key] = r
+        if anchor not in fns:
             continue
-        remotes.append(r)
-        fns[anchor] = r
+        r = fns[anchor]
         ours = case.logit()
         if abs(r.logit - ours) > 1e-4 * max(1.0, abs(ours)):
             errors[anchor + " (model check)"] = f"explained logit differs: LXT {r.logit:.6g} vs ours {ours:.6g}"
@@ -491,10 +506,11 @@ def load() -> str:
     return "?"
 
 
-def bench(spec: dict, reps: int | None, threads: int, quick: bool, subtract: bool = False) -> dict:
+def bench(spec: dict, reps: int | None, threads: int, quick: bool, subtract: bool = False,
+          isolate: bool = False) -> dict:
     t0 = time.time()
     case = Case(spec, quick)
-    fns, errors, remotes = methods_for(case, threads, quick, subtract=subtract)
+    fns, errors, remotes = methods_for(case, threads, quick, subtract=subtract, isolate=isolate)
     load0 = load()
     try:
         times, n = interleave(fns, reps, quick, errors)
@@ -516,6 +532,8 @@ def verdicts(med: dict, times: dict | None = None) -> list[str]:
         if not k.startswith("dynamiclrp "):
             continue
         label = k.split(" ", 1)[1]
+        if label.endswith(" (own process)"):  # compared with LXT only (below)
+            continue
         preset = label.removesuffix(" + plan").removesuffix(" + subtract")
         if preset in FLOOR_TARGET and floor:
             r = v / floor
@@ -527,7 +545,7 @@ def verdicts(med: dict, times: dict | None = None) -> list[str]:
             saving = 1 - v / med[f"dynamiclrp {preset}"]
             lines.append(f"plan saving, {preset} (repeated explanations): {saving:.1%}")
     for anchor, preset in ANCHOR_OF.items():
-        for label in (preset, f"{preset} + subtract"):
+        for label in (preset, f"{preset} + subtract", f"{preset} (own process)"):
             a, o = med.get(anchor), med.get(f"dynamiclrp {label}")
             if a and o:
                 r = o / a
@@ -576,6 +594,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model and input dtype")
     ap.add_argument("--subtract-addends", action="store_true",
                     help="also time each preset with subtract_addends=True ('+ subtract' rows; not VGG16)")
+    ap.add_argument("--isolate", action="store_true",
+                    help="also run each preset compared with LXT in a process of its own, as LXT runs")
     ap.add_argument("--worker", nargs=2, metavar=("SPEC", "ANCHOR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     global ONLY
@@ -590,7 +610,8 @@ def main() -> None:
         out.write_text(HEADER.format(torch=torch.__version__, cpu=os.cpu_count()))
     for case in args.cases:
         spec = {**parse_case(case), "device": args.device, "dtype": args.dtype}
-        res = bench(spec, 1 if args.quick else args.reps, args.threads, args.quick, args.subtract_addends)
+        res = bench(spec, 1 if args.quick else args.reps, args.threads, args.quick, args.subtract_addends,
+                    args.isolate)
         text = section(res, args.threads)
         print("\n".join(text), flush=True)
         with out.open("a") as f:  # written case by case: a cut run keeps what it measured

@@ -97,9 +97,13 @@ class Bypasses:
                 carried = self.pending.pop((fn, slot), None)
                 if carried is None:
                     continue
-                if grads[slot] is None:  # autograd lets no hook turn "no gradient" into one
+                g = grads[slot]
+                if g is None:  # autograd lets no hook turn "no gradient" into one
                     raise UndeliveredError(f"{fn.name()} slot {slot} receives no gradient besides a bypassed node's")
-                grads[slot] = grads[slot] + carried.to(grads[slot].dtype)
+                carried = carried.to(g.dtype)
+                # the carried gradient is this pass's own (a bypass computed it; nothing else holds it): the sum goes
+                # into it, as the engine's own accumulation goes into its buffer, not into fresh memory
+                grads[slot] = carried.add_(g) if carried.shape == g.shape and carried.is_contiguous() else g + carried
             return tuple(grads)
         return hook
 
