@@ -612,12 +612,22 @@ def test_bypass_through_written_out_norms(preset, monkeypatch):
     gradient, so that branch is no fork in a carried route: under CP-LRP the attention's product with the values
     is bypassed through the norm to the residual stream. The products that give one operand alone a gradient (the
     norms; CP-LRP's gate) compute that one without the other's, bypassed too, except the final norm (its stream
-    gets no gradient from elsewhere to join). Equal to the pass without bypasses and to node by node (ε → 0)."""
-    from dynamiclrp import gradient_form
+    gets no gradient from elsewhere to join). Equal to the pass without bypasses and to node by node (ε → 0). The
+    statistics' own nodes (``rsqrt``, ``pow``: identity-rule steps) get no gradient at all and are given no route."""
+    from dynamiclrp import gradient_bypass, gradient_form
 
+    routed = []
+
+    def direct(bypasses, fn, step, route):
+        routed.append(fn.name())
+        return planned(bypasses, fn, step, route)
+
+    planned = gradient_bypass._direct
+    monkeypatch.setattr(gradient_bypass, "_direct", direct)
     torch.manual_seed(0)
     model, x = RMSDecoder().to(D).eval(), torch.randn(2, 5, 8, dtype=D)
     got = dynamiclrp.explain(model, x, preset=preset, ledger=False)
+    assert "MulBackward0" in routed and not {"RsqrtBackward0", "PowBackward0", "SqrtBackward0"} & set(routed)
     ref = dynamiclrp.explain(model, x, preset=preset, ledger=False, gradient_form=False, rules=LIMIT_PRESET[preset])
     monkeypatch.setattr(gradient_form, "BYPASSES", False)
     plain = dynamiclrp.explain(model, x, preset=preset, ledger=False)
