@@ -276,8 +276,8 @@ class _Planner:
             self._gives_nothing(c, k, depth + 1) for c, k in run.graph.consumers.get((nid, nr), ()))
 
     def _gives_nothing(self, nid: int, k: int, depth: int = 0) -> bool:
-        """Whether graph node ``nid`` gives its operand ``k`` no gradient: its step silences that operand (an
-        unfused node: its operands are its autograd node's inputs, in order), or the node gives none at all."""
+        """Whether graph node ``nid`` gives its operand ``k`` no gradient: its step silences that operand, or the
+        node gives none at all."""
         return self._gives_nothing_ever(nid, k) or self._silent(nid, depth)
 
     def _gives_nothing_ever(self, nid: int, k: int) -> bool:
