@@ -333,13 +333,11 @@ def worker(spec: dict, anchor: str, quick: bool) -> None:
     """Child process: patch (LXT), build, answer ``run`` lines with the time of one explanation (``@@`` lines).
     ``anchor`` "dynamiclrp PRESET": our preset instead, alone in its process (``--isolate``)."""
     try:
-        if anchor.startswith("dynamiclrp "):
-            case = Case(spec, quick)
-            run = case.ours(anchor.split(" ", 1)[1])
-        else:
+        ours = anchor.startswith("dynamiclrp ")
+        if not ours:
             lxt_patch(spec, anchor)
-            case = Case(spec, quick)
-            run = lxt_run(case)
+        case = Case(spec, quick)
+        run = case.ours(anchor.split(" ", 1)[1]) if ours else lxt_run(case)
         print(f"@@ready {case.logit()!r}", flush=True)
     except Exception as e:  # noqa: BLE001 - reported to the parent
         print(f"@@error {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
@@ -441,21 +439,24 @@ def methods_for(case: Case, threads: int, quick: bool, anchors: bool = True,
         errors["LXT CP-LRP"] = "not available: LXT 2.1 has no CP-LRP map for BERT"
     if name == "t5small":
         errors["LXT AttnLRP"] = errors["LXT CP-LRP"] = "not available: LXT 2.1 has no T5 map"
+    def start(key: str, who: str) -> Remote | None:
+        try:
+            r = Remote(case.spec, who, threads, quick)
+        except Exception as e:  # noqa: BLE001
+            errors[key] = short(e)
+            return None
+        remotes.append(r)
+        fns[key] = r
+        return r
+
     for anchor in lxt:
         if ONLY and ANCHOR_OF[anchor] not in ONLY:
             continue
-        isolated = f"dynamiclrp {ANCHOR_OF[anchor]}"
-        for key, who in ([(anchor, anchor)] + ([(f"{isolated} (own process)", isolated)] if isolate else [])):
-            try:
-                r = Remote(case.spec, who, threads, quick)
-            except Exception as e:  # noqa: BLE001
-                errors[key] = short(e)
-                continue
-            remotes.append(r)
-            fns[key] = r
-        if anchor not in fns:
+        r = start(anchor, anchor)
+        if isolate:
+            start(f"dynamiclrp {ANCHOR_OF[anchor]} (own process)", f"dynamiclrp {ANCHOR_OF[anchor]}")
+        if r is None:
             continue
-        r = fns[anchor]
         ours = case.logit()
         if abs(r.logit - ours) > 1e-4 * max(1.0, abs(ours)):
             errors[anchor + " (model check)"] = f"explained logit differs: LXT {r.logit:.6g} vs ours {ours:.6g}"

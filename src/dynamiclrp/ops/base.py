@@ -242,6 +242,16 @@ def scaled_gradient(factors: tuple) -> Any:
     return hook
 
 
+def one_operand_step(factors: tuple, direct_for: Any) -> Any:
+    """:func:`scaled_gradient` with ``factors``; where one operand alone keeps a factor and
+    ``direct_for(i, factor)`` gives a way to compute that operand's gradient without the node's own backward, a
+    :class:`DirectStep` (the bypass then skips the product the backward would spend on the held operands)."""
+    step = scaled_gradient(factors)
+    kept = [i for i, f in enumerate(factors) if f is not None]
+    direct = direct_for(kept[0], factors[kept[0]]) if len(kept) == 1 else None
+    return step if direct is None else DirectStep(step, direct, kept[0])
+
+
 def silenced(step: Any) -> frozenset[int]:
     """The inputs a gradient step gives no gradient at all, whatever the node computed for them (a factor None
     of :func:`scaled_gradient`): what only they feed gets nothing from this node."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..errors import ActivationUnavailableError
 from ..rules import IDENTITY, LINEARISED, PLAIN, BiasInDenominator, add_terms
-from .base import NEXT, PART, DirectStep, Identity, OpSpec, held_constant, rule_form, saved, scaled_gradient
+from .base import NEXT, PART, Identity, OpSpec, held_constant, one_operand_step, rule_form, saved
 
 
 class AddTerms(OpSpec):
@@ -312,13 +312,13 @@ class Product(OpSpec):
 
     def _step(self, fn, factors: tuple):
         """The factors on the operands' gradients; where one operand alone gets one (RMSNorm's statistics, CP-LRP's
-        gate held constant), a :class:`DirectStep` that computes that one without the other's product (and, for
-        a broadcast operand, its sum)."""
-        step = scaled_gradient(factors)
-        kept = [i for i, f in enumerate(factors) if f is not None]
-        if len(kept) != 1 or len(fn.next_functions) != 2 or self.divide and kept[0] == 1:
-            return step
-        return DirectStep(step, _one_factor_gradient(fn, self, kept[0], factors[kept[0]]), kept[0])
+        gate held constant), a :class:`~dynamiclrp.ops.base.DirectStep` that computes that one without the other's
+        product (and, for a broadcast operand, its sum)."""
+        def direct_for(i, factor):
+            if len(fn.next_functions) != 2 or self.divide and i == 1:
+                return None
+            return _one_factor_gradient(fn, self, i, factor)
+        return one_operand_step(factors, direct_for)
 
 
 def _one_factor_gradient(fn, spec: Product, i: int, factor: float):

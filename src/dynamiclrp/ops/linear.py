@@ -17,13 +17,12 @@ from ..rules import PLAIN, LinearMap, MergeBatchNorm
 from .base import (
     NEXT,
     PART,
-    DirectStep,
     OpSpec,
     held_constant,
+    one_operand_step,
     out_shape,
     rule_form,
     saved,
-    scaled_gradient,
     through_views,
     undo_views,
 )
@@ -282,13 +281,15 @@ class Product(OpSpec):
             factors = rule_form(ctx.rule(family), family)
             if factors is None:
                 return None
-            step = scaled_gradient(factors)
-            kept = [i for i, f in enumerate(factors) if f is not None]
-            if len(kept) == 1 and self.fn in (torch.mm, torch.bmm) and len(ctx.node.fn.next_functions) == 2:
+            fn = ctx.node.fn
+
+            def direct_for(i, factor):
                 # one operand held constant (CP-LRP's attention weights): the other's gradient alone, without
                 # the product the backward would also spend on the held one
-                return DirectStep(step, _one_operand_gradient(ctx.node.fn, self, kept[0], factors[kept[0]]), kept[0])
-            return step
+                if self.fn not in (torch.mm, torch.bmm) or len(fn.next_functions) != 2:
+                    return None
+                return _one_operand_gradient(fn, self, i, factor)
+            return one_operand_step(factors, direct_for)
         x_i = 0 if data[0] or not data[1] and ctx.wants(0) else 1
         return PLAIN if rule_form(ctx.rule(self.family_at(ctx, x_i)), "linear") is PLAIN else None
 
