@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import dynamiclrp
+from dynamiclrp.ops.base import saved
 from dynamiclrp.rules import AlphaBeta, Block, Constant, Epsilon, Gamma, Pass, Uniform, ZBox, ZPlus
 
 D = torch.float64
@@ -1440,3 +1441,69 @@ def test_paper_preset_sum_and_product_conserve():
     close(ra, r_a_direct + r_prod_a)
     close(rb, r_prod_b)
     close(ra.sum() + rb.sum(), R.sum())
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_eval_batch_norm_replays_the_forward_bit_for_bit(affine):
+    """An eval-mode batch norm's output is replayed by the forward's own kernel on the running statistics: equal to
+    the forward's output bit for bit (the written-out formula differs in the last bits); in training mode the
+    formula on the saved batch statistics."""
+    g = torch.Generator().manual_seed(3)
+    bn = torch.nn.BatchNorm2d(5, affine=affine)
+    bn.running_mean.normal_(generator=g)
+    bn.running_var.uniform_(0.3, 3.0, generator=g)
+    if affine:
+        with torch.no_grad():
+            bn.weight.normal_(generator=g)
+            bn.bias.normal_(generator=g)
+    x = torch.randn(2, 5, 7, 6, generator=g).requires_grad_()
+    for training in (False, True):
+        bn.train(training)
+        y = bn(x * 1.5)
+        node = dynamiclrp.graph.Graph.build([y.grad_fn]).nodes[0]
+        assert node.kind == "NativeBatchNormBackward0"
+        inputs = [saved(node.fn, "input"), bn.weight, bn.bias]
+        replay = node.spec.forward(node, inputs)
+        if training:
+            torch.testing.assert_close(replay, y.detach(), rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(replay, y.detach())
+
+
+@pytest.mark.parametrize("negative_scale", [False, True])
+def test_zplus_takes_a_merged_batch_norm_as_an_output_scale(negative_scale, monkeypatch):
+    """conv → eval batch norm → ReLU under ``epsilon_plus``: the batch norm is merged (zennit's canonizers). With
+    every scale γ/σ positive the rule gets it as ``out_scale`` and never forms the scaled weight; with one negative
+    it gets the merged weight. Both are the z⁺ equation on the merged layer, computed here by hand."""
+    g = torch.Generator().manual_seed(11)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1).double()
+    bn = torch.nn.BatchNorm2d(4).double().eval()
+    with torch.no_grad():
+        bn.running_mean.normal_(generator=g)
+        bn.running_var.uniform_(0.3, 3.0, generator=g)
+        bn.weight.uniform_(0.5, 2.0, generator=g)
+        bn.bias.normal_(generator=g)
+        if negative_scale:
+            bn.weight[1] = -0.7
+    model = torch.nn.Sequential(conv, bn, torch.nn.ReLU()).eval()
+    x = torch.randn(2, 3, 5, 5, generator=g, dtype=torch.float64)  # both signs: the input layer
+    seen = []
+    linear = ZPlus.linear
+
+    def spy(self, *args, out_scale=None, **kwargs):
+        seen.append(out_scale is not None)
+        return linear(self, *args, out_scale=out_scale, **kwargs)
+
+    monkeypatch.setattr(ZPlus, "linear", spy)
+    att = dynamiclrp.explain(model, x, target=lambda y: y, preset="epsilon_plus")
+    assert seen == [not negative_scale]
+    s = bn.weight.detach() / (bn.running_var + bn.eps).sqrt()
+    w = conv.weight.detach() * s.reshape(-1, 1, 1, 1)
+    b = (conv.bias.detach() - bn.running_mean) * s + bn.bias.detach()
+    y = model(x).detach()
+    xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), w.clamp(min=0), w.clamp(max=0)
+    zp = F.conv2d(xp, wp, padding=1) + F.conv2d(xn, wn, padding=1) + b.clamp(min=0).reshape(1, -1, 1, 1)
+    q = y / (zp + 1e-6)  # R = y (seed: the output itself); the ReLU passes it on unchanged
+    expected = (xp * torch.nn.grad.conv2d_input(x.shape, wp, q, padding=1)
+                + xn * torch.nn.grad.conv2d_input(x.shape, wn, q, padding=1))
+    torch.testing.assert_close(att.inputs[0], expected, rtol=1e-10, atol=1e-12)

@@ -1106,3 +1106,100 @@ def test_rules_work_inside_autograd(rule):
     with torch.no_grad():
         ref = rule.linear(x.detach(), w.detach(), R, torch.mm)
     torch.testing.assert_close(out.detach(), ref, rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sign-split terms stacked into one product; a merged batch norm's scale taken on the output side
+
+
+def _counting(fn, transpose, stack):
+    calls = {"fn": 0, "transpose": 0}
+
+    def f(x, w):
+        calls["fn"] += 1
+        return fn(x, w)
+
+    def t(s, x, w):
+        calls["transpose"] += 1
+        return transpose(s, x, w)
+
+    return r.LinearMap(f, t, stack), calls
+
+
+def _stackable_case(name: str, g: torch.Generator):
+    """(x, w, fn, transpose, stack) with more input elements than weights (an input layer: few channels)."""
+    if name == "mm":
+        return randn(g, 9, 4), randn(g, 4, 3), torch.mm, lambda s, x, w: s @ w.T, (1, 0)
+    if name == "bmm":
+        return randn(g, 2, 7, 4), randn(g, 2, 4, 3), torch.bmm, lambda s, x, w: s @ w.mT, (2, 1)
+    args = (None, (1, 1), (1, 1), (1, 1), False, (0, 0), 1)
+    return (randn(g, 2, 3, 6, 5), randn(g, 4, 3, 3, 3), lambda x, w: F.conv2d(x, w, None, 1, 1),
+            lambda s, x, w: torch.ops.aten.convolution_backward(s, x, w, *args, [True, False, False])[0], (1, 1))
+
+
+@pytest.mark.parametrize("name", ["mm", "bmm", "conv"])
+@pytest.mark.parametrize("rule_name", ["zplus", "alphabeta", "gamma", "zbox_scalar"])
+def test_sign_split_terms_stack_into_one_product(rule_name, name):
+    """Where the op can stack (``LinearMap.stack``) and the weight is no larger than the input, the k terms of a
+    sign-split rule are one product and one transpose over the inputs and weights concatenated: the equation as
+    before, with a k-th of the calls."""
+    g = gen(40 + LINEAR_RULES.index(rule_name))
+    x, w, fn, tr, stack = _stackable_case(name, g)
+    rule = make_rule(rule_name, x, g)
+    R = randn(g, *fn(x, w).shape)
+    stacked, calls = _counting(fn, tr, stack)
+    separate, calls_separate = _counting(fn, tr, None)
+    out = rule.linear(x, w, R, stacked)
+    assert_close(out, rule.linear(x, w, R, separate), **TOL)
+    dense = {"mm": lambda xt, wt: xt[:, :, None] * wt[None], "bmm": lambda xt, wt: xt[..., None] * wt[:, None]}
+    if name in dense:  # and the equation itself, on explicit contributions
+        assert_close(out, ref_linear(rule, LinCase(x, w, fn, tr, dense[name]), x, w, R), **TOL)
+    # products and transposes: z⁺ 2 and 2 separately, 1 and 1 stacked; z-box 3 (2 with z given) and 3; αβ and γ
+    # one stacked product and transpose per sign of the output
+    expected = {"zplus": (1, 1), "zbox_scalar": (1, 1), "alphabeta": (2, 2), "gamma": (3, 2)}[rule_name]
+    assert (calls["fn"], calls["transpose"]) == expected
+    assert calls_separate["fn"] > calls["fn"] and calls_separate["transpose"] > calls["transpose"]
+
+
+def test_terms_are_not_stacked_where_the_weight_is_larger_or_one_term_remains():
+    g = gen(50)
+    x, w, R = randn(g, 2, 4), randn(g, 4, 3), randn(g, 2, 3)  # w (12) larger than x (8): no copy of w
+    lm, calls = _counting(torch.mm, lambda s, x_, w_: s @ w_.T, (1, 0))
+    r.ZPlus(EPS).linear(x, w, R, lm)
+    assert calls == {"fn": 2, "transpose": 2}
+    x = rand(g, 9, 4)  # non-negative: one term
+    lm, calls = _counting(torch.mm, lambda s, x_, w_: s @ w_.T, (1, 0))
+    r.ZPlus(EPS).linear(x, w, randn(g, 9, 3), lm)
+    assert calls == {"fn": 1, "transpose": 1}
+
+
+@pytest.mark.parametrize("name", ["mm", "conv"])
+@pytest.mark.parametrize("signs", ["mixed", "non_negative"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_zplus_output_scale_is_the_rule_of_the_scaled_weight(name, signs, with_bias):
+    """ZPlus with ``out_scale = s > 0`` (a batch norm merged into the layer) is z⁺ on the weight ``s w`` (scaled per
+    output feature) with bias ``b``: :math:`R / (z^+ + (b^+ + \\varepsilon)/s)` through :math:`w^+` equals
+    :math:`R / ((s w)^+ x + b^+ + \\varepsilon)` through :math:`(s w)^+`; against the explicit equation too."""
+    g = gen(60)
+    x, w, fn, tr, _ = _stackable_case(name, g)
+    if signs == "non_negative":
+        x = x.abs()
+    z = fn(x, w)
+    out_features = z.shape[1]
+    s = 0.2 + 2 * rand(g, out_features)
+    b = randn(g, out_features) if with_bias else None
+    view = (1, -1) + (1,) * (z.dim() - 2)
+    w_scaled = w * (s if name == "mm" else s.reshape(-1, 1, 1, 1))  # mm: (in, out); conv: (out, in, kh, kw)
+    R = randn(g, *z.shape)
+    rule = r.ZPlus(BIG_EPS)  # a large ε: its placement shows
+    out = rule.linear(x, w, R, r.LinearMap(fn, tr), b=None if b is None else b.reshape(view), out_scale=s.reshape(view))
+    assert_close(out, rule.linear(x, w_scaled, R, r.LinearMap(fn, tr), b=None if b is None else b.reshape(view)),
+                 **TOL)
+    # explicitly: R_i = x_i Σ_j (s w)⁺_ij or (s w)⁻_ij (by the sign of x_i) R_j / (z⁺_j + b⁺_j + ε)
+    xp, xn = x.clamp(min=0), x.clamp(max=0)
+    zp = fn(xp, w_scaled.clamp(min=0)) + fn(xn, w_scaled.clamp(max=0))
+    if b is not None:
+        zp = zp + b.clamp(min=0).reshape(view)
+    q = R / (zp + BIG_EPS)
+    expected = xp * tr(q, xp, w_scaled.clamp(min=0)) + xn * tr(q, xn, w_scaled.clamp(max=0))
+    assert_close(out, expected, **TOL)

@@ -148,13 +148,14 @@ def caching_weights(enabled: bool = True) -> Iterator[None]:
         _CACHING.reset(token)
 
 
-def weight_derived(label: Hashable, w: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """A tensor computed from the weight ``w`` alone (``w.clamp(min=0)``, ...): from the active plan where one is
-    active and the caller is a linear rule's weight side, else computed."""
+def weight_derived(label: Hashable, w: torch.Tensor | tuple[torch.Tensor, ...],
+                   compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A tensor computed from the weight ``w`` alone (``w.clamp(min=0)``, ...), or from a tuple of weights: from
+    the active plan where one is active and the caller is a linear rule's weight side, else computed."""
     plan = _ACTIVE.get()
     if plan is None or not _CACHING.get():
         return compute()
-    return plan.derived(label, (w,), compute)
+    return plan.derived(label, w if isinstance(w, tuple) else (w,), compute)
 
 
 def active_plan() -> Plan | None:

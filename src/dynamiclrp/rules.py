@@ -76,10 +76,11 @@ def over_stabilized(R: Tensor, z: Tensor, eps: float) -> Tensor:
     return torch.div(R, d, out=d)
 
 
-def over_stabilized_nonnegative(R: Tensor, z: Tensor, eps: float) -> Tensor:
+def over_stabilized_nonnegative(R: Tensor, z: Tensor, eps: float | Tensor) -> Tensor:
     r""":math:`R / \mathrm{stab}_\varepsilon(z)` for a ``z`` that is a sum of non-negative contributions (z⁺):
     there :math:`\mathrm{stab}_\varepsilon(z) = z + \varepsilon` exactly (sign(±0) = +1), one pass instead of
-    four. Written into ``z``'s memory when the rule computed it (``z`` is not read again)."""
+    four. Written into ``z``'s memory when the rule computed it (``z`` is not read again). ``eps`` may be a
+    non-negative tensor that broadcasts over ``z`` (a bias's positive part plus ε, added in the same pass)."""
     if _fits(z, R) and _writable(z, R):
         return torch.div(R, z.add_(eps), out=z)
     return R / (z + eps)
@@ -160,11 +161,15 @@ class LinearMap:
 
     ``transpose(s, x, w)`` computes the vector-Jacobian product directly when the op provides it (``s @ w.T``
     for mm, ``convolution_backward`` for convolutions); otherwise autograd differentiates a recomputation.
+    ``stack = (dx, dw)`` names the dimensions of ``x`` and ``w`` that the op sums over together (input channels,
+    input features), where :math:`f(x_1, w_1) + f(x_2, w_2) = f([x_1, x_2], [w_1, w_2])` with both concatenated
+    along them; None where the op cannot be split that way (grouped convolutions).
     A plain callable ``fn(x, w)`` can be used wherever a LinearMap is expected.
     """
 
-    def __init__(self, fn: LinearFn, transpose: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None):
-        self.fn, self._transpose = fn, transpose
+    def __init__(self, fn: LinearFn, transpose: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+                 stack: tuple[int, int] | None = None):
+        self.fn, self._transpose, self.stack = fn, transpose, stack
 
     def __call__(self, x: Tensor, w: Tensor) -> Tensor:
         return self.fn(x, w)
@@ -225,6 +230,14 @@ def _add_into(total: Tensor, g: Tensor, *keep: Tensor | None) -> Tensor:
 
 def _linear_terms(pairs: Sequence[tuple[Tensor | None, Tensor]], s: Tensor, fn) -> Tensor:
     """:math:`\\sum_k x_k \\odot J_{w_k}^\\top s` for (input, weight) pairs (a None input is zero: skipped)."""
+    stacked = _stacked(pairs, fn)
+    if stacked is not None:  # one transpose: the terms are the slices of X ⊙ Jᵀ s along the stacked dimension
+        X, W, dim, k = stacked
+        parts = _times(X, transpose(fn, s, X, W), s, W).chunk(k, dim)
+        total = parts[0] + parts[1]
+        for part in parts[2:]:
+            total.add_(part)
+        return total
     total = None
     for x, w in pairs:
         if x is None:
@@ -236,6 +249,10 @@ def _linear_terms(pairs: Sequence[tuple[Tensor | None, Tensor]], s: Tensor, fn) 
 
 def _products(pairs: Sequence[tuple[Tensor | None, Tensor]], fn) -> Tensor:
     """:math:`\\sum_k f(x_k, w_k)` (a None input is zero: skipped)."""
+    stacked = _stacked(pairs, fn)
+    if stacked is not None:
+        X, W, _, _ = stacked
+        return fn(X, W)
     total = None
     for x, w in pairs:
         if x is None:
@@ -243,6 +260,25 @@ def _products(pairs: Sequence[tuple[Tensor | None, Tensor]], fn) -> Tensor:
         z = fn(x, w)
         total = z if total is None else _add_into(total, z, *(t for pair in pairs for t in pair))
     return total
+
+
+def _stacked(pairs: Sequence[tuple[Tensor | None, Tensor]], fn) -> tuple[Tensor, Tensor, int, int] | None:
+    """``(X, W, dim, k)``: the ``k`` terms' inputs and weights concatenated along the dimension the op sums over
+    (``fn.stack``: input channels, input features), so that :math:`\\sum_k f(x_k, w_k) = f(X, W)` is one product
+    and the terms' transposes are one too. Where the weights are no larger than the inputs (an input layer split by
+    sign: three channels), one product over twice the channels costs about what one of the two did; a large weight
+    is not copied. None where fewer than two terms remain, or the op cannot stack them."""
+    dims = getattr(fn, "stack", None)
+    live = [(x, w) for x, w in pairs if x is not None]
+    if dims is None or len(live) < 2:
+        return None
+    (x0, w0), k = live[0], len(live)
+    if any(x.shape != x0.shape or x.dtype != x0.dtype or w.shape != w0.shape for x, w in live) \
+            or w0.numel() > x0.numel():
+        return None
+    weights = tuple(w for _, w in live)
+    W = weight_derived("stacked", weights, lambda: torch.cat(weights, dims[1]))
+    return torch.cat([x for x, _ in live], dims[0]), W, dims[0], k
 
 
 def _w_pos(w: Tensor) -> Tensor:
@@ -328,12 +364,20 @@ class ZPlus:
     """
 
     eps: float = 1e-6
+    takes_out_scale = True  # see ``linear``: a merged batch norm's positive scale, without forming s·w
 
-    def linear(self, x, w, R, fn, z=None, b=None):
+    def linear(self, x, w, R, fn, z=None, b=None, out_scale=None):
+        """Relevance of ``x``. ``out_scale``: a positive factor :math:`s` per output feature that the layer's output
+        is multiplied by before its bias ``b`` is added (a batch norm merged into it): the rule of the layer with
+        weight :math:`s w`, computed without forming it. For :math:`s > 0`, :math:`(s w)^\\pm = s w^\\pm`, so
+        :math:`R / (s z^+ + b^+ + \\varepsilon)` carried back through :math:`s w^+` is
+        :math:`R / (z^+ + (b^+ + \\varepsilon)/s)` carried back through :math:`w^+`."""
         xp, xn = _signs(x)
         pairs = [(xp, None if xp is None else _w_pos(w)), (xn, None if xn is None else _w_neg(w))]
-        zp = _plus_(_products(pairs, fn), _pos(b))  # x⁺w⁺ + x⁻w⁻ + b⁺ >= 0
-        return _linear_terms(pairs, over_stabilized_nonnegative(R, zp, self.eps), fn)
+        shift = self.eps if b is None else _pos(b) + self.eps  # x⁺w⁺ + x⁻w⁻ + b⁺ + ε > 0
+        if out_scale is not None:
+            shift = shift / out_scale
+        return _linear_terms(pairs, over_stabilized_nonnegative(R, _products(pairs, fn), shift), fn)
 
 
 @dataclass(frozen=True)
@@ -404,9 +448,9 @@ class AlphaBeta:
     def linear(self, x, w, R, fn, z=None, b=None):
         (xp, xn), wp, wn = _signs(x), _w_pos(w), _w_neg(w)
         pos, neg = [(xp, wp), (xn, wn)], [(xp, wn), (xn, wp)]
-        zp = _plus_(_products(pos, fn), _pos(b))
         zn = _plus_(_products(neg, fn), None if b is None else b.clamp(max=0))
-        rp = _linear_terms(pos, over_stabilized_nonnegative(R, zp, self.eps), fn)  # zp >= 0
+        shift = self.eps if b is None else _pos(b) + self.eps  # zp >= 0: its stabiliser added with its bias
+        rp = _linear_terms(pos, over_stabilized_nonnegative(R, _products(pos, fn), shift), fn)
         rn = _linear_terms(neg, over_stabilized(R, zn, self.eps), fn)
         if _fits(rp, rn) and _writable(rp, rn) and _writable(rn, rp):  # both the rule's own: no allocation
             return rp.mul_(self.alpha).sub_(rn.mul_(self.beta))
@@ -459,10 +503,9 @@ class ZBox:
     def linear(self, x, w, R, fn, z=None, b=None):  # b - b⁺ - b⁻ = 0: the bias cancels (as in zennit)
         low = torch.as_tensor(self.low, dtype=x.dtype, device=x.device).expand_as(x)
         high = torch.as_tensor(self.high, dtype=x.dtype, device=x.device).expand_as(x)
-        wp, wn = _w_pos(w), _w_neg(w)
-        zb = (fn(x, w) if z is None else z) - fn(low, wp) - fn(high, wn)
-        s = over_stabilized(R, zb, self.eps)
-        return _linear_terms([(x, w)], s, fn) - _linear_terms([(low, wp), (high, wn)], s, fn)
+        terms = [(x, w), (-low, _w_pos(w)), (-high, _w_neg(w))]  # x w - l w⁺ - h w⁻
+        zb = _products(terms, fn) if z is None else _add_into(_products(terms[1:], fn), z)
+        return _linear_terms(terms, over_stabilized(R, zb, self.eps), fn)
 
 
 @dataclass(frozen=True)

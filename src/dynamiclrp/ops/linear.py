@@ -244,11 +244,15 @@ class Product(OpSpec):
         out = [None, None]
         b = _fused_bias(ctx)
         uses_z = ctx.wants(x_i) and getattr(rule, "uses_z", False)
-        z = ctx.run.promises.values.get((ctx.node.id, 0)) if ctx.wants(x_i) else None  # recovered already: free
+        z = ctx.run.promises.values.get((ctx.node.id, 0)) if uses_z else None  # recovered already: free
         if uses_z and z is None:
             z = _from_saved_layer_output(ctx)
         merged = _merged_batch_norm(ctx, b is not None or _bias_add_of(ctx) is None)
-        if merged is not None and (w_m := self._merged_weight(ctx, w, merged, x_i)) is not None:
+        out_scale = None
+        if merged is not None and self._scales_output(ctx, rule, w, merged[0], x_i, uses_z):
+            scale, shift, _ = merged  # merged too, but the rule scales the output, not the weight (one pass fewer)
+            out_scale, b = scale, shift if b is None else b * scale + shift
+        elif merged is not None and (w_m := self._merged_weight(ctx, w, merged, x_i)) is not None:
             scale, shift, _ = merged  # a batch norm after this op is merged into it (zennit's canonizers)
             w, b = w_m, shift if b is None else b * scale + shift
             z = None if z is None else z * scale
@@ -265,7 +269,8 @@ class Product(OpSpec):
         z = z if z is not None and z.dtype == ctx.dtype else None  # else recompute at full precision
         if ctx.wants(x_i):
             with caching_weights(not data[w_i]):  # the rule's transforms of w may be kept by a plan
-                out[x_i] = rule.linear(x, w, R, lmap, z=z, b=b)
+                scaled = {} if out_scale is None else {"out_scale": out_scale}
+                out[x_i] = rule.linear(x, w, R, lmap, z=z, b=b, **scaled)
             if padded is not None:
                 out[x_i] = to_operand(out[x_i])  # zeros on the padding: its pad node routes the rest back
         if ctx.wants(w_i):  # parameter relevance: the same rule with the roles of input and weight swapped
@@ -293,6 +298,14 @@ class Product(OpSpec):
         x_i = 0 if data[0] or not data[1] and ctx.wants(0) else 1
         return PLAIN if rule_form(ctx.rule(self.family_at(ctx, x_i)), "linear") is PLAIN else None
 
+    def _scales_output(self, ctx, rule, w, scale, x_i: int, uses_z: bool) -> bool:
+        """Whether the batch norm merged into this op is better given to the rule as a scale of the op's output:
+        the rule takes one (``takes_out_scale``) and needs no ``z``, the weight could have been scaled per output
+        feature, and every scale is positive. Scaling a weight is a pass over it per explanation (without a plan),
+        as large as the layer's output at batch 1 and larger than its clamp."""
+        return (getattr(rule, "takes_out_scale", False) and not uses_z and not ctx.wants(1 - x_i)
+                and self.scales_per_output(ctx.node, w, scale, x_i) and bool((scale > 0).all()))
+
     def _merged_weight(self, ctx, w, merged, x_i: int):
         """The weight with the batch norm after it merged in (kept by an active plan while neither the weight nor
         the batch norm's variance and scale change), or None if this op cannot take it."""
@@ -303,9 +316,13 @@ class Product(OpSpec):
         return plan.derived(("merge-bn", type(self), x_i, eps), (w, *sources),
                             lambda: self.scale_weight(ctx.node, w, scale, x_i))
 
+    def scales_per_output(self, node, w, scale, x_i: int) -> bool:
+        """Whether ``w`` can be scaled per output feature by ``scale`` (which broadcasts over the output)."""
+        return x_i == 0 and (scale.shape[-1] == w.shape[-1] or scale.numel() == 1)
+
     def scale_weight(self, node, w, scale, x_i: int):
         """``w`` scaled per output feature (``scale`` broadcasts over the output), or None if not supported."""
-        if x_i != 0 or scale.shape[-1] != w.shape[-1] and scale.numel() != 1:
+        if not self.scales_per_output(node, w, scale, x_i):
             return None
         return w * scale.reshape(-1)  # mm/bmm: the output feature is the weight's last dimension
 
@@ -314,8 +331,9 @@ class Product(OpSpec):
 
     def linear_map(self, node, v: int) -> LinearMap:
         """The op as a function of operand ``v`` (the variable) and the other operand (held fixed)."""
-        if v == 0:
-            return LinearMap(self.fn, lambda s, x, w: s @ w.mT)
+        if v == 0:  # x's features (last dimension) meet w's rows
+            stack = {torch.mm: (1, 0), torch.bmm: (2, 1)}.get(self.fn)
+            return LinearMap(self.fn, lambda s, x, w: s @ w.mT, stack)
         return LinearMap(lambda x, w: self.fn(w, x), lambda s, x, w: w.mT @ s)
 
     def family_at(self, ctx, x_i: int) -> str:
@@ -409,9 +427,12 @@ class Convolution(Product):
     def bound_fn(self, ctx):
         return self.conv_fn(ctx.node.fn)
 
+    def scales_per_output(self, node, w, scale, x_i: int) -> bool:
+        return x_i == 0 and not saved(node.fn, "transposed")
+
     def scale_weight(self, node, w, scale, x_i: int):
         """Convolution weights are (out, in/groups, *kernel): scale along the first dimension."""
-        if x_i != 0 or saved(node.fn, "transposed"):
+        if not self.scales_per_output(node, w, scale, x_i):
             return None
         return w * scale.reshape(-1, *([1] * (w.dim() - 1)))
 
@@ -431,8 +452,9 @@ class Convolution(Product):
         def grad_weight(s, w, x):
             return torch.ops.aten.convolution_backward(s, x, w, *args, [False, True, False])[1]
 
-        if v == 0:
-            return LinearMap(conv, grad_input)
+        if v == 0:  # input channels: x's dimension 1, w's 1 (0 when transposed); groups split them
+            stack = (1, 0 if saved(fn, "transposed") else 1) if saved(fn, "groups") == 1 else None
+            return LinearMap(conv, grad_input, stack)
         return LinearMap(lambda w, x: conv(x, w), grad_weight)
 
     def output(self, node, nr):
@@ -469,8 +491,8 @@ class MatrixVector(Product):
     def linear_map(self, node, v: int) -> LinearMap:
         return LinearMap(self.fn) if v == 0 else LinearMap(lambda x, w: self.fn(w, x))
 
-    def scale_weight(self, node, w, scale, x_i: int):
-        return None
+    def scales_per_output(self, node, w, scale, x_i: int) -> bool:
+        return False
 
 
 MATMUL_OPS = {

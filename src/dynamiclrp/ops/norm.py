@@ -33,14 +33,18 @@ class Norm(OpSpec):
         w, b = saved(node.fn, "weight", None), saved(node.fn, "bias", None)
         if x is None or nr != 0 or self._bias_unknown(node, w, b):
             return None  # batch norm does not save its bias: replay it with the bias from the graph
-        return _affine(node, self.normalise(node.fn, x), w, b)
+        return self._apply(node, x, w, b)
 
     def forward(self, node, inputs):
         w = inputs[1] if len(inputs) > 1 and inputs[1] is not None else saved(node.fn, "weight", None)
         b = inputs[2] if len(inputs) > 2 and inputs[2] is not None else saved(node.fn, "bias", None)
         if self._bias_unknown(node, w, b):
             raise NotImplementedError
-        return _affine(node, self.normalise(node.fn, inputs[0]), w, b)
+        return self._apply(node, inputs[0], w, b)
+
+    def _apply(self, node, x, w, b):
+        y = _eval_batch_norm(node, x, w, b) if node.kind.startswith(_BATCH_NORMS) else None
+        return y if y is not None else _affine(node, self.normalise(node.fn, x), w, b)
 
     @staticmethod
     def _bias_unknown(node, w, b) -> bool:
@@ -140,6 +144,24 @@ def _affine(node, xhat, w, b):
     if b is not None:
         xhat = xhat + b
     return xhat
+
+
+_BATCH_NORMS = ("NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm")
+
+
+def _eval_batch_norm(node, x, w, b):
+    """An eval-mode batch norm replayed by the forward's own kernel on its running statistics: the forward's output
+    bit for bit, in one pass (the formula takes four). None in training mode, or where the dtypes differ from the
+    statistics' (the formula then computes it)."""
+    fn = node.fn
+    if saved(fn, "training", False):
+        return None
+    mean, var = saved(fn, "running_mean"), saved(fn, "running_var")
+    if mean is None or var is None or any(t is not None and t.dtype != mean.dtype for t in (x, w, b)):
+        return None
+    eps = saved(fn, "eps", None)  # the cuDNN / MIOpen nodes call it "epsilon"
+    eps = saved(fn, "epsilon") if eps is None else eps
+    return torch.batch_norm(x, w, b, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
 
 
 def _layer_norm(fn, x):
