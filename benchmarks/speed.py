@@ -479,7 +479,8 @@ def timed(f) -> float:
 
 def interleave(fns: dict, reps: int | None, quick: bool, errors: dict) -> tuple[dict, int]:
     """Warm-up round (errors recorded, method dropped), then ``reps`` interleaved rounds; None: 5 if the full
-    gradient pass takes < 2 s, else 3."""
+    gradient pass takes < 2 s, else 3. Odd rounds run the methods in reverse order: a method's place in the round
+    moved its time by about 5 % here (the first after the gradient passes ran faster), so each gets both ends."""
     warm: dict = {}
     for k, f in list(fns.items()):
         try:
@@ -490,8 +491,8 @@ def interleave(fns: dict, reps: int | None, quick: bool, errors: dict) -> tuple[
     if reps is None:
         reps = 1 if quick else (5 if warm.get("full", 0) < 2.0 else 3)
     times: dict = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in list(fns.items()):
+    for rep in range(reps):
+        for k, f in list(fns.items())[::-1 if rep % 2 else 1]:
             try:
                 times[k].append(timed(f))
             except Exception as e:  # noqa: BLE001

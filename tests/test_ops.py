@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import dynamiclrp
 from dynamiclrp.ops.base import saved
+from dynamiclrp.presets import get_preset
 from dynamiclrp.rules import AlphaBeta, Block, Constant, Epsilon, Gamma, Pass, Uniform, ZBox, ZPlus
 
 D = torch.float64
@@ -1507,3 +1508,41 @@ def test_zplus_takes_a_merged_batch_norm_as_an_output_scale(negative_scale, monk
     expected = (xp * torch.nn.grad.conv2d_input(x.shape, wp, q, padding=1)
                 + xn * torch.nn.grad.conv2d_input(x.shape, wn, q, padding=1))
     torch.testing.assert_close(att.inputs[0], expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("preset", ["epsilon_plus", "epsilon_alpha2_beta1", "epsilon_gamma_box"])
+def test_sign_split_rules_are_told_what_follows_a_relu(preset, monkeypatch):
+    """A linear op whose input is a ReLU's output (through max-pooling and views) tells its sign-split rule that
+    x >= 0 (no reduction to find out); an input that can be negative (the image, a sigmoid shifted below 0) is
+    split by the rule. The relevance is the same either way."""
+    g = torch.Generator().manual_seed(5)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Sigmoid(), Shift(-0.5),
+        torch.nn.Conv2d(4, 2, 3), torch.nn.Flatten()).double().eval()
+    x = torch.randn(1, 3, 8, 8, generator=g, dtype=torch.float64)
+    told = []
+    rule_types = {type(rule) for rule in get_preset(preset).families.values()}
+    for cls in rule_types & {ZPlus, Gamma, AlphaBeta}:
+        linear = cls.linear
+
+        def spy(self, *args, x_nonnegative=False, __linear=linear, **kwargs):
+            told.append(x_nonnegative)
+            return __linear(self, *args, x_nonnegative=x_nonnegative, **kwargs)
+
+        monkeypatch.setattr(cls, "linear", spy)
+    att = dynamiclrp.explain(model, x, target=1, preset=preset)
+    # visited from the output: the conv after the shifted sigmoid, the one after ReLU and max-pooling, the input's
+    first_is_input = preset == "epsilon_gamma_box"  # its input layer takes z-box, which splits no sign
+    assert told == ([False, True] if first_is_input else [False, True, False])
+    monkeypatch.undo()
+    assert torch.equal(att.inputs[0], dynamiclrp.explain(model, x, target=1, preset=preset).inputs[0])
+
+
+class Shift(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+
+    def forward(self, x):
+        return x + self.c

@@ -52,7 +52,7 @@ def test_a_different_graph_builds_its_own_skeleton():
 
 
 @pytest.mark.parametrize("change", ["weight in place", "optimizer step", "load_state_dict", "batch-norm variance",
-                                    "new parameter"])
+                                    "batch-norm mean", "batch-norm bias", "new parameter"])
 def test_changed_weights_are_not_served_from_the_cache(change):
     """Each change would give a stale (wrong) relevance if the cache missed it: the result must equal a fresh
     explanation with the new weights."""
@@ -74,6 +74,12 @@ def test_changed_weights_are_not_served_from_the_cache(change):
     elif change == "batch-norm variance":
         with torch.no_grad():
             m[1].running_var.mul_(4)
+    elif change == "batch-norm mean":  # the merged constants (scale, shift) are kept too
+        with torch.no_grad():
+            m[1].running_mean.add_(0.5)
+    elif change == "batch-norm bias":
+        with torch.no_grad():
+            m[1].bias.add_(1.0)
     else:
         m[3].weight = nn.Parameter(torch.randn_like(m[3].weight))
     after = dynamiclrp.explain(m, x, preset="epsilon_plus", plan=plan)
@@ -104,10 +110,13 @@ def test_activations_are_never_cached():
         att = dynamiclrp.explain(m, x, preset="epsilon_plus", params=list(params), plan=plan)
         assert params == () or all(att.params[p] is not None for p in params)
         counts.append(plan.stats.weights_computed)
-        # a kept tensor is derived from parameters, or from another kept tensor (w+ of a merged weight)
-        owners = {p.data_ptr() for p in m.parameters()} | {v.data_ptr() for _, v in plan._weights.values()}
+        # a kept tensor is derived from parameters and buffers (a batch norm's running statistics), or from another
+        # kept tensor (w+ of a merged weight)
+        kept = [t for _, v in plan._weights.values() for t in (v if isinstance(v, tuple) else (v,))
+                if isinstance(t, torch.Tensor)]
+        owners = {t.data_ptr() for t in [*m.parameters(), *m.buffers(), *kept]}
         for key, (sources, _) in plan._weights.items():
-            assert sources[0].data_ptr() in owners, key
+            assert all(t.data_ptr() in owners for t in sources), key
     assert counts[0] == counts[1] > 0
 
 

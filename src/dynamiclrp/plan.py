@@ -127,7 +127,8 @@ class Plan:
     @property
     def cached_bytes(self) -> int:
         """Memory held by the transformed weights."""
-        return sum(v.numel() * v.element_size() for _, v in self._weights.values())
+        return sum(t.numel() * t.element_size() for _, v in self._weights.values()
+                   for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor))
 
 
 def _identity(t: torch.Tensor) -> tuple:

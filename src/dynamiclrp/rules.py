@@ -291,9 +291,12 @@ def _w_neg(w: Tensor) -> Tensor:
     return weight_derived("-", w, lambda: w.clamp(max=0))
 
 
-def _signs(x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+def _signs(x: Tensor, nonnegative: bool = False) -> tuple[Tensor | None, Tensor | None]:
     """:math:`(x^+, x^-)`, None for a part that is zero everywhere: its terms vanish exactly, so a rule that splits
-    by sign skips them, and a layer after a ReLU (:math:`x^- = 0`) costs half the products."""
+    by sign skips them, and a layer after a ReLU (:math:`x^- = 0`) costs half the products. ``nonnegative``: the
+    caller knows :math:`x \\ge 0` from the graph (a ReLU's output), which spares a reduction and a host sync."""
+    if nonnegative:
+        return x, None
     low, high = torch.aminmax(x)  # one reduction; comparisons on the whole tensor are slow on CPU
     if not bool(low < 0):
         return x, None
@@ -365,14 +368,18 @@ class ZPlus:
 
     eps: float = 1e-6
     takes_out_scale = True  # see ``linear``: a merged batch norm's positive scale, without forming s·w
+    takes_x_nonnegative = True  # the caller may say that x >= 0 (a ReLU's output): no sign split to find
 
-    def linear(self, x, w, R, fn, z=None, b=None, out_scale=None):
-        """Relevance of ``x``. ``out_scale``: a positive factor :math:`s` per output feature that the layer's output
-        is multiplied by before its bias ``b`` is added (a batch norm merged into it): the rule of the layer with
-        weight :math:`s w`, computed without forming it. For :math:`s > 0`, :math:`(s w)^\\pm = s w^\\pm`, so
+    def linear(self, x, w, R, fn, z=None, b=None, out_scale=None, x_nonnegative=False):
+        """Relevance of ``x``.
+
+        ``x_nonnegative``: the caller knows :math:`x \\ge 0` from the graph (see :func:`_signs`). ``out_scale``: a
+        positive factor :math:`s` per output feature that the layer's output is multiplied by before its bias ``b``
+        is added (a batch norm merged into it): the rule of the layer with weight :math:`s w`, computed without
+        forming it. For :math:`s > 0`, :math:`(s w)^\\pm = s w^\\pm`, so
         :math:`R / (s z^+ + b^+ + \\varepsilon)` carried back through :math:`s w^+` is
         :math:`R / (z^+ + (b^+ + \\varepsilon)/s)` carried back through :math:`w^+`."""
-        xp, xn = _signs(x)
+        xp, xn = _signs(x, x_nonnegative)
         pairs = [(xp, None if xp is None else _w_pos(w)), (xn, None if xn is None else _w_neg(w))]
         shift = self.eps if b is None else _pos(b) + self.eps  # x⁺w⁺ + x⁻w⁻ + b⁺ + ε > 0
         if out_scale is not None:
@@ -396,9 +403,10 @@ class Gamma:
     gamma: float = 0.25
     eps: float = 1e-6
     uses_z = True  # for the sign of each output
+    takes_x_nonnegative = True
 
-    def linear(self, x, w, R, fn, z=None, b=None):
-        xp, xn = _signs(x)
+    def linear(self, x, w, R, fn, z=None, b=None, x_nonnegative=False):
+        xp, xn = _signs(x, x_nonnegative)
         if xn is None:
             return self._nonnegative(x, w, R, fn, z, b)
         g = self.gamma
@@ -444,9 +452,10 @@ class AlphaBeta:
     alpha: float = 2.0
     beta: float = 1.0
     eps: float = 1e-6
+    takes_x_nonnegative = True
 
-    def linear(self, x, w, R, fn, z=None, b=None):
-        (xp, xn), wp, wn = _signs(x), _w_pos(w), _w_neg(w)
+    def linear(self, x, w, R, fn, z=None, b=None, x_nonnegative=False):
+        (xp, xn), wp, wn = _signs(x, x_nonnegative), _w_pos(w), _w_neg(w)
         pos, neg = [(xp, wp), (xn, wn)], [(xp, wn), (xn, wp)]
         zn = _plus_(_products(neg, fn), None if b is None else b.clamp(max=0))
         shift = self.eps if b is None else _pos(b) + self.eps  # zp >= 0: its stabiliser added with its bias

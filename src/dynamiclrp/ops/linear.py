@@ -8,6 +8,8 @@ softmax output). Fused ops are split: ``addmm`` -> add(bias, mm), convolution wi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -78,6 +80,15 @@ def _from_saved_layer_output(ctx):
     return add.spec.linear_output(ctx, add)
 
 
+def _after_relu(ctx, x_i: int) -> bool:
+    """Whether operand ``x_i`` is a ReLU's output (through views and max-pooling, which keep it non-negative)."""
+    nodes = ctx.run.graph.nodes
+    node = through_views(nodes, ctx.producer(x_i))
+    while node is not None and node.kind.startswith("MaxPool") and node.inputs and node.inputs[0] is not None:
+        node = through_views(nodes, nodes[node.inputs[0].child])
+    return node is not None and node.kind == "ReluBackward0"
+
+
 def _pre_activation(ctx, R, through_batch_norm: bool):
     """The layer's output (bias, and merged batch norm, included) read off a ReLU that alone consumes it: ReLU saves
     its output, equal to its input wherever that is positive. Used only if the relevance is zero wherever the ReLU
@@ -104,10 +115,23 @@ def _pre_activation(ctx, R, through_batch_norm: bool):
     return r
 
 
-def _merged_batch_norm(ctx, bias_handled: bool):
-    """(scale, shift, sources) of an eval-mode batch norm that directly follows this linear op (after its bias
-    addition) and whose rule is MergeBatchNorm, shaped to broadcast over the op's output; else None. ``sources``
-    are the tensors the scale is computed from (for a plan's cache of the merged weight)."""
+@dataclass(frozen=True)
+class _MergedNorm:
+    """An eval batch norm merged into the linear op before it: ``y = scale * z + shift`` per output feature (shaped
+    to broadcast over the op's output); ``sources``: the tensors ``scale`` is computed from (the key of a plan's
+    merged weight); ``positive``: whether every scale is > 0 (a 0-d bool tensor, read only where asked)."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+    eps: float
+    sources: tuple
+    positive: torch.Tensor
+
+
+def _merged_batch_norm(ctx, bias_handled: bool) -> _MergedNorm | None:
+    """The eval-mode batch norm that directly follows this linear op (after its bias addition) and whose rule is
+    MergeBatchNorm, or None. Its constants are kept by an active plan while its statistics, scale and bias are
+    unchanged (a pass of small ops per layer otherwise)."""
     if not bias_handled:
         return None
     bn = _sole_consumer(ctx.run.graph, _layer_output(ctx).id, operand=0)
@@ -118,21 +142,35 @@ def _merged_batch_norm(ctx, bias_handled: bool):
     if not isinstance(ctx.rule_at(bn, "norm"), MergeBatchNorm):
         return None
     dt = ctx.dtype
-    var, mean = saved(bn.fn, "running_var").to(dt), saved(bn.fn, "running_mean").to(dt)
+    var, mean = saved(bn.fn, "running_var"), saved(bn.fn, "running_mean")
     gamma = saved(bn.fn, "weight", None)
     eps = saved(bn.fn, "eps", None)
     eps = eps if eps is not None else saved(bn.fn, "epsilon")
-    scale = (var + eps).rsqrt()
-    if gamma is not None:
-        scale = scale * gamma.to(dt)
     view = [1, -1] + [1] * (len(out_shape(bn.fn)) - 2)  # the batch norm's output has the layer's shape
-    shift = -mean * scale
+    beta = None
     if len(bn.inputs) > 2 and bn.inputs[2] is not None:
-        shift = shift + ctx.run.promises.value(bn.inputs[2].child, bn.inputs[2].nr).to(dt)
-    elif gamma is not None:  # an affine batch norm whose bias β the graph does not hold (frozen)
-        shift = _frozen_batch_norm_shift(ctx, bn, scale.reshape(view))
-    sources = (saved(bn.fn, "running_var"),) + (() if gamma is None else (gamma,))
-    return scale.reshape(view), shift.reshape(view), (eps, sources)
+        beta = ctx.run.promises.value(bn.inputs[2].child, bn.inputs[2].nr)
+
+    def constants():
+        scale = (var.to(dt) + eps).rsqrt()
+        if gamma is not None:
+            scale = scale * gamma.to(dt)
+        shift = -mean.to(dt) * scale
+        if beta is not None:
+            shift = shift + beta.to(dt)
+        elif gamma is not None:  # an affine batch norm whose bias β the graph does not hold (frozen)
+            shift = _frozen_batch_norm_shift(ctx, bn, scale.reshape(view))
+        return scale.reshape(view), shift.reshape(view), (scale > 0).all()
+
+    plan = active_plan()
+    # β a parameter (a leaf of the graph), or no affine part: the constants depend on these tensors alone
+    fixed = gamma is None or beta is not None and not ctx.run.graph.nodes[bn.inputs[2].child].inputs
+    if plan is not None and fixed:
+        parts = (var, mean) + tuple(t for t in (gamma, beta) if t is not None)
+        scale, shift, positive = plan.derived(("batch-norm", eps, dt, len(view)), parts, constants)
+    else:
+        scale, shift, positive = constants()
+    return _MergedNorm(scale, shift, eps, (var,) + (() if gamma is None else (gamma,)), positive)
 
 
 def _frozen_batch_norm_shift(ctx, bn, scale):
@@ -249,11 +287,11 @@ class Product(OpSpec):
             z = _from_saved_layer_output(ctx)
         merged = _merged_batch_norm(ctx, b is not None or _bias_add_of(ctx) is None)
         out_scale = None
-        if merged is not None and self._scales_output(ctx, rule, w, merged[0], x_i, uses_z):
-            scale, shift, _ = merged  # merged too, but the rule scales the output, not the weight (one pass fewer)
+        if merged is not None and self._scales_output(ctx, rule, w, merged, x_i, uses_z):
+            scale, shift = merged.scale, merged.shift  # merged too, but the rule scales the output, not the weight
             out_scale, b = scale, shift if b is None else b * scale + shift
         elif merged is not None and (w_m := self._merged_weight(ctx, w, merged, x_i)) is not None:
-            scale, shift, _ = merged  # a batch norm after this op is merged into it (zennit's canonizers)
+            scale, shift = merged.scale, merged.shift  # merged into the layer before it (zennit's canonizers)
             w, b = w_m, shift if b is None else b * scale + shift
             z = None if z is None else z * scale
         else:
@@ -265,12 +303,14 @@ class Product(OpSpec):
                 z = pre if b is None else pre - b
             else:
                 z = ctx.run.promises.available(ctx.node, 0)
-                z = None if z is None else (z * merged[0] if merged is not None else z)
+                z = None if z is None else (z * merged.scale if merged is not None else z)
         z = z if z is not None and z.dtype == ctx.dtype else None  # else recompute at full precision
         if ctx.wants(x_i):
             with caching_weights(not data[w_i]):  # the rule's transforms of w may be kept by a plan
-                scaled = {} if out_scale is None else {"out_scale": out_scale}
-                out[x_i] = rule.linear(x, w, R, lmap, z=z, b=b, **scaled)
+                known = {} if out_scale is None else {"out_scale": out_scale}
+                if getattr(rule, "takes_x_nonnegative", False) and _after_relu(ctx, x_i):
+                    known["x_nonnegative"] = True
+                out[x_i] = rule.linear(x, w, R, lmap, z=z, b=b, **known)
             if padded is not None:
                 out[x_i] = to_operand(out[x_i])  # zeros on the padding: its pad node routes the rest back
         if ctx.wants(w_i):  # parameter relevance: the same rule with the roles of input and weight swapped
@@ -298,22 +338,22 @@ class Product(OpSpec):
         x_i = 0 if data[0] or not data[1] and ctx.wants(0) else 1
         return PLAIN if rule_form(ctx.rule(self.family_at(ctx, x_i)), "linear") is PLAIN else None
 
-    def _scales_output(self, ctx, rule, w, scale, x_i: int, uses_z: bool) -> bool:
+    def _scales_output(self, ctx, rule, w, merged: _MergedNorm, x_i: int, uses_z: bool) -> bool:
         """Whether the batch norm merged into this op is better given to the rule as a scale of the op's output:
         the rule takes one (``takes_out_scale``) and needs no ``z``, the weight could have been scaled per output
         feature, and every scale is positive. Scaling a weight is a pass over it per explanation (without a plan),
         as large as the layer's output at batch 1 and larger than its clamp."""
         return (getattr(rule, "takes_out_scale", False) and not uses_z and not ctx.wants(1 - x_i)
-                and self.scales_per_output(ctx.node, w, scale, x_i) and bool((scale > 0).all()))
+                and self.scales_per_output(ctx.node, w, merged.scale, x_i) and bool(merged.positive))
 
     def _merged_weight(self, ctx, w, merged, x_i: int):
         """The weight with the batch norm after it merged in (kept by an active plan while neither the weight nor
         the batch norm's variance and scale change), or None if this op cannot take it."""
         plan = active_plan()
-        scale, _, (eps, sources) = merged
+        scale = merged.scale
         if plan is None or ctx.is_data(1 - x_i):
             return self.scale_weight(ctx.node, w, scale, x_i)
-        return plan.derived(("merge-bn", type(self), x_i, eps), (w, *sources),
+        return plan.derived(("merge-bn", type(self), x_i, merged.eps), (w, *merged.sources),
                             lambda: self.scale_weight(ctx.node, w, scale, x_i))
 
     def scales_per_output(self, node, w, scale, x_i: int) -> bool:
