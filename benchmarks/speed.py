@@ -33,8 +33,10 @@ What is timed (one call each, medians of ``--reps`` interleaved repetitions afte
   For ViT-B/16, LXT's torchvision map (CP-LRP in the attention, GELU identity, layer norm linearised) without
   zennit's γ, against our ``cp_lrp``.
 
-The machine's speed drifts (±20 % within minutes here), so each "faster than" verdict also gives the per-round
-ratio ours ÷ anchor: its median and a sign-test interval (``benchmarks/timing_stats.py``), "tie" where that holds 1.
+The machine's speed drifts (±20 % within minutes here), so each verdict also gives the per-round ratio (ours ÷
+anchor, ÷ floor, ÷ full, plan ÷ no plan): its median and a sign-test interval (``benchmarks/timing_stats.py``),
+"tie" where that holds 1, and for a target ratio whether the interval lies "within" it, "beyond" it or "straddles"
+it. The methods run in reverse order on every other round.
 
 Targets (PASS/MISS printed and written, measured ratio in every line): ``epsilon``, ``epsilon_plus``, ``attnlrp``,
 ``cp_lrp`` ≤ 1.5× floor; ``epsilon_gamma_box``, ``epsilon_alpha2_beta1`` ≤ 2× full; each of ours faster than the
@@ -526,10 +528,16 @@ def bench(spec: dict, reps: int | None, threads: int, quick: bool, subtract: boo
 # ---------------------------------------------------------------------------------------------------- report
 def verdicts(med: dict, times: dict | None = None) -> list[str]:
     """PASS/MISS per target, by ratios of medians (the issue's definition); where ``times`` holds both methods'
-    per-round times, a "faster than" line adds the paired per-round ratio and its interval (benchmarks/timing_stats.py),
-    which tells a tie on a drifting machine from a real difference."""
+    per-round times, each line adds the paired per-round ratio and its interval (benchmarks/timing_stats.py), which
+    tells a tie on a drifting machine from a real difference: against 1 for "faster than" and the plan's saving,
+    against the target (1.5× the floor, 2× the full pass) for the others."""
     lines = []
     full, floor = med.get("full"), med.get("floor")
+
+    def paired(k: str, base: str, bound: float | None = None) -> str:
+        ta, tb = (times or {}).get(k), (times or {}).get(base)
+        return f"; {paired_ratio(ta, tb).describe(bound)}" if ta and tb and len(ta) == len(tb) else ""
+
     for k, v in med.items():
         if not k.startswith("dynamiclrp "):
             continue
@@ -539,23 +547,21 @@ def verdicts(med: dict, times: dict | None = None) -> list[str]:
         preset = label.removesuffix(" + plan").removesuffix(" + subtract")
         if preset in FLOOR_TARGET and floor:
             r = v / floor
-            lines.append(f"{'PASS' if r <= 1.5 else 'MISS'} {label} ≤ 1.5× floor: {r:.2f}×")
+            lines.append(f"{'PASS' if r <= 1.5 else 'MISS'} {label} ≤ 1.5× floor: {r:.2f}×{paired(k, 'floor', 1.5)}")
         if preset in FULL_TARGET and full:
             r = v / full
-            lines.append(f"{'PASS' if r <= 2.0 else 'MISS'} {label} ≤ 2× full: {r:.2f}×")
+            lines.append(f"{'PASS' if r <= 2.0 else 'MISS'} {label} ≤ 2× full: {r:.2f}×{paired(k, 'full', 2.0)}")
         if label.endswith(" + plan") and med.get(f"dynamiclrp {preset}"):
             saving = 1 - v / med[f"dynamiclrp {preset}"]
-            lines.append(f"plan saving, {preset} (repeated explanations): {saving:.1%}")
+            lines.append(f"plan saving, {preset} (repeated explanations): {saving:.1%}"
+                         f"{paired(k, f'dynamiclrp {preset}')}")
     for anchor, preset in ANCHOR_OF.items():
         for label in (preset, f"{preset} + subtract", f"{preset} (own process)"):
             a, o = med.get(anchor), med.get(f"dynamiclrp {label}")
             if a and o:
                 r = o / a
                 line = f"{'PASS' if r < 1.0 else 'MISS'} {label} faster than {anchor}: {r:.2f}× its time"
-                ta, to = (times or {}).get(anchor), (times or {}).get(f"dynamiclrp {label}")
-                if ta and to and len(ta) == len(to):
-                    line += f"; {paired_ratio(to, ta)}"
-                lines.append(line)
+                lines.append(line + paired(f"dynamiclrp {label}", anchor))
     return lines
 
 
@@ -625,8 +631,10 @@ HEADER = """# Speed: one explanation against the gradient pass (CPU)
 Written by `benchmarks/speed.py` (issue #8). torch {torch}, {cpu} CPU cores; random weights. "full" = forward +
 backward with parameter gradients; "floor" = forward + gradient with respect to the input only, parameters frozen;
 both on the same model, input and explained logit(s) as the explanations. Ratios are of medians within one section
-(one process, interleaved repetitions); a "faster than" line adds the median of the per-round ratios with its
-sign-test interval (`benchmarks/timing_stats.py`), "tie" where the interval holds 1. dynamiclrp runs
+(one process, interleaved repetitions, the order reversed every other round); each verdict line adds the median of
+the per-round ratios with its sign-test interval (`benchmarks/timing_stats.py`): "tie" where the interval holds 1,
+and against a target ratio "within", "beyond" or "straddles" (sections before session 11 have it on "faster than"
+lines only). dynamiclrp runs
 `explain(..., ledger=False, check_finite=False)`; "+ plan"
 rows pass one `dynamiclrp.Plan()` to all their repetitions (a data-set loop: the warm-up builds it); "+ subtract"
 rows (`--subtract-addends`) pass `subtract_addends=True` (an opt-in approximation within an ulp of each residual

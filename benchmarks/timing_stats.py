@@ -43,9 +43,27 @@ class PairedRatio:
             return "slower"
         return "tie"
 
+    def against(self, bound: float) -> str:
+        """Where the interval lies against a target ratio ``bound`` (ours ≤ 1.5× the floor): ``within`` (wholly at
+        or below it), ``beyond`` (wholly above), ``straddles`` it, or ``too few rounds``."""
+        if self.coverage < MIN_COVERAGE:
+            return "too few rounds"
+        if self.high <= bound:
+            return "within"
+        if self.low > bound:
+            return "beyond"
+        return "straddles"
+
     def __str__(self) -> str:
+        return self.describe()
+
+    def describe(self, bound: float | None = None) -> str:
+        """The median, interval and verdict: against 1 (faster / slower / tie), or against ``bound``."""
+        verdict = self.verdict if bound is None else self.against(bound)
+        if bound is not None and verdict != "too few rounds":
+            verdict += f" {bound:g}×"
         return (f"paired per round: median {self.median:.3f}×, {self.coverage:.0%} interval "
-                f"{self.low:.3f}–{self.high:.3f}× (n = {self.n}): {self.verdict}")
+                f"{self.low:.3f}–{self.high:.3f}× (n = {self.n}): {verdict}")
 
 
 def sign_test_rank(n: int, level: float = 0.95) -> tuple[int, float]:

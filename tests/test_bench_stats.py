@@ -65,3 +65,15 @@ def test_no_verdict_from_too_few_rounds():
 def test_paired_ratio_rejects_unpaired():
     with pytest.raises(ValueError, match="same rounds"):
         stats.paired_ratio([1.0, 2.0], [1.0])
+
+
+def test_paired_ratio_against_a_target():
+    """Against a target ratio (ours ≤ 1.5× the floor): the interval wholly at or below it, above it, or across."""
+    floor = [1.0, 1.1, 0.9, 1.0, 1.2, 1.0, 0.95]
+    within = stats.paired_ratio([1.4 * f for f in floor], floor)
+    assert within.against(1.5) == "within" and "within 1.5×" in within.describe(1.5)
+    assert stats.paired_ratio([1.6 * f for f in floor], floor).against(1.5) == "beyond"
+    across = stats.paired_ratio([r * f for r, f in zip([1.4, 1.6, 1.45, 1.55, 1.4, 1.6, 1.5], floor)], floor)
+    assert across.against(1.5) == "straddles" and across.low < 1.5 < across.high
+    assert stats.paired_ratio([1.0] * 4, [1.0] * 4).against(1.5) == "too few rounds"
+    assert str(within) == within.describe()  # against 1 by default: the "faster than" verdicts
