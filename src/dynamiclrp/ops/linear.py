@@ -340,9 +340,10 @@ class Product(OpSpec):
 
     def _scales_output(self, ctx, rule, w, merged: _MergedNorm, x_i: int, uses_z: bool) -> bool:
         """Whether the batch norm merged into this op is better given to the rule as a scale of the op's output:
-        the rule takes one (``takes_out_scale``) and needs no ``z``, the weight could have been scaled per output
-        feature, and every scale is positive. Scaling a weight is a pass over it per explanation (without a plan),
-        as large as the layer's output at batch 1 and larger than its clamp."""
+        the rule takes one (``takes_out_scale``) and needs no ``z``, no parameter relevance is asked for, the weight
+        could have been scaled per output feature, and every scale is positive. Scaling the weight costs a pass over
+        it per explanation without a plan (ResNet-50: as much as a pass over every layer's output at batch 1); the
+        rule folds the output's scale into its stabiliser at no cost."""
         return (getattr(rule, "takes_out_scale", False) and not uses_z and not ctx.wants(1 - x_i)
                 and self.scales_per_output(ctx.node, w, merged.scale, x_i) and bool(merged.positive))
 
