@@ -469,6 +469,29 @@ def test_non_finite_relevance_from_a_rule():
     assert torch.isnan(att.inputs[0]).all()
 
 
+@pytest.mark.parametrize("ledger", [True, False])
+def test_one_non_finite_element_is_caught_with_and_without_the_ledger(ledger):
+    """With the ledger on, finiteness is read off the sums it takes (a NaN or an inf anywhere makes the sum
+    non-finite); without it, off each tensor's extremes. Either way one bad element among finite ones raises and
+    names the node; the finite run books the same ledger as one computed from the relevance by hand."""
+    lin = nn.Linear(3, 2, bias=False).double()
+    x = torch.randn(4, 3, dtype=D)
+    x[2] = 0.0  # one row whose outputs are exactly 0: ε = 0 divides 0 by 0 there only
+    x.requires_grad_()
+    with pytest.raises(NonFiniteError, match=r"MmBackward0 rule \(node #\d+\)"):
+        dynamiclrp.propagate(lin(x), target=0, wrt=[x], rules={"linear": Epsilon(0.0)}, ledger=ledger,
+                             gradient_form=False)  # the gradient form computes the ε → 0 limit: no 0/0
+    att = dynamiclrp.propagate(lin(x), target=0, wrt=[x], rules={"linear": Epsilon(0.0)}, ledger=ledger,
+                               check_finite=False, gradient_form=False)
+    assert torch.isnan(att.inputs[0][2]).all() and torch.isfinite(att.inputs[0][[0, 1, 3]]).all()
+    if ledger:
+        x.data[2] = 1.0
+        att = dynamiclrp.propagate(lin(x), target=0, wrt=[x], rules={"linear": Epsilon(0.0)})
+        (mm,) = [e for e in att.ledger if e.kind == "MmBackward0"]
+        assert float(mm.r_in) == pytest.approx(float(att.outputs[0].sum()), rel=1e-12)
+        assert float(mm.r_data) == pytest.approx(float(att.inputs[0].sum()), rel=1e-12)
+
+
 class Triple(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):

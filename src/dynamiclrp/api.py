@@ -67,7 +67,9 @@ def propagate(
     ledger : bool
         Keep the per-node conservation ledger.
     check_finite : bool
-        Raise :class:`NonFiniteError` when a rule produces NaN or inf.
+        Raise :class:`NonFiniteError` when a rule produces NaN or inf. With the ledger on, this is read off the
+        sums the ledger takes anyway (non-finite exactly when an element is, or when the sum overflows the dtype,
+        which also raises); without it, off each tensor's extremes.
     dtype : torch.dtype, optional
         Dtype of the relevance; default float32 for half-precision outputs, else the output's dtype.
     keep_run : bool

@@ -74,8 +74,14 @@ class Run:
         pending: dict[int, list] = {}
         sums: set[tuple[int, int]] = set()  # slots holding a sum the engine made (its own memory)
         finite: list[tuple[Node, list]] = []
+        # the ledger: per slot, the total of the relevance delivered to it (each rule's outputs are summed once, as
+        # they leave it; the sums also tell whether they are finite)
+        totals: dict[tuple[int, int], torch.Tensor] | None = {} if self.ledger is not None else None
         for (nid, nr), seed in seeds.items():
-            _deliver(pending, sums, nodes[nid], nr, seed.to(self.dtype))
+            seed = seed.to(self.dtype)
+            _deliver(pending, sums, nodes[nid], nr, seed)
+            if totals is not None:
+                _add_total(totals, (nid, nr), seed.sum())
         release = _Release(self.graph, self.promises)
         for nid in self.graph.order:
             release.done(nid)  # the previous node's turn is over: release what nothing will ask for again
@@ -91,13 +97,17 @@ class Run:
             ctx = Context(self, node, R)
             R_in = node.spec.relevance(ctx)
             self.rules_run += 1
+            out = None if totals is None else [None if r is None else r.sum() for r in R_in]
             if self.check_finite:  # one flag per node, read once at the end: no host sync per node
-                finite.append((node, [None if r is None else _all_finite(r) for r in R_in]))
-            if self.ledger is not None:
-                self._book(node, R, R_in)
-            for e, r in zip(node.inputs, R_in):
+                finite.append((node, [None if r is None else _all_finite(r) if out is None else torch.isfinite(t)
+                                      for r, t in zip(R_in, out or R_in)]))
+            if totals is not None:
+                self._book(node, [totals.pop((nid, nr), None) for nr in range(len(R))], out)
+            for k, (e, r) in enumerate(zip(node.inputs, R_in)):
                 if e is not None and r is not None and self.useful[e.child]:
                     _deliver(pending, sums, nodes[e.child], e.nr, r)
+                    if totals is not None:
+                        _add_total(totals, (e.child, e.nr), out[k])
             if not pending:
                 break
         self._scratch.clear()
@@ -108,17 +118,19 @@ class Run:
         key = f"{node.kind}: {what}"
         self.approximations[key] = self.approximations.get(key, 0) + 1
 
-    def _book(self, node: Node, R: list, R_in: list) -> None:
+    def _book(self, node: Node, totals_in: list, totals_out: list) -> None:
+        """A ledger entry from the totals of the relevance the node received (per output slot) and of what its rule
+        gave each operand."""
         zero = torch.zeros((), dtype=self.dtype)
-        r_in = sum((r.sum() for r in R if r is not None), zero)
+        r_in = sum((t for t in totals_in if t is not None), zero)
         r_data, r_params = zero, zero
-        for e, r in zip(node.inputs, R_in):
-            if r is None:
+        for e, t in zip(node.inputs, totals_out):
+            if t is None:
                 continue
             if e is not None and self.graph.nodes[e.child].data:
-                r_data = r_data + r.sum()
+                r_data = r_data + t
             else:
-                r_params = r_params + r.sum()
+                r_params = r_params + t
         self.ledger.append(LedgerEntry(node.id, node.kind, r_in, r_data, r_params))
 
 
@@ -246,6 +258,11 @@ def _useful(graph: Graph, record: set[tuple[int, int]]) -> list[bool]:
     return useful
 
 
+def _add_total(totals: dict, slot: tuple[int, int], t: torch.Tensor) -> None:
+    held = totals.get(slot)
+    totals[slot] = t if held is None else held + t
+
+
 def _all_finite(r: torch.Tensor) -> torch.Tensor:
     """Whether every element is finite, as a 0-d bool tensor (no host sync): the extremes are finite exactly then
     (min and max propagate NaN). One reduction, where ``isfinite(r).all()`` writes a bool tensor as large as ``r``."""
@@ -263,6 +280,6 @@ def _check_finite(flags: list[tuple[Node, list]]) -> None:
         for i, f in enumerate(fs):
             if f is not None and not bool(f):
                 raise NonFiniteError(
-                    f"the {node.kind} rule (node #{node.id}) produced NaN or inf relevance for operand {i}; "
-                    "pass check_finite=False to allow it"
+                    f"the {node.kind} rule (node #{node.id}) produced NaN or inf relevance for operand {i} (or, with "
+                    "the ledger on, relevance whose sum overflows its dtype); pass check_finite=False to allow it"
                 )
