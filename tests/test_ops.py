@@ -1546,3 +1546,44 @@ class Shift(torch.nn.Module):
 
     def forward(self, x):
         return x + self.c
+
+
+@pytest.mark.parametrize("layer", ["conv", "conv_transpose", "linear", "grouped_conv"])
+def test_op_table_linear_maps_stack_along_their_input_features(layer):
+    """The stacking dimensions the op table declares (``LinearMap.stack``) are the ones its ops sum over: z⁺ on an
+    input with both signs (two terms, stacked into one product and one transpose) equals the unstacked rule;
+    a grouped convolution declares none."""
+    from dynamiclrp.graph import Graph
+    from dynamiclrp.rules import LinearMap
+
+    g = torch.Generator().manual_seed(9)
+    module = {"conv": torch.nn.Conv2d(3, 2, 3, padding=1, bias=False),
+              "conv_transpose": torch.nn.ConvTranspose2d(3, 2, 3, stride=2, bias=False),
+              "linear": torch.nn.Linear(3, 2, bias=False),
+              "grouped_conv": torch.nn.Conv2d(4, 2, 3, groups=2, bias=False)}[layer].double()
+    x = torch.randn(*((5, 3) if layer == "linear" else (2, module.in_channels, 6, 6)), generator=g,
+                    dtype=torch.float64, requires_grad=True)
+    y = module(x)
+    graph = Graph.build([y.grad_fn])
+    node = next(n for n in graph.nodes if n.kind in ("ConvolutionBackward0", "MmBackward0"))
+    x_i = 0 if layer != "linear" else next(i for i, e in enumerate(node.inputs)
+                                           if e is not None and graph.nodes[e.child].data)
+    lmap = node.spec.linear_map(node, x_i)
+    if layer == "grouped_conv":
+        assert lmap.stack is None
+        return
+    assert lmap.stack is not None
+    xv = saved(node.fn, node.spec.names[x_i])
+    wv = saved(node.fn, node.spec.names[1 - x_i])
+    R = torch.randn(*y.shape, generator=g, dtype=torch.float64)
+    calls = []
+    fn = lmap.fn
+
+    def counting(a, b):
+        calls.append(1)
+        return fn(a, b)
+
+    stacked = ZPlus(0.25).linear(xv, wv, R, LinearMap(counting, lmap._transpose, lmap.stack))
+    assert len(calls) == 1  # x⁺w⁺ + x⁻w⁻ in one product
+    torch.testing.assert_close(stacked, ZPlus(0.25).linear(xv, wv, R, LinearMap(fn, lmap._transpose)),
+                               rtol=1e-10, atol=1e-12)
