@@ -99,8 +99,11 @@ class Run:
             self.rules_run += 1
             out = None if totals is None else [None if r is None else r.sum() for r in R_in]
             if self.check_finite:  # one flag per node, read once at the end: no host sync per node
-                finite.append((node, [None if r is None else _all_finite(r) if out is None else torch.isfinite(t)
-                                      for r, t in zip(R_in, out or R_in)]))
+                if out is None:
+                    flags = [None if r is None else _all_finite(r) for r in R_in]
+                else:  # the ledger's sums: non-finite where an element is (or where the sum overflows)
+                    flags = [None if t is None else torch.isfinite(t) for t in out]
+                finite.append((node, flags))
             if totals is not None:
                 self._book(node, [totals.pop((nid, nr), None) for nr in range(len(R))], out)
             for k, (e, r) in enumerate(zip(node.inputs, R_in)):
