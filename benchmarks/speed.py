@@ -615,7 +615,9 @@ def main() -> None:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not args.append or not out.exists():
-        out.write_text(HEADER.format(torch=torch.__version__, cpu=os.cpu_count()))
+        where = (f"{torch.cuda.get_device_name()}, transformers {_version('transformers')}"
+                 if args.device == "cuda" else "CPU")
+        out.write_text(HEADER.format(torch=torch.__version__, cpu=os.cpu_count(), where=where))
     for case in args.cases:
         spec = {**parse_case(case), "device": args.device, "dtype": args.dtype}
         res = bench(spec, 1 if args.quick else args.reps, args.threads, args.quick, args.subtract_addends,
@@ -626,7 +628,14 @@ def main() -> None:
             f.write("\n".join(text) + "\n")
 
 
-HEADER = """# Speed: one explanation against the gradient pass (CPU)
+def _version(package: str) -> str:
+    try:
+        return importlib.import_module(package).__version__
+    except ImportError:
+        return "not installed"
+
+
+HEADER = """# Speed: one explanation against the gradient pass ({where})
 
 Written by `benchmarks/speed.py` (issue #8). torch {torch}, {cpu} CPU cores; random weights. "full" = forward +
 backward with parameter gradients; "floor" = forward + gradient with respect to the input only, parameters frozen;
