@@ -42,7 +42,7 @@ case "${1:-speed}" in
     part check 60
     part speed 230
     part decoder 120
-    part memory 130 ;;
+    part memory 130 ;;  # (session 12: 60 + 230 + 120 + 130 s finished 5 speed cases, no decoder, 2 memory cases)
   check)
     $py benchmarks/gpu_check.py --out "$out" ;;
   speed)
@@ -56,7 +56,7 @@ case "${1:-speed}" in
       --cases llama1b@s2048b1 ;;
   memory)
     anchors
-    $py benchmarks/memory.py --device cuda --dtype bf16 --jobs 4 --threads 4 --out "$out/memory_gpu_bf16.md" \
+    $py benchmarks/memory.py --device cuda --dtype bf16 --jobs 1 --threads 16 --out "$out/memory_gpu_bf16.md" \
       --cases llama1b@s2048b1
     $py benchmarks/memory.py --device cuda --jobs 6 --threads 2 --out "$out/memory_gpu.md" \
       --cases resnet50 llama300m@s512b4 bert@s512b4 vgg16 vit_b_16@b8 ;;
