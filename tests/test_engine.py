@@ -821,7 +821,7 @@ def test_pointwise_convolution_as_channel_product_equals_the_convolution(layout,
         fast = dynamiclrp.explain(m, x, target=[0, 1], preset=preset).inputs[0]
         assert calls  # the channel product ran
         with monkeypatch.context() as mp:
-            mp.setattr(linear_ops, "_pointwise", lambda fn: False)
+            mp.setattr(linear_ops._ConvArgs, "pointwise", property(lambda a: False))
             slow = dynamiclrp.explain(m, x, target=[0, 1], preset=preset).inputs[0]
         torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-13)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dynamiclrp
 
@@ -136,3 +137,37 @@ def test_fused_nodes_hit_the_plan():
         ref = dynamiclrp.propagate(y, target=0, wrt=[x], preset="attnlrp")
         assert _same(att, ref)
     assert plan.stats.graphs_built == 1 and plan.stats.graphs_reused == 2
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the reads of a tensor's value by the host (``bool(t)``, ``t.item()``): each one waits for a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_plan_reads_each_batch_norms_sign_once():
+    """z⁺ takes a merged batch norm as an output scale only where every scale is positive: a host read per batch
+    norm. A plan keeps the answer with the batch norm's constants, so the repeated explanations read it no more."""
+    torch.manual_seed(0)
+    layers = []
+    for cin, cout in ((3, 4), (4, 5), (5, 6)):
+        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+    m = nn.Sequential(*layers, nn.Flatten(), nn.Linear(6 * 36, 3)).eval()
+    for bn in (layer for layer in m if isinstance(layer, nn.BatchNorm2d)):
+        bn.running_var.uniform_(0.5, 2)
+        bn.running_mean.normal_()
+        bn.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 6, 6)
+    plan, reads, outs = dynamiclrp.Plan(), [], []
+    for _ in range(3):
+        with _HostReads() as counter:
+            outs.append(dynamiclrp.explain(m, x, preset="epsilon_plus", target=0, plan=plan).inputs[0])
+        reads.append(counter.n)
+    assert reads[0] - reads[1] == 3 and reads[1] == reads[2]
+    assert torch.equal(outs[0], outs[2])

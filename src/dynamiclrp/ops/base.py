@@ -70,11 +70,12 @@ def saved(fn: Any, name: str, default: Any = _MISSING) -> Any:
 
 
 def _signed(v: Any) -> Any:
-    """torch hands negative saved ints (``dim=-1``) back as unsigned 64-bit values; undo that."""
-    if isinstance(v, int) and not isinstance(v, bool) and v >= 2**63:
-        return v - 2**64
-    if isinstance(v, tuple) and v and all(isinstance(d, int) for d in v):
-        return tuple(_signed(d) for d in v)
+    """torch hands negative saved ints (``dim=-1``) back as unsigned 64-bit values; undo that. (Exact type tests
+    and one ``max``: this runs on every saved read, thousands per explanation.)"""
+    if type(v) is int:  # not a bool
+        return v - 2**64 if v >= 2**63 else v
+    if type(v) is tuple and v and all(type(d) is int for d in v) and max(v) >= 2**63:
+        return tuple(d - 2**64 if d >= 2**63 else d for d in v)
     return v
 
 

@@ -119,13 +119,30 @@ def _pre_activation(ctx, R, through_batch_norm: bool):
 class _MergedNorm:
     """An eval batch norm merged into the linear op before it: ``y = scale * z + shift`` per output feature (shaped
     to broadcast over the op's output); ``sources``: the tensors ``scale`` is computed from (the key of a plan's
-    merged weight); ``positive``: whether every scale is > 0 (a 0-d bool tensor, read only where asked)."""
+    merged weight); ``positive``: whether every scale is > 0 (read off the device only where asked, and then once
+    per plan: :class:`_DeviceTruth`)."""
 
     scale: torch.Tensor
     shift: torch.Tensor
     eps: float
     sources: tuple
-    positive: torch.Tensor
+    positive: _DeviceTruth
+
+
+class _DeviceTruth:
+    """A truth value computed on the tensors' device, brought to the host (a sync on a GPU) the first time it is
+    asked for, then remembered: a plan keeps this object with the batch norm's constants, so a loop of explanations
+    reads it once, not once per layer per explanation."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: torch.Tensor):
+        self._value: torch.Tensor | bool = value
+
+    def __bool__(self) -> bool:
+        if isinstance(self._value, torch.Tensor):
+            self._value = bool(self._value)
+        return self._value
 
 
 def _merged_batch_norm(ctx, bias_handled: bool) -> _MergedNorm | None:
@@ -160,7 +177,7 @@ def _merged_batch_norm(ctx, bias_handled: bool) -> _MergedNorm | None:
             shift = shift + beta.to(dt)
         elif gamma is not None:  # an affine batch norm whose bias β the graph does not hold (frozen)
             shift = _frozen_batch_norm_shift(ctx, bn, scale.reshape(view))
-        return scale.reshape(view), shift.reshape(view), (scale > 0).all()
+        return scale.reshape(view), shift.reshape(view), _DeviceTruth((scale > 0).all())
 
     plan = active_plan()
     # β a parameter (a leaf of the graph), or no affine part: the constants depend on these tensors alone
@@ -446,22 +463,19 @@ class Convolution(Product):
             return [z_conv, None]
         return [z_conv, bias.view(1, -1, *([1] * (z_conv.dim() - 2)))]
 
-    def conv_fn(self, fn):
-        stride, padding, dilation = saved(fn, "stride"), saved(fn, "padding"), saved(fn, "dilation")
-        groups, transposed = saved(fn, "groups"), saved(fn, "transposed")
-        output_padding = saved(fn, "output_padding")
-
-        pointwise = _pointwise(fn)
+    def conv_fn(self, fn, args: _ConvArgs | None = None):
+        """The node's convolution as ``conv(x, w)`` (no bias); ``args``: its settings, if already read."""
+        a = args or _ConvArgs.of(fn)
 
         def conv(x, w):
-            if pointwise and all(k == 1 for k in w.shape[2:]):
+            if a.pointwise and all(k == 1 for k in w.shape[2:]):
                 return _channel_product(x, w)
             nd = x.dim() - 2
-            if transposed:
+            if a.transposed:
                 f = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
-                return f(x, w, None, stride, padding, output_padding, groups, dilation)
+                return f(x, w, None, a.stride, a.padding, a.output_padding, a.groups, a.dilation)
             f = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
-            return f(x, w, None, stride, padding, dilation, groups)
+            return f(x, w, None, a.stride, a.padding, a.dilation, a.groups)
 
         return conv
 
@@ -478,15 +492,12 @@ class Convolution(Product):
         return w * scale.reshape(-1, *([1] * (w.dim() - 1)))
 
     def linear_map(self, node, v: int) -> LinearMap:
-        fn = node.fn
-        conv = self.conv_fn(fn)
-        args = (None, saved(fn, "stride"), saved(fn, "padding"), saved(fn, "dilation"), saved(fn, "transposed"),
-                saved(fn, "output_padding"), saved(fn, "groups"))
-
-        pointwise = _pointwise(fn)
+        a = _ConvArgs.of(node.fn)
+        conv = self.conv_fn(node.fn, a)
+        args = (None, a.stride, a.padding, a.dilation, a.transposed, a.output_padding, a.groups)
 
         def grad_input(s, x, w):
-            if pointwise and all(k == 1 for k in w.shape[2:]):
+            if a.pointwise and all(k == 1 for k in w.shape[2:]):
                 return _channel_product(s, w.transpose(0, 1))
             return torch.ops.aten.convolution_backward(s, x, w, *args, [True, False, False])[0]
 
@@ -494,7 +505,7 @@ class Convolution(Product):
             return torch.ops.aten.convolution_backward(s, x, w, *args, [False, True, False])[1]
 
         if v == 0:  # input channels: x's dimension 1, w's 1 (0 when transposed); groups split them
-            stack = (1, 0 if saved(fn, "transposed") else 1) if saved(fn, "groups") == 1 else None
+            stack = (1, 0 if a.transposed else 1) if a.groups == 1 else None
             return LinearMap(conv, grad_input, stack)
         return LinearMap(lambda w, x: conv(x, w), grad_weight)
 
@@ -507,11 +518,29 @@ class Convolution(Product):
         return self.conv_fn(node.fn)(a, b)
 
 
-def _pointwise(fn) -> bool:
-    """Whether a convolution node is stride 1, no padding, no dilation, one group, not transposed: with a 1 x 1
-    kernel it is then a matrix product over the channels."""
-    return (not saved(fn, "transposed") and saved(fn, "groups") == 1 and all(v == 1 for v in saved(fn, "stride"))
-            and all(v == 0 for v in saved(fn, "padding")) and all(v == 1 for v in saved(fn, "dilation")))
+@dataclass(frozen=True)
+class _ConvArgs:
+    """A convolution node's settings, read off its saved values once per use (each read is a torch-private
+    attribute lookup, and a rule needs them several times)."""
+
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    transposed: bool
+    output_padding: tuple
+    groups: int
+
+    @staticmethod
+    def of(fn) -> _ConvArgs:
+        return _ConvArgs(saved(fn, "stride"), saved(fn, "padding"), saved(fn, "dilation"), saved(fn, "transposed"),
+                         saved(fn, "output_padding"), saved(fn, "groups"))
+
+    @property
+    def pointwise(self) -> bool:
+        """Stride 1, no padding, no dilation, one group, not transposed: with a 1 x 1 kernel the convolution is
+        then a matrix product over the channels."""
+        return (not self.transposed and self.groups == 1 and all(v == 1 for v in self.stride)
+                and all(v == 0 for v in self.padding) and all(v == 1 for v in self.dilation))
 
 
 def _channel_product(x, w):
