@@ -1394,6 +1394,36 @@ def test_sdpa_matches_eager_attention_values_path():
         close(f, e)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("preset", ["attnlrp", "cp_lrp"])
+def test_fused_sdpa_in_low_precision_divides_by_the_kernels_output(dtype, tol, causal, preset):
+    """The relevance reaching a fused attention node was formed from the output its kernel computed. The node's
+    rule divides by that output, not by a replay of softmax(q kᵀ) v: in float32 or bf16 the replay differs from
+    the kernel's output by rounding errors absolute to the sum, and where an output is near zero their ratio was
+    arbitrary (before: bf16 errors 0.1-6, float32 4e-5). Seeded with the output itself, so that every output
+    carries relevance; against the float64 math path, within the dtype's own rounding."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    q0, k0, v0 = (torch.randn(2, 4, 16, 64, dtype=D) for _ in range(3))
+
+    def run(dt, backend):
+        q, k, v = (t.to(dt).requires_grad_() for t in (q0, k0, v0))
+        with sdpa_kernel(backend):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return y, dynamiclrp.propagate(y, target=lambda o: o.clone(), wrt=[q, k, v], preset=preset).inputs
+
+    y, fused = run(dtype, SDPBackend.FLASH_ATTENTION)
+    assert type(y.grad_fn).__name__.startswith("ScaledDotProduct")
+    _, reference = run(D, SDPBackend.MATH)
+    for got, want in zip(fused, reference):
+        if not want.any():  # cp_lrp: queries and keys get nothing
+            assert not got.any()
+            continue
+        assert float((got.double() - want).abs().max() / want.abs().max()) < tol
+
+
 def test_sdpa_math_path_with_dropout():
     """On CPU, SDPA with dropout runs torch's math path (safe softmax, dropout product, bmm): same rules."""
     q, k, v = leaf(1, 2, 3, 4), leaf(1, 2, 3, 4), leaf(1, 2, 3, 4)

@@ -243,7 +243,15 @@ class _Values(OpSpec):
         R = ctx.R[0]
         p, v = ctx.input(0), ctx.input(1)
         rule = ctx.rule("attention")
-        return held_constant(rule, rule.product(p, v, R, self._fn(ctx.node)))
+        if not getattr(rule, "product_takes_z", False):
+            return held_constant(rule, rule.product(p, v, R, self._fn(ctx.node)))
+        # Divide by the output the kernel computed, which the consumers' relevance was formed from, not by the
+        # replayed p @ v: the kernel's own softmax differs from the replay by rounding errors absolute to the sum,
+        # so the ratio of the two is arbitrary where an output is near zero (GPT-2 in bf16: 212, and outputs of
+        # the wrong sign). The saved output makes the ratio exactly the carried gradient, as autograd's is.
+        z = saved(ctx.node.fn, "output")
+        z = None if z is None else z.to(ctx.dtype)
+        return held_constant(rule, rule.product(p, v, R, self._fn(ctx.node), z=z))
 
 
 class ScaledDotProductAttention(OpSpec):
