@@ -71,6 +71,9 @@ warnings.simplefilter("ignore")
 
 VISION = ("vgg16", "resnet50", "vit_b_16")
 TEXT = ("bert", "llama300m", "t5small", "llama_small", "llama1b")
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: the label suffix of the rows that compute relevance in a half-precision model's own dtype
+MODEL_DTYPE = " (relevance in the model's dtype)"
 OURS = {  # presets timed per model family
     "vgg16": ("epsilon", "epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1"),
     "resnet50": ("epsilon", "epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1"),
@@ -148,7 +151,7 @@ class Case:
 
     def __init__(self, spec: dict, quick: bool = False, device: str = "cpu"):
         device = spec.get("device", device)  # set by --device (and carried to the LXT processes in the spec)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.get("dtype"), torch.float32)
+        dtype = HALF.get(spec.get("dtype"), torch.float32)
         self.spec, self.quick, self.device = spec, quick, device
         name, batch = spec["name"], spec["batch"]
         torch.manual_seed(0)
@@ -244,13 +247,17 @@ class Case:
 
         return run
 
-    def ours(self, preset, plan=False, subtract=False):
+    def ours(self, preset, plan=False, subtract=False, model_dtype=False):
+        """``model_dtype``: relevance in the model's own (half) precision, as LXT computes it, instead of the
+        default float32."""
         import dynamiclrp
 
         inputs = self.inputs if self.spec["name"] in VISION else {**self.inputs, **self.kw}
         kw = {"plan": dynamiclrp.Plan()} if plan else {}  # one plan per method, reused over its repetitions
         if subtract:
             kw["subtract_addends"] = True
+        if model_dtype:
+            kw["dtype"] = HALF[self.spec["dtype"]]
         return lambda: dynamiclrp.explain(self.model, inputs, preset=preset, output=self.select, ledger=False,
                                           check_finite=False, **kw)
 
@@ -420,6 +427,8 @@ def methods_for(case: Case, threads: int, quick: bool, anchors: bool = True,
         fns[f"dynamiclrp {preset} + plan"] = case.ours(preset, plan=True)
         if subtract and name != "vgg16":  # VGG has no additions
             fns[f"dynamiclrp {preset} + subtract"] = case.ours(preset, subtract=True)
+        if case.spec.get("dtype") in HALF:  # the default relevance is float32 whatever the model's dtype
+            fns[f"dynamiclrp {preset}{MODEL_DTYPE}"] = case.ours(preset, model_dtype=True)
     if not anchors:
         return fns, errors, remotes
     if name in ("vgg16", "resnet50"):
@@ -544,7 +553,7 @@ def verdicts(med: dict, times: dict | None = None) -> list[str]:
         label = k.split(" ", 1)[1]
         if label.endswith(" (own process)"):  # compared with LXT only (below)
             continue
-        preset = label.removesuffix(" + plan").removesuffix(" + subtract")
+        preset = label.removesuffix(" + plan").removesuffix(" + subtract").removesuffix(MODEL_DTYPE)
         if preset in FLOOR_TARGET and floor:
             r = v / floor
             lines.append(f"{'PASS' if r <= 1.5 else 'MISS'} {label} ≤ 1.5× floor: {r:.2f}×{paired(k, 'floor', 1.5)}")
@@ -556,7 +565,7 @@ def verdicts(med: dict, times: dict | None = None) -> list[str]:
             lines.append(f"plan saving, {preset} (repeated explanations): {saving:.1%}"
                          f"{paired(k, f'dynamiclrp {preset}')}")
     for anchor, preset in ANCHOR_OF.items():
-        for label in (preset, f"{preset} + subtract", f"{preset} (own process)"):
+        for label in (preset, f"{preset} + subtract", f"{preset} (own process)", f"{preset}{MODEL_DTYPE}"):
             a, o = med.get(anchor), med.get(f"dynamiclrp {label}")
             if a and o:
                 r = o / a
