@@ -42,7 +42,7 @@ case "${1:-speed}" in
     part check 50    # first: it confirms the fused-attention fix (f7938e1) on the CUDA kernels
     part decoder 150 # session 12: the decoder alone took 118 s
     part speed 210
-    part memory 120 ;;  # session 12 (60 + 230 + 120 + 130 s): 5 speed cases, no decoder, 2 memory cases  # (session 12: 60 + 230 + 120 + 130 s finished 5 speed cases, no decoder, 2 memory cases)
+    part memory 120 ;;  # session 12 (60 + 230 + 120 + 130 s): 5 speed cases, no decoder, 2 memory cases
   check)
     $py benchmarks/gpu_check.py --out "$out" ;;
   speed)
