@@ -144,8 +144,9 @@ def _scaled_terms(terms: Sequence[Tensor], grads: Sequence[Tensor], s: Tensor, s
 
 
 def _zero_scalar(t: Tensor) -> bool:
-    """A 0-dim tensor holding 0: a term that leaves a sum unchanged (±0 alike, which the stabiliser treats alike)."""
-    return t.dim() == 0 and float(t) == 0.0
+    """A 0-dim tensor holding 0: a term that leaves a sum unchanged (±0 alike, which the stabiliser treats alike).
+    Read on the CPU only: on a GPU the read would wait for the device, and adding the zero changes nothing."""
+    return t.dim() == 0 and t.device.type == "cpu" and float(t) == 0.0
 
 
 def _sum_vjp(combine: Callable[..., Tensor], inputs: Sequence[Tensor], grad: Tensor) -> Sequence[Tensor]:

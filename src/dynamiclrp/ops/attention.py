@@ -100,14 +100,15 @@ def _check_mask(node, x, s, dim, scratch):
     positive = floor.clamp(min=info.smallest_normal * info.eps)
     c = torch.maximum(s, positive, out=scratch("mask check", s)).log_().sub_(x).mul_(attended)
     shift = c.sum(dim, keepdim=True).div_(attended.sum(dim, keepdim=True).clamp_(min=1))
-    dev_low, dev_high = torch.aminmax(c.addcmul_(shift, attended, value=-1))  # c - shift where attended, else 0
-    low, high = torch.aminmax(x)  # max |x| without a tokens x tokens |x|
+    dev = torch.stack(torch.aminmax(c.addcmul_(shift, attended, value=-1)))  # c - shift where attended, else 0
+    # the deviations' and the logits' extremes (max |x| without a tokens x tokens |x|) in one read by the host
+    dev_low, dev_high, low, high = torch.cat([dev, torch.stack(torch.aminmax(x)).to(dev.dtype)]).tolist()
     tol = 1e-3 if x.dtype == torch.float64 else 2e-2
-    bound = tol * (1 + max(-float(low), float(high)))
-    if not max(-float(dev_low), float(dev_high)) <= bound:
+    bound = tol * (1 + max(-low, high))
+    if not max(-dev_low, dev_high) <= bound:
         _drop_saturated_rows(s, dim, attended, c, bound)
-        dev_low, dev_high = torch.aminmax(c)
-    if not max(-float(dev_low), float(dev_high)) <= bound:
+        dev_low, dev_high = torch.stack(torch.aminmax(c)).tolist()
+    if not max(-dev_low, dev_high) <= bound:
         raise ActivationUnavailableError(
             f"the logits of {node.kind} (node #{node.id}) include a constant autograd did not record that is not "
             "a plain mask (0 where attended): e.g. a position bias. Let that tensor require grad so the graph "
