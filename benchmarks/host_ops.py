@@ -107,6 +107,11 @@ def floor_of(model, inputs, kw):
     return run
 
 
+def explainer(model, inputs, preset: str, kw: dict):
+    """One explanation as the benchmarks time it (no ledger, no finiteness check)."""
+    return lambda: dynamiclrp.explain(model, inputs, preset=preset, ledger=False, check_finite=False, **kw)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=11)
@@ -125,11 +130,8 @@ def main() -> None:
             p.requires_grad_(False)
         fns = {"floor": floor_of(model, inputs, kw)}
         for preset in presets:
-            fns[preset] = (lambda pr: lambda: dynamiclrp.explain(model, inputs, preset=pr, ledger=False,
-                                                                 check_finite=False, **kw))(preset)
-            plan = dynamiclrp.Plan()
-            fns[f"{preset} + plan"] = (lambda pr, pl: lambda: dynamiclrp.explain(
-                model, inputs, preset=pr, ledger=False, check_finite=False, plan=pl, **kw))(preset, plan)
+            fns[preset] = explainer(model, inputs, preset, kw)
+            fns[f"{preset} + plan"] = explainer(model, inputs, preset, {**kw, "plan": dynamiclrp.Plan()})
         for f in fns.values():
             f()
         counts = {k: counted(f) for k, f in fns.items()}
