@@ -74,6 +74,8 @@ TEXT = ("bert", "llama300m", "t5small", "llama_small", "llama1b")
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: the label suffix of the rows that compute relevance in a half-precision model's own dtype
 MODEL_DTYPE = " (relevance in the model's dtype)"
+#: the suffix of the rows that keep float32 relevance with TF32 matrix products (a half-precision model on CUDA)
+TF32 = " (float32 relevance, TF32 products)"
 OURS = {  # presets timed per model family
     "vgg16": ("epsilon", "epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1"),
     "resnet50": ("epsilon", "epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1"),
@@ -247,9 +249,11 @@ class Case:
 
         return run
 
-    def ours(self, preset, plan=False, subtract=False, model_dtype=False):
+    def ours(self, preset, plan=False, subtract=False, model_dtype=False, tf32=False):
         """``model_dtype``: relevance in the model's own (half) precision, as LXT computes it, instead of the
-        default float32."""
+        default float32; ``tf32``: the default float32 relevance with CUDA's matrix products in TF32 (inputs
+        rounded to 10 mantissa bits, float32 accumulation: a bf16 model's weights and activations exactly, the
+        relevance ratios to about 5e-4), a question for the next GPU session."""
         import dynamiclrp
 
         inputs = self.inputs if self.spec["name"] in VISION else {**self.inputs, **self.kw}
@@ -258,8 +262,21 @@ class Case:
             kw["subtract_addends"] = True
         if model_dtype:
             kw["dtype"] = HALF[self.spec["dtype"]]
-        return lambda: dynamiclrp.explain(self.model, inputs, preset=preset, output=self.select, ledger=False,
-                                          check_finite=False, **kw)
+
+        def run():
+            return dynamiclrp.explain(self.model, inputs, preset=preset, output=self.select, ledger=False,
+                                      check_finite=False, **kw)
+        if not tf32:
+            return run
+
+        def run_tf32():
+            before = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                return run()
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = before
+        return run_tf32
 
     def zennit(self, composite):
         from zennit.attribution import Gradient
@@ -429,6 +446,8 @@ def methods_for(case: Case, threads: int, quick: bool, anchors: bool = True,
             fns[f"dynamiclrp {preset} + subtract"] = case.ours(preset, subtract=True)
         if case.spec.get("dtype") in HALF:  # the default relevance is float32 whatever the model's dtype
             fns[f"dynamiclrp {preset}{MODEL_DTYPE}"] = case.ours(preset, model_dtype=True)
+            if case.spec.get("device") == "cuda":
+                fns[f"dynamiclrp {preset}{TF32}"] = case.ours(preset, tf32=True)
     if not anchors:
         return fns, errors, remotes
     if name in ("vgg16", "resnet50"):
@@ -553,7 +572,7 @@ def verdicts(med: dict, times: dict | None = None) -> list[str]:
         label = k.split(" ", 1)[1]
         if label.endswith(" (own process)"):  # compared with LXT only (below)
             continue
-        preset = label.removesuffix(" + plan").removesuffix(" + subtract").removesuffix(MODEL_DTYPE)
+        preset = label.removesuffix(" + plan").removesuffix(" + subtract").removesuffix(MODEL_DTYPE).removesuffix(TF32)
         if preset in FLOOR_TARGET and floor:
             r = v / floor
             lines.append(f"{'PASS' if r <= 1.5 else 'MISS'} {label} ≤ 1.5× floor: {r:.2f}×{paired(k, 'floor', 1.5)}")
@@ -565,7 +584,8 @@ def verdicts(med: dict, times: dict | None = None) -> list[str]:
             lines.append(f"plan saving, {preset} (repeated explanations): {saving:.1%}"
                          f"{paired(k, f'dynamiclrp {preset}')}")
     for anchor, preset in ANCHOR_OF.items():
-        for label in (preset, f"{preset} + subtract", f"{preset} (own process)", f"{preset}{MODEL_DTYPE}"):
+        for label in (preset, f"{preset} + subtract", f"{preset} (own process)", f"{preset}{MODEL_DTYPE}",
+                      f"{preset}{TF32}"):
             a, o = med.get(anchor), med.get(f"dynamiclrp {label}")
             if a and o:
                 r = o / a
