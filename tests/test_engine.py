@@ -323,7 +323,8 @@ def test_each_rule_runs_once_and_each_activation_is_recovered_once(name, monkeyp
 
     class CountingContext(engine.Context):
         def __init__(self, run, node, R):
-            contexts.append(node.id)
+            if R:  # a context that runs the node's rule (one built only to ask a node's rules is given no R)
+                contexts.append(node.id)
             super().__init__(run, node, R)
 
     monkeypatch.setattr(engine, "Context", CountingContext)
@@ -649,6 +650,47 @@ def test_pre_activation_read_off_the_relu_equals_recomputation(upper, monkeypatc
     monkeypatch.setattr(linear, "_pre_activation", lambda *a: None)
     slow = dynamiclrp.explain(m, x, target=[0, 1, 2, 0], module_rules=rules).inputs[0]
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-14)
+
+
+def test_pre_activation_proved_from_the_graph_reads_nothing(monkeypatch):
+    """Where every consumer of a ReLU's output weighs relevance by that output (ε on the layers above, the ε-rule
+    of a residual sum), the graph proves that relevance is zero where the output is: no element-wise comparison
+    and no read of a device value by the host (one per layer before, a wait on a GPU). Same relevance, bit for
+    bit; with a flat rule above, the proof fails and the comparison decides (previous test)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import dynamiclrp.ops.linear as linear
+
+    class Reads(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.c(torch.relu(self.b(h)) + h)
+
+    torch.manual_seed(4)
+    m = Residual().double()
+    x = torch.randn(4, 6, dtype=D)
+    proofs = []
+    original = linear._weighs_by_value
+    monkeypatch.setattr(linear, "_weighs_by_value", lambda *a: proofs.append(original(*a)) or proofs[-1])
+    with Reads() as proved:
+        fast = dynamiclrp.explain(m, x, target=[0, 1, 2, 0], ledger=False, check_finite=False).inputs[0]
+    assert proofs == [True, True]  # both ReLUs: the one under the sum and c, the one under b and the sum
+    monkeypatch.setattr(linear, "_weighs_by_value", lambda *a: False)
+    with Reads() as compared:
+        slow = dynamiclrp.explain(m, x, target=[0, 1, 2, 0], ledger=False, check_finite=False).inputs[0]
+    assert compared.n - proved.n == 2
+    assert torch.equal(fast, slow)
 
 
 def _recomputations(monkeypatch, product) -> list[int]:

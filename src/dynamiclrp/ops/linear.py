@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..errors import ActivationUnavailableError
 from ..plan import active_plan, caching_weights
-from ..rules import PLAIN, LinearMap, MergeBatchNorm
+from ..rules import PLAIN, AlphaBeta, Epsilon, Gamma, LinearMap, MergeBatchNorm, ZPlus
 from .base import (
     NEXT,
     PART,
@@ -28,7 +28,7 @@ from .base import (
     through_views,
     undo_views,
 )
-from .elementwise import _VIEWS, BiasAdd
+from .elementwise import _VIEWS, Add, AddTerms, BiasAdd
 
 
 def _sole_consumer(graph, nid: int, operand: int | None = None):
@@ -109,10 +109,47 @@ def _pre_activation(ctx, R, through_batch_norm: bool):
     r = undo_views(views[::-1], r, torch.Size(out_shape(node.fn, 0)))
     if r.shape != R.shape:
         return None
+    if _weighs_by_value(ctx, relu):  # the graph proves it: no pass over R, no read by the host
+        return r
     # relevance where the ReLU output is 0 (r >= 0): |R| (1 - sign r) > 0 there; arithmetic, as bool tensors are slow
     if bool(R.abs().mul_(r.sign().neg_().add_(1)).amax() > 0):
         return None
     return r
+
+
+#: rules whose relevance for the data operand x of a linear op is a sum of x-weighted terms (x ⊙ g, or
+#: x⁺ ⊙ g⁺ + x⁻ ⊙ g⁻): zero wherever x is
+_WEIGHING = (Epsilon, ZPlus, Gamma, AlphaBeta)
+
+
+def _weighs_by_value(ctx, node) -> bool:
+    """Whether the graph proves that the relevance the engine gives output 0 of ``node`` is zero wherever that
+    output is: every consumer, seen through views that keep every element, weighs the relevance of its operand by
+    the operand -- the ε, z⁺, γ or αβ rule of a linear op whose other operand is a weight (not the input layer's
+    rule), or the ε-rule of a sum -- and the operands are the saved values themselves (not addends recovered by
+    subtraction). One such consumer's relevance is ``x ⊙ g``, so the sum of them all is 0 where ``x`` is. Else
+    False: the caller then compares relevance and output element by element."""
+    from ..engine import Context  # noqa: PLC0415 - the engine imports this module
+
+    run = ctx.run
+    if run.subtract_addends:
+        return False
+    graph, stack = run.graph, [node.id]
+    while stack:
+        for cid, i in graph.consumers.get((stack.pop(), 0), ()):
+            c = graph.nodes[cid]
+            if c.spec.invert is not None and len(c.inputs) == 1:  # a view, a copy: the same values
+                stack.append(cid)
+                continue
+            at = Context(run, c, [])
+            if isinstance(c.spec, Product) and len(c.inputs) == 2 and not at.is_data(1 - i):
+                family = c.spec.family_at(at, i)
+                if family != "input" and isinstance(at.rule(family), _WEIGHING):
+                    continue
+            elif type(c.spec) in (Add, AddTerms) and isinstance(at.rule(c.spec.family), Epsilon):
+                continue
+            return False
+    return True
 
 
 @dataclass(frozen=True)
