@@ -144,9 +144,10 @@ def _weighs_by_value(ctx, node) -> bool:
             at = Context(run, c, [])
             if isinstance(c.spec, Product) and len(c.inputs) == 2 and not at.is_data(1 - i):
                 family = c.spec.family_at(at, i)
-                if family != "input" and isinstance(at.rule(family), _WEIGHING):
+                # exact types: a user's subclass of these rules may weigh its operand otherwise
+                if family != "input" and type(at.rule(family)) in _WEIGHING:
                     continue
-            elif type(c.spec) in (Add, AddTerms) and isinstance(at.rule(c.spec.family), Epsilon):
+            elif type(c.spec) in (Add, AddTerms) and type(at.rule(c.spec.family)) is Epsilon:
                 continue
             return False
     return True
