@@ -17,10 +17,11 @@ import collections
 import copy
 import pathlib
 import statistics
-import time
 import warnings
 
+import speed  # benchmarks/ is the script's directory, first on sys.path
 import torch
+from timing_stats import paired_ratio
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dynamiclrp
@@ -123,8 +124,8 @@ def main() -> None:
              "weights. Per explanation (`ledger=False, check_finite=False`) and per floor (forward + input "
              "gradient, parameters frozen): aten ops, those that launch work (not views), host reads of device "
              "values (`item`, `bool`, `tolist`, `nonzero`, ...: each one waits for a GPU), and the median time of "
-             f"{args.reps} interleaved rounds (order reversed every other round) with the median per-round ratio "
-             "to the floor.", ""]
+             f"{args.reps} interleaved rounds after a warm-up (`speed.interleave`: order reversed every other round) "
+             "with the median per-round ratio to the floor.", ""]
     for name, model, inputs, presets, kw in cases():
         for p in model.parameters():
             p.requires_grad_(False)
@@ -132,19 +133,15 @@ def main() -> None:
         for preset in presets:
             fns[preset] = explainer(model, inputs, preset, kw)
             fns[f"{preset} + plan"] = explainer(model, inputs, preset, {**kw, "plan": dynamiclrp.Plan()})
-        for f in fns.values():
-            f()
+        errors: dict = {}
+        times, _ = speed.interleave(fns, args.reps, False, errors)  # a warm-up round, then the timed ones
+        if errors:
+            raise RuntimeError(f"{name}: {errors}")
         counts = {k: counted(f) for k, f in fns.items()}
-        times = {k: [] for k in fns}
-        for r in range(args.reps):
-            for k, f in list(fns.items())[::-1 if r % 2 else 1]:
-                t = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t)
         lines += [f"## {name}", "", "| method | ms | × floor (paired) | aten ops | launching | host reads |",
                   "|---|---|---|---|---|---|"]
         for k in fns:
-            ratio = statistics.median(a / b for a, b in zip(times[k], times["floor"]))
+            ratio = paired_ratio(times[k], times["floor"]).median
             c = counts[k]
             lines.append(f"| {k} | {statistics.median(times[k]) * 1e3:.1f} | {ratio:.2f} | {c['ops']} | "
                          f"{c['launching']} | {c['host reads']} |")

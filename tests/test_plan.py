@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dynamiclrp
+from host_reads import HostReads
 
 D = torch.float64
 
@@ -139,18 +139,6 @@ def test_fused_nodes_hit_the_plan():
     assert plan.stats.graphs_built == 1 and plan.stats.graphs_reused == 2
 
 
-class _HostReads(TorchDispatchMode):
-    """Counts the reads of a tensor's value by the host (``bool(t)``, ``t.item()``): each one waits for a GPU."""
-
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
-
-
 def test_a_plan_reads_each_batch_norms_sign_once():
     """z⁺ takes a merged batch norm as an output scale only where every scale is positive: a host read per batch
     norm. A plan keeps the answer with the batch norm's constants, so the repeated explanations read it no more."""
@@ -166,7 +154,7 @@ def test_a_plan_reads_each_batch_norms_sign_once():
     x = torch.randn(2, 3, 6, 6)
     plan, reads, outs = dynamiclrp.Plan(), [], []
     for _ in range(3):
-        with _HostReads() as counter:
+        with HostReads() as counter:
             outs.append(dynamiclrp.explain(m, x, preset="epsilon_plus", target=0, plan=plan).inputs[0])
         reads.append(counter.n)
     assert reads[0] - reads[1] == 3 and reads[1] == reads[2]

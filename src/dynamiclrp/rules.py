@@ -326,6 +326,10 @@ class Epsilon:
     eps: float = 1e-6
     product_takes_z = True  # product(..., z=) takes the op's output when a saved copy holds it
     uses_z = True  # the op's output is the denominator: callers pass it when they have it
+    #: its relevance for an operand is that operand times something (x ⊙ g, x⁺ ⊙ g⁺ + x⁻ ⊙ g⁻; for a sum t ⊙ g):
+    #: zero wherever the operand is, which lets a ReLU's output stand for the layer below it (a subclass that
+    #: changes the form must say False)
+    weighs_by_operand = True
 
     def gradient_form(self, family: str):
         """ε → 0: the op's own gradient (both factors of a product whole)."""
@@ -370,6 +374,7 @@ class ZPlus:
     eps: float = 1e-6
     takes_out_scale = True  # see ``linear``: a merged batch norm's positive scale, without forming s·w
     takes_x_nonnegative = True  # the caller may say that x >= 0 (a ReLU's output): no sign split to find
+    weighs_by_operand = True  # see Epsilon
 
     def linear(self, x, w, R, fn, z=None, b=None, out_scale=None, x_nonnegative=False):
         """Relevance of ``x``.
@@ -405,6 +410,7 @@ class Gamma:
     eps: float = 1e-6
     uses_z = True  # for the sign of each output
     takes_x_nonnegative = True
+    weighs_by_operand = True  # see Epsilon
 
     def linear(self, x, w, R, fn, z=None, b=None, x_nonnegative=False):
         xp, xn = _signs(x, x_nonnegative)
@@ -454,6 +460,7 @@ class AlphaBeta:
     beta: float = 1.0
     eps: float = 1e-6
     takes_x_nonnegative = True
+    weighs_by_operand = True  # see Epsilon
 
     def linear(self, x, w, R, fn, z=None, b=None, x_nonnegative=False):
         (xp, xn), wp, wn = _signs(x, x_nonnegative), _w_pos(w), _w_neg(w)

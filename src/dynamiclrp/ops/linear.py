@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..errors import ActivationUnavailableError
 from ..plan import active_plan, caching_weights
-from ..rules import PLAIN, AlphaBeta, Epsilon, Gamma, LinearMap, MergeBatchNorm, ZPlus
+from ..rules import PLAIN, LinearMap, MergeBatchNorm
 from .base import (
     NEXT,
     PART,
@@ -117,18 +117,13 @@ def _pre_activation(ctx, R, through_batch_norm: bool):
     return r
 
 
-#: rules whose relevance for the data operand x of a linear op is a sum of x-weighted terms (x ⊙ g, or
-#: x⁺ ⊙ g⁺ + x⁻ ⊙ g⁻): zero wherever x is
-_WEIGHING = (Epsilon, ZPlus, Gamma, AlphaBeta)
-
-
 def _weighs_by_value(ctx, node) -> bool:
     """Whether the graph proves that the relevance the engine gives output 0 of ``node`` is zero wherever that
     output is: every consumer, seen through views that keep every element, weighs the relevance of its operand by
-    the operand -- the ε, z⁺, γ or αβ rule of a linear op whose other operand is a weight (not the input layer's
-    rule), or the ε-rule of a sum -- and the operands are the saved values themselves (not addends recovered by
-    subtraction). One such consumer's relevance is ``x ⊙ g``, so the sum of them all is 0 where ``x`` is. Else
-    False: the caller then compares relevance and output element by element."""
+    the operand -- a rule that declares ``weighs_by_operand`` (ε, z⁺, γ, αβ) on a linear op whose other operand is
+    a weight (not the input layer's rule), or on a sum -- and the operands are the saved values themselves (not
+    addends recovered by subtraction). One such consumer's relevance is ``x ⊙ g``, so the sum of them all is 0
+    where ``x`` is. Else False: the caller then compares relevance and output element by element."""
     from ..engine import Context  # noqa: PLC0415 - the engine imports this module
 
     run = ctx.run
@@ -144,10 +139,9 @@ def _weighs_by_value(ctx, node) -> bool:
             at = Context(run, c, [])
             if isinstance(c.spec, Product) and len(c.inputs) == 2 and not at.is_data(1 - i):
                 family = c.spec.family_at(at, i)
-                # exact types: a user's subclass of these rules may weigh its operand otherwise
-                if family != "input" and type(at.rule(family)) in _WEIGHING:
+                if family != "input" and getattr(at.rule(family), "weighs_by_operand", False):
                     continue
-            elif type(c.spec) in (Add, AddTerms) and type(at.rule(c.spec.family)) is Epsilon:
+            elif type(c.spec) in (Add, AddTerms) and getattr(at.rule(c.spec.family), "weighs_by_operand", False):
                 continue
             return False
     return True
