@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import dynamiclrp
+from dynamiclrp import rules as r
 from host_reads import HostReads
 
 D = torch.float64
@@ -159,3 +160,189 @@ def test_a_plan_reads_each_batch_norms_sign_once():
         reads.append(counter.n)
     assert reads[0] - reads[1] == 3 and reads[1] == reads[2]
     assert torch.equal(outs[0], outs[2])
+
+
+def test_a_leaf_that_changes_kind_is_read_again():
+    """The fingerprint does not say whether a leaf is a parameter or data: ``a * x`` with ``a`` a parameter is a
+    linear op (all relevance to ``x``), with ``a`` data a product of two activations. A reused skeleton must not
+    keep the first call's data flags."""
+    plan = dynamiclrp.Plan()
+    x = torch.randn(4, dtype=D, requires_grad=True)
+    kinds = []
+    for a in (nn.Parameter(torch.rand(4, dtype=D) + 0.5), torch.rand(4, dtype=D).add_(0.5).requires_grad_(), None):
+        a = a if a is not None else nn.Parameter(torch.rand(4, dtype=D) + 0.5)
+        att = dynamiclrp.propagate((a * x).sum()[None], target=0, wrt=[x], plan=plan, ledger=False)
+        ref = dynamiclrp.propagate((a * x).sum()[None], target=0, wrt=[x], ledger=False)
+        assert _same(att, ref)
+        kinds.append(att.inputs[0].sum().item())
+    assert plan.stats.graphs_built == 1 and plan.stats.graphs_reused == 2
+    assert kinds[1] != pytest.approx(kinds[0], rel=0.1)  # the product rule kept relevance on ``a``'s side
+
+
+# ------------------------------------------------------------------------------ the gradient form's working-out
+def _rolled(inputs: dict) -> dict:
+    """The same shapes, other tokens: each row's ids shifted by one place."""
+    return {k: v.roll(1, dims=-1) if "input_ids" in k else v for k, v in inputs.items()}
+
+
+def _count_planning(monkeypatch) -> dict:
+    """Counts of the gradient form's working-out: its steps and its bypasses."""
+    from dynamiclrp import api, gradient_form
+
+    calls = {"steps": 0, "bypasses": 0}
+    for mod, name, key in ((gradient_form, "gradient_steps", "steps"), (gradient_form, "plan_bypasses", "bypasses")):
+        orig = getattr(mod, name)
+
+        def counted(*a, _orig=orig, _key=key, **k):
+            calls[_key] += 1
+            return _orig(*a, **k)
+        monkeypatch.setattr(mod, name, counted)
+    assert api.prepare_gradient_form is gradient_form.prepare_gradient_form
+    return calls
+
+
+def _text_archs():
+    from arch_text import ARCHITECTURES
+
+    return ARCHITECTURES
+
+
+@pytest.mark.parametrize("preset", ["attnlrp", "cp_lrp"])
+@pytest.mark.parametrize("name", list(_text_archs()))
+def test_a_plan_reuses_the_gradient_forms_steps_and_bypasses(name, preset, monkeypatch):
+    """With a plan the gradient form's steps and bypasses are worked out once per graph: the next runs point them
+    at their own autograd nodes. Other tokens each time, so a step still reading the first run's node would give
+    the first run's answer: every run must equal, bit for bit, an explanation without a plan."""
+    from test_coverage_text import to_double
+
+    arch = _text_archs()[name]
+    attn = "eager" if "eager" in arch.attn else arch.attn[0]
+    model, inputs, out = arch.small(attn)
+    old = torch.get_default_dtype()
+    if arch.default_double:
+        torch.set_default_dtype(D)
+    try:
+        model, inputs = model.double().eval(), to_double(inputs)
+        runs = [inputs, _rolled(inputs), inputs]
+        refs = [dynamiclrp.explain(model, i, preset=preset, output=out, ledger=False) for i in runs]
+        calls, plan = _count_planning(monkeypatch), dynamiclrp.Plan()
+        got = [dynamiclrp.explain(model, i, preset=preset, output=out, ledger=False, plan=plan) for i in runs]
+    finally:
+        torch.set_default_dtype(old)
+    assert not torch.equal(refs[0].tokens, refs[1].tokens)
+    for a, b in zip(got, refs):
+        assert a.stats.gradient_form == b.stats.gradient_form
+        assert a.stats.bypassed_kinds == b.stats.bypassed_kinds
+        assert all(torch.equal(a.embeddings[k], b.embeddings[k]) for k in b.embeddings)
+    assert plan.stats.graphs_built == 1 and plan.stats.graphs_reused == 2
+    if refs[0].stats.gradient_form:
+        assert calls == {"steps": 1, "bypasses": 1}
+
+
+def _fused_cases():
+    """Fused attention and fused projections (the text architectures above run eager attention)."""
+    torchvision = pytest.importorskip("torchvision")
+    from test_gradient_form import PackedAttention, RMSDecoder, tiny
+
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                               hidden_dim=16, mlp_dim=32, num_classes=5).to(D).eval()
+    with torch.no_grad():  # torchvision initialises the head to zero
+        vit.heads.head.weight.normal_(0, 0.5)
+    cases = {"vit": (vit, {}, lambda k: torch.randn(2, 3, 32, 32, dtype=D, generator=torch.Generator().manual_seed(k))),
+             "packed": (PackedAttention().to(D).eval(), {}, lambda k: torch.randn(2, 5, 8, dtype=D,
+                                                                                 generator=torch.Generator().manual_seed(k))),
+             "rms": (RMSDecoder().to(D).eval(), {}, lambda k: torch.randn(2, 5, 8, dtype=D,
+                                                                       generator=torch.Generator().manual_seed(k)))}
+    for name in ("llama", "gpt2"):
+        model, out = tiny(name, "sdpa")
+        cases[f"{name}_sdpa"] = (model, {"output": out}, lambda k: {"input_ids": torch.randint(
+            3, 100, (2, 9), generator=torch.Generator().manual_seed(k))})
+    return cases
+
+
+@pytest.mark.parametrize("preset", ["attnlrp", "cp_lrp"])
+def test_a_plan_reuses_the_fused_steps_and_bypasses(preset, monkeypatch):
+    """As above, for fused attention (its values' gradient alone under CP-LRP), packed projections (narrowed),
+    norms written out and a vision transformer."""
+    bypassed = {}
+    for name, (model, kw, make) in _fused_cases().items():
+        refs = [dynamiclrp.explain(model, make(k), preset=preset, ledger=False, **kw) for k in range(3)]
+        with monkeypatch.context() as m:
+            calls, plan = _count_planning(m), dynamiclrp.Plan()
+            got = [dynamiclrp.explain(model, make(k), preset=preset, ledger=False, plan=plan, **kw) for k in range(3)]
+        assert calls == {"steps": 1, "bypasses": 1}, name
+        for a, b in zip(got, refs):
+            assert a.stats.bypassed_kinds == b.stats.bypassed_kinds, name
+            assert all(torch.equal(p, q) for p, q in zip(a.inputs, b.inputs)), name
+        bypassed[name] = got[-1].stats.bypassed
+    assert all(bypassed.values()) if preset == "cp_lrp" else sum(n > 0 for n in bypassed.values()) >= 3, bypassed
+
+
+def test_other_rules_or_other_recorded_slots_work_the_steps_out_again(monkeypatch):
+    """The working-out is kept per rule set and per recorded slot: another preset, another ``rules=`` or more
+    recorded activations on the same graph do not get the first's steps."""
+    from test_gradient_form import RMSDecoder
+
+    torch.manual_seed(0)
+    model, plan = RMSDecoder().to(D).eval(), dynamiclrp.Plan()
+    x = torch.randn(2, 5, 8, dtype=D)
+    runs = [dict(preset="attnlrp"), dict(preset="cp_lrp"), dict(preset="attnlrp", modules=["mlp.0.1"]),
+            dict(preset="attnlrp", rules={"softmax": r.Pass()}), dict(preset="attnlrp"), dict(preset="cp_lrp")]
+    refs = [dynamiclrp.explain(model, x, ledger=False, **kw) for kw in runs]
+    calls = _count_planning(monkeypatch)
+    got = [dynamiclrp.explain(model, x, ledger=False, plan=plan, **kw) for kw in runs]
+    for a, b in zip(got, refs):
+        assert all(torch.equal(p, q) for p, q in zip(a.inputs, b.inputs))
+        assert all(torch.equal(a.modules[k], b.modules[k]) for k in b.modules)
+    assert calls["steps"] == 4 and plan.stats.graphs_reused == 5
+
+
+def test_a_kept_pass_holds_no_run():
+    """Between explanations the plan keeps the steps, not the run they last served: no activation, no autograd
+    node, no relevance."""
+    import weakref
+
+    from test_gradient_form import PackedAttention
+
+    torch.manual_seed(0)
+    model, plan = PackedAttention().to(D).eval(), dynamiclrp.Plan()
+    x = torch.randn(2, 5, 8, dtype=D, requires_grad=True)
+    held = []  # the first layer's output: saved by the layer norm's node, so alive exactly while the graph is
+    model.inp.register_forward_hook(lambda m, i, o: held.append(weakref.ref(o)))
+    y = model(x)
+    att = dynamiclrp.propagate(y, target=0, wrt=[x], preset="cp_lrp", ledger=False, plan=plan)
+    assert att.stats.gradient_form and att.stats.bypassed and held[0]() is not None
+    del y, att
+    assert held[0]() is None
+    (skeleton,) = plan._skeletons.values()
+    (kept,) = skeleton.passes.values()
+    assert kept.steps and all(ctx.run is None and ctx.node is None for _, _, ctx in kept.steps)
+    assert kept.bypasses is not None and kept.bypasses.graph is None and not kept.bypasses.pending
+
+
+def test_threads_sharing_a_plan_take_turns():
+    """Two threads explaining with one plan: each propagation has the plan to itself (the other waits), and every
+    answer is the one without a plan. An explanation started inside another's propagation is refused."""
+    import threading
+
+    from test_gradient_form import PackedAttention
+
+    torch.manual_seed(0)
+    model, plan = PackedAttention().to(D).eval(), dynamiclrp.Plan()
+    xs = [torch.randn(2, 5, 8, dtype=D, generator=torch.Generator().manual_seed(k)) for k in range(6)]
+    refs = [dynamiclrp.explain(model, x, preset="cp_lrp", ledger=False).inputs[0] for x in xs]
+    got: dict[int, torch.Tensor] = {}
+
+    def work(ks):
+        for k in ks:
+            got[k] = dynamiclrp.explain(model, xs[k], preset="cp_lrp", ledger=False, plan=plan).inputs[0]
+
+    threads = [threading.Thread(target=work, args=(ks,)) for ks in ((0, 2, 4), (1, 3, 5))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(got[k], refs[k]) for k in range(6))
+    with plan.active(), pytest.raises(dynamiclrp.DynamicLRPError, match="already serving"):
+        dynamiclrp.explain(model, xs[0], preset="cp_lrp", ledger=False, plan=plan)

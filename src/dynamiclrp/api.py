@@ -16,7 +16,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from .engine import Run
 from .errors import DynamicLRPError, MissingRuleError, NoGraphError, NonFiniteError, TrainModeWarning
-from .gradient_form import gradient_steps, propagate_gradient_form
+from .gradient_form import prepare_gradient_form, propagate_gradient_form
 from .graph import Graph
 from .ops import Missing, saved
 from .plan import Plan
@@ -229,15 +229,16 @@ def _gradient_form(run: Run, outs: list[torch.Tensor], seeds: dict, wanted: bool
         reason = "the per-node ledger was asked for (ledger=True)"
     elif any(o.dtype != run.dtype for o in outs):
         reason = f"the relevance dtype ({run.dtype}) is not the outputs' ({outs[0].dtype})"
-    hooks = []
+    prepared = None
     if reason is None:
-        hooks, reason = gradient_steps(run)
+        prepared = prepare_gradient_form(run, frozenset(seeds))
+        reason = prepared.reason
     if reason is not None:
         if wanted:
             raise DynamicLRPError(f"gradient_form=True, but the gradient form cannot be used: {reason}")
         return False
     values = {(run.graph.head[o.grad_fn], o.output_nr): o.detach() for o in outs}
-    return propagate_gradient_form(run, {k: (s, values[k]) for k, s in seeds.items()}, hooks)
+    return propagate_gradient_form(run, {k: (s, values[k]) for k, s in seeds.items()}, prepared)
 
 
 #: what to do about node types that hide the graph of the ops they ran

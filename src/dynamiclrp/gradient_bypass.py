@@ -36,6 +36,10 @@ The others are for CP-LRP, which gives the queries and keys of attention no grad
   :math:`g\,V^\top` too, which the step then drops; the bypass computes :math:`P^\top g` alone (likewise for any
   product of two activations one of which its rule holds constant).
 
+A plan (:class:`dynamiclrp.Plan`) keeps the bypasses worked out for a graph skeleton and reuses them for the next
+run of the same graph: they name nodes by their place in the graph, not by autograd object, and :meth:`Bypasses.bind`
+points them at the run's nodes.
+
 Something unforeseen at run time -- a carried gradient still pending after the pass (its slot's node never ran), or
 a delivery hook raising :class:`UndeliveredError` -- makes
 :func:`dynamiclrp.gradient_form.propagate_gradient_form` remove the hooks and run the pass again without bypasses.
@@ -66,14 +70,27 @@ class UndeliveredError(RuntimeError):
 
 
 class Bypasses:
-    """The bypasses of one gradient pass: the pre-hooks to register (delivery hooks first) and the gradients in
-    transit between a bypassed node and the slots that take them."""
+    """The bypasses of a gradient pass: the pre-hooks to register (delivery hooks first), each at a graph node
+    (its head part's id), and the gradients in transit between a bypassed node and the slots that take them.
+    Nodes are named by id and looked up in the graph :meth:`bind` gave, so that a plan can reuse the bypasses for
+    another run of the same graph."""
 
     def __init__(self) -> None:
-        self.hooks: list[tuple[Any, PreHook]] = []
-        self.pending: dict[tuple[Any, int], torch.Tensor] = {}
+        self.hooks: list[tuple[int, PreHook]] = []
+        self.graph: Any = None
+        self.pending: dict[tuple[int, int], torch.Tensor] = {}
         self.bypassed: Counter[str] = Counter()  # node type -> nodes whose own backward this pass bypassed
-        self._delivery_slots: dict[Any, set[int]] = {}
+        self._delivery_slots: dict[int, set[int]] = {}
+
+    def bind(self, graph: Any) -> Bypasses:
+        """Ready for a pass over ``graph`` (the planned graph, or one with the same skeleton): nothing in transit,
+        nothing counted yet."""
+        self.graph, self.pending, self.bypassed = graph, {}, Counter()
+        return self
+
+    def fn(self, nid: int) -> Any:
+        """The autograd node of graph node ``nid`` in the bound graph."""
+        return self.graph.nodes[nid].fn
 
     def __bool__(self) -> bool:
         return bool(self.hooks)
@@ -83,23 +100,24 @@ class Bypasses:
         return bool(self.pending)
 
     # ---------------------------------------------------------------------------------------------- planning
-    def add_delivery(self, fn: Any, slot: int) -> None:
-        slots = self._delivery_slots.get(fn)
+    def add_delivery(self, nid: int, slot: int) -> None:
+        slots = self._delivery_slots.get(nid)
         if slots is None:
-            slots = self._delivery_slots[fn] = set()
-            self.hooks.insert(0, (fn, PreHook(self._deliver_hook(fn))))  # before the node's own steps
+            slots = self._delivery_slots[nid] = set()
+            self.hooks.insert(0, (nid, PreHook(self._deliver_hook(nid))))  # before the node's own steps
         slots.add(slot)
 
-    def _deliver_hook(self, fn: Any):
+    def _deliver_hook(self, nid: int):
         def hook(grad_outputs):
             grads = list(grad_outputs)
-            for slot in self._delivery_slots[fn]:
-                carried = self.pending.pop((fn, slot), None)
+            for slot in self._delivery_slots[nid]:
+                carried = self.pending.pop((nid, slot), None)
                 if carried is None:
                     continue
                 g = grads[slot]
                 if g is None:  # autograd lets no hook turn "no gradient" into one
-                    raise UndeliveredError(f"{fn.name()} slot {slot} receives no gradient besides a bypassed node's")
+                    raise UndeliveredError(
+                        f"{self.fn(nid).name()} slot {slot} receives no gradient besides a bypassed node's")
                 carried = carried.to(g.dtype)
                 # the carried gradient is this pass's own (a bypass computed it; nothing else holds it): the sum goes
                 # into it, as the engine's own accumulation goes into its buffer, not into fresh memory
@@ -109,8 +127,8 @@ class Bypasses:
 
     # ---------------------------------------------------------------------------------------------- running
     def carry(self, route: Any, grad: torch.Tensor) -> None:
-        """Send ``grad`` along a planned route: ``None`` (nothing needs it), ``("deliver", fn, slot)`` or
-        ``("through", fn, slot, step, children)``."""
+        """Send ``grad`` along a planned route: ``None`` (nothing needs it), ``("deliver", node, slot)`` or
+        ``("through", node, slot, step, children)`` (``node`` a graph node id)."""
         if route is None:
             return
         if route[0] == "deliver":
@@ -118,7 +136,8 @@ class Bypasses:
             prev = self.pending.get(key)
             self.pending[key] = grad if prev is None else prev + grad
             return
-        _, fn, nr, step, children = route
+        _, nid, nr, step, children = route
+        fn = self.fn(nid)
         grads: tuple = tuple(grad if o == nr else None for o in range(len(fn._input_metadata)))
         if isinstance(step, PreHook):
             grads = step.hook(grads)
@@ -150,6 +169,7 @@ def plan_bypasses(run: Run, steps: dict[Any, Any], seeds: frozenset = frozenset(
     ``seeds``, the output slots the pass starts from."""
     graph, useful = run.graph, run.useful
     plan = _Planner(run, steps, seeds)
+    plan.bypasses.bind(graph)
     for fn, nid in graph.head.items():
         kind = fn.name()
         if kind not in _PROJECTIONS or fn in steps or not useful[nid] or not _feeds_a_split(run, nid, steps):
@@ -159,7 +179,7 @@ def plan_bypasses(run: Run, steps: dict[Any, Any], seeds: frozenset = frozenset(
             continue  # the weight (or bias) side is wanted too: keep the node's own backward
         route = plan.route(fn, x_slot)
         if route is not None:
-            plan.hook(fn, _narrowed_projection(plan.bypasses, fn, weight, route))
+            plan.hook(fn, _narrowed_projection(plan.bypasses, nid, kind, weight, route))
     # a node no gradient reaches (RMSNorm's statistics, below the product that holds them constant) needs no route
     direct = [(fn, step) for fn, step in steps.items()
               if isinstance(step, DirectStep) and not plan.unreached(graph.head[fn])]
@@ -169,7 +189,7 @@ def plan_bypasses(run: Run, steps: dict[Any, Any], seeds: frozenset = frozenset(
     for fn, step in direct:
         route = plan.route(fn, step.slot)
         if route is not None:
-            plan.hook(fn, _direct(plan.bypasses, fn, step, route))
+            plan.hook(fn, _direct(plan.bypasses, fn.name(), step, route))
         else:
             plan.speak(fn)
     return plan.bypasses
@@ -194,9 +214,9 @@ class _Planner:
 
     def hook(self, fn: Any, hook: Any) -> None:
         for child, nr in self._deliveries:
-            self.bypasses.add_delivery(child, nr)
+            self.bypasses.add_delivery(self.run.graph.head[child], nr)
         self.hooks[fn] = PreHook(hook)
-        self.bypasses.hooks.append((fn, self.hooks[fn]))
+        self.bypasses.hooks.append((self.run.graph.head[fn], self.hooks[fn]))
 
     def route(self, fn: Any, i: int) -> Any:
         """The route of ``fn``'s input ``i``'s gradient, or None where it cannot (or need not) be carried."""
@@ -219,9 +239,9 @@ class _Planner:
         others = [(c, k) for c, k in run.graph.consumers.get((node.id, nr), ()) if run.graph.nodes[c].fn is not fn]
         if others and not all(self._gives_nothing(c, k) for c, k in others):
             self._deliveries.append((child, nr))
-            return ("deliver", child, nr)
+            return ("deliver", node.id, nr)
         if child in self.hooks:
-            return ("through", child, nr, self.hooks[child], [None] * len(child.next_functions))
+            return ("through", node.id, nr, self.hooks[child], [None] * len(child.next_functions))
         if depth >= _MAX_CHAIN:
             raise _NoBypassError
         if not all(self._quiet(node.id, o) for o in range(len(child._input_metadata)) if o != nr):
@@ -234,7 +254,7 @@ class _Planner:
             # a fork: its branches may meet again at a slot that then gets its gradients only from here, with
             # none from elsewhere to join (a product of two projections of one input)
             raise _NoBypassError
-        return ("through", child, nr, step, children)
+        return ("through", node.id, nr, step, children)
 
     def unreached(self, nid: int, depth: int = 0) -> bool:
         """Whether no gradient reaches graph node ``nid`` in this pass, bypassed or not: no seed at its outputs, and
@@ -287,11 +307,9 @@ class _Planner:
         return k in silenced(self.steps.get(fn)) and len(self.run.graph.parts(fn)) == 1
 
 
-def _direct(bypasses: Bypasses, fn: Any, step: DirectStep, route: Any):
-    """Pre-hook of a node whose step computes its one wanted input gradient directly (:class:`DirectStep`): that
-    gradient is carried on by hand and the node is given nothing."""
-    kind = fn.name()
-
+def _direct(bypasses: Bypasses, kind: str, step: DirectStep, route: Any):
+    """Pre-hook of a node (of type ``kind``) whose step computes its one wanted input gradient directly
+    (:class:`DirectStep`): that gradient is carried on by hand and the node is given nothing."""
     def hook(grad_outputs):
         grads = step.direct(grad_outputs)
         if grads is None:
@@ -302,13 +320,12 @@ def _direct(bypasses: Bypasses, fn: Any, step: DirectStep, route: Any):
     return hook
 
 
-def _narrowed_projection(bypasses: Bypasses, fn: Any, weight: str, route: Any):
+def _narrowed_projection(bypasses: Bypasses, nid: int, kind: str, weight: str, route: Any):
     r"""Pre-hook of a bypassed projection ``y = x W (+ b)``: :math:`g_x = \alpha\,g_{[:, a:b]}\,W_{[:, a:b]}^\top`
     over the columns ``a:b`` that hold every non-zero of ``g``, the node itself given nothing. Where the first and
     the last column both hold one (AttnLRP: queries and values have gradients) nothing is narrowed and the node runs
-    its own backward: two columns read."""
-    kind = fn.name()
-
+    its own backward: two columns read. The node (graph node ``nid``, of type ``kind``) is read from the graph
+    the bypasses are bound to."""
     def hook(grad_outputs):
         g = grad_outputs[0]
         if g is None or not g.shape[0] or bool(torch.stack((g[:, 0].any(), g[:, -1].any())).all()):  # one sync
@@ -323,6 +340,7 @@ def _narrowed_projection(bypasses: Bypasses, fn: Any, weight: str, route: Any):
             b = last + 1
             if b - a == g.shape[1]:
                 return grad_outputs
+            fn = bypasses.fn(nid)
             gx = g[:, a:b] @ saved(fn, weight)[:, a:b].mT
             alpha = saved(fn, "alpha", 1)
             bypasses.carry(route, gx if alpha == 1 else gx * alpha)

@@ -24,6 +24,11 @@ identity rule -- the ``attnlrp`` and ``cp_lrp`` presets. A graph with any other 
 ε = 1e-6) is propagated as relevance, node by node (:mod:`dynamiclrp.engine`), as is a run that wants the
 per-node ledger or a relevance dtype other than the graph's.
 
+With a plan (:class:`dynamiclrp.Plan`) the working-out is done once per graph skeleton and rule set: the steps
+(:class:`PreparedPass`) read their node through a context that is pointed at the next run's graph, and the bypasses
+name nodes by id. A rebuilt skeleton (another graph), other rules, other recorded slots or seeds, or a step from
+an op entry outside this package (which may hold its node) work it out again.
+
 Two caveats. A hook the model itself registered on an activation's gradient (``tensor.register_hook``) runs during
 this pass too: :func:`dynamiclrp.propagate` takes ``gradient_form=False`` for such a model. And the hooks sit on the
 graph's nodes while the pass runs, so two explanations of the *same* graph must not run at the same time in two
@@ -32,6 +37,8 @@ threads (explanations of separate forwards may).
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,7 +46,7 @@ from torch.autograd.graph import GradientEdge
 
 from .engine import Context, Run, _all_finite
 from .errors import GraphFreedError
-from .gradient_bypass import UndeliveredError, plan_bypasses
+from .gradient_bypass import Bypasses, UndeliveredError, plan_bypasses
 from .ops import spec_for
 from .ops.base import GRAPH_FREED, PreHook, freed, ratio
 from .rules import PLAIN
@@ -47,9 +54,78 @@ from .rules import PLAIN
 BYPASSES = True  # narrow fused projections' backward where their gradient is partly zero (gradient_bypass)
 
 
-def gradient_steps(run: Run) -> tuple[list[tuple[Any, Any]], str | None]:
-    """The hooks the gradient form needs, as ``(autograd node, hook)``, or the reason it cannot be used (the
-    first node on the way whose rule has no gradient form)."""
+MAX_PASSES = 4  # prepared passes a skeleton keeps (one per rule set, recorded slots and seeds; LRU)
+
+
+@dataclass
+class PreparedPass:
+    """The gradient form worked out for one graph under one rule set: each hooked node's step with the context it
+    reads its node through (``(node id, step, context)``), and the bypasses, planned on first use; or the reason
+    the form cannot be used."""
+
+    steps: list[tuple[int, Any, Context]]
+    reason: str | None = None
+    bypasses: Bypasses | None = None
+
+    def bind(self, run: Run) -> None:
+        """Point every step at ``run`` and its graph's nodes (the same skeleton as the run it was worked out on)."""
+        nodes = run.graph.nodes
+        for nid, _, ctx in self.steps:
+            ctx.run, ctx.node = run, nodes[nid]
+
+    def release(self) -> None:
+        """Let go of the run (a kept pass must not hold its activations or its autograd graph)."""
+        for _, _, ctx in self.steps:
+            ctx.run = ctx.node = None
+        if self.bypasses is not None:
+            self.bypasses.bind(None)
+
+    def hooks(self, run: Run) -> list[tuple[Any, Any]]:
+        """``(autograd node, step)`` for this run's graph."""
+        nodes = run.graph.nodes
+        return [(nodes[nid].fn, step) for nid, step, _ in self.steps]
+
+
+def prepare_gradient_form(run: Run, seeds: frozenset) -> PreparedPass:
+    """The steps of the gradient form for ``run`` (``seeds``: the output slots the pass starts from): from the
+    plan, where the run's graph reuses a skeleton that kept them for the same rules, recorded slots and seeds,
+    else worked out (and kept, when every step's op entry is this package's own)."""
+    skeleton = run.graph.skeleton
+    key = None if skeleton is None else _pass_key(run, seeds)
+    if key is not None:
+        kept = skeleton.passes.pop(key, None)
+        if kept is not None:
+            skeleton.passes[key] = kept  # most recently used last
+            return kept
+    steps, reason = gradient_steps(run)
+    prepared = PreparedPass(steps, reason)
+    if key is not None and all(_rebindable(ctx.node) for _, _, ctx in steps):
+        skeleton.passes[key] = prepared
+        while len(skeleton.passes) > MAX_PASSES:
+            del skeleton.passes[next(iter(skeleton.passes))]
+    return prepared
+
+
+def _pass_key(run: Run, seeds: frozenset) -> Hashable:
+    """What the steps depend on besides the skeleton: the rules (by identity: the key holds them, so no other
+    rule can take an id while it lives), the data sources' answers (parameter or input), the recorded slots and
+    the seeds."""
+    preset, sources = run.preset, run.graph.skeleton.sources
+    return (tuple(preset.families.items()), tuple((k, tuple(v.items())) for k, v in preset.kinds.items()),
+            tuple((nid, tuple(d.items())) for nid, d in run.node_rules.items()),
+            tuple(run.graph.nodes[i].data for i, _ in sources), frozenset(run.record), seeds, run.dtype,
+            run.subtract_addends)
+
+
+def _rebindable(node: Any) -> bool:
+    """Whether a step of this node may be kept by a plan: its op entries are this package's, whose steps read the
+    node through their context (an entry registered from outside may have kept the autograd node itself)."""
+    return all(type(spec).__module__.startswith("dynamiclrp.ops") for spec in (node.spec, spec_for(node.fn)))
+
+
+def gradient_steps(run: Run) -> tuple[list[tuple[int, Any, Context]], str | None]:
+    """The steps the gradient form needs, as ``(graph node id, step, the context it was made with)``, or the
+    reason it cannot be used (the first node on the way whose rule has no gradient form)."""
     graph, useful = run.graph, run.useful
     hooks, seen = [], set()
     for node in graph.nodes:
@@ -64,12 +140,12 @@ def gradient_steps(run: Run) -> tuple[list[tuple[Any, Any]], str | None]:
         if step is None:
             return [], f"{node.kind} (node #{node.id}) has no gradient form under its rule"
         if step is not PLAIN:
-            hooks.append((node.fn, step))
+            hooks.append((head.id, step, ctx))
     return hooks, None
 
 
 def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]],
-              hooks: list[tuple[Any, Any]], bypass: bool | None = None) -> bool:
+                            prepared: PreparedPass, bypass: bool | None = None) -> bool:
     """Fill ``run.recorded`` by one gradient pass: ``seeds`` maps an output slot to (its relevance, its value).
     Returns False, recording nothing, when a relevance came out non-finite and ``run.check_finite`` is set (the
     caller then propagates relevance node by node, which names the node). A bypass
@@ -79,11 +155,18 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
     keys = sorted(run.record)
     outputs = [GradientEdge(graph.nodes[nid].fn, nr) for nid, nr in seeds]
     ratios = [ratio(r.to(v.dtype), v) for r, v in seeds.values()]  # at an output: its relevance over its value
-    bypasses = plan_bypasses(run, dict(hooks), frozenset(seeds)) if (BYPASSES if bypass is None else bypass) else None
-    handles = [fn.register_prehook(hook.hook) for fn, hook in (bypasses.hooks if bypasses else ())]
-    handles += [fn.register_prehook(hook.hook) if isinstance(hook, PreHook) else fn.register_hook(hook)
-                for fn, hook in hooks]
+    prepared.bind(run)  # released below, whatever happens: a plan keeps the pass, not the run
+    hooks = prepared.hooks(run)
+    bypasses, handles = None, []
     try:
+        if BYPASSES if bypass is None else bypass:
+            if prepared.bypasses is None:
+                prepared.bypasses = plan_bypasses(run, dict(hooks), frozenset(seeds))
+            bypasses = prepared.bypasses.bind(graph)
+        for nid, hook in bypasses.hooks if bypasses else ():
+            handles.append(graph.nodes[nid].fn.register_prehook(hook.hook))
+        handles += [fn.register_prehook(hook.hook) if isinstance(hook, PreHook) else fn.register_hook(hook)
+                    for fn, hook in hooks]
         grads = torch.autograd.grad(outputs, [GradientEdge(graph.nodes[nid].fn, nr) for nid, nr in keys], ratios,
                                     retain_graph=True, allow_unused=True)
     except UndeliveredError:
@@ -95,8 +178,11 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
     finally:
         for h in handles:
             h.remove()
-    if grads is None or bypasses and bypasses.undelivered():  # hooks removed: again, without bypasses
-        return propagate_gradient_form(run, seeds, hooks, bypass=False)
+        undelivered = bypasses is not None and bypasses.undelivered()
+        bypassed = dict(bypasses.bypassed) if bypasses else {}
+        prepared.release()
+    if grads is None or undelivered:  # hooks removed: again, without bypasses
+        return propagate_gradient_form(run, seeds, prepared, bypass=False)
     recorded = {}
     for (nid, nr), g in zip(keys, grads):
         if g is not None:
@@ -104,7 +190,7 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
     if run.check_finite and recorded and not bool(torch.stack([_all_finite(r) for r in recorded.values()]).all()):
         return False
     run.recorded.update(recorded)
-    run.bypassed = dict(bypasses.bypassed) if bypasses else {}
+    run.bypassed = bypassed
     run.rules_run = sum(1 for n in graph.nodes if run.useful[n.id] and n.inputs)
     return True
 

@@ -25,7 +25,7 @@ class Edge:
     nr: int
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: a run builds a thousand or more, and reads their fields constantly
 class Node:
     """One operation of the graph (an autograd node, or one part of a fused one)."""
 
@@ -50,6 +50,7 @@ class Graph:
     order: list[int] = field(default_factory=list)
     head: dict[Any, int] = field(default_factory=dict)
     consumers: dict[tuple[int, int], list[tuple[int, int]]] = field(default_factory=dict)
+    skeleton: Skeleton | None = None  # the plan's record of this graph's structure (built with a plan)
 
     def parts(self, fn: Any) -> list[Node]:
         """The nodes ``fn`` was split into (one for an unfused node), head first: they are numbered in a row."""
@@ -69,7 +70,7 @@ class Graph:
         """Read the graph below ``root_fns``; with a ``plan``, reuse the skeleton of an identical graph read before
         (same fingerprint: every node's type, decomposition and edges, in discovery order)."""
         fns, nexts = _discover(root_fns)
-        layouts = [spec_for(fn).decompose(fn) for fn in fns]
+        layouts = _layouts(fns, nexts)
         if plan is None:
             return cls._assemble(root_fns, fns, nexts, layouts)
         index = {fn: i for i, fn in enumerate(fns)}
@@ -78,9 +79,12 @@ class Graph:
         if skeleton is not None:
             return cls._from_skeleton(skeleton, fns)
         g = cls._assemble(root_fns, fns, nexts, layouts)
-        plan.store(fingerprint, Skeleton(
+        sources = _data_sources(g.nodes)
+        g.skeleton = Skeleton(
             nodes=[(index[n.fn], n.kind, n.spec, n.inputs, n.part, n.data, n.n_consumers) for n in g.nodes],
-            order=g.order, heads=[g.head[fn] for fn in fns], consumers=g.consumers))
+            order=g.order, heads=[g.head[fn] for fn in fns], consumers=g.consumers,
+            sources=[(i, g.nodes[i].data) for i in sources])
+        plan.store(fingerprint, g.skeleton)
         return g
 
     @classmethod
@@ -115,11 +119,14 @@ class Graph:
     @classmethod
     def _from_skeleton(cls, sk: Skeleton, fns: list[Any]) -> Graph:
         """A graph with a stored skeleton's structure (shared, read-only) and the new autograd nodes."""
-        g = cls(order=sk.order, consumers=sk.consumers)
-        g.nodes = [Node(i, kind, fns[f], spec, inputs, part=part, n_consumers=nc)
-                   for i, (f, kind, spec, inputs, part, _, nc) in enumerate(sk.nodes)]
+        g = cls(order=sk.order, consumers=sk.consumers, skeleton=sk)
+        g.nodes = [Node(i, kind, fns[f], spec, inputs, part, data, nc)
+                   for i, (f, kind, spec, inputs, part, data, nc) in enumerate(sk.nodes)]
         g.head = dict(zip(fns, sk.heads))
-        _mark_data(g)  # a leaf's kind of tensor (parameter or input) is not in the fingerprint: read again
+        # which nodes are data follows from the sources: a leaf's kind of tensor (parameter or input) is not in
+        # the fingerprint, so each source is asked again, and the flags are worked out anew if one answers otherwise
+        if any(g.nodes[i].spec.is_data_source(g.nodes[i]) != was for i, was in sk.sources):
+            _mark_data(g)
         return g
 
 
@@ -140,6 +147,30 @@ def _fingerprint(root_fns, fns, nexts, layouts, index) -> tuple:
             put(-1 if c is None else index[c])
             put(nr)
     return tuple(flat)
+
+
+def _layouts(fns: list[Any], nexts: list[tuple]) -> list:
+    """Every node's decomposition into parts (its op entry's ``decompose``). Most entries keep the node whole,
+    with its inputs in order: that layout depends on the node's type and number of inputs alone, and is built once
+    per pair (shared, read-only) instead of once per node."""
+    out, shared = [], {}
+    for fn, nx in zip(fns, nexts):
+        spec = spec_for(fn)
+        if type(spec).decompose is not OpSpec.decompose:
+            out.append(spec.decompose(fn))
+            continue
+        key = (type(fn), spec, len(nx))
+        layout = shared.get(key)
+        if layout is None:
+            layout = shared[key] = [(type(fn).__name__, spec, [(NEXT, j) for j in range(len(nx))])]
+        out.append(layout)
+    return out
+
+
+def _data_sources(nodes: list[Node]) -> list[int]:
+    """The nodes whose op entry decides for itself whether they are data (``is_data_source`` overridden: a leaf,
+    an embedding lookup); all others are data exactly when an operand is."""
+    return [n.id for n in nodes if type(n.spec).is_data_source is not OpSpec.is_data_source]
 
 
 def _mark_data(g: Graph) -> None:

@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from .errors import DynamicLRPError
 
 _ACTIVE: contextvars.ContextVar[Plan | None] = contextvars.ContextVar("dynamiclrp_weight_plan", default=None)
 
@@ -44,12 +47,17 @@ class PlanStats:
 
 @dataclass
 class Skeleton:
-    """A graph without its autograd objects: per node ``(fn index, kind, spec, inputs, part, data, consumers)``."""
+    """A graph without its autograd objects: per node ``(fn index, kind, spec, inputs, part, data, consumers)``,
+    the data sources' answers ``(node, data)`` that the ``data`` flags follow from, and the gradient form's
+    prepared passes for this graph."""
 
     nodes: list[tuple[int, str, Any, list, int, bool, int]]
     order: list[int]
     heads: list[int]
     consumers: dict[tuple[int, int], list[tuple[int, int]]]
+    sources: list[tuple[int, bool]] = field(default_factory=list)
+    #: the gradient form's working-out per rule set (:func:`dynamiclrp.gradient_form.prepare_gradient_form`)
+    passes: dict[Hashable, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +85,8 @@ class Plan:
     _skeletons: dict[Hashable, Skeleton] = field(default_factory=dict, repr=False)
     _weights: dict[tuple, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = field(default_factory=dict, repr=False)
     _used: set[tuple] = field(default_factory=set, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _owner: int | None = field(default=None, repr=False)
 
     # -- graph skeletons
 
@@ -117,12 +127,22 @@ class Plan:
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        token = _ACTIVE.set(self)
-        try:
-            yield
-        finally:
-            _ACTIVE.reset(token)
-            self.end_run()
+        """The plan serving one explanation's propagation. It keeps state a propagation points at its own graph
+        (the gradient form's steps), so it serves one at a time: another thread's waits; one started inside it
+        (from a hook, say) raises."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise DynamicLRPError("this Plan is already serving an explanation in this thread: an explanation "
+                                  "started inside another cannot share its plan; give it a Plan of its own")
+        with self._lock:
+            self._owner = me
+            token = _ACTIVE.set(self)
+            try:
+                yield
+            finally:
+                _ACTIVE.reset(token)
+                self._owner = None
+                self.end_run()
 
     @property
     def cached_bytes(self) -> int:

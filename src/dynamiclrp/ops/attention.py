@@ -300,10 +300,9 @@ class ScaledDotProductAttention(OpSpec):
         factors = (None if through is None or q is None else through * q,
                    None if through is None or k is None else through * k, values)
         step = scaled_gradient(factors)
-        fn = ctx.node.fn
-        if factors[:2] == (None, None) and values is not None and len(fn.next_functions) == 3:
-            # CP-LRP: the values' gradient alone
-            return DirectStep(step, lambda grad_outputs: _values_gradient(fn, grad_outputs, values), 2)
+        if factors[:2] == (None, None) and values is not None and len(ctx.node.fn.next_functions) == 3:
+            # CP-LRP: the values' gradient alone (the node read when the step runs: a plan rebinds the context)
+            return DirectStep(step, lambda grad_outputs: _values_gradient(ctx.node.fn, grad_outputs, values), 2)
         return step
 
 

@@ -296,7 +296,7 @@ class Product(OpSpec):
             keep = next((i for i in (0, 1) if data[i] or (not data[1 - i] and ctx.wants(i))), None)
             if not any(ctx.wants(i) for i in (0, 1) if i != keep):
                 return PLAIN  # autograd computes no gradient for the other factor
-            return self._step(ctx.node.fn, tuple(1.0 if i == keep else None for i in (0, 1)))
+            return self._step(ctx, tuple(1.0 if i == keep else None for i in (0, 1)))
         for i in (1, 0):
             kind = derived_factor(ctx, i, 1 - i)
             if kind is not None:
@@ -304,29 +304,30 @@ class Product(OpSpec):
                     return None  # the norm rule passes R on to a (R_a = R_y) for these two only
                 if self.divide and i == 0:  # f(a) / a: not a's gradient with f(a) fixed
                     return None
-                return self._step(ctx.node.fn, tuple(None if k == i else 1.0 for k in (0, 1)))
+                return self._step(ctx, tuple(None if k == i else 1.0 for k in (0, 1)))
         factors = rule_form(ctx.rule("product"), "product")
         if factors is None or self.divide:
             return None
-        return self._step(ctx.node.fn, factors)
+        return self._step(ctx, factors)
 
-    def _step(self, fn, factors: tuple):
+    def _step(self, ctx, factors: tuple):
         """The factors on the operands' gradients; where one operand alone gets one (RMSNorm's statistics, CP-LRP's
         gate held constant), a :class:`~dynamiclrp.ops.base.DirectStep` that computes that one without the other's
         product (and, for a broadcast operand, its sum)."""
         def direct_for(i, factor):
-            if len(fn.next_functions) != 2 or self.divide and i == 1:
+            if len(ctx.node.fn.next_functions) != 2 or self.divide and i == 1:
                 return None
-            return _one_factor_gradient(fn, self, i, factor)
+            return _one_factor_gradient(ctx, self, i, factor)
         return one_operand_step(factors, direct_for)
 
 
-def _one_factor_gradient(fn, spec: Product, i: int, factor: float):
+def _one_factor_gradient(ctx, spec: Product, i: int, factor: float):
     r""":class:`~dynamiclrp.ops.base.DirectStep` computation for an element-wise ``a * b`` (or ``a / b``) of which
     only operand ``i`` gets a gradient: :math:`g_a = f\,g \odot b` (:math:`f\,g / b`), summed to ``a``'s shape
-    where ``a`` was broadcast."""
+    where ``a`` was broadcast. The node is read from ``ctx`` when the step runs (a plan rebinds it)."""
     def direct(grad_outputs):
         g = grad_outputs[0]
+        fn = ctx.node.fn
         child, nr = fn.next_functions[i]
         if g is None or child is None or g.is_complex():
             return None

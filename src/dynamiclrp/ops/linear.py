@@ -375,14 +375,13 @@ class Product(OpSpec):
             factors = rule_form(ctx.rule(family), family)
             if factors is None:
                 return None
-            fn = ctx.node.fn
 
             def direct_for(i, factor):
                 # one operand held constant (CP-LRP's attention weights): the other's gradient alone, without
                 # the product the backward would also spend on the held one
-                if self.fn not in (torch.mm, torch.bmm) or len(fn.next_functions) != 2:
+                if self.fn not in (torch.mm, torch.bmm) or len(ctx.node.fn.next_functions) != 2:
                     return None
-                return _one_operand_gradient(fn, self, i, factor)
+                return _one_operand_gradient(ctx, self, i, factor)
             return one_operand_step(factors, direct_for)
         x_i = 0 if data[0] or not data[1] and ctx.wants(0) else 1
         return PLAIN if rule_form(ctx.rule(self.family_at(ctx, x_i)), "linear") is PLAIN else None
@@ -439,14 +438,15 @@ class Product(OpSpec):
         return self.linear_family
 
 
-def _one_operand_gradient(fn, spec: Product, i: int, factor: float):
+def _one_operand_gradient(ctx, spec: Product, i: int, factor: float):
     r""":class:`~dynamiclrp.ops.base.DirectStep` computation for a product ``a @ b`` of which only operand ``i``
-    gets a gradient: :math:`g_a = f\,g\,b^\top` or :math:`g_b = f\,a^\top g`."""
+    gets a gradient: :math:`g_a = f\,g\,b^\top` or :math:`g_b = f\,a^\top g` (the node read from ``ctx`` when
+    the step runs: a plan rebinds it)."""
     def direct(grad_outputs):
         g = grad_outputs[0]
         if g is None:
             return None
-        other = saved(fn, spec.names[1 - i])
+        other = saved(ctx.node.fn, spec.names[1 - i])
         grad = g @ other.mT if i == 0 else other.mT @ g
         return {i: grad if factor == 1 else grad.mul_(factor)}
     return direct

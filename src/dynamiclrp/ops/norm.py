@@ -72,19 +72,20 @@ class Norm(OpSpec):
             return gradient_of_rule_form(form, ctx)
         if self.linear is None:
             return gradient_of_rule_form(IDENTITY, ctx)  # the rule passes R on where it cannot linearise
-        node, n = ctx.node, len(ctx.node.inputs)
+        n = len(ctx.node.inputs)
 
         def hook(grad_inputs, grad_outputs):
             g = grad_outputs[0]
             if g is None or grad_inputs[0] is None:
                 return grad_inputs
-            w = saved(node.fn, "weight", None)
+            fn = ctx.node.fn  # read when the step runs: a plan rebinds the context to the next run's node
+            w = saved(fn, "weight", None)
             w = None if w is None else w.to(g.dtype)
             if self.linear_vjp is not None:
                 out = spare(grad_inputs[0], g.shape, g.dtype, g, *([] if w is None else [w]))
-                gx = self.linear_vjp(node.fn, w, g, out)
+                gx = self.linear_vjp(fn, w, g, out)
             else:
-                (gx,) = vjp(self.linear(node.fn, w, g.dtype), [ctx.input(0)], g)
+                (gx,) = vjp(self.linear(fn, w, g.dtype), [ctx.input(0)], g)
             return (gx,) + (None,) * (n - 1)  # R_x = x ⊙ Jᵀ(R / y) = x ⊙ Jᵀ g for R = y ⊙ g
 
         return hook
