@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 import dynamiclrp  # noqa: E402
 from dynamiclrp import api, engine, graph, promise  # noqa: E402
+from dynamiclrp.gradient_form import PreparedPass  # noqa: E402
 from dynamiclrp.ops.base import PreHook  # noqa: E402
 
 torch.set_num_threads(1)
@@ -120,7 +121,7 @@ class Timers:
                     del spec.relevance  # back to the class's method
 
         engine.Run.propagate = propagate
-        wrap(api, "gradient_steps", "gradient form: steps")
+        wrap(api, "prepare_gradient_form", "gradient form: steps")
         orig_grad = api.propagate_gradient_form
         saved.append((api, "propagate_gradient_form", orig_grad))
 
@@ -133,13 +134,15 @@ class Timers:
                     timers.t[key] += time.perf_counter() - t0
             return hook
 
-        def gradient_pass(run, seeds, hooks):
-            # each hook timed under its node's kind; the rest of the pass is autograd's own backward
-            hooks = [(fn, PreHook(timed_hook(h.hook, f"hooks: {type(fn).__name__}")) if isinstance(h, PreHook)
-                      else timed_hook(h, f"hooks: {type(fn).__name__}")) for fn, h in hooks]
+        def gradient_pass(run, seeds, prepared):
+            # each hook timed under its node's kind; the rest of the pass is autograd's own backward (a timed step
+            # is a plain hook: no bypass of its node, and nothing a plan keeps)
+            kind = {nid: run.graph.nodes[nid].kind for nid, _, _ in prepared.steps}
+            steps = [(nid, PreHook(timed_hook(h.hook, f"hooks: {kind[nid]}")) if isinstance(h, PreHook)
+                      else timed_hook(h, f"hooks: {kind[nid]}"), ctx) for nid, h, ctx in prepared.steps]
             t0 = time.perf_counter()
             try:
-                return orig_grad(run, seeds, hooks)
+                return orig_grad(run, seeds, PreparedPass(steps, prepared.reason))
             finally:
                 timers.t["gradient form: pass (total)"] += time.perf_counter() - t0
 

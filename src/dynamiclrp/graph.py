@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .ops import spec_for
 from .ops.base import NEXT, OpSpec
 from .plan import Plan, Skeleton
 
 
-@dataclass(frozen=True)
-class Edge:
-    """An input of a node: output slot ``nr`` of node ``child``."""
+class Edge(NamedTuple):
+    """An input of a node: output slot ``nr`` of node ``child`` (a tuple: a graph has thousands)."""
 
     child: int
     nr: int
@@ -90,28 +89,35 @@ class Graph:
     @classmethod
     def _assemble(cls, root_fns, fns, nexts, layouts) -> Graph:
         g = cls()
+        nodes, head = g.nodes, g.head
         # create nodes: a fused fn becomes several parts, part 0 (the head) producing the fn's outputs
         for fn, layout in zip(fns, layouts):
-            g.head[fn] = len(g.nodes)
+            head[fn] = len(nodes)
             for k, (kind, part_spec, _) in enumerate(layout):
-                g.nodes.append(Node(len(g.nodes), kind, fn, part_spec, [], part=k))
+                nodes.append(Node(len(nodes), kind, fn, part_spec, [], k))
+        consumers, uses = g.consumers, [0] * len(nodes)
         for fn, nx, layout in zip(fns, nexts, layouts):
-            base = g.head[fn]
+            base = head[fn]
             for k, (_, _, refs) in enumerate(layout):
-                node = g.nodes[base + k]
-                for ref in refs:
+                nid, inputs = base + k, nodes[base + k].inputs
+                for i, ref in enumerate(refs):
                     if ref is None:
-                        node.inputs.append(None)
+                        e = None
                     elif ref[0] == NEXT:
                         child, nr = nx[ref[1]]
-                        node.inputs.append(None if child is None else Edge(g.head[child], nr))
+                        e = None if child is None else Edge(head[child], nr)
                     else:
-                        node.inputs.append(Edge(base + ref[1], 0))
-        for node in g.nodes:
-            for i, e in enumerate(node.inputs):
-                if e is not None:
-                    g.consumers.setdefault((e.child, e.nr), []).append((node.id, i))
-                    g.nodes[e.child].n_consumers += 1
+                        e = Edge(base + ref[1], 0)
+                    inputs.append(e)
+                    if e is not None:
+                        held = consumers.get(e)
+                        if held is None:
+                            consumers[e] = [(nid, i)]
+                        else:
+                            held.append((nid, i))
+                        uses[e.child] += 1
+        for node, n in zip(nodes, uses):
+            node.n_consumers = n
         g.order = _topological(g.nodes, [g.head[f] for f in root_fns])
         _mark_data(g)
         return g
