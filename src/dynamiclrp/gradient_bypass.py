@@ -171,7 +171,7 @@ def plan_bypasses(run: Run, steps: dict[Any, Any], seeds: frozenset = frozenset(
     plan = _Planner(run, steps, seeds)
     plan.bypasses.bind(graph)
     for fn, nid in graph.head.items():
-        kind = fn.name()
+        kind = type(fn).__name__  # fn.name() builds a new string each call
         if kind not in _PROJECTIONS or fn in steps or not useful[nid] or not _feeds_a_split(run, nid, steps):
             continue
         x_slot, weight = _PROJECTIONS[kind]

@@ -127,21 +127,28 @@ def gradient_steps(run: Run) -> tuple[list[tuple[int, Any, Context]], str | None
     """The steps the gradient form needs, as ``(graph node id, step, the context it was made with)``, or the
     reason it cannot be used (the first node on the way whose rule has no gradient form)."""
     graph, useful = run.graph, run.useful
-    hooks, seen = [], set()
-    for node in graph.nodes:
-        if node.fn in seen or not useful[node.id] or not any(
-                e is not None and useful[e.child] for e in node.inputs):
+    hooks = []
+    for fn, hid in graph.head.items():  # each autograd node once, in the graph's order
+        parts = graph.parts(fn)
+        asked = next((p for p in parts if useful[p.id] and _passes_on(p, useful)), None)
+        if asked is None:
             continue
-        seen.add(node.fn)
-        head = graph.nodes[graph.head[node.fn]]
-        parts = graph.parts(node.fn)
+        head = parts[0]
         ctx = Context(run, head, [])
-        step = head.spec.gradient_step(ctx) if len(parts) == 1 else spec_for(head.fn).gradient_step_fused(ctx, parts)
+        step = head.spec.gradient_step(ctx) if len(parts) == 1 else spec_for(fn).gradient_step_fused(ctx, parts)
         if step is None:
-            return [], f"{node.kind} (node #{node.id}) has no gradient form under its rule"
+            return [], f"{asked.kind} (node #{asked.id}) has no gradient form under its rule"
         if step is not PLAIN:
-            hooks.append((head.id, step, ctx))
+            hooks.append((hid, step, ctx))
     return hooks, None
+
+
+def _passes_on(node: Any, useful: list[bool]) -> bool:
+    """Whether one of the node's operands leads to something asked for."""
+    for e in node.inputs:
+        if e is not None and useful[e.child]:
+            return True
+    return False
 
 
 def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]],
