@@ -1,13 +1,16 @@
 """Execution plans: what stays the same between explanations of one architecture, kept for a data-set loop.
 
-A loop over a data set explains the same model again and again. Two things are the same each time:
+A loop over a data set explains the same model again and again. Three things are the same each time:
 
 * **the graph skeleton** -- the op entry and parts of every autograd node, the edges, the consumers, a topological
   order and which nodes carry data (what :meth:`Graph.build` works out);
+* **the gradient form's working-out** (:mod:`dynamiclrp.gradient_form`) -- which node gets which gradient step, and
+  which backward passes are bypassed, per rule set, recorded slots and seeds; kept with the skeleton, the steps
+  pointed at each run's nodes in turn;
 * **weights transformed by the rules** -- :math:`w^+`, :math:`w^-`, :math:`w + \\gamma w^+`, :math:`w^2`, and a
   batch norm merged into the layer before it.
 
-A :class:`Plan` keeps both, and reuse is checked, never assumed. A skeleton is keyed by a *topology fingerprint*
+A :class:`Plan` keeps them, and reuse is checked, never assumed. A skeleton is keyed by a *topology fingerprint*
 of the new graph -- every node's type and decomposition into parts, and its edges, in discovery order -- so a
 different graph (a branch taken or skipped; another sequence length is the same graph) builds and
 stores its own. A transformed weight is keyed by the identity (address, offset, shape, strides, dtype, device) and
