@@ -292,17 +292,23 @@ def test_fused_projection_bypass(preset, monkeypatch):
     assert torch.equal(x.grad, x2.grad)
 
 
-def test_fused_projection_bypass_on_torchvision_vit(monkeypatch):
-    """torchvision's VisionTransformer (two layers, small widths): under CP-LRP both packed in-projections are
-    bypassed; the answer is the plain pass's and the node-by-node run's (ε → 0)."""
+def tiny_vit() -> nn.Module:
+    """torchvision's VisionTransformer, two layers of small widths, in float64, its head drawn at random."""
     torchvision = pytest.importorskip("torchvision")
-    from dynamiclrp import gradient_form
-
     torch.manual_seed(0)
     model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
                                                  hidden_dim=16, mlp_dim=32, num_classes=5).to(D).eval()
     with torch.no_grad():  # torchvision initialises the head to zero
         model.heads.head.weight.normal_(0, 0.5)
+    return model
+
+
+def test_fused_projection_bypass_on_torchvision_vit(monkeypatch):
+    """torchvision's VisionTransformer (two layers, small widths): under CP-LRP both packed in-projections are
+    bypassed; the answer is the plain pass's and the node-by-node run's (ε → 0)."""
+    from dynamiclrp import gradient_form
+
+    model = tiny_vit()
     x = torch.randn(2, 3, 32, 32, dtype=D)
     got = dynamiclrp.explain(model, x, preset="cp_lrp", ledger=False)
     ref = dynamiclrp.explain(model, x, preset="cp_lrp", ledger=False, gradient_form=False,

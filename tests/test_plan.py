@@ -241,19 +241,15 @@ def test_a_plan_reuses_the_gradient_forms_steps_and_bypasses(name, preset, monke
 
 def _fused_cases():
     """Fused attention and fused projections (the text architectures above run eager attention)."""
-    torchvision = pytest.importorskip("torchvision")
-    from test_gradient_form import PackedAttention, RMSDecoder, tiny
+    from test_gradient_form import PackedAttention, RMSDecoder, tiny, tiny_vit
+
+    def draws(*shape):
+        return lambda k: torch.randn(*shape, dtype=D, generator=torch.Generator().manual_seed(k))
 
     torch.manual_seed(0)
-    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                                               hidden_dim=16, mlp_dim=32, num_classes=5).to(D).eval()
-    with torch.no_grad():  # torchvision initialises the head to zero
-        vit.heads.head.weight.normal_(0, 0.5)
-    cases = {"vit": (vit, {}, lambda k: torch.randn(2, 3, 32, 32, dtype=D, generator=torch.Generator().manual_seed(k))),
-             "packed": (PackedAttention().to(D).eval(), {}, lambda k: torch.randn(2, 5, 8, dtype=D,
-                                                                                 generator=torch.Generator().manual_seed(k))),
-             "rms": (RMSDecoder().to(D).eval(), {}, lambda k: torch.randn(2, 5, 8, dtype=D,
-                                                                       generator=torch.Generator().manual_seed(k)))}
+    cases = {"vit": (tiny_vit(), {}, draws(2, 3, 32, 32)),
+             "packed": (PackedAttention().to(D).eval(), {}, draws(2, 5, 8)),
+             "rms": (RMSDecoder().to(D).eval(), {}, draws(2, 5, 8))}
     for name in ("llama", "gpt2"):
         model, out = tiny(name, "sdpa")
         cases[f"{name}_sdpa"] = (model, {"output": out}, lambda k: {"input_ids": torch.randint(
@@ -346,3 +342,16 @@ def test_threads_sharing_a_plan_take_turns():
     assert all(torch.equal(got[k], refs[k]) for k in range(6))
     with plan.active(), pytest.raises(dynamiclrp.DynamicLRPError, match="already serving"):
         dynamiclrp.explain(model, xs[0], preset="cp_lrp", ledger=False, plan=plan)
+
+
+def test_a_plan_keeps_one_transformed_copy_for_the_alpha_beta_rule():
+    """w⁻ is w − w⁺ where a plan keeps w⁺: bit for bit the clamp (zeros, negative weights, ±0 and the extremes), so
+    the plan holds w⁺ alone for the αβ-rule and the relevance is the planless one (checked above)."""
+    w = torch.tensor([-2.0, -1e-30, -0.0, 0.0, 1e-30, 3.0, torch.finfo(D).max, -torch.finfo(D).max], dtype=D)
+    assert torch.equal(w - w.clamp(min=0), w.clamp(max=0))
+    m, plan = _cnn(), dynamiclrp.Plan()
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    for _ in range(2):
+        dynamiclrp.explain(m, x, target=[0, 2], preset="epsilon_alpha2_beta1", plan=plan)
+    labels = {k[0] for k in plan._weights}
+    assert "+" in labels and "-" not in labels

@@ -145,7 +145,7 @@ def gradient_steps(run: Run) -> tuple[list[tuple[int, Any, Context]], str | None
 
 def _passes_on(node: Any, useful: list[bool]) -> bool:
     """Whether one of the node's operands leads to something asked for."""
-    for e in node.inputs:
+    for e in node.inputs:  # noqa: SIM110 - a loop: any() over a generator costs more than the test, node after node
         if e is not None and useful[e.child]:
             return True
     return False

@@ -182,5 +182,10 @@ def weight_derived(label: Hashable, w: torch.Tensor | tuple[torch.Tensor, ...],
     return plan.derived(label, w if isinstance(w, tuple) else (w,), compute)
 
 
+def keeps_weights() -> bool:
+    """Whether :func:`weight_derived` would use a plan here (a plan is active, on a linear rule's weight side)."""
+    return _ACTIVE.get() is not None and _CACHING.get()
+
+
 def active_plan() -> Plan | None:
     return _ACTIVE.get()

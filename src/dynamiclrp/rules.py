@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .plan import weight_derived
+from .plan import keeps_weights, weight_derived
 
 Tensor = torch.Tensor
 LinearFn = Callable[[Tensor, Tensor], Tensor]
@@ -288,8 +288,10 @@ def _w_pos(w: Tensor) -> Tensor:
 
 
 def _w_neg(w: Tensor) -> Tensor:
-    """:math:`w^-` (kept by an active plan)."""
-    return weight_derived("-", w, lambda: w.clamp(max=0))
+    """:math:`w^-`. Where a plan keeps :math:`w^+`, :math:`w - w^+`: the same tensor (:math:`w - w = 0` where
+    :math:`w \\ge 0`, :math:`w - 0 = w` elsewhere), one pass over the weight as the clamp is, and the plan holds one
+    transformed copy of the weight instead of two (the αβ-rule's and the z-box rule's peak memory)."""
+    return w - _w_pos(w) if keeps_weights() else w.clamp(max=0)
 
 
 def _signs(x: Tensor, nonnegative: bool = False) -> tuple[Tensor | None, Tensor | None]:
