@@ -51,8 +51,8 @@ def methods(spec: dict) -> list[str]:
     """The method names of speed.py for this case (anchors included, those LXT lacks excluded)."""
     name = spec["name"]
     out = ["full", "floor"] + [f"dynamiclrp {p}" for p in speed.OURS.get(name, speed.OURS["text"])]
-    if spec.get("dtype") in speed.HALF:  # relevance in the model's half precision too (the default is float32)
-        out += [f"dynamiclrp {p}{speed.MODEL_DTYPE}" for p in speed.OURS.get(name, speed.OURS["text"])]
+    for p in speed.OURS.get(name, speed.OURS["text"]):  # a half-precision model: the other relevance dtype
+        out += [f"dynamiclrp {p}{suffix}" for suffix in speed.half_rows(spec, p) if suffix != speed.TF32]
     if name in ("vgg16", "resnet50"):  # a plan keeps transformed weights: what a data-set loop holds
         out += ["dynamiclrp epsilon_plus + plan", "dynamiclrp epsilon_alpha2_beta1 + plan"]
         out += ["zennit EpsilonPlus", "zennit EpsilonGammaBox", "zennit EpsilonAlpha2Beta1"]
@@ -81,8 +81,9 @@ def one(spec: dict, method: str, quick: bool, device: str) -> dict:
         def fn():
             once()
             once()
-    elif method.endswith(speed.MODEL_DTYPE):
-        fn = case.ours(method.split(" ", 1)[1].removesuffix(speed.MODEL_DTYPE), model_dtype=True)
+    elif any(method.endswith(suffix) for suffix in speed.SUFFIXES):
+        suffix = next(x for x in speed.SUFFIXES if method.endswith(x))
+        fn = case.ours(method.split(" ", 1)[1].removesuffix(suffix), **speed.ROW_OPTION[suffix])
     elif method.startswith("dynamiclrp "):
         fn = case.ours(method.split(" ", 1)[1])
     elif method.startswith("zennit "):

@@ -76,6 +76,24 @@ HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_DTYPE = " (relevance in the model's dtype)"
 #: the suffix of the rows that keep float32 relevance with TF32 matrix products (a half-precision model on CUDA)
 TF32 = " (float32 relevance, TF32 products)"
+#: the suffix of the rows with float32 relevance where the default is the model's half precision (the gradient
+#: form's presets on CUDA)
+FLOAT32 = " (float32 relevance)"
+SUFFIXES = (MODEL_DTYPE, TF32, FLOAT32)
+ROW_OPTION = {MODEL_DTYPE: {"model_dtype": True}, TF32: {"tf32": True}, FLOAT32: {"float32": True}}
+#: our presets with a gradient form: on CUDA a half-precision model's relevance is then in its own dtype by default
+GRADIENT_FORM_PRESETS = ("attnlrp", "cp_lrp")
+
+
+def half_rows(spec: dict, preset: str) -> list[str]:
+    """The label suffixes of the extra rows a half-precision case times for ``preset``: the relevance dtype that the
+    default does not use (the model's, or float32 where the default is the model's: the gradient form on CUDA),
+    and on CUDA float32 relevance with TF32 products."""
+    if spec.get("dtype") not in HALF:
+        return []
+    if spec.get("device") != "cuda":
+        return [MODEL_DTYPE]
+    return [FLOAT32 if preset in GRADIENT_FORM_PRESETS else MODEL_DTYPE, TF32]
 OURS = {  # presets timed per model family
     "vgg16": ("epsilon", "epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1"),
     "resnet50": ("epsilon", "epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1"),
@@ -249,11 +267,12 @@ class Case:
 
         return run
 
-    def ours(self, preset, plan=False, subtract=False, model_dtype=False, tf32=False):
-        """``model_dtype``: relevance in the model's own (half) precision, as LXT computes it, instead of the
-        default float32; ``tf32``: the default float32 relevance with CUDA's matrix products in TF32 (inputs
-        rounded to 10 mantissa bits, float32 accumulation: a bf16 model's weights and activations exactly, the
-        relevance ratios to about 5e-4), a question for the next GPU session."""
+    def ours(self, preset, plan=False, subtract=False, model_dtype=False, tf32=False, float32=False):
+        """``model_dtype``: relevance in the model's own (half) precision, as LXT computes it; ``float32``: float32
+        relevance (the default for a half-precision model, but for the gradient form's presets on CUDA);
+        ``tf32``: float32 relevance with CUDA's matrix products in TF32 (inputs rounded to 10 mantissa bits,
+        float32 accumulation: a bf16 model's weights and activations exactly, the relevance ratios to about
+        5e-4)."""
         import dynamiclrp
 
         inputs = self.inputs if self.spec["name"] in VISION else {**self.inputs, **self.kw}
@@ -262,6 +281,8 @@ class Case:
             kw["subtract_addends"] = True
         if model_dtype:
             kw["dtype"] = HALF[self.spec["dtype"]]
+        if float32 or tf32:
+            kw["dtype"] = torch.float32
 
         def run():
             return dynamiclrp.explain(self.model, inputs, preset=preset, output=self.select, ledger=False,
@@ -444,10 +465,8 @@ def methods_for(case: Case, threads: int, quick: bool, anchors: bool = True,
         fns[f"dynamiclrp {preset} + plan"] = case.ours(preset, plan=True)
         if subtract and name != "vgg16":  # VGG has no additions
             fns[f"dynamiclrp {preset} + subtract"] = case.ours(preset, subtract=True)
-        if case.spec.get("dtype") in HALF:  # the default relevance is float32 whatever the model's dtype
-            fns[f"dynamiclrp {preset}{MODEL_DTYPE}"] = case.ours(preset, model_dtype=True)
-            if case.spec.get("device") == "cuda":
-                fns[f"dynamiclrp {preset}{TF32}"] = case.ours(preset, tf32=True)
+        for suffix in half_rows(case.spec, preset):
+            fns[f"dynamiclrp {preset}{suffix}"] = case.ours(preset, **ROW_OPTION[suffix])
     if not anchors:
         return fns, errors, remotes
     if name in ("vgg16", "resnet50"):
@@ -572,7 +591,9 @@ def verdicts(med: dict, times: dict | None = None) -> list[str]:
         label = k.split(" ", 1)[1]
         if label.endswith(" (own process)"):  # compared with LXT only (below)
             continue
-        preset = label.removesuffix(" + plan").removesuffix(" + subtract").removesuffix(MODEL_DTYPE).removesuffix(TF32)
+        preset = label.removesuffix(" + plan").removesuffix(" + subtract")
+        for suffix in SUFFIXES:
+            preset = preset.removesuffix(suffix)
         if preset in FLOOR_TARGET and floor:
             r = v / floor
             lines.append(f"{'PASS' if r <= 1.5 else 'MISS'} {label} ≤ 1.5× floor: {r:.2f}×{paired(k, 'floor', 1.5)}")
@@ -584,8 +605,8 @@ def verdicts(med: dict, times: dict | None = None) -> list[str]:
             lines.append(f"plan saving, {preset} (repeated explanations): {saving:.1%}"
                          f"{paired(k, f'dynamiclrp {preset}')}")
     for anchor, preset in ANCHOR_OF.items():
-        for label in (preset, f"{preset} + subtract", f"{preset} (own process)", f"{preset}{MODEL_DTYPE}",
-                      f"{preset}{TF32}"):
+        for label in (preset, f"{preset} + subtract", f"{preset} (own process)",
+                      *(f"{preset}{suffix}" for suffix in SUFFIXES)):
             a, o = med.get(anchor), med.get(f"dynamiclrp {label}")
             if a and o:
                 r = o / a

@@ -71,7 +71,10 @@ def propagate(
         sums the ledger takes anyway (non-finite exactly when an element is, or when the sum overflows the dtype,
         which also raises); without it, off each tensor's extremes.
     dtype : torch.dtype, optional
-        Dtype of the relevance; default float32 for half-precision outputs, else the output's dtype.
+        Dtype of the relevance. Default: the outputs' dtype, float64 where a leaf of the graph is float64, and for
+        half-precision outputs float32 -- except on a GPU where the gradient form explains them (``ledger=False``
+        and a rule set that has it): that computes in the model's own dtype, as its backward pass and LXT do (on
+        tiny bf16 transformers as close to float64 as float32 node by node; a CPU's bf16 products are slow).
     keep_run : bool
         Keep the engine's run (graph, recovered activations, relevance tables) in ``Attribution.extra["run"]``
         for inspection. Off by default: it keeps the autograd graph and its activations alive as long as the
@@ -93,10 +96,11 @@ def propagate(
         nodes whose rule is not their gradient (:mod:`dynamiclrp.gradient_form`). It exists for rule sets whose
         every rule on the way has that form: the ``attnlrp`` and ``cp_lrp`` presets (ε-rules at ε ≤ 1e-12, which
         it takes to their ε → 0 limit). None (default): used where it exists and nothing asks for per-node
-        relevance (``ledger=False``, the relevance dtype that of the outputs), the results agreeing with the
-        node-by-node propagation to rounding; True: required (an error says why it cannot be used); False:
-        never. Hooks the model registered on activation gradients run in this pass: pass False for such a model.
-        ``Attribution.stats.gradient_form`` tells which was used.
+        relevance (``ledger=False``, the relevance dtype that of the outputs: for a half-precision model the
+        default, see ``dtype``), the results agreeing with the node-by-node propagation to rounding; True:
+        required (an error says why it cannot be used); False: never. Hooks the model registered on activation
+        gradients run in this pass: pass False for such a model. ``Attribution.stats.gradient_form`` tells which
+        was used.
 
     Returns
     -------
@@ -183,16 +187,17 @@ def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, stri
     targets = target if isinstance(target, (tuple, list)) and len(outs) > 1 else [target] * len(outs)
     if len(targets) != len(outs):
         raise DynamicLRPError(f"{len(outs)} outputs but {len(targets)} targets")
+    run_dtype = dtype
     if dtype is None:
         dtype = _relevance_dtype(graph, outs)
-    seeds: dict[tuple[int, int], torch.Tensor] = {}
-    seed_list = []
-    for o, t in zip(outs, targets):
-        s = make_seed(o, t, seed).to(dtype)
-        seed_list.append(s)
-        key = (graph.head[o.grad_fn], o.output_nr)
-        seeds[key] = seeds[key] + s if key in seeds else s
-    run = Run(graph, preset, dtype, record, node_rules=node_rules_for(graph) if node_rules_for else {},
+        # a half-precision model explained by the gradient form: relevance in the model's dtype, the one its own
+        # backward computes in (float32 node by node where the form cannot be used)
+        run_dtype = _half_precision(outs) if not ledger and gradient_form is not False and dtype != torch.float64 \
+            else None
+        run_dtype = run_dtype or dtype
+    raw_seeds = [make_seed(o, t, seed) for o, t in zip(outs, targets)]
+    seeds, seed_list = _seeds(graph, outs, raw_seeds, run_dtype)
+    run = Run(graph, preset, run_dtype, record, node_rules=node_rules_for(graph) if node_rules_for else {},
               ledger=[] if ledger else None, check_finite=check_finite, subtract_addends=subtract_addends)
     for o in outs:  # the explained outputs are activations we hold: promises may use them (and their bases)
         for t in (o, o._base):
@@ -201,6 +206,9 @@ def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, stri
     with torch.no_grad(), plan.active() if plan is not None else contextlib.nullcontext():
         used_gradient_form = _gradient_form(run, outs, seeds, gradient_form)
         if not used_gradient_form:
+            if run.dtype != dtype:  # the model's precision was for the gradient form only
+                run.dtype = dtype
+                seeds, seed_list = _seeds(graph, outs, raw_seeds, dtype)
             run.propagate(seeds)
     if run.approximations:
         warnings.warn(
@@ -218,6 +226,32 @@ def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, stri
                       approximations=dict(run.approximations))
     att.extra["run"] = run
     return att
+
+
+def _seeds(graph: Graph, outs: list[torch.Tensor], raw: list[torch.Tensor], dtype: torch.dtype):
+    """The seeds per output slot (summed where two outputs share one) and per output, in ``dtype``."""
+    seeds: dict[tuple[int, int], torch.Tensor] = {}
+    seed_list = []
+    for o, r in zip(outs, raw):
+        s = r.to(dtype)
+        seed_list.append(s)
+        key = (graph.head[o.grad_fn], o.output_nr)
+        seeds[key] = seeds[key] + s if key in seeds else s
+    return seeds, seed_list
+
+
+#: devices on which a half-precision model's gradient form runs in its own dtype by default (see ``dtype`` of
+#: :func:`propagate`): where half precision has fast kernels. On a CPU without them bf16 products are slower than
+#: float32 ones (a 4-layer bf16 LLaMA at 256 tokens: ``attnlrp`` 1.38 s in bf16, 0.49 s node by node in float32)
+HALF_GRADIENT_FORM_DEVICES = ("cuda",)
+
+
+def _half_precision(outs: list[torch.Tensor]) -> torch.dtype | None:
+    """The outputs' dtype where all are float16, or all bfloat16, on a device of
+    :data:`HALF_GRADIENT_FORM_DEVICES`."""
+    dt = outs[0].dtype
+    return dt if dt in (torch.float16, torch.bfloat16) and all(
+        o.dtype == dt and o.device.type in HALF_GRADIENT_FORM_DEVICES for o in outs) else None
 
 
 def _gradient_form(run: Run, outs: list[torch.Tensor], seeds: dict, wanted: bool | None) -> bool:
