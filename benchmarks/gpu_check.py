@@ -153,11 +153,16 @@ def hf_models(dev):
                     def d(x, y):
                         return float((x.double() - y.double()).abs().max() / y.double().abs().max())
 
+                    # the gradient form (ledger off): on a GPU, a half-precision model's relevance in its dtype
+                    a2 = dynamiclrp.explain(m1, {"input_ids": ids}, preset=preset, output=out, target=t, ledger=False)
+                    b2 = dynamiclrp.explain(m2, {"input_ids": ids}, preset=preset, output=out, target=t, ledger=False)
                     log(f"* {name} {dtype} {preset}: tokens finite {bool(torch.isfinite(a.tokens).all())}, "
                         f"sdpa vs eager rel. diff {d(a.tokens, b.tokens):.1e}; vs float64: sdpa "
                         f"{d(a.tokens, c.tokens):.1e}, eager {d(b.tokens, c.tokens):.1e} (the seeds themselves: "
                         f"{d(a.outputs[0], c.outputs[0]):.1e}, {d(b.outputs[0], c.outputs[0]):.1e}); relevance "
-                        f"dtype {a.tokens.dtype}")
+                        f"dtype {a.tokens.dtype}; ledger=False (gradient form {a2.stats.gradient_form}, "
+                        f"{a2.tokens.dtype}) vs float64: sdpa {d(a2.tokens, c.tokens):.1e}, eager "
+                        f"{d(b2.tokens, c.tokens):.1e}")
                 except Exception as err:  # noqa: BLE001
                     log(f"* {name} {dtype} {preset}: ERROR {type(err).__name__}: {str(err)[:200]}")
 
