@@ -164,7 +164,9 @@ class BiasAdd(AddTerms):
             return None
         b = self.bias_term(ctx, node)
         scale = self.term_scale(node, self.linear_index, ctx.dtype)
-        return zb - b if bool((scale == 1).all()) else zb / scale - b
+        # a division by exactly 1 changes nothing: the scale is read on the CPU only (on a GPU the read would wait
+        # for the device, and the division costs less)
+        return zb - b if scale.device.type == "cpu" and bool((scale == 1).all()) else zb / scale - b
 
     def bias_term(self, ctx, node) -> torch.Tensor | None:
         """The bias term (scaled and shaped to broadcast over the linear op's output) of this addition ``node``,
