@@ -345,13 +345,43 @@ def test_threads_sharing_a_plan_take_turns():
 
 
 def test_a_plan_keeps_one_transformed_copy_for_the_alpha_beta_rule():
-    """w⁻ is w − w⁺ where a plan keeps w⁺: bit for bit the clamp (zeros, negative weights, ±0 and the extremes), so
-    the plan holds w⁺ alone for the αβ-rule and the relevance is the planless one (checked above)."""
+    """On a ReLU's output the αβ-rule takes w⁻ as w − w⁺ where a plan keeps w⁺: bit for bit the clamp (zeros,
+    negative weights, ±0 and the extremes), so the plan holds w⁺ alone for that layer, and the relevance is the
+    planless one (checked above). The image layer (inputs of both signs) stacks w⁺ and w⁻ into one product, whose
+    weight the plan keeps with the w⁻ it came from."""
     w = torch.tensor([-2.0, -1e-30, -0.0, 0.0, 1e-30, 3.0, torch.finfo(D).max, -torch.finfo(D).max], dtype=D)
     assert torch.equal(w - w.clamp(min=0), w.clamp(max=0))
     m, plan = _cnn(), dynamiclrp.Plan()
     x = torch.randn(2, 3, 8, 8, dtype=D)
     for _ in range(2):
         dynamiclrp.explain(m, x, target=[0, 2], preset="epsilon_alpha2_beta1", plan=plan)
-    labels = {k[0] for k in plan._weights}
-    assert "+" in labels and "-" not in labels
+    kept = {(k[0], k[1][1]) for k in plan._weights}  # (label, shape of the weight it came from)
+    second = tuple(m[3].weight.shape)
+    assert ("+", second) in kept and ("-", second) not in kept
+    assert {label for label, shape in kept if shape != second} >= {"+", "-", "stacked"}
+
+
+def test_an_op_entry_registered_again_is_not_served_from_the_old_skeleton():
+    """A node type whose op entry is replaced (``register_op``) between two explanations: the fingerprint names
+    the entry, so the second explanation reads its graph afresh and applies the new rule."""
+
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, g):
+            return 2 * g
+
+    plan, x = dynamiclrp.Plan(), torch.randn(3, dtype=D, requires_grad=True)
+    got = []
+    try:
+        for share in (1.0, 0.5):
+            dynamiclrp.register_op(Double, lambda ctx, s=share: [s * ctx.R[0]], forward=lambda t: 2 * t)
+            got.append(dynamiclrp.propagate(Double.apply(x).sum()[None], target=0, wrt=[x], plan=plan).inputs[0])
+    finally:
+        from dynamiclrp.ops import OPS
+        OPS.pop("DoubleBackward", None)
+    assert torch.allclose(got[1], 0.5 * got[0]) and got[0].abs().sum() > 0
+    assert plan.stats.graphs_built == 2

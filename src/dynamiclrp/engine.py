@@ -252,12 +252,25 @@ class _Release:
 
 
 def _useful(graph: Graph, record: set[tuple[int, int]]) -> list[bool]:
-    """Nodes on a path to something recorded; relevance elsewhere need not be propagated."""
-    useful = [False] * len(graph.nodes)
+    """Nodes on a path to something recorded; relevance elsewhere need not be propagated. Kept by a plan's skeleton
+    per recorded set (a list no one writes to)."""
+    skeleton, key = graph.skeleton, frozenset(record)
+    if skeleton is not None and key in skeleton.useful:
+        return skeleton.useful[key]
+    nodes, useful = graph.nodes, [False] * len(graph.nodes)
     targets = {nid for nid, _ in record}
     for nid in reversed(graph.order):  # producers first
-        node = graph.nodes[nid]
-        useful[nid] = nid in targets or any(e is not None and useful[e.child] for e in node.inputs)
+        if nid in targets:
+            useful[nid] = True
+            continue
+        for e in nodes[nid].inputs:
+            if e is not None and useful[e.child]:
+                useful[nid] = True
+                break
+    if skeleton is not None:
+        if len(skeleton.useful) >= 8:
+            skeleton.useful.clear()
+        skeleton.useful[key] = useful
     return useful
 
 

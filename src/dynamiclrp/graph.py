@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .ops import spec_for
+from .ops import OPS, spec_for
 from .ops.base import NEXT, OpSpec
 from .plan import Plan, Skeleton
 
@@ -138,37 +138,66 @@ class Graph:
 
 def _fingerprint(root_fns, fns, nexts, layouts, index) -> tuple:
     """The topology of a graph as one flat tuple (cheap to hash and to compare in full): the roots, and for every
-    node in discovery order its type, each part's op entry and operand references, and its edges."""
+    node in discovery order its type, each part's op entry and operand references, and its edges. A node kept
+    whole by a registered op entry is named by its shared layout (:data:`_WHOLE`: one per type, entry and number of
+    inputs, never freed), as a 1-tuple that no other item of the sequence can equal."""
     flat: list = [index[f] for f in root_fns if f is not None]
     put = flat.append
     for fn, layout, nx in zip(fns, layouts, nexts):
-        put(type(fn))
-        for kind, spec, refs in layout:
-            put(kind)
-            put(id(spec))
-            put(len(refs))
-            flat.extend(refs)
-        put(len(nx))
+        if type(layout) is _Whole:
+            put(layout.token)
+        else:
+            put(type(fn))
+            for kind, spec, refs in layout:
+                put(kind)
+                put(id(spec))
+                put(len(refs))
+                flat.extend(refs)
+            put(len(nx))
         for c, nr in nx:
             put(-1 if c is None else index[c])
             put(nr)
     return tuple(flat)
 
 
+class _Whole(list):
+    """The layout of a node kept whole (one part, its inputs in order), with a token that names it in a
+    fingerprint."""
+
+    token: tuple
+
+
+#: layouts of nodes kept whole by a registered op entry, by (node type, entry, number of inputs): shared by every
+#: graph, so that a fingerprint can name one by identity
+_WHOLE: dict[tuple, _Whole] = {}
+
+
 def _layouts(fns: list[Any], nexts: list[tuple]) -> list:
     """Every node's decomposition into parts (its op entry's ``decompose``). Most entries keep the node whole,
-    with its inputs in order: that layout depends on the node's type and number of inputs alone, and is built once
-    per pair (shared, read-only) instead of once per node."""
-    out, shared = [], {}
+    with its inputs in order: that layout depends on the node's type, entry and number of inputs alone, and is
+    built once (shared, read-only) instead of once per node."""
+    out, entries, local = [], {}, {}
     for fn, nx in zip(fns, nexts):
-        spec = spec_for(fn)
-        if type(spec).decompose is not OpSpec.decompose:
+        t = type(fn)
+        entry = entries.get(t)
+        if entry is None:
+            spec = spec_for(fn)
+            # a registered entry's whole layout is kept for good; another (a node without a rule: a new Missing
+            # entry each time) for this graph only
+            entry = entries[t] = (spec, type(spec).decompose is not OpSpec.decompose,
+                                  _WHOLE if OPS.get(t.__name__) is spec else local)
+        spec, own, table = entry
+        if own:
             out.append(spec.decompose(fn))
             continue
-        key = (type(fn), spec, len(nx))
-        layout = shared.get(key)
+        key = (t, spec, len(nx))
+        layout = table.get(key)
         if layout is None:
-            layout = shared[key] = [(type(fn).__name__, spec, [(NEXT, j) for j in range(len(nx))])]
+            whole = [(t.__name__, spec, [(NEXT, j) for j in range(len(nx))])]
+            if table is _WHOLE:  # named by its token in fingerprints: it must live as long as they do (for good)
+                whole = _Whole(whole)
+                whole.token = (id(whole),)
+            layout = table[key] = whole
         out.append(layout)
     return out
 

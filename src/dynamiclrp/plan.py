@@ -61,6 +61,8 @@ class Skeleton:
     sources: list[tuple[int, bool]] = field(default_factory=list)
     #: the gradient form's working-out per rule set (:func:`dynamiclrp.gradient_form.prepare_gradient_form`)
     passes: dict[Hashable, Any] = field(default_factory=dict)
+    #: per set of recorded slots, which nodes lead to one (:func:`dynamiclrp.engine._useful`)
+    useful: dict[frozenset, list[bool]] = field(default_factory=dict)
 
 
 @dataclass

@@ -287,11 +287,16 @@ def _w_pos(w: Tensor) -> Tensor:
     return weight_derived("+", w, lambda: w.clamp(min=0))
 
 
-def _w_neg(w: Tensor) -> Tensor:
-    """:math:`w^-`. Where a plan keeps :math:`w^+`, :math:`w - w^+`: the same tensor (:math:`w - w = 0` where
-    :math:`w \\ge 0`, :math:`w - 0 = w` elsewhere), one pass over the weight as the clamp is, and the plan holds one
-    transformed copy of the weight instead of two (the αβ-rule's and the z-box rule's peak memory)."""
-    return w - _w_pos(w) if keeps_weights() else w.clamp(max=0)
+def _w_neg(w: Tensor, alone: bool = False) -> Tensor:
+    """:math:`w^-` (kept by an active plan). ``alone``: the caller multiplies it by itself, not stacked with
+    :math:`w^+` into one product (the αβ-rule on a ReLU's output): where a plan keeps :math:`w^+` it is then
+    :math:`w - w^+`, the same tensor (:math:`w - w = 0` where :math:`w \\ge 0`, :math:`w - 0 = w` elsewhere), one
+    pass over the weight as the clamp is, and the plan holds one transformed copy of the weight instead of two.
+    A stacked product's weight is kept by the plan itself, keyed by the tensors it was stacked from: those must be
+    the plan's own."""
+    if alone and keeps_weights():
+        return w - _w_pos(w)
+    return weight_derived("-", w, lambda: w.clamp(max=0))
 
 
 def _signs(x: Tensor, nonnegative: bool = False) -> tuple[Tensor | None, Tensor | None]:
@@ -465,7 +470,8 @@ class AlphaBeta:
     weighs_by_operand = True  # see Epsilon
 
     def linear(self, x, w, R, fn, z=None, b=None, x_nonnegative=False):
-        (xp, xn), wp, wn = _signs(x, x_nonnegative), _w_pos(w), _w_neg(w)
+        (xp, xn), wp = _signs(x, x_nonnegative), _w_pos(w)
+        wn = _w_neg(w, alone=xn is None)  # with x⁻ it is stacked with w⁺ (x⁺w⁺ + x⁻w⁻ as one product)
         pos, neg = [(xp, wp), (xn, wn)], [(xp, wn), (xn, wp)]
         zn = _plus_(_products(neg, fn), None if b is None else b.clamp(max=0))
         shift = self.eps if b is None else _pos(b) + self.eps  # zp >= 0: its stabiliser added with its bias
