@@ -364,24 +364,16 @@ def test_a_plan_keeps_one_transformed_copy_for_the_alpha_beta_rule():
 def test_an_op_entry_registered_again_is_not_served_from_the_old_skeleton():
     """A node type whose op entry is replaced (``register_op``) between two explanations: the fingerprint names
     the entry, so the second explanation reads its graph afresh and applies the new rule."""
-
-    class Double(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return 2 * x
-
-        @staticmethod
-        def backward(ctx, g):
-            return 2 * g
+    from dynamiclrp.ops import OPS
+    from test_engine import _Twice
 
     plan, x = dynamiclrp.Plan(), torch.randn(3, dtype=D, requires_grad=True)
     got = []
     try:
         for share in (1.0, 0.5):
-            dynamiclrp.register_op(Double, lambda ctx, s=share: [s * ctx.R[0]], forward=lambda t: 2 * t)
-            got.append(dynamiclrp.propagate(Double.apply(x).sum()[None], target=0, wrt=[x], plan=plan).inputs[0])
+            dynamiclrp.register_op(_Twice, lambda ctx, s=share: [s * ctx.R[0]], forward=lambda t: 2 * t)
+            got.append(dynamiclrp.propagate(_Twice.apply(x).sum()[None], target=0, wrt=[x], plan=plan).inputs[0])
     finally:
-        from dynamiclrp.ops import OPS
-        OPS.pop("DoubleBackward", None)
+        OPS.pop("_TwiceBackward", None)
     assert torch.allclose(got[1], 0.5 * got[0]) and got[0].abs().sum() > 0
     assert plan.stats.graphs_built == 2
