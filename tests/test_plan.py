@@ -377,3 +377,24 @@ def test_an_op_entry_registered_again_is_not_served_from_the_old_skeleton():
         OPS.pop("_TwiceBackward", None)
     assert torch.allclose(got[1], 0.5 * got[0]) and got[0].abs().sum() > 0
     assert plan.stats.graphs_built == 2
+
+
+def test_an_unhashable_rule_keeps_nothing_and_still_explains():
+    """A rule that cannot be hashed (a mutable dataclass, say) cannot key a kept pass: the plan then works the
+    steps out each time, with the same answer."""
+    from test_gradient_form import RMSDecoder
+
+    product = dynamiclrp.presets()["attnlrp"].rule("product")
+
+    class Unhashable(type(product)):
+        __hash__ = None  # type: ignore[assignment]
+
+    torch.manual_seed(0)
+    model, plan, x = RMSDecoder().to(D).eval(), dynamiclrp.Plan(), torch.randn(2, 5, 8, dtype=D)
+    kw = dict(preset="attnlrp", ledger=False, rules={"product": Unhashable(product.eps)})
+    ref = dynamiclrp.explain(model, x, **kw)
+    for _ in range(2):
+        got = dynamiclrp.explain(model, x, plan=plan, **kw)
+        assert got.stats.gradient_form and torch.equal(got.inputs[0], ref.inputs[0])
+    (skeleton,) = plan._skeletons.values()
+    assert not skeleton.passes

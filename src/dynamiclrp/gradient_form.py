@@ -106,15 +106,21 @@ def prepare_gradient_form(run: Run, seeds: frozenset) -> PreparedPass:
     return prepared
 
 
-def _pass_key(run: Run, seeds: frozenset) -> Hashable:
-    """What the steps depend on besides the skeleton: the rules (by identity: the key holds them, so no other
-    rule can take an id while it lives), the data sources' answers (parameter or input), the recorded slots and
-    the seeds."""
+def _pass_key(run: Run, seeds: frozenset) -> Hashable | None:
+    """What the steps depend on besides the skeleton: the rules (the key holds them: equal by value where a rule is
+    a frozen dataclass, else by identity, which no other rule can take while the key lives), the data sources'
+    answers (parameter or input), the recorded slots and the seeds. None where a rule cannot be hashed (a mutable
+    dataclass): nothing is kept then."""
     preset, sources = run.preset, run.graph.skeleton.sources
-    return (tuple(preset.families.items()), tuple((k, tuple(v.items())) for k, v in preset.kinds.items()),
-            tuple((nid, tuple(d.items())) for nid, d in run.node_rules.items()),
-            tuple(run.graph.nodes[i].data for i, _ in sources), frozenset(run.record), seeds, run.dtype,
-            run.subtract_addends)
+    key = (tuple(preset.families.items()), tuple((k, tuple(v.items())) for k, v in preset.kinds.items()),
+           tuple((nid, tuple(d.items())) for nid, d in run.node_rules.items()),
+           tuple(run.graph.nodes[i].data for i, _ in sources), frozenset(run.record), seeds, run.dtype,
+           run.subtract_addends)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _rebindable(node: Any) -> bool:
