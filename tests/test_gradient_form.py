@@ -218,6 +218,10 @@ def test_ledger_and_dtype_keep_the_node_by_node_propagation(fast_half, monkeypat
     att = dynamiclrp.explain(half, xh, preset="attnlrp", ledger=False)
     assert att.stats.gradient_form == fast_half
     assert att.inputs[0].dtype == (torch.bfloat16 if fast_half else torch.float32)
+    # what no relevance reaches (CP-LRP holds the queries constant) is zeros of the same dtype
+    att = dynamiclrp.explain(half, xh, preset="cp_lrp", ledger=False, params=["q.weight", "v.weight"])
+    assert not att.params["q.weight"].any() and att.params["v.weight"].any()
+    assert {t.dtype for t in (*att.inputs, *att.params.values())} == {att.inputs[0].dtype}
     for kw in ({"dtype": torch.float32}, {}, {"gradient_form": False}, {"preset": "epsilon"}):
         att = dynamiclrp.explain(half, xh, **{"preset": "attnlrp", "ledger": bool(not kw), **kw})
         assert not att.stats.gradient_form and att.inputs[0].dtype == torch.float32, kw

@@ -221,7 +221,7 @@ def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, stri
     stats = Stats(nodes=len(graph.nodes), ops=dict(kinds), rules_run=run.rules_run, promises=ps.promises,
                   recovered=ps.recovered, internal_nodes=ps.internal_nodes, delta=ps.delta, origins=ps.origins,
                   gradient_form=used_gradient_form, bypassed_kinds=dict(run.bypassed))
-    inputs = [_relevance_or_zeros(run, k, t, dtype) for k, t in zip(wrt_keys, wrt_list)]
+    inputs = [_relevance_or_zeros(run, k, t, run.dtype) for k, t in zip(wrt_keys, wrt_list)]
     att = Attribution(inputs=inputs, outputs=seed_list, stats=stats, ledger=run.ledger,
                       approximations=dict(run.approximations))
     att.extra["run"] = run
