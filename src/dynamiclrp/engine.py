@@ -255,8 +255,9 @@ def _useful(graph: Graph, record: set[tuple[int, int]]) -> list[bool]:
     """Nodes on a path to something recorded; relevance elsewhere need not be propagated. Kept by a plan's skeleton
     per recorded set (a list no one writes to)."""
     skeleton, key = graph.skeleton, frozenset(record)
-    if skeleton is not None and key in skeleton.useful:
-        return skeleton.useful[key]
+    kept = None if skeleton is None else skeleton.useful.get(key)  # one read: another thread may clear it
+    if kept is not None:
+        return kept
     nodes, useful = graph.nodes, [False] * len(graph.nodes)
     targets = {nid for nid, _ in record}
     for nid in reversed(graph.order):  # producers first
