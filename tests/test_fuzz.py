@@ -680,13 +680,15 @@ def test_finding_padded_sequence_input_layer(preset):
 
 
 
-F10_PROGRAM = Program([Node("input", shape=(3, 3)), Node("input", shape=(3, 3)), Node("permute", (0,), {}, (3, 3)),
-                       Node("relu", (2,), {}, (3, 3)), Node("linear", (3,), {"out": 1, "bias": True}, (3, 1)),
-                       Node("linear", (3,), {"out": 1, "bias": True}, (3, 1)), Node("matmul", (4, 5), {}, (3, 3)),
-                       Node("layer_norm", (0,), {"affine": True}, (3, 3)), Node("scale", (7,), {"c": 0.5}, (3, 3)),
-                       Node("mul", (7, 8), {}, (3, 3)), Node("cat", (6, 9), {"dim": 1}, (6, 3)),
-                       Node("reshape", (10,), {"to": (-1,)}, (18,)), _lin(11, 2, bias=True)],
-                      outputs=[12], batch=2, param_seed=173219, input_seed=351531408)
+# the program as found had a second input that nothing used, which the harness now refuses (it is not in the
+# graph): removed, so that the strict xfail below fails for the finding itself
+F10_PROGRAM = Program([Node("input", shape=(3, 3)), Node("permute", (0,), {}, (3, 3)),
+                       Node("relu", (1,), {}, (3, 3)), Node("linear", (2,), {"out": 1, "bias": True}, (3, 1)),
+                       Node("linear", (2,), {"out": 1, "bias": True}, (3, 1)), Node("matmul", (3, 4), {}, (3, 3)),
+                       Node("layer_norm", (0,), {"affine": True}, (3, 3)), Node("scale", (6,), {"c": 0.5}, (3, 3)),
+                       Node("mul", (6, 7), {}, (3, 3)), Node("cat", (5, 8), {"dim": 1}, (6, 3)),
+                       Node("reshape", (9,), {"to": (-1,)}, (18,)), _lin(10, 2, bias=True)],
+                      outputs=[11], batch=2, param_seed=173219, input_seed=351531408)
 
 
 @pytest.mark.xfail(strict=True, reason="F10 (not diagnosed): frozen biases of F.linear on a non-contiguous input "
@@ -694,3 +696,11 @@ F10_PROGRAM = Program([Node("input", shape=(3, 3)), Node("input", shape=(3, 3)),
 def test_finding_frozen_unfused_linear_biases():
     assert _frozen_unfused_linear_bias(F10_PROGRAM, "epsilon", "frozen")
     assert not _failures(F10_PROGRAM, "epsilon", "frozen")
+
+
+def test_finding_f10_still_shows_as_found():
+    """The strict xfail above must fail for the finding, not for a crash of the harness: the failures are the
+    ledger's split and the reference comparison, and the same program explained with tracked parameters has none."""
+    kinds = {kind for kind, _ in _failures(F10_PROGRAM, "epsilon", "frozen")}
+    assert kinds and kinds <= {"conservation", "reference"}, kinds
+    assert not _failures(F10_PROGRAM, "epsilon", "explain")
