@@ -691,7 +691,7 @@ F10_PROGRAM = Program([Node("input", shape=(3, 3)), Node("permute", (0,), {}, (3
                       outputs=[11], batch=2, param_seed=173219, input_seed=351531408)
 
 
-@pytest.mark.xfail(strict=True, reason="F10 (not diagnosed): frozen biases of F.linear on a non-contiguous input "
+@pytest.mark.xfail(strict=True, reason="F10 (partly diagnosed): frozen biases of F.linear on a non-contiguous input "
                                        "feeding a product: relevance booked to parameters where none is due")
 def test_finding_frozen_unfused_linear_biases():
     assert _frozen_unfused_linear_bias(F10_PROGRAM, "epsilon", "frozen")
