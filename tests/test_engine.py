@@ -923,3 +923,26 @@ def test_operands_held_constant_are_not_visited(monkeypatch):
     for name, r in visited.modules.items():
         assert skipped.modules[name] is not None and skipped.modules[name].shape == r.shape
         assert not skipped.modules[name].any() and not r.any()
+
+
+def test_pre_activation_proved_through_max_pooling(monkeypatch):
+    """Max-pooling routes a window's relevance to its maximum, whose value is the window's output: relevance zero
+    where the pooled output is stays zero where the ReLU's output is. A ReLU under max-pooling (a VGG block, the
+    ResNet stem) is proved from the graph too, without reading a device value; same relevance, bit for bit."""
+    import dynamiclrp.ops.linear as linear
+
+    torch.manual_seed(5)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 5, 3, padding=1),
+                      nn.ReLU(), nn.MaxPool2d(2, stride=1), nn.Flatten(), nn.Linear(5 * 3 * 3, 3)).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    proofs = []
+    original = linear._weighs_by_value
+    monkeypatch.setattr(linear, "_weighs_by_value", lambda *a: proofs.append(original(*a)) or proofs[-1])
+    with HostReads() as proved:
+        fast = dynamiclrp.explain(m, x, target=[0, 2], ledger=False, check_finite=False).inputs[0]
+    assert proofs == [True, True]  # both ReLUs, each under a max-pooling (the second with overlapping windows)
+    monkeypatch.setattr(linear, "_weighs_by_value", lambda *a: False)
+    with HostReads() as compared:
+        slow = dynamiclrp.explain(m, x, target=[0, 2], ledger=False, check_finite=False).inputs[0]
+    assert compared.n - proved.n == 2
+    assert torch.equal(fast, slow) and fast.abs().sum() > 0

@@ -29,6 +29,7 @@ from .base import (
     undo_views,
 )
 from .elementwise import _VIEWS, Add, AddTerms, BiasAdd
+from .shape import MaxPool
 
 
 def _sole_consumer(graph, nid: int, operand: int | None = None):
@@ -119,7 +120,8 @@ def _pre_activation(ctx, R, through_batch_norm: bool):
 
 def _weighs_by_value(ctx, node) -> bool:
     """Whether the graph proves that the relevance the engine gives output 0 of ``node`` is zero wherever that
-    output is: every consumer, seen through views that keep every element, weighs the relevance of its operand by
+    output is: every consumer, seen through views that keep every element and through max-pooling (a window's
+    relevance goes to its maximum, where the value is the window's output), weighs the relevance of its operand by
     the operand -- a rule that declares ``weighs_by_operand`` (ε, z⁺, γ, αβ) on a linear op whose other operand is
     a weight (not the input layer's rule), or on a sum -- and the operands are the saved values themselves (not
     addends recovered by subtraction). One such consumer's relevance is ``x ⊙ g``, so the sum of them all is 0
@@ -134,6 +136,10 @@ def _weighs_by_value(ctx, node) -> bool:
         for cid, i in graph.consumers.get((stack.pop(), 0), ()):
             c = graph.nodes[cid]
             if c.spec.invert is not None and len(c.inputs) == 1:  # a view, a copy: the same values
+                stack.append(cid)
+                continue
+            if isinstance(c.spec, MaxPool) and i == 0:
+                # routes each window's relevance to its maximum, which is 0 where that window's output is
                 stack.append(cid)
                 continue
             at = Context(run, c, [])
