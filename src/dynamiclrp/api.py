@@ -192,9 +192,8 @@ def _propagate(outs, target, wrt_list, preset, *, seed="value", rules=None, stri
         dtype = _relevance_dtype(graph, outs)
         # a half-precision model explained by the gradient form: relevance in the model's dtype, the one its own
         # backward computes in (float32 node by node where the form cannot be used)
-        run_dtype = _half_precision(outs) if not ledger and gradient_form is not False and dtype != torch.float64 \
-            else None
-        run_dtype = run_dtype or dtype
+        tries_form = not ledger and gradient_form is not False and dtype != torch.float64
+        run_dtype = (_half_precision(outs) if tries_form else None) or dtype
     raw_seeds = [make_seed(o, t, seed) for o, t in zip(outs, targets)]
     seeds, seed_list = _seeds(graph, outs, raw_seeds, run_dtype)
     run = Run(graph, preset, run_dtype, record, node_rules=node_rules_for(graph) if node_rules_for else {},

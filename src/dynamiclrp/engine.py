@@ -16,8 +16,11 @@ import torch
 from .errors import NonFiniteError
 from .graph import Graph, Node
 from .ops.base import recorded_shape
+from .plan import lru_get, lru_put
 from .presets import FALLBACK, Preset
 from .promise import Promises
+
+MAX_RECORD_SETS = 8  # recorded sets whose useful nodes a plan's skeleton keeps (LRU)
 
 
 @dataclass
@@ -255,7 +258,7 @@ def _useful(graph: Graph, record: set[tuple[int, int]]) -> list[bool]:
     """Nodes on a path to something recorded; relevance elsewhere need not be propagated. Kept by a plan's skeleton
     per recorded set (a list no one writes to)."""
     skeleton, key = graph.skeleton, frozenset(record)
-    kept = None if skeleton is None else skeleton.useful.get(key)  # one read: another thread may clear it
+    kept = None if skeleton is None else lru_get(skeleton.useful, key)
     if kept is not None:
         return kept
     nodes, useful = graph.nodes, [False] * len(graph.nodes)
@@ -269,9 +272,7 @@ def _useful(graph: Graph, record: set[tuple[int, int]]) -> list[bool]:
                 useful[nid] = True
                 break
     if skeleton is not None:
-        if len(skeleton.useful) >= 8:
-            skeleton.useful.clear()
-        skeleton.useful[key] = useful
+        lru_put(skeleton.useful, key, useful, MAX_RECORD_SETS)
     return useful
 
 

@@ -49,6 +49,7 @@ from .errors import GraphFreedError
 from .gradient_bypass import Bypasses, UndeliveredError, plan_bypasses
 from .ops import spec_for
 from .ops.base import GRAPH_FREED, PreHook, freed, ratio
+from .plan import lru_get, lru_put
 from .rules import PLAIN
 
 BYPASSES = True  # narrow fused projections' backward where their gradient is partly zero (gradient_bypass)
@@ -92,17 +93,13 @@ def prepare_gradient_form(run: Run, seeds: frozenset) -> PreparedPass:
     else worked out (and kept, when every step's op entry is this package's own)."""
     skeleton = run.graph.skeleton
     key = None if skeleton is None else _pass_key(run, seeds)
-    if key is not None:
-        kept = skeleton.passes.pop(key, None)
-        if kept is not None:
-            skeleton.passes[key] = kept  # most recently used last
-            return kept
+    kept = None if key is None else lru_get(skeleton.passes, key)
+    if kept is not None:
+        return kept
     steps, reason = gradient_steps(run)
     prepared = PreparedPass(steps, reason)
     if key is not None and all(_rebindable(ctx.node) for _, _, ctx in steps):
-        skeleton.passes[key] = prepared
-        while len(skeleton.passes) > MAX_PASSES:
-            del skeleton.passes[next(iter(skeleton.passes))]
+        lru_put(skeleton.passes, key, prepared, MAX_PASSES)
     return prepared
 
 

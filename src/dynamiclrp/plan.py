@@ -96,17 +96,14 @@ class Plan:
     # -- graph skeletons
 
     def skeleton(self, fingerprint: Hashable) -> Skeleton | None:
-        sk = self._skeletons.pop(fingerprint, None)
+        sk = lru_get(self._skeletons, fingerprint)
         if sk is not None:
-            self._skeletons[fingerprint] = sk  # most recently used last
             self.stats.graphs_reused += 1
         return sk
 
     def store(self, fingerprint: Hashable, skeleton: Skeleton) -> None:
         self.stats.graphs_built += 1
-        self._skeletons[fingerprint] = skeleton
-        while len(self._skeletons) > self.max_graphs:
-            del self._skeletons[next(iter(self._skeletons))]
+        lru_put(self._skeletons, fingerprint, skeleton, self.max_graphs)
 
     # -- transformed weights
 
@@ -156,6 +153,21 @@ class Plan:
                    for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor))
 
 
+def lru_get(cache: dict, key: Hashable) -> Any:
+    """``cache[key]`` (or None), made the most recently used: a dict keeps its keys in insertion order."""
+    value = cache.pop(key, None)
+    if value is not None:
+        cache[key] = value
+    return value
+
+
+def lru_put(cache: dict, key: Hashable, value: Any, limit: int) -> None:
+    """``cache[key] = value``, dropping the least recently used entries beyond ``limit``."""
+    cache[key] = value
+    while len(cache) > limit:
+        del cache[next(iter(cache))]
+
+
 def _identity(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device, t._version)
 
@@ -178,10 +190,9 @@ def weight_derived(label: Hashable, w: torch.Tensor | tuple[torch.Tensor, ...],
                    compute: Callable[[], torch.Tensor]) -> torch.Tensor:
     """A tensor computed from the weight ``w`` alone (``w.clamp(min=0)``, ...), or from a tuple of weights: from
     the active plan where one is active and the caller is a linear rule's weight side, else computed."""
-    plan = _ACTIVE.get()
-    if plan is None or not _CACHING.get():
+    if not keeps_weights():
         return compute()
-    return plan.derived(label, w if isinstance(w, tuple) else (w,), compute)
+    return _ACTIVE.get().derived(label, w if isinstance(w, tuple) else (w,), compute)
 
 
 def keeps_weights() -> bool:
