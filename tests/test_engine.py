@@ -657,7 +657,8 @@ def test_pre_activation_proved_from_the_graph_reads_nothing(monkeypatch):
     """Where every consumer of a ReLU's output weighs relevance by that output (ε on the layers above, the ε-rule
     of a residual sum), the graph proves that relevance is zero where the output is: no element-wise comparison
     and no read of a device value by the host (one per layer before, a wait on a GPU). Same relevance, bit for
-    bit; with a flat rule above, the proof fails and the comparison decides (previous test)."""
+    bit; with a flat rule above, the proof fails and the comparison decides (previous test). Node by node: the
+    gradient form, which the ε-rules now have, reads neither."""
     import dynamiclrp.ops.linear as linear
 
     class Residual(nn.Module):
@@ -676,11 +677,13 @@ def test_pre_activation_proved_from_the_graph_reads_nothing(monkeypatch):
     original = linear._weighs_by_value
     monkeypatch.setattr(linear, "_weighs_by_value", lambda *a: proofs.append(original(*a)) or proofs[-1])
     with HostReads() as proved:
-        fast = dynamiclrp.explain(m, x, target=[0, 1, 2, 0], ledger=False, check_finite=False).inputs[0]
+        fast = dynamiclrp.explain(m, x, target=[0, 1, 2, 0], ledger=False, check_finite=False,
+                                  gradient_form=False).inputs[0]
     assert proofs == [True, True]  # both ReLUs: the one under the sum and c, the one under b and the sum
     monkeypatch.setattr(linear, "_weighs_by_value", lambda *a: False)
     with HostReads() as compared:
-        slow = dynamiclrp.explain(m, x, target=[0, 1, 2, 0], ledger=False, check_finite=False).inputs[0]
+        slow = dynamiclrp.explain(m, x, target=[0, 1, 2, 0], ledger=False, check_finite=False,
+                                  gradient_form=False).inputs[0]
     assert compared.n - proved.n == 2
     assert torch.equal(fast, slow)
 
@@ -939,10 +942,10 @@ def test_pre_activation_proved_through_max_pooling(monkeypatch):
     original = linear._weighs_by_value
     monkeypatch.setattr(linear, "_weighs_by_value", lambda *a: proofs.append(original(*a)) or proofs[-1])
     with HostReads() as proved:
-        fast = dynamiclrp.explain(m, x, target=[0, 2], ledger=False, check_finite=False).inputs[0]
+        fast = dynamiclrp.explain(m, x, target=[0, 2], ledger=False, check_finite=False, gradient_form=False).inputs[0]
     assert proofs == [True, True]  # both ReLUs, each under a max-pooling (the second with overlapping windows)
     monkeypatch.setattr(linear, "_weighs_by_value", lambda *a: False)
     with HostReads() as compared:
-        slow = dynamiclrp.explain(m, x, target=[0, 2], ledger=False, check_finite=False).inputs[0]
+        slow = dynamiclrp.explain(m, x, target=[0, 2], ledger=False, check_finite=False, gradient_form=False).inputs[0]
     assert compared.n - proved.n == 2
     assert torch.equal(fast, slow) and fast.abs().sum() > 0

@@ -40,8 +40,9 @@ class Mixer(nn.Module):
     stream, RMSNorm by hand (``x * rsqrt(mean(x²) + ε) * w``), SwiGLU (a product of two activations), GELU (erf
     and tanh), tanh, sigmoid, mean pooling, slicing, cat, scaling by constants."""
 
-    def __init__(self, d: int = 8):
+    def __init__(self, d: int = 8, masked: bool = True):
         super().__init__()
+        self.masked = masked
         self.inp = nn.Linear(d, d)
         self.ln = nn.LayerNorm(d)
         self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d, bias=False)
@@ -56,7 +57,7 @@ class Mixer(nn.Module):
         a = self.ln(h)
         s = self.q(a) @ self.k(a).transpose(-1, -2) / math.sqrt(a.shape[-1])
         mask = torch.triu(torch.full((t, t), -1e9, dtype=x.dtype), 1)
-        h = h + torch.softmax(s + mask, -1) @ self.v(a)
+        h = h + torch.softmax(s + mask if self.masked else s, -1) @ self.v(a)
         n = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.rms
         h = h + self.down(F.gelu(F.silu(self.gate(n)) * self.up(n), approximate="tanh"))
         h = h + F.gelu(self.ff(h))
@@ -194,10 +195,126 @@ def test_rules_without_a_gradient_form_propagate_node_by_node():
     assert not att.stats.gradient_form  # z⁺ needs w⁺: not the gradient of the layer
     with pytest.raises(DynamicLRPError, match=r"\(node #\d+\) has no gradient form"):
         dynamiclrp.explain(model, x, preset="epsilon_plus", ledger=False, gradient_form=True)
-    with pytest.raises(DynamicLRPError, match="no gradient form"):  # ε = 1e-6 is not its ε → 0 limit
-        dynamiclrp.explain(model, x, preset="epsilon", ledger=False, gradient_form=True)
+    mixer_model, mixer_x = mixer()
+    with pytest.raises(DynamicLRPError, match="no gradient form"):  # the uniform rule's ε = 1e-6 on a product
+        dynamiclrp.explain(mixer_model, mixer_x, preset="epsilon", ledger=False, gradient_form=True)
     att = dynamiclrp.explain(model, x, preset="attnlrp", ledger=False)
     assert att.stats.gradient_form
+
+
+class EpsilonCNN(nn.Module):
+    """Every place the ε-rule's stabilised gradient form sits: convolutions with and without bias followed by a
+    batch norm merged into them, a residual sum, a transposed convolution whose batch norm cannot be merged, a
+    batch norm after max-pooling (no linear op below: passed through), average pooling, a dense layer with a
+    batch norm merged into its ``mm``, a dense layer on a non-contiguous 3-d input (its bias an addition of its
+    own), a mean, and dense layers with and without bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.c2, self.b2 = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.up, self.bu = nn.ConvTranspose2d(6, 4, 2, stride=2), nn.BatchNorm2d(4)
+        self.bp = nn.BatchNorm2d(4)
+        self.tok = nn.Linear(4, 5)
+        self.fc, self.bf = nn.Linear(5, 7), nn.BatchNorm1d(7)
+        self.head = nn.Linear(7, 3, bias=False)
+        with torch.no_grad():
+            for bn in (self.b1, self.b2, self.bu, self.bp, self.bf):
+                bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2)
+                bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.3, 0.3)
+
+    def forward(self, x):
+        h = F.relu(self.b1(self.c1(x)))
+        h = F.relu(self.b2(self.c2(h)) + h)
+        h = F.max_pool2d(self.bu(self.up(h)), 2)
+        h = F.avg_pool2d(F.relu(self.bp(h)), 2, stride=1)
+        t = self.tok(h.flatten(2).transpose(1, 2)).mean(1)  # F.linear on a non-contiguous input: mm + view + add
+        return self.head(F.relu(self.bf(self.fc(t))))
+
+
+@pytest.mark.parametrize("eps", [{"linear": r.Epsilon(0.3), "sum": r.Epsilon(0.1)}, {}])
+def test_epsilon_above_the_limit_is_the_stabilised_gradient(eps):
+    """The ε-rule with a real stabiliser (the ``epsilon`` preset's 1e-6; 0.3 and 0.1 where a factor left out
+    would show) has a gradient form: the gradient arriving at the layer's output times :math:`|z| / (|z| + ε)`.
+    It must give the node-by-node answer to rounding, in float64, batch norms merged as zennit merges them."""
+    torch.manual_seed(0)
+    model, x = EpsilonCNN().to(D).eval(), torch.randn(2, 3, 8, 8, dtype=D)
+    kw = dict(preset="epsilon", rules=eps, target=[0, 2])
+    got = dynamiclrp.explain(model, x, ledger=False, gradient_form=True, **kw)
+    ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
+    assert got.stats.gradient_form and not ref.stats.gradient_form
+    scale = ref.inputs[0].abs().max()
+    assert (got.inputs[0] - ref.inputs[0]).abs().max() <= 1e-12 * scale
+    if eps:  # the stabiliser matters here: the ε → 0 limit is far off
+        limit = dynamiclrp.explain(model, x, ledger=False, preset="epsilon", target=[0, 2],
+                                   rules={"linear": r.Epsilon(1e-30), "sum": r.Epsilon(1e-30)})
+        assert (limit.inputs[0] - ref.inputs[0]).abs().max() > 1e-2 * scale
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_relevance_at_a_zero_value_is_not_dropped(check_finite):
+    """The identity rule at a value that is 0 where the rule's output is not (sigmoid, a batch norm after a ReLU)
+    gives relevance no ratio can carry: :math:`g = R / 0`. A ReLU's backward below then drops the infinity where
+    its output is 0, and the pass would lose that relevance without a trace; the form must notice and leave the run
+    to the node-by-node propagation, whether or not finiteness is checked."""
+    for mid, preset in [(nn.Sigmoid(), "attnlrp"), (nn.Sigmoid(), "epsilon"), (nn.BatchNorm1d(6), "epsilon"),
+                        (nn.BatchNorm1d(6), "attnlrp")]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), mid, nn.Linear(6, 2)).to(D).eval()
+        if isinstance(mid, nn.BatchNorm1d):  # a shift: the batch norm of 0 is not 0
+            with torch.no_grad():
+                mid.running_mean.uniform_(-1, 1), mid.bias.uniform_(-1, 1)
+        x = torch.randn(3, 4, dtype=D)
+        got = dynamiclrp.explain(model, x, preset=preset, target=0, ledger=False, check_finite=check_finite)
+        ref = dynamiclrp.explain(model, x, preset=preset, target=0, gradient_form=False)
+        # attnlrp linearises the batch norm: a linear map, no ratio (the form carries everything)
+        assert got.stats.gradient_form is (preset == "attnlrp" and not isinstance(mid, nn.Sigmoid))
+        torch.testing.assert_close(got.inputs[0], ref.inputs[0], rtol=1e-9, atol=1e-12)
+        with torch.no_grad():  # no ReLU output is 0 now: the form carries everything
+            model[0].weight.abs_(), model[0].bias.abs_()
+        got = dynamiclrp.explain(model, x.abs(), preset=preset, target=0, ledger=False)
+        ref = dynamiclrp.explain(model, x.abs(), preset=preset, target=0, gradient_form=False)
+        assert got.stats.gradient_form
+        torch.testing.assert_close(got.inputs[0], ref.inputs[0], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("eps", [{"linear": r.Epsilon(0.3), "sum": r.Epsilon(0.1), "product": r.Uniform(0.2)}, {}])
+def test_epsilon_preset_on_a_transformer_without_a_mask(eps):
+    """The ``epsilon`` preset on every op of the mixer (its mask left out: see the next test): the uniform rule
+    with a real ε on the attention products (the ratio halved and stabilised), on SwiGLU's element-wise product
+    (halved: the rule does not use ε there), the norms and softmax passed through (the identity's step, layer
+    norm's rule being MergeBatchNorm, which merges nothing here), ε-rules on the linear layers and sums."""
+    torch.manual_seed(0)
+    model, x = Mixer(masked=False).to(D).eval(), torch.randn(2, 5, 8, dtype=D)
+    mods = ["ln", "v", "down", "ff"]
+    kw = dict(preset="epsilon", rules=eps, modules=mods)
+    got = dynamiclrp.explain(model, x, ledger=False, gradient_form=True, **kw)
+    ref = dynamiclrp.explain(model, x, ledger=False, gradient_form=False, **kw)
+    assert got.stats.gradient_form and not ref.stats.gradient_form
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < TOL
+    for m in mods:
+        assert rel_diff(got.modules[m], ref.modules[m]) < TOL, m
+
+
+def test_stabilised_sum_with_an_unrecorded_addend_propagates_node_by_node():
+    """A sum with an addend autograd did not record (a tensor that does not require grad) may be explained with
+    that addend taken as zero, so its output is not the rule's denominator: no gradient form there (the mixer's
+    attention mask, too)."""
+    class Shift(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+            self.register_buffer("shift", torch.rand(3))
+
+        def forward(self, x):
+            return self.lin(x) * 2.0 + self.shift
+
+    model, x = Shift().to(D).eval(), torch.randn(2, 4, dtype=D)
+    with pytest.raises(DynamicLRPError, match="AddBackward0.*no gradient form"):
+        dynamiclrp.explain(model, x, preset="epsilon", ledger=False, gradient_form=True, target=0)
+    model, x = mixer()
+    with pytest.raises(DynamicLRPError, match="AddBackward0.*no gradient form"):
+        dynamiclrp.explain(model, x, preset="epsilon", ledger=False, gradient_form=True)
 
 
 @pytest.mark.parametrize("fast_half", [True, False])

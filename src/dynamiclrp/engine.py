@@ -60,6 +60,8 @@ class Run:
         self.promises = Promises(self.graph, self.approximations, self.subtract_addends)
         self.useful = _useful(self.graph, self.record)
         self._scratch: dict[tuple, torch.Tensor] = {}
+        #: the gradient form's flags of relevance its ratios could not carry (``ops.base.uncarried``)
+        self.uncarried: list[torch.Tensor] = []
 
     def scratch(self, key: str, like: torch.Tensor) -> torch.Tensor:
         """A buffer with ``like``'s shape, dtype and device that an op entry may overwrite during its own turn and

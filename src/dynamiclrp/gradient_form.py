@@ -48,7 +48,7 @@ from .engine import Context, Run, _all_finite
 from .errors import GraphFreedError
 from .gradient_bypass import Bypasses, UndeliveredError, plan_bypasses
 from .ops import spec_for
-from .ops.base import GRAPH_FREED, PreHook, freed, ratio
+from .ops.base import GRAPH_FREED, PreHook, freed, ratio, silenced, uncarried
 from .plan import lru_get, lru_put
 from .rules import PLAIN
 
@@ -96,7 +96,7 @@ def prepare_gradient_form(run: Run, seeds: frozenset) -> PreparedPass:
     kept = None if key is None else lru_get(skeleton.passes, key)
     if kept is not None:
         return kept
-    steps, reason = gradient_steps(run)
+    steps, reason = gradient_steps(run, seeds)
     prepared = PreparedPass(steps, reason)
     if key is not None and all(_rebindable(ctx.node) for _, _, ctx in steps):
         lru_put(skeleton.passes, key, prepared, MAX_PASSES)
@@ -126,12 +126,21 @@ def _rebindable(node: Any) -> bool:
     return all(type(spec).__module__.startswith("dynamiclrp.ops") for spec in (node.spec, spec_for(node.fn)))
 
 
-def gradient_steps(run: Run) -> tuple[list[tuple[int, Any, Context]], str | None]:
+def gradient_steps(run: Run, seeds: frozenset = frozenset()) -> tuple[list[tuple[int, Any, Context]], str | None]:
     """The steps the gradient form needs, as ``(graph node id, step, the context it was made with)``, or the
-    reason it cannot be used (the first node on the way whose rule has no gradient form)."""
-    graph, useful = run.graph, run.useful
+    reason it cannot be used (the first node on the way whose rule has no gradient form).
+
+    Nodes are visited from the outputs (``graph.order``), and only those the pass reaches are asked: a node that
+    every consumer gives no gradient (a step's :func:`~dynamiclrp.ops.base.silenced` operand: a norm's statistics,
+    the ``1 + tanh(...)`` of a GELU written out) is not run by autograd, so its rule needs no form. Without
+    ``seeds`` (the output slots the pass starts from) every node counts as reached."""
+    graph, useful, nodes = run.graph, run.useful, run.graph.nodes
+    reached = {nid for nid, _ in seeds} if seeds else None
     hooks = []
-    for fn, hid in graph.head.items():  # each autograd node once, in the graph's order
+    for hid in graph.order:
+        fn = nodes[hid].fn
+        if graph.head.get(fn) != hid or reached is not None and hid not in reached:
+            continue  # a later part of a fused node (its head stands for it), or a node no gradient reaches
         parts = graph.parts(fn)
         asked = next((p for p in parts if useful[p.id] and _passes_on(p, useful)), None)
         if asked is None:
@@ -143,6 +152,10 @@ def gradient_steps(run: Run) -> tuple[list[tuple[int, Any, Context]], str | None
             return [], f"{asked.kind} (node #{asked.id}) has no gradient form under its rule"
         if step is not PLAIN:
             hooks.append((hid, step, ctx))
+        if reached is not None:
+            quiet = silenced(step) if len(parts) == 1 else frozenset()
+            reached.update(e.child for p in parts for i, e in enumerate(p.inputs)
+                           if e is not None and nodes[e.child].fn is not fn and i not in quiet)
     return hooks, None
 
 
@@ -158,13 +171,16 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
                             prepared: PreparedPass, bypass: bool | None = None) -> bool:
     """Fill ``run.recorded`` by one gradient pass: ``seeds`` maps an output slot to (its relevance, its value).
     Returns False, recording nothing, when a relevance came out non-finite and ``run.check_finite`` is set (the
-    caller then propagates relevance node by node, which names the node). A bypass
+    caller then propagates relevance node by node, which names the node), and whenever a ratio could not carry
+    some relevance (relevance at a zero value, :func:`~dynamiclrp.ops.base.uncarried`: node by node carries it,
+    where the pass may have dropped it without a trace). A bypass
     (:mod:`dynamiclrp.gradient_bypass`; ``bypass``, default :data:`BYPASSES`) that could not hand its gradient on
     makes the pass run again without bypasses."""
     graph = run.graph
     keys = sorted(run.record)
     outputs = [GradientEdge(graph.nodes[nid].fn, nr) for nid, nr in seeds]
     ratios = [ratio(r.to(v.dtype), v) for r, v in seeds.values()]  # at an output: its relevance over its value
+    run.uncarried = [uncarried(q) for q in ratios]
     prepared.bind(run)  # released below, whatever happens: a plan keeps the pass, not the run
     hooks = prepared.hooks(run)
     bypasses, handles = None, []
@@ -193,6 +209,8 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
         prepared.release()
     if grads is None or undelivered:  # hooks removed: again, without bypasses
         return propagate_gradient_form(run, seeds, prepared, bypass=False)
+    if bool(torch.stack(run.uncarried).any()):  # relevance at a zero value: no ratio carries it
+        return False
     recorded = {}
     for (nid, nr), g in zip(keys, grads):
         if g is not None:

@@ -56,6 +56,22 @@ LINEARISED = "linearised"
 BLOCKED = "blocked"
 
 
+@dataclass(frozen=True)
+class Stabilised:
+    r"""The ε-rule's gradient form for an ε above :data:`GRADIENT_EPS` (a linear op, a sum): the ratio arriving at
+    the layer's output :math:`z` is multiplied by :math:`z / \mathrm{stab}_\varepsilon(z) = |z| / (|z| +
+    \varepsilon)` before the op's own backward. With :math:`R = z \odot g`,
+    :math:`R_x = x \odot J^\top (R / \mathrm{stab}_\varepsilon(z)) = x \odot J^\top (g\,|z| / (|z| + \varepsilon))`:
+    exactly the ε-rule, whatever ε."""
+
+    eps: float
+    #: a factor on top (AttnLRP's uniform rule halves a matrix product's ratio for each factor)
+    scale: float = 1.0
+    #: the factors on an element-wise product's two gradients where the rule does not use ε there (the uniform
+    #: rule: :math:`R / 2` each), else None (no form for an element-wise product)
+    elementwise: tuple[float, float] | None = None
+
+
 def stabilize(z: Tensor, eps: float) -> Tensor:
     r"""Return :math:`z + \varepsilon\,\mathrm{sign}(z)` with :math:`\mathrm{sign}(0) = 1` (a fresh tensor)."""
     # sign(sign(z) + 1/2) is -1 below zero and +1 at ±0 and above (NaN stays NaN), in one allocation and four
@@ -339,10 +355,11 @@ class Epsilon:
     weighs_by_operand = True
 
     def gradient_form(self, family: str):
-        """ε → 0: the op's own gradient (both factors of a product whole)."""
-        if self.eps > GRADIENT_EPS:
-            return None
-        return (1.0, 1.0) if family in ("product", "attention") else PLAIN
+        """ε → 0: the op's own gradient (both factors of a product whole). A larger ε on a linear op or a sum:
+        :class:`Stabilised` (a product of two activations has no such form here)."""
+        if family in ("product", "attention"):
+            return (1.0, 1.0) if self.eps <= GRADIENT_EPS else None
+        return PLAIN if self.eps <= GRADIENT_EPS else Stabilised(self.eps)
 
     def linear(self, x: Tensor, w: Tensor, R: Tensor, fn: LinearFn, z: Tensor | None = None,
                b: Tensor | None = None) -> Tensor:
@@ -595,8 +612,12 @@ class Uniform:
     product_takes_z = True  # product(..., z=) takes the op's output when a saved copy holds it
 
     def gradient_form(self, family: str):
-        """Half the gradient to each factor of a product (an equal split of a sum has no gradient form)."""
-        return (0.5, 0.5) if family in ("product", "attention") and self.eps <= GRADIENT_EPS else None
+        """Half the gradient to each factor of a product (an equal split of a sum has no gradient form); with ε
+        above the limit, a matrix product's ratio also stabilised (:class:`Stabilised`), an element-wise
+        product's halved alone (the rule does not use ε there)."""
+        if family not in ("product", "attention"):
+            return None
+        return (0.5, 0.5) if self.eps <= GRADIENT_EPS else Stabilised(self.eps, 0.5, (0.5, 0.5))
 
     def product(self, a, b, R, fn, z=None):
         if _elementwise(fn):
@@ -727,6 +748,10 @@ class MergeBatchNorm:
     op is passed through (zennit's ``Pass``)."""
 
     needs_input = False
+
+    def gradient_form(self, family: str):
+        """The identity's, where it merges nothing (the batch norm merged into a layer has the layer's step)."""
+        return IDENTITY
 
     def norm(self, R):
         return R

@@ -15,8 +15,19 @@ import math
 import torch
 
 from ..errors import ActivationUnavailableError, DynamicLRPError
-from ..rules import BLOCKED, PLAIN
-from .base import NEXT, PART, DirectStep, OpSpec, held_constant, rule_form, saved, scaled_gradient, through_views
+from ..rules import BLOCKED, IDENTITY, PLAIN
+from .base import (
+    NEXT,
+    PART,
+    DirectStep,
+    OpSpec,
+    held_constant,
+    identity_gradient,
+    rule_form,
+    saved,
+    scaled_gradient,
+    through_views,
+)
 from .elementwise import AddTerms
 
 
@@ -73,6 +84,8 @@ class Softmax(OpSpec):
         """AttnLRP's rule is softmax's own gradient (masked logits, whatever their fill value, get a gradient of
         0 or of the order of their probability); a blocked softmax passes nothing."""
         form = rule_form(ctx.rule("softmax"), "softmax")
+        if form is IDENTITY:
+            return identity_gradient(ctx)
         return PLAIN if form is PLAIN else scaled_gradient((None,)) if form is BLOCKED else None
 
 
@@ -289,8 +302,8 @@ class ScaledDotProductAttention(OpSpec):
         from ..engine import Context  # noqa: PLC0415 - the engine imports this module
 
         at = {type(p.spec): Context(ctx.run, p, []) for p in parts}
-        weights, values = rule_form(at[_Values].rule("attention"), "attention") or (0, 0)
-        q, k = rule_form(at[_Scores].rule("product"), "product") or (0, 0)
+        weights, values = _factors(rule_form(at[_Values].rule("attention"), "attention"))
+        q, k = _factors(rule_form(at[_Scores].rule("product"), "product"))
         softmax = rule_form(at[_Probs].rule("softmax"), "softmax")
         if 0 in (weights, values, q, k) or softmax not in (PLAIN, BLOCKED):
             return None
@@ -381,3 +394,9 @@ ATTENTION_OPS = {
     "SafeSoftmaxBackward0": Softmax(),
     **{k: ScaledDotProductAttention() for k in SDPA_KINDS},
 }
+
+
+def _factors(form) -> tuple:
+    """A product rule's factors on its two gradients, or (0, 0) where it has none this fused node can apply (no
+    form, or one that scales the product's output: the fused node does not expose it)."""
+    return form if isinstance(form, tuple) else (0, 0)

@@ -180,8 +180,12 @@ class OpSpec:
         when every part's is plain, else None. A fused op whose parts scale its gradient overrides this."""
         from ..engine import Context  # noqa: PLC0415 - the engine imports this module
 
-        steps = [p.spec.gradient_step(Context(ctx.run, p, [])) for p in parts]
-        return PLAIN if all(s is PLAIN for s in steps) else None
+        # the head part's step reads its node through ``ctx`` itself (the context a plan rebinds)
+        steps = [p.spec.gradient_step(Context(ctx.run, p, []) if k else ctx) for k, p in enumerate(parts)]
+        if any(s is not PLAIN for s in steps[1:]):
+            return None
+        # the head part's output is the node's: a step on the gradient arriving there is the node's
+        return steps[0] if steps[0] is PLAIN or isinstance(steps[0], PreHook) else None
 
 
 def held_constant(rule: Any, rel) -> list:
@@ -226,6 +230,42 @@ class DirectStep:
 
     def __call__(self, grad_inputs, grad_outputs):
         return self.post(grad_inputs, grad_outputs)
+
+
+def stabilised_gradient(ctx: Context, eps: float, scale: float = 1.0) -> PreHook:
+    r"""Gradient step of the ε-rule (:class:`~dynamiclrp.rules.Stabilised`) at the node whose output :math:`z` is
+    the layer's denominator: the gradient arriving there times :math:`|z| / (|z| + \varepsilon)`, the node's own
+    backward then applying :math:`J^\top` (and a batch norm's scale, for a batch norm merged into the layer below).
+
+    :math:`z` comes from a ReLU that alone consumes it, where there is one: ReLU saves its output, equal to
+    :math:`z` where :math:`z > 0`, and its backward gave the gradient 0 wherever :math:`z \le 0`, which the factor
+    there (0) keeps 0. Else from the Promise System, as the node-by-node rule gets it. The node is read through
+    ``ctx`` when the step runs (a plan rebinds it). ``scale``: a constant factor on top (the uniform rule's
+    half)."""
+    def hook(grad_outputs):
+        g = grad_outputs[0]
+        if g is None:
+            return grad_outputs
+        z = _relu_saved_output(ctx, g.dtype)
+        f = (ctx.output(0) if z is None else z).abs()
+        f = f.div_(f + eps).mul_(g)  # fresh memory: the incoming gradient may be shared (an addition passes it on)
+        if scale != 1.0:
+            f.mul_(scale)
+        return (f,) + tuple(grad_outputs[1:])
+    return PreHook(hook)
+
+
+def _relu_saved_output(ctx: Context, dtype: torch.dtype) -> torch.Tensor | None:
+    """The output ReLU saved, when a ReLU alone consumes output 0 of ``ctx.node`` (and saved it in ``dtype``)."""
+    graph = ctx.run.graph
+    consumers = graph.consumers.get((ctx.node.id, 0), ())
+    if len(consumers) != 1 or consumers[0][1] != 0:
+        return None
+    relu = graph.nodes[consumers[0][0]]
+    if relu.kind != "ReluBackward0":
+        return None
+    r = saved(relu.fn, "result")
+    return r if r is not None and r.dtype == dtype else None
 
 
 def scaled_gradient(factors: tuple) -> Any:
@@ -284,6 +324,16 @@ def ratio_(r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return _zero_undefined_(r.div_(x))
 
 
+def uncarried(q: torch.Tensor) -> torch.Tensor:
+    """Whether the ratio ``q`` (from :func:`ratio`) failed to carry some relevance (an infinity: relevance at a zero
+    value), as a 0-d bool tensor (no host sync). An infinity need not reach the input: a ReLU's or a max-pooling's
+    backward below drops it where the value is 0, and the relevance would be lost without a trace; the gradient
+    form reads these flags after its pass and leaves such a run to the node-by-node propagation."""
+    if q.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=q.device)
+    return torch.isinf(torch.stack(torch.aminmax(q))).any()
+
+
 def _zero_undefined_(q: torch.Tensor) -> torch.Tensor:
     """0/0 (NaN) → 0 in place; ±inf kept (see :func:`ratio`)."""
     return q.nan_to_num_(0.0, posinf=math.inf, neginf=-math.inf)
@@ -317,7 +367,9 @@ def identity_gradient(ctx: Context, quotient: Any = None) -> DirectStep:
         y = ctx.output(0) if y is None else y.to(g.dtype)
         shape = torch.broadcast_shapes(g.shape, y.shape, x.shape)
         out = None if out_like is None else spare(out_like, shape, torch.promote_types(g.dtype, y.dtype), x, g, y)
-        return ratio_(torch.mul(g, y) if out is None else torch.mul(g, y, out=out), x)
+        q = ratio_(torch.mul(g, y) if out is None else torch.mul(g, y, out=out), x)
+        ctx.run.uncarried.append(uncarried(q))
+        return q
 
     def hook(grad_inputs, grad_outputs):
         g = grad_outputs[0]

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ActivationUnavailableError
-from ..rules import IDENTITY, LINEARISED, PLAIN, BiasInDenominator, add_terms
-from .base import NEXT, PART, Identity, OpSpec, held_constant, one_operand_step, rule_form, saved
+from ..rules import IDENTITY, LINEARISED, PLAIN, BiasInDenominator, Stabilised, add_terms
+from .base import NEXT, PART, Identity, OpSpec, held_constant, one_operand_step, rule_form, saved, stabilised_gradient
 
 
 class AddTerms(OpSpec):
@@ -95,9 +95,15 @@ class AddTerms(OpSpec):
 
     def gradient_step(self, ctx):
         """ε → 0 on a sum: :math:`R_k = t_k \\odot J_k^\\top (R / z)`, the terms times the gradient (a constant
-        term, recorded or not, keeps its share without anyone computing it)."""
-        plain = rule_form(ctx.rule(self.family), "sum") is PLAIN and rule_form(ctx.rule("sum"), "sum") is PLAIN
-        return PLAIN if plain else None
+        term, recorded or not, keeps its share without anyone computing it). A larger ε: the gradient arriving at
+        :math:`z` scaled first (:func:`~.base.stabilised_gradient`), where every operand is recorded (else the
+        node-by-node rule may take a constant as zero, and :math:`z` would not be the output)."""
+        form = rule_form(self.sum_rule(ctx), "sum")
+        if form is PLAIN:
+            return PLAIN
+        if isinstance(form, Stabilised) and all(e is not None for e in ctx.node.inputs):
+            return stabilised_gradient(ctx, form.eps)
+        return None
 
 
 class BiasAdd(AddTerms):
@@ -133,6 +139,17 @@ class BiasAdd(AddTerms):
     def sum_rule(self, ctx):
         rule = ctx.rule("bias")
         return ctx.rule("sum") if isinstance(rule, BiasInDenominator) else rule
+
+    def gradient_step(self, ctx):
+        """Where the bias goes into the linear op's denominator, the layer's step (``ops.linear``); else the sum
+        rule's."""
+        if not self.fuses(ctx, ctx.node):
+            return super().gradient_step(ctx)
+        from ..engine import Context  # noqa: PLC0415 - the engine imports the op entries
+        from .linear import layer_gradient_step, linear_op_below  # noqa: PLC0415 - linear imports this module
+
+        op = linear_op_below(ctx.run.graph, ctx.node)
+        return None if op is None else layer_gradient_step(Context(ctx.run, op, []), ctx)
 
     def relevance(self, ctx):
         if self.fuses(ctx, ctx.node):
@@ -308,6 +325,8 @@ class Product(OpSpec):
                     return None
                 return self._step(ctx, tuple(None if k == i else 1.0 for k in (0, 1)))
         factors = rule_form(ctx.rule("product"), "product")
+        if isinstance(factors, Stabilised):
+            factors = factors.elementwise
         if factors is None or self.divide:
             return None
         return self._step(ctx, factors)

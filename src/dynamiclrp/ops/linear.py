@@ -15,16 +15,18 @@ import torch.nn.functional as F
 
 from ..errors import ActivationUnavailableError
 from ..plan import active_plan, caching_weights
-from ..rules import PLAIN, LinearMap, MergeBatchNorm
+from ..rules import PLAIN, LinearMap, MergeBatchNorm, Stabilised
 from .base import (
     NEXT,
     PART,
     OpSpec,
     held_constant,
+    identity_gradient,
     one_operand_step,
     out_shape,
     rule_form,
     saved,
+    stabilised_gradient,
     through_views,
     undo_views,
 )
@@ -183,10 +185,9 @@ class _DeviceTruth:
         return self._value
 
 
-def _merged_batch_norm(ctx, bias_handled: bool) -> _MergedNorm | None:
-    """The eval-mode batch norm that directly follows this linear op (after its bias addition) and whose rule is
-    MergeBatchNorm, or None. Its constants are kept by an active plan while its statistics, scale and bias are
-    unchanged (a pass of small ops per layer otherwise)."""
+def _batch_norm_after(ctx, bias_handled: bool):
+    """The eval-mode batch norm node that directly follows this linear op (after its bias addition, when the bias
+    goes into the op's denominator: ``bias_handled``) and whose rule is MergeBatchNorm, or None."""
     if not bias_handled:
         return None
     bn = _sole_consumer(ctx.run.graph, _layer_output(ctx).id, operand=0)
@@ -194,14 +195,86 @@ def _merged_batch_norm(ctx, bias_handled: bool) -> _MergedNorm | None:
         return None
     if "BatchNorm" not in bn.kind or saved(bn.fn, "training", False):  # native, cuDNN, MIOpen
         return None
-    if not isinstance(ctx.rule_at(bn, "norm"), MergeBatchNorm):
+    return bn if isinstance(ctx.rule_at(bn, "norm"), MergeBatchNorm) else None
+
+
+def layer_gradient_step(ctx, at):
+    r"""The gradient step of a node of the linear layer whose op ``ctx`` is at (one operand a weight): the op
+    itself, its bias addition or the batch norm merged into it, at which ``at`` is (the context the step reads its
+    node through). The ε → 0 rule is the layer's own gradient (its
+    bias in the denominator; a merged batch norm's scale is its gradient). A larger ε
+    (:class:`~dynamiclrp.rules.Stabilised`) scales the gradient arriving at the layer's output -- the node whose
+    output is the rule's denominator (:func:`_layer_top`) -- and the other nodes' backward is the layer's own. None
+    for a rule without a gradient form."""
+    spec = ctx.node.spec
+    form = rule_form(ctx.rule(spec.family_at(ctx, spec.data_operand(ctx))), "linear")
+    if form is PLAIN:
+        return PLAIN
+    if not isinstance(form, Stabilised):
+        return None
+    return stabilised_gradient(at, form.eps) if _layer_top(ctx) is at.node else PLAIN
+
+
+def merged_norm_step(ctx):
+    """The gradient step of a batch norm whose rule is MergeBatchNorm: the layer's (:func:`layer_gradient_step`)
+    where the linear op below merges it, else the identity rule's (a norm layer that follows no linear op passes
+    relevance unchanged)."""
+    from ..engine import Context  # noqa: PLC0415 - the engine imports this module
+
+    graph, e = ctx.run.graph, ctx.node.inputs[0] if ctx.node.inputs else None
+    below = None if e is None else graph.nodes[e.child]
+    if below is not None and isinstance(below.spec, BiasAdd):
+        below = linear_op_below(graph, below)
+    if below is not None and isinstance(below.spec, Product):
+        op = Context(ctx.run, below, [])
+        if not (op.is_data(0) and op.is_data(1)) and _layer_top(op) is ctx.node:
+            return layer_gradient_step(op, ctx)
+    return identity_gradient(ctx)
+
+
+def _layer_top(ctx):
+    """The node whose output is the denominator of this linear op's rule: the batch norm merged into it (as the
+    node-by-node rule merges it: :func:`_merged_batch_norm` and a weight it can scale), else its bias addition
+    where the bias goes into its denominator, else the op."""
+    add = _bias_add_of(ctx)
+    fused = add is not None and add.spec.fuses(ctx, add)
+    bn = _batch_norm_after(ctx, fused or add is None)
+    if bn is not None:
+        x_i = ctx.node.spec.data_operand(ctx)
+        w = saved(ctx.node.fn, ctx.node.spec.names[1 - x_i])
+        if w is not None and ctx.node.spec.scales_per_output(ctx.node, w.shape, _scale_shape(bn), x_i):
+            return bn
+    return add if fused else ctx.node
+
+
+def linear_op_below(graph, add):
+    """The linear op whose bias the addition ``add`` (a :class:`BiasAdd`) adds, seen through views, or None."""
+    e = add.inputs[add.spec.linear_index]
+    node = None if e is None else graph.nodes[e.child]
+    while node is not None and node.kind in _VIEWS and node.inputs and node.inputs[0] is not None:
+        node = graph.nodes[node.inputs[0].child]
+    return node if node is not None and isinstance(node.spec, Product) else None
+
+
+def _scale_shape(bn) -> torch.Size:
+    """The shape of a batch norm's per-channel constants, to broadcast over its output: (1, C, 1, ...)."""
+    shape = out_shape(bn.fn)
+    return torch.Size([1, shape[1]] + [1] * (len(shape) - 2))
+
+
+def _merged_batch_norm(ctx, bias_handled: bool) -> _MergedNorm | None:
+    """The eval-mode batch norm that directly follows this linear op (:func:`_batch_norm_after`) with its
+    constants. They are kept by an active plan while its statistics, scale and bias are unchanged (a pass of
+    small ops per layer otherwise)."""
+    bn = _batch_norm_after(ctx, bias_handled)
+    if bn is None:
         return None
     dt = ctx.dtype
     var, mean = saved(bn.fn, "running_var"), saved(bn.fn, "running_mean")
     gamma = saved(bn.fn, "weight", None)
     eps = saved(bn.fn, "eps", None)
     eps = eps if eps is not None else saved(bn.fn, "epsilon")
-    view = [1, -1] + [1] * (len(out_shape(bn.fn)) - 2)  # the batch norm's output has the layer's shape
+    view = _scale_shape(bn)  # the batch norm's output has the layer's shape
     beta = None
     if len(bn.inputs) > 2 and bn.inputs[2] is not None:
         beta = ctx.run.promises.value(bn.inputs[2].child, bn.inputs[2].nr)
@@ -324,7 +397,7 @@ class Product(OpSpec):
         if not (ctx.wants(0) or ctx.wants(1)):
             return [None, None]
         # one side is a weight: the op is linear in the other
-        x_i = 0 if data[0] or not data[1] and ctx.wants(0) else 1
+        x_i = self.data_operand(ctx)
         w_i = 1 - x_i
         x, w = ctx.input(x_i), ctx.input(w_i)
         family = self.family_at(ctx, x_i)
@@ -379,6 +452,8 @@ class Product(OpSpec):
         if data[0] and data[1]:
             family = "attention" if _is_softmax_output(ctx, 0) else "product"
             factors = rule_form(ctx.rule(family), family)
+            if isinstance(factors, Stabilised):  # one ratio for both factors: R / stab(z), scaled
+                return stabilised_gradient(ctx, factors.eps, factors.scale)
             if factors is None:
                 return None
 
@@ -389,8 +464,12 @@ class Product(OpSpec):
                     return None
                 return _one_operand_gradient(ctx, self, i, factor)
             return one_operand_step(factors, direct_for)
-        x_i = 0 if data[0] or not data[1] and ctx.wants(0) else 1
-        return PLAIN if rule_form(ctx.rule(self.family_at(ctx, x_i)), "linear") is PLAIN else None
+        return layer_gradient_step(ctx, ctx)
+
+    def data_operand(self, ctx) -> int:
+        """The operand the op is linear in when the other is a weight (the data one; else the one asked for)."""
+        data = ctx.is_data(0), ctx.is_data(1)
+        return 0 if data[0] or not data[1] and ctx.wants(0) else 1
 
     def _scales_output(self, ctx, rule, w, merged: _MergedNorm, x_i: int, uses_z: bool) -> bool:
         """Whether the batch norm merged into this op is better given to the rule as a scale of the op's output:
@@ -399,7 +478,7 @@ class Product(OpSpec):
         it per explanation without a plan (ResNet-50: as much as a pass over every layer's output at batch 1); the
         rule folds the output's scale into its stabiliser at no cost."""
         return (getattr(rule, "takes_out_scale", False) and not uses_z and not ctx.wants(1 - x_i)
-                and self.scales_per_output(ctx.node, w, merged.scale, x_i) and bool(merged.positive))
+                and self.scales_per_output(ctx.node, w.shape, merged.scale.shape, x_i) and bool(merged.positive))
 
     def _merged_weight(self, ctx, w, merged, x_i: int):
         """The weight with the batch norm after it merged in (kept by an active plan while neither the weight nor
@@ -411,13 +490,14 @@ class Product(OpSpec):
         return plan.derived(("merge-bn", type(self), x_i, merged.eps), (w, *merged.sources),
                             lambda: self.scale_weight(ctx.node, w, scale, x_i))
 
-    def scales_per_output(self, node, w, scale, x_i: int) -> bool:
-        """Whether ``w`` can be scaled per output feature by ``scale`` (which broadcasts over the output)."""
-        return x_i == 0 and (scale.shape[-1] == w.shape[-1] or scale.numel() == 1)
+    def scales_per_output(self, node, w_shape: torch.Size, scale_shape: torch.Size, x_i: int) -> bool:
+        """Whether a weight of shape ``w_shape`` can be scaled per output feature by a scale of shape
+        ``scale_shape`` (which broadcasts over the output)."""
+        return x_i == 0 and (scale_shape[-1] == w_shape[-1] or scale_shape.numel() == 1)
 
     def scale_weight(self, node, w, scale, x_i: int):
         """``w`` scaled per output feature (``scale`` broadcasts over the output), or None if not supported."""
-        if not self.scales_per_output(node, w, scale, x_i):
+        if not self.scales_per_output(node, w.shape, scale.shape, x_i):
             return None
         return w * scale.reshape(-1)  # mm/bmm: the output feature is the weight's last dimension
 
@@ -520,12 +600,12 @@ class Convolution(Product):
     def bound_fn(self, ctx):
         return self.conv_fn(ctx.node.fn)
 
-    def scales_per_output(self, node, w, scale, x_i: int) -> bool:
+    def scales_per_output(self, node, w_shape, scale_shape, x_i: int) -> bool:
         return x_i == 0 and not saved(node.fn, "transposed")
 
     def scale_weight(self, node, w, scale, x_i: int):
         """Convolution weights are (out, in/groups, *kernel): scale along the first dimension."""
-        if not self.scales_per_output(node, w, scale, x_i):
+        if not self.scales_per_output(node, w.shape, scale.shape, x_i):
             return None
         return w * scale.reshape(-1, *([1] * (w.dim() - 1)))
 
@@ -599,7 +679,7 @@ class MatrixVector(Product):
     def linear_map(self, node, v: int) -> LinearMap:
         return LinearMap(self.fn) if v == 0 else LinearMap(lambda x, w: self.fn(w, x))
 
-    def scales_per_output(self, node, w, scale, x_i: int) -> bool:
+    def scales_per_output(self, node, w_shape, scale_shape, x_i: int) -> bool:
         return False
 
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from ..rules import IDENTITY, LINEARISED, vjp
+from ..rules import IDENTITY, LINEARISED, MergeBatchNorm, vjp
 from .base import OpSpec, gradient_of_rule_form, rule_form, saved, spare
+from .linear import merged_norm_step
 
 
 class Norm(OpSpec):
@@ -67,7 +68,10 @@ class Norm(OpSpec):
         return [rule.norm(R)] + rest
 
     def gradient_step(self, ctx):
-        form = rule_form(ctx.rule("norm"), "norm")
+        rule = ctx.rule("norm")
+        if isinstance(rule, MergeBatchNorm):
+            return merged_norm_step(ctx)
+        form = rule_form(rule, "norm")
         if form is not LINEARISED:
             return gradient_of_rule_form(form, ctx)
         if self.linear is None:

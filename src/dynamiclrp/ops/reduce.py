@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DynamicLRPError
-from ..rules import PLAIN
-from .base import OpSpec, Routing, out_shape, rule_form, saved
+from ..rules import PLAIN, Stabilised
+from .base import OpSpec, Routing, out_shape, rule_form, saved, stabilised_gradient
 
 
 class Reduction(OpSpec):
@@ -47,7 +47,10 @@ class Reduction(OpSpec):
         return [rx]
 
     def gradient_step(self, ctx):
-        return PLAIN if rule_form(ctx.rule("sum"), "sum") is PLAIN else None  # ε → 0: x ⊙ Jᵀ(R / z)
+        form = rule_form(ctx.rule("sum"), "sum")
+        if isinstance(form, Stabilised):  # x ⊙ Jᵀ(R / stab(z)): the gradient arriving at z scaled first
+            return stabilised_gradient(ctx, form.eps)
+        return PLAIN if form is PLAIN else None  # ε → 0: x ⊙ Jᵀ(R / z)
 
 
 def _sum_dims(fn):
