@@ -277,6 +277,24 @@ def test_a_plan_reuses_the_fused_steps_and_bypasses(preset, monkeypatch):
     assert all(bypassed.values()) if preset == "cp_lrp" else sum(n > 0 for n in bypassed.values()) >= 3, bypassed
 
 
+def test_a_plan_reuses_the_stabilised_steps(monkeypatch):
+    """The ε-rule's steps (a real stabiliser: the gradient scaled at each layer's output, merged batch norms
+    included) are kept by a plan like the others and read the next run's nodes: other inputs each run, every run
+    bit for bit the explanation without a plan."""
+    from test_gradient_form import EpsilonCNN
+
+    torch.manual_seed(0)
+    model = EpsilonCNN().to(D).eval()
+    xs = [torch.randn(2, 3, 8, 8, dtype=D, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    refs = [dynamiclrp.explain(model, x, preset="epsilon", target=[0, 2], ledger=False) for x in xs]
+    calls, plan = _count_planning(monkeypatch), dynamiclrp.Plan()
+    got = [dynamiclrp.explain(model, x, preset="epsilon", target=[0, 2], ledger=False, plan=plan) for x in xs]
+    assert calls["steps"] == 1 and all(a.stats.gradient_form for a in got)
+    for a, b in zip(got, refs):
+        assert all(torch.equal(p, q) for p, q in zip(a.inputs, b.inputs))
+    assert not torch.equal(got[0].inputs[0], got[1].inputs[0])
+
+
 def test_other_rules_or_other_recorded_slots_work_the_steps_out_again(monkeypatch):
     """The working-out is kept per rule set and per recorded slot: another preset, another ``rules=`` or more
     recorded activations on the same graph do not get the first's steps."""
