@@ -20,9 +20,18 @@ afterwards. Autograd runs only the nodes on a path to what was asked for, and co
 The form is exact for the rules that declare it (``rule.gradient_form``): ε-rules with ε at most
 :data:`~dynamiclrp.rules.GRADIENT_EPS` (1e-12, a stabiliser of 0/0 only: the form computes their ε → 0 limit,
 which differs from ε = 1e-12 by at most :math:`10^{-12} / |z|` relative), the AttnLRP and CP-LRP rules and the
-identity rule -- the ``attnlrp`` and ``cp_lrp`` presets. A graph with any other rule (z⁺, γ, a merged batch norm,
-ε = 1e-6) is propagated as relevance, node by node (:mod:`dynamiclrp.engine`), as is a run that wants the
-per-node ledger or a relevance dtype other than the graph's.
+identity rule -- the ``attnlrp`` and ``cp_lrp`` presets. An ε-rule with a real stabiliser (the ``epsilon`` preset's
+1e-6, the uniform rule's on a matrix product) is the layer's gradient with the ratio arriving at its output
+multiplied by :math:`|z| / (|z| + \varepsilon)` first (:class:`~dynamiclrp.rules.Stabilised`; a batch norm merged
+into the layer is part of it, the factor taken at its output), exactly. A graph with any other rule (z⁺, γ, αβ, an
+ε on an element-wise product or fused attention, a sum with an addend autograd did not record) is propagated as
+relevance, node by node (:mod:`dynamiclrp.engine`), as is a run that wants the per-node ledger or a relevance dtype
+other than the graph's.
+
+Relevance at a value that is exactly 0 has no ratio (:math:`R / 0`): the identity rule on a sigmoid or a batch norm
+after a ReLU can give it. The infinity need not reach the input (a ReLU's backward drops it where the value is 0),
+so each such ratio is flagged (:func:`~dynamiclrp.ops.base.uncarried`) and a flagged pass is left to the node-by-node
+propagation, which carries that relevance.
 
 With a plan (:class:`dynamiclrp.Plan`) the working-out is done once per graph skeleton and rule set: the steps
 (:class:`PreparedPass`) read their node through a context that is pointed at the next run's graph, and the bypasses
