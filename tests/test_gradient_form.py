@@ -19,7 +19,7 @@ from torch import nn
 
 import dynamiclrp
 from dynamiclrp import rules as r
-from dynamiclrp.errors import DynamicLRPError, GraphFreedError
+from dynamiclrp.errors import ActivationUnavailableError, DynamicLRPError, GraphFreedError
 
 D = torch.float64
 TOL = 1e-9
@@ -294,6 +294,28 @@ def test_epsilon_preset_on_a_transformer_without_a_mask(eps):
     assert rel_diff(got.inputs[0], ref.inputs[0]) < TOL
     for m in mods:
         assert rel_diff(got.modules[m], ref.modules[m]) < TOL, m
+
+
+def test_softmax_passed_through_never_reads_logits_known_only_without_their_constant():
+    """Softmax under the identity rule needs its logits; where they add a constant autograd did not record, they
+    are known only with it taken as zero, which the node-by-node rule checks (a mask: the masked logits get
+    nothing; anything else: refused). The gradient form must not use them unchecked: here it refuses as node by
+    node does, where it had given an answer for logits it did not know."""
+    class Biased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+            self.register_buffer("bias", torch.randn(4))
+
+        def forward(self, x):
+            return self.out(torch.softmax(self.lin(x) + self.bias, -1) * x)
+
+    torch.manual_seed(0)
+    model, x = Biased().to(D).eval(), torch.randn(3, 4, dtype=D)
+    for form in (None, False):
+        with pytest.raises(ActivationUnavailableError, match="not a plain mask"):
+            dynamiclrp.explain(model, x, preset="attnlrp", rules={"softmax": r.Pass()}, target=0, ledger=False,
+                               gradient_form=form)
 
 
 def test_stabilised_sum_with_an_unrecorded_addend_propagates_node_by_node():

@@ -82,10 +82,13 @@ class Softmax(OpSpec):
 
     def gradient_step(self, ctx):
         """AttnLRP's rule is softmax's own gradient (masked logits, whatever their fill value, get a gradient of
-        0 or of the order of their probability); a blocked softmax passes nothing."""
+        0 or of the order of their probability); a blocked softmax passes nothing; the identity rule (``Pass``)
+        the identity's step, where the logits can carry no untracked mask."""
         form = rule_form(ctx.rule("softmax"), "softmax")
         if form is IDENTITY:
-            return identity_gradient(ctx)
+            # R_x = R_y needs x: logits that may carry an untracked mask are known only with the mask taken as
+            # zero, which the node-by-node rule checks against the output (masked logits get nothing)
+            return None if _masked_logits(ctx) else identity_gradient(ctx)
         return PLAIN if form is PLAIN else scaled_gradient((None,)) if form is BLOCKED else None
 
 
