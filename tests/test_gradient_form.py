@@ -196,8 +196,8 @@ def test_rules_without_a_gradient_form_propagate_node_by_node():
     with pytest.raises(DynamicLRPError, match=r"\(node #\d+\) has no gradient form"):
         dynamiclrp.explain(model, x, preset="epsilon_plus", ledger=False, gradient_form=True)
     mixer_model, mixer_x = mixer()
-    with pytest.raises(DynamicLRPError, match="no gradient form"):  # the uniform rule's ε = 1e-6 on a product
-        dynamiclrp.explain(mixer_model, mixer_x, preset="epsilon", ledger=False, gradient_form=True)
+    with pytest.raises(DynamicLRPError, match="no gradient form"):  # the paper's proportional rule on sums
+        dynamiclrp.explain(mixer_model, mixer_x, preset="paper", ledger=False, gradient_form=True)
     att = dynamiclrp.explain(model, x, preset="attnlrp", ledger=False)
     assert att.stats.gradient_form
 
@@ -320,8 +320,8 @@ def test_softmax_passed_through_never_reads_logits_known_only_without_their_cons
 
 def test_stabilised_sum_with_an_unrecorded_addend_propagates_node_by_node():
     """A sum with an addend autograd did not record (a tensor that does not require grad) may be explained with
-    that addend taken as zero, so its output is not the rule's denominator: no gradient form there (the mixer's
-    attention mask, too)."""
+    that addend taken as zero, so its output is not the rule's denominator: no gradient form there; unless the sum
+    feeds softmaxes alone (the mixer's attention mask), whose step checks that the addend is a mask."""
     class Shift(nn.Module):
         def __init__(self):
             super().__init__()
@@ -334,9 +334,10 @@ def test_stabilised_sum_with_an_unrecorded_addend_propagates_node_by_node():
     model, x = Shift().to(D).eval(), torch.randn(2, 4, dtype=D)
     with pytest.raises(DynamicLRPError, match="AddBackward0.*no gradient form"):
         dynamiclrp.explain(model, x, preset="epsilon", ledger=False, gradient_form=True, target=0)
-    model, x = mixer()
-    with pytest.raises(DynamicLRPError, match="AddBackward0.*no gradient form"):
-        dynamiclrp.explain(model, x, preset="epsilon", ledger=False, gradient_form=True)
+    model, x = mixer()  # its causal mask feeds a softmax alone: a mask the softmax's step checks (next test)
+    got = dynamiclrp.explain(model, x, preset="epsilon", ledger=False, gradient_form=True)
+    ref = dynamiclrp.explain(model, x, preset="epsilon", ledger=False, gradient_form=False)
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < TOL
 
 
 @pytest.mark.parametrize("fast_half", [True, False])
@@ -344,8 +345,8 @@ def test_ledger_and_dtype_keep_the_node_by_node_propagation(fast_half, monkeypat
     """The ledger, or a relevance dtype other than the model's, keeps the node-by-node propagation. On a device with
     fast half precision (a GPU; here the CPU made to count as one) a half-precision model is explained by the
     gradient form in its own dtype by default, as its backward is; asked for float32 relevance, or where the form
-    cannot be used (the ledger, ``gradient_form=False``, ε-rules with ε = 1e-6), node by node in float32. Elsewhere
-    float32, node by node."""
+    cannot be used (the ledger, ``gradient_form=False``, the paper's proportional sums), node by node in float32.
+    Elsewhere float32, node by node."""
     from dynamiclrp import api
 
     monkeypatch.setattr(api, "HALF_GRADIENT_FORM_DEVICES", ("cpu", "cuda") if fast_half else ("cuda",))
@@ -361,7 +362,7 @@ def test_ledger_and_dtype_keep_the_node_by_node_propagation(fast_half, monkeypat
     att = dynamiclrp.explain(half, xh, preset="cp_lrp", ledger=False, params=["q.weight", "v.weight"])
     assert not att.params["q.weight"].any() and att.params["v.weight"].any()
     assert {t.dtype for t in (*att.inputs, *att.params.values())} == {att.inputs[0].dtype}
-    for kw in ({"dtype": torch.float32}, {}, {"gradient_form": False}, {"preset": "epsilon"}):
+    for kw in ({"dtype": torch.float32}, {}, {"gradient_form": False}, {"preset": "paper"}):
         att = dynamiclrp.explain(half, xh, **{"preset": "attnlrp", "ledger": bool(not kw), **kw})
         assert not att.stats.gradient_form and att.inputs[0].dtype == torch.float32, kw
     with pytest.raises(DynamicLRPError, match="dtype"):
@@ -740,6 +741,34 @@ def test_every_text_architecture(name, preset):
         assert not got.stats.gradient_form
         return
     assert got.stats.gradient_form
+    assert rel_diff(got.tokens, ref.tokens) < 1e-6
+
+
+EPSILON_FORM = {"bert", "distilbert", "roberta", "gpt2", "llama", "gemma3", "qwen3", "clip_text"}  # one gradient pass
+
+
+@pytest.mark.parametrize("name", list(_text_cases()))
+def test_epsilon_preset_on_every_text_architecture(name):
+    """The ``epsilon`` preset on each text architecture (eager attention, float64): where its rules have a
+    gradient form (ε on linear layers and sums, the uniform rule's on attention products, attention masks checked
+    by softmax's step) it must agree with the node-by-node run as the AttnLRP presets do (above); where they have
+    none, the node-by-node answer comes back all the same."""
+    from test_coverage_text import to_double
+
+    arch = _text_cases()[name]
+    if "eager" not in arch.attn:
+        pytest.skip("no eager attention")
+    model, inputs, out = arch.small("eager")
+    old = torch.get_default_dtype()
+    if arch.default_double:
+        torch.set_default_dtype(D)
+    try:
+        model, inputs = model.double().eval(), to_double(inputs)
+        ref = dynamiclrp.explain(model, inputs, preset="epsilon", output=out, ledger=False, gradient_form=False)
+        got = dynamiclrp.explain(model, inputs, preset="epsilon", output=out, ledger=False)
+    finally:
+        torch.set_default_dtype(old)
+    assert got.stats.gradient_form or name not in EPSILON_FORM
     assert rel_diff(got.tokens, ref.tokens) < 1e-6
 
 

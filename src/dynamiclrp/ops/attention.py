@@ -23,10 +23,12 @@ from .base import (
     OpSpec,
     held_constant,
     identity_gradient,
+    ratio_,
     rule_form,
     saved,
     scaled_gradient,
     through_views,
+    uncarried,
 )
 from .elementwise import AddTerms
 
@@ -83,13 +85,34 @@ class Softmax(OpSpec):
     def gradient_step(self, ctx):
         """AttnLRP's rule is softmax's own gradient (masked logits, whatever their fill value, get a gradient of
         0 or of the order of their probability); a blocked softmax passes nothing; the identity rule (``Pass``)
-        the identity's step, where the logits can carry no untracked mask."""
+        the identity's step, with the mask check where the logits may carry an untracked mask."""
         form = rule_form(ctx.rule("softmax"), "softmax")
         if form is IDENTITY:
             # R_x = R_y needs x: logits that may carry an untracked mask are known only with the mask taken as
-            # zero, which the node-by-node rule checks against the output (masked logits get nothing)
-            return None if _masked_logits(ctx) else identity_gradient(ctx)
+            # zero, which is checked against the output as node by node (masked logits get nothing)
+            return _masked_identity_step(ctx) if _masked_logits(ctx) else identity_gradient(ctx)
         return PLAIN if form is PLAIN else scaled_gradient((None,)) if form is BLOCKED else None
+
+
+def _masked_identity_step(ctx):
+    r"""The identity rule's step (:math:`g_x = g_y\,y / x`) on a softmax whose logits may carry an untracked mask:
+    logits the Promise System knows only with the mask taken as zero (provisional) are checked against the output
+    first, as :meth:`Softmax.relevance` checks them (a constant that is not a mask raises), and the masked ones get
+    nothing. The node is read through ``ctx`` when the step runs."""
+    def hook(grad_inputs, grad_outputs):
+        g = grad_outputs[0]
+        if g is None or grad_inputs[0] is None:
+            return grad_inputs
+        node, run = ctx.node, ctx.run
+        s, x = ctx.output(0).to(g.dtype), ctx.input(0).to(g.dtype)  # the node's dtype (a float32 softmax in a
+        q = ratio_(torch.mul(g, s), x)  # float64 model), as its backward's
+        run.uncarried.append(uncarried(q))
+        e = node.inputs[0]
+        if e is not None and (e.child, e.nr) in run.promises.provisional:
+            q.mul_(_check_mask(node, x, s, saved(node.fn, "dim"), run.scratch))
+            run.promises.certify((e.child, e.nr))
+        return (q,) + (None,) * (len(grad_inputs) - 1)
+    return hook
 
 
 def _masked_logits(ctx) -> bool:

@@ -96,14 +96,31 @@ class AddTerms(OpSpec):
     def gradient_step(self, ctx):
         """ε → 0 on a sum: :math:`R_k = t_k \\odot J_k^\\top (R / z)`, the terms times the gradient (a constant
         term, recorded or not, keeps its share without anyone computing it). A larger ε: the gradient arriving at
-        :math:`z` scaled first (:func:`~.base.stabilised_gradient`), where every operand is recorded (else the
-        node-by-node rule may take a constant as zero, and :math:`z` would not be the output)."""
+        :math:`z` scaled first (:func:`~.base.stabilised_gradient`, :math:`z` as the Promise System knows it),
+        where every operand is recorded or the sum feeds softmaxes alone: a constant autograd did not record is
+        then an attention mask the softmax's step checks, taken as zero there as node by node (elsewhere the
+        node-by-node rule may take it as zero where the output is not the sum: no form)."""
         form = rule_form(self.sum_rule(ctx), "sum")
         if form is PLAIN:
             return PLAIN
-        if isinstance(form, Stabilised) and all(e is not None for e in ctx.node.inputs):
+        if isinstance(form, Stabilised) and (all(e is not None for e in ctx.node.inputs) or _masks_softmax(ctx)):
             return stabilised_gradient(ctx, form.eps)
         return None
+
+
+def _masks_softmax(ctx) -> bool:
+    """Whether every use of the node's output (through views and casts) is a softmax's logits."""
+    graph, stack, seen = ctx.run.graph, [ctx.node.id], 0
+    while stack:
+        for cid, i in graph.consumers.get((stack.pop(), 0), ()):
+            c = graph.nodes[cid]
+            if (c.spec.transparent or c.spec.invert is not None) and len(c.inputs) == 1:
+                stack.append(cid)
+            elif c.spec.family == "softmax" and i == 0:
+                seen += 1
+            else:
+                return False
+    return seen > 0
 
 
 class BiasAdd(AddTerms):
