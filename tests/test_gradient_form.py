@@ -715,13 +715,9 @@ def _text_cases():
     return ARCHITECTURES
 
 
-@pytest.mark.parametrize("preset", ["attnlrp", "cp_lrp"])
-@pytest.mark.parametrize("name", list(_text_cases()))
-def test_every_text_architecture(name, preset):
-    """Each text architecture of the coverage suite (eager attention, float64): the gradient form is used and
-    agrees with the node-by-node run to 1e-6 of the largest token relevance (float32 casts inside RMSNorms and
-    softmaxes round the gradient there: about 1e-8), except Mamba, whose float32 output in a float64 model keeps the
-    node-by-node run (relevance in float64)."""
+def _text_pair(name: str, preset: str):
+    """(gradient pass if its rules allow, node by node) on a text architecture of the coverage suite, eager
+    attention, float64."""
     from test_coverage_text import to_double
 
     arch = _text_cases()[name]
@@ -737,6 +733,17 @@ def test_every_text_architecture(name, preset):
         got = dynamiclrp.explain(model, inputs, preset=preset, output=out, ledger=False)
     finally:
         torch.set_default_dtype(old)
+    return got, ref
+
+
+@pytest.mark.parametrize("preset", ["attnlrp", "cp_lrp"])
+@pytest.mark.parametrize("name", list(_text_cases()))
+def test_every_text_architecture(name, preset):
+    """Each text architecture of the coverage suite (eager attention, float64): the gradient form is used and
+    agrees with the node-by-node run to 1e-6 of the largest token relevance (float32 casts inside RMSNorms and
+    softmaxes round the gradient there: about 1e-8), except Mamba, whose float32 output in a float64 model keeps the
+    node-by-node run (relevance in float64)."""
+    got, ref = _text_pair(name, preset)
     if name == "mamba":
         assert not got.stats.gradient_form
         return
@@ -753,21 +760,7 @@ def test_epsilon_preset_on_every_text_architecture(name):
     gradient form (ε on linear layers and sums, the uniform rule's on attention products, attention masks checked
     by softmax's step) it must agree with the node-by-node run as the AttnLRP presets do (above); where they have
     none, the node-by-node answer comes back all the same."""
-    from test_coverage_text import to_double
-
-    arch = _text_cases()[name]
-    if "eager" not in arch.attn:
-        pytest.skip("no eager attention")
-    model, inputs, out = arch.small("eager")
-    old = torch.get_default_dtype()
-    if arch.default_double:
-        torch.set_default_dtype(D)
-    try:
-        model, inputs = model.double().eval(), to_double(inputs)
-        ref = dynamiclrp.explain(model, inputs, preset="epsilon", output=out, ledger=False, gradient_form=False)
-        got = dynamiclrp.explain(model, inputs, preset="epsilon", output=out, ledger=False)
-    finally:
-        torch.set_default_dtype(old)
+    got, ref = _text_pair(name, "epsilon")
     assert got.stats.gradient_form or name not in EPSILON_FORM
     assert rel_diff(got.tokens, ref.tokens) < 1e-6
 
