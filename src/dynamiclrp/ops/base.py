@@ -247,7 +247,7 @@ def stabilised_gradient(ctx: Context, eps: float, scale: float = 1.0) -> PreHook
         if g is None:
             return grad_outputs
         z = _relu_saved_output(ctx, g.dtype)
-        f = (ctx.output(0) if z is None else z).abs()
+        f = (ctx.output(0).to(g.dtype) if z is None else z).abs()  # in the node's dtype, as its backward
         f = f.div_(f + eps).mul_(g)  # fresh memory: the incoming gradient may be shared (an addition passes it on)
         if scale != 1.0:
             f.mul_(scale)

@@ -166,7 +166,10 @@ class BiasAdd(AddTerms):
         from .linear import layer_gradient_step, linear_op_below  # noqa: PLC0415 - linear imports this module
 
         op = linear_op_below(ctx.run.graph, ctx.node)
-        return None if op is None else layer_gradient_step(Context(ctx.run, op, []), ctx)
+        at = None if op is None else Context(ctx.run, op, [])
+        if at is None or at.is_data(0) and at.is_data(1):  # a product of two activations has a rule of its own
+            return None
+        return layer_gradient_step(at, ctx)
 
     def relevance(self, ctx):
         if self.fuses(ctx, ctx.node):
