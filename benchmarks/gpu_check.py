@@ -141,7 +141,7 @@ def hf_models(dev):
             m2 = cls._from_config(copy.deepcopy(cfg), attn_implementation="eager").to(dev, dtype).eval()
             m2.load_state_dict(m1.state_dict())
             m3 = copy.deepcopy(m2).double()  # the ground truth: the same (rounded) weights in float64
-            for preset in ("attnlrp", "cp_lrp"):
+            for preset in ("attnlrp", "cp_lrp", "epsilon"):  # epsilon: a gradient pass too since session 14 (eager)
                 try:  # one target for all three (the float64 model's arg-max): bf16 may rank classes otherwise
                     with torch.no_grad():
                         y3 = m3(input_ids=ids)
