@@ -949,3 +949,27 @@ def test_pre_activation_proved_through_max_pooling(monkeypatch):
         slow = dynamiclrp.explain(m, x, target=[0, 2], ledger=False, check_finite=False, gradient_form=False).inputs[0]
     assert compared.n - proved.n == 2
     assert torch.equal(fast, slow) and fast.abs().sum() > 0
+
+
+def test_pre_activation_proved_under_average_pooling(monkeypatch):
+    """Average pooling and a mean take the ε-sum rule: their relevance for the pooled values is ``x ⊙ Jᵀ s``, zero
+    where a ReLU's output is. A layer's ReLU under an average pooling or before a global one is proved from the
+    graph too (a host read fewer per such layer); same relevance, bit for bit."""
+    import dynamiclrp.ops.linear as linear
+
+    torch.manual_seed(6)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(4, 5, 3, padding=1),
+                      nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    proofs = []
+    original = linear._weighs_by_value
+    monkeypatch.setattr(linear, "_weighs_by_value", lambda *a: proofs.append(original(*a)) or proofs[-1])
+    kw = dict(target=[0, 2], preset="epsilon", ledger=False, check_finite=False, gradient_form=False)
+    with HostReads() as proved:
+        fast = dynamiclrp.explain(m, x, **kw).inputs[0]
+    assert proofs == [True, True]  # both ReLUs: under an average pooling, under the global one
+    monkeypatch.setattr(linear, "_weighs_by_value", lambda *a: False)
+    with HostReads() as compared:
+        slow = dynamiclrp.explain(m, x, **kw).inputs[0]
+    assert compared.n - proved.n == 2
+    assert torch.equal(fast, slow) and fast.abs().sum() > 0

@@ -31,6 +31,7 @@ from .base import (
     undo_views,
 )
 from .elementwise import _VIEWS, Add, AddTerms, BiasAdd
+from .reduce import Reduction
 from .shape import MaxPool
 
 
@@ -125,8 +126,9 @@ def _weighs_by_value(ctx, node) -> bool:
     output is: every consumer, seen through views that keep every element and through max-pooling (a window's
     relevance goes to its maximum, where the value is the window's output), weighs the relevance of its operand by
     the operand -- a rule that declares ``weighs_by_operand`` (ε, z⁺, γ, αβ) on a linear op whose other operand is
-    a weight (not the input layer's rule), or on a sum -- and the operands are the saved values themselves (not
-    addends recovered by subtraction). One such consumer's relevance is ``x ⊙ g``, so the sum of them all is 0
+    a weight (not the input layer's rule), on a sum, or on an average pooling or mean -- and the operands are the
+    saved values themselves (not addends recovered by subtraction). One such consumer's relevance is ``x ⊙ g``, so
+    the sum of them all is 0
     where ``x`` is. Else False: the caller then compares relevance and output element by element."""
     from ..engine import Context  # noqa: PLC0415 - the engine imports this module
 
@@ -151,6 +153,8 @@ def _weighs_by_value(ctx, node) -> bool:
                     continue
             elif type(c.spec) in (Add, AddTerms) and getattr(at.rule(c.spec.family), "weighs_by_operand", False):
                 continue
+            elif isinstance(c.spec, Reduction) and i == 0 and getattr(at.rule("sum"), "weighs_by_operand", False):
+                continue  # average pooling, a mean: the sum rule on the pooled values, x ⊙ Jᵀ s
             return False
     return True
 
