@@ -247,8 +247,13 @@ def stabilised_gradient(ctx: Context, eps: float, scale: float = 1.0) -> PreHook
         if g is None:
             return grad_outputs
         z = _relu_saved_output(ctx, g.dtype)
-        f = (ctx.output(0).to(g.dtype) if z is None else z).abs()  # in the node's dtype, as its backward
-        f = f.div_(f + eps).mul_(g)  # fresh memory: the incoming gradient may be shared (an addition passes it on)
+        if z is None:
+            z = ctx.output(0).to(g.dtype).abs()  # in the node's dtype, as its backward; a fresh tensor
+            f = z.div_(z + eps)
+        else:  # a ReLU's output: already |z|, and not ours to overwrite
+            f = z + eps
+            f = torch.div(z, f, out=f)
+        f = f.mul_(g)  # fresh memory: the incoming gradient may be shared (an addition passes it on)
         if scale != 1.0:
             f.mul_(scale)
         return (f,) + tuple(grad_outputs[1:])
