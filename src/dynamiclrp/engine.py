@@ -15,7 +15,7 @@ import torch
 
 from .errors import NonFiniteError
 from .graph import Graph, Node
-from .ops.base import recorded_shape
+from .ops.base import all_finite, recorded_shape
 from .plan import lru_get, lru_put
 from .presets import FALLBACK, Preset
 from .promise import Promises
@@ -60,8 +60,9 @@ class Run:
         self.promises = Promises(self.graph, self.approximations, self.subtract_addends)
         self.useful = _useful(self.graph, self.record)
         self._scratch: dict[tuple, torch.Tensor] = {}
-        #: the gradient form's flags of relevance its ratios could not carry (``ops.base.uncarried``)
-        self.uncarried: list[torch.Tensor] = []
+        #: the gradient form's ratios, each flagged whether it carried all its relevance (``ops.base.all_finite``:
+        #: an infinity is relevance at a zero value, which no ratio carries)
+        self.carried: list[torch.Tensor] = []
 
     def scratch(self, key: str, like: torch.Tensor) -> torch.Tensor:
         """A buffer with ``like``'s shape, dtype and device that an op entry may overwrite during its own turn and
@@ -105,7 +106,7 @@ class Run:
             out = None if totals is None else [None if r is None else r.sum() for r in R_in]
             if self.check_finite:  # one flag per node, read once at the end: no host sync per node
                 if out is None:
-                    flags = [None if r is None else _all_finite(r) for r in R_in]
+                    flags = [None if r is None else all_finite(r) for r in R_in]
                 else:  # the ledger's sums: non-finite where an element is (or where the sum overflows)
                     flags = [None if t is None else torch.isfinite(t) for t in out]
                 finite.append((node, flags))
@@ -281,14 +282,6 @@ def _useful(graph: Graph, record: set[tuple[int, int]]) -> list[bool]:
 def _add_total(totals: dict, slot: tuple[int, int], t: torch.Tensor) -> None:
     held = totals.get(slot)
     totals[slot] = t if held is None else held + t
-
-
-def _all_finite(r: torch.Tensor) -> torch.Tensor:
-    """Whether every element is finite, as a 0-d bool tensor (no host sync): the extremes are finite exactly then
-    (min and max propagate NaN). One reduction, where ``isfinite(r).all()`` writes a bool tensor as large as ``r``."""
-    if r.numel() == 0:
-        return torch.ones((), dtype=torch.bool, device=r.device)
-    return torch.isfinite(torch.stack(torch.aminmax(r))).all()
 
 
 def _check_finite(flags: list[tuple[Node, list]]) -> None:

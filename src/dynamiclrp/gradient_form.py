@@ -30,7 +30,7 @@ other than the graph's.
 
 Relevance at a value that is exactly 0 has no ratio (:math:`R / 0`): the identity rule on a sigmoid or a batch norm
 after a ReLU can give it. The infinity need not reach the input (a ReLU's backward drops it where the value is 0),
-so each such ratio is flagged (:func:`~dynamiclrp.ops.base.uncarried`) and a flagged pass is left to the node-by-node
+so each such ratio is flagged (:func:`~dynamiclrp.ops.base.all_finite`) and a flagged pass is left to the node-by-node
 propagation, which carries that relevance.
 
 With a plan (:class:`dynamiclrp.Plan`) the working-out is done once per graph skeleton and rule set: the steps
@@ -53,11 +53,11 @@ from typing import Any
 import torch
 from torch.autograd.graph import GradientEdge
 
-from .engine import Context, Run, _all_finite
+from .engine import Context, Run
 from .errors import GraphFreedError
 from .gradient_bypass import Bypasses, UndeliveredError, plan_bypasses
 from .ops import spec_for
-from .ops.base import GRAPH_FREED, PreHook, freed, ratio, silenced, uncarried
+from .ops.base import GRAPH_FREED, PreHook, all_finite, freed, ratio, silenced
 from .plan import lru_get, lru_put
 from .rules import PLAIN
 
@@ -135,20 +135,20 @@ def _rebindable(node: Any) -> bool:
     return all(type(spec).__module__.startswith("dynamiclrp.ops") for spec in (node.spec, spec_for(node.fn)))
 
 
-def gradient_steps(run: Run, seeds: frozenset = frozenset()) -> tuple[list[tuple[int, Any, Context]], str | None]:
+def gradient_steps(run: Run, seeds: frozenset) -> tuple[list[tuple[int, Any, Context]], str | None]:
     """The steps the gradient form needs, as ``(graph node id, step, the context it was made with)``, or the
     reason it cannot be used (the first node on the way whose rule has no gradient form).
 
     Nodes are visited from the outputs (``graph.order``), and only those the pass reaches are asked: a node that
     every consumer gives no gradient (a step's :func:`~dynamiclrp.ops.base.silenced` operand: a norm's statistics,
-    the ``1 + tanh(...)`` of a GELU written out) is not run by autograd, so its rule needs no form. Without
-    ``seeds`` (the output slots the pass starts from) every node counts as reached."""
+    the ``1 + tanh(...)`` of a GELU written out) is not run by autograd, so its rule needs no form. ``seeds``: the
+    output slots the pass starts from."""
     graph, useful, nodes = run.graph, run.useful, run.graph.nodes
-    reached = {nid for nid, _ in seeds} if seeds else None
+    reached = {nid for nid, _ in seeds}
     hooks = []
     for hid in graph.order:
         fn = nodes[hid].fn
-        if graph.head.get(fn) != hid or reached is not None and hid not in reached:
+        if graph.head.get(fn) != hid or hid not in reached:
             continue  # a later part of a fused node (its head stands for it), or a node no gradient reaches
         parts = graph.parts(fn)
         asked = next((p for p in parts if useful[p.id] and _passes_on(p, useful)), None)
@@ -161,10 +161,9 @@ def gradient_steps(run: Run, seeds: frozenset = frozenset()) -> tuple[list[tuple
             return [], f"{asked.kind} (node #{asked.id}) has no gradient form under its rule"
         if step is not PLAIN:
             hooks.append((hid, step, ctx))
-        if reached is not None:
-            quiet = silenced(step) if len(parts) == 1 else frozenset()
-            reached.update(e.child for p in parts for i, e in enumerate(p.inputs)
-                           if e is not None and nodes[e.child].fn is not fn and i not in quiet)
+        quiet = silenced(step) if len(parts) == 1 else frozenset()
+        reached.update(e.child for p in parts for i, e in enumerate(p.inputs)
+                       if e is not None and nodes[e.child].fn is not fn and i not in quiet)
     return hooks, None
 
 
@@ -181,7 +180,7 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
     """Fill ``run.recorded`` by one gradient pass: ``seeds`` maps an output slot to (its relevance, its value).
     Returns False, recording nothing, when a relevance came out non-finite and ``run.check_finite`` is set (the
     caller then propagates relevance node by node, which names the node), and whenever a ratio could not carry
-    some relevance (relevance at a zero value, :func:`~dynamiclrp.ops.base.uncarried`: node by node carries it,
+    some relevance (relevance at a zero value, :func:`~dynamiclrp.ops.base.all_finite`: node by node carries it,
     where the pass may have dropped it without a trace). A bypass
     (:mod:`dynamiclrp.gradient_bypass`; ``bypass``, default :data:`BYPASSES`) that could not hand its gradient on
     makes the pass run again without bypasses."""
@@ -189,7 +188,7 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
     keys = sorted(run.record)
     outputs = [GradientEdge(graph.nodes[nid].fn, nr) for nid, nr in seeds]
     ratios = [ratio(r.to(v.dtype), v) for r, v in seeds.values()]  # at an output: its relevance over its value
-    run.uncarried = [uncarried(q) for q in ratios]
+    run.carried = [all_finite(q) for q in ratios]
     prepared.bind(run)  # released below, whatever happens: a plan keeps the pass, not the run
     hooks = prepared.hooks(run)
     bypasses, handles = None, []
@@ -218,13 +217,13 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
         prepared.release()
     if grads is None or undelivered:  # hooks removed: again, without bypasses
         return propagate_gradient_form(run, seeds, prepared, bypass=False)
-    if bool(torch.stack(run.uncarried).any()):  # relevance at a zero value: no ratio carries it
+    if not bool(torch.stack(run.carried).all()):  # relevance at a zero value: no ratio carries it
         return False
     recorded = {}
     for (nid, nr), g in zip(keys, grads):
         if g is not None:
             recorded[(nid, nr)] = _value(run, nid, nr).to(g.dtype) * g
-    if run.check_finite and recorded and not bool(torch.stack([_all_finite(r) for r in recorded.values()]).all()):
+    if run.check_finite and recorded and not bool(torch.stack([all_finite(r) for r in recorded.values()]).all()):
         return False
     run.recorded.update(recorded)
     run.bypassed = bypassed

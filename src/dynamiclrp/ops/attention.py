@@ -21,6 +21,7 @@ from .base import (
     PART,
     DirectStep,
     OpSpec,
+    all_finite,
     held_constant,
     identity_gradient,
     ratio_,
@@ -28,7 +29,6 @@ from .base import (
     saved,
     scaled_gradient,
     through_views,
-    uncarried,
 )
 from .elementwise import AddTerms
 
@@ -106,7 +106,7 @@ def _masked_identity_step(ctx):
         node, run = ctx.node, ctx.run
         s, x = ctx.output(0).to(g.dtype), ctx.input(0).to(g.dtype)  # the node's dtype (a float32 softmax in a
         q = ratio_(torch.mul(g, s), x)  # float64 model), as its backward's
-        run.uncarried.append(uncarried(q))
+        run.carried.append(all_finite(q))
         e = node.inputs[0]
         if e is not None and (e.child, e.nr) in run.promises.provisional:
             q.mul_(_check_mask(node, x, s, saved(node.fn, "dim"), run.scratch))

@@ -329,14 +329,17 @@ def ratio_(r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return _zero_undefined_(r.div_(x))
 
 
-def uncarried(q: torch.Tensor) -> torch.Tensor:
-    """Whether the ratio ``q`` (from :func:`ratio`) failed to carry some relevance (an infinity: relevance at a zero
-    value), as a 0-d bool tensor (no host sync). An infinity need not reach the input: a ReLU's or a max-pooling's
-    backward below drops it where the value is 0, and the relevance would be lost without a trace; the gradient
-    form reads these flags after its pass and leaves such a run to the node-by-node propagation."""
-    if q.numel() == 0:
-        return torch.zeros((), dtype=torch.bool, device=q.device)
-    return torch.isinf(torch.stack(torch.aminmax(q))).any()
+def all_finite(r: torch.Tensor) -> torch.Tensor:
+    """Whether every element is finite, as a 0-d bool tensor (no host sync): the extremes are finite exactly then
+    (min and max propagate NaN). One reduction, where ``isfinite(r).all()`` writes a bool tensor as large as ``r``.
+
+    On a ratio (:func:`ratio`, NaN already 0) it tells whether the ratio carried all its relevance: an infinity is
+    relevance at a zero value. It need not reach the input -- a ReLU's or a max-pooling's backward below drops it
+    where the value is 0, and the relevance would be lost without a trace -- so the gradient form flags each ratio
+    (``Run.carried``), reads the flags after its pass and leaves such a run to the node-by-node propagation."""
+    if r.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=r.device)
+    return torch.isfinite(torch.stack(torch.aminmax(r))).all()
 
 
 def _zero_undefined_(q: torch.Tensor) -> torch.Tensor:
@@ -373,7 +376,7 @@ def identity_gradient(ctx: Context, quotient: Any = None) -> DirectStep:
         shape = torch.broadcast_shapes(g.shape, y.shape, x.shape)
         out = None if out_like is None else spare(out_like, shape, torch.promote_types(g.dtype, y.dtype), x, g, y)
         q = ratio_(torch.mul(g, y) if out is None else torch.mul(g, y, out=out), x)
-        ctx.run.uncarried.append(uncarried(q))
+        ctx.run.carried.append(all_finite(q))
         return q
 
     def hook(grad_inputs, grad_outputs):

@@ -128,8 +128,8 @@ def _weighs_by_value(ctx, node) -> bool:
     the operand -- a rule that declares ``weighs_by_operand`` (ε, z⁺, γ, αβ) on a linear op whose other operand is
     a weight (not the input layer's rule), on a sum, or on an average pooling or mean -- and the operands are the
     saved values themselves (not addends recovered by subtraction). One such consumer's relevance is ``x ⊙ g``, so
-    the sum of them all is 0
-    where ``x`` is. Else False: the caller then compares relevance and output element by element."""
+    the sum of them all is 0 where ``x`` is. Else False: the caller then compares relevance and output element by
+    element."""
     from ..engine import Context  # noqa: PLC0415 - the engine imports this module
 
     run = ctx.run
@@ -205,11 +205,10 @@ def _batch_norm_after(ctx, bias_handled: bool):
 def layer_gradient_step(ctx, at):
     r"""The gradient step of a node of the linear layer whose op ``ctx`` is at (one operand a weight): the op
     itself, its bias addition or the batch norm merged into it, at which ``at`` is (the context the step reads its
-    node through). The ε → 0 rule is the layer's own gradient (its
-    bias in the denominator; a merged batch norm's scale is its gradient). A larger ε
-    (:class:`~dynamiclrp.rules.Stabilised`) scales the gradient arriving at the layer's output -- the node whose
-    output is the rule's denominator (:func:`_layer_top`) -- and the other nodes' backward is the layer's own. None
-    for a rule without a gradient form."""
+    node through). The ε → 0 rule is the layer's own gradient (its bias in the denominator; a merged batch norm's
+    scale is its gradient). A larger ε (:class:`~dynamiclrp.rules.Stabilised`) scales the gradient arriving at the
+    layer's output -- the node whose output is the rule's denominator (:func:`_layer_top`) -- and the other nodes'
+    backward is the layer's own. None for a rule without a gradient form."""
     spec = ctx.node.spec
     form = rule_form(ctx.rule(spec.family_at(ctx, spec.data_operand(ctx))), "linear")
     if form is PLAIN:
