@@ -724,11 +724,12 @@ def test_a_copy_saved_behind_views_is_used(monkeypatch):
     torch.testing.assert_close(with_views, without, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("where", ["gelu", "attention"])
+@pytest.mark.parametrize("where", ["gelu", "gelu, scaled", "attention"])
 def test_layer_output_with_bias_read_off_a_saved_copy(where, monkeypatch):
     """addmm's output (bias included) saved by a consumer (GELU saves its input; the attention matmul saves it
     behind views) gives the layer's product as that copy less the bias: the mm is not recomputed, and the relevance
-    equals the recomputation's."""
+    equals the recomputation's. The addition's factors (``beta``, ``alpha``) are host numbers: reading the copy
+    costs no read of a device value (each one waits for a GPU)."""
     from dynamiclrp.ops import OPS
     from dynamiclrp.ops import linear as linear_ops
 
@@ -740,16 +741,32 @@ def test_layer_output_with_bias_read_off_a_saved_copy(where, monkeypatch):
 
     def explain():
         recomputed.clear()
-        h = proj(x)
-        if where == "gelu":
+        if where == "gelu, scaled":
+            h = torch.addmm(proj.bias, x.view(10, 8), proj.weight.t(), beta=0.5, alpha=2.0).view(2, 5, 8)
+        else:
+            h = proj(x)
+        if where.startswith("gelu"):
             y = head(F.gelu(h)).sum(1)
         else:
             qh = h.view(2, 5, 2, 4).transpose(1, 2)
             y = ((qh @ qh.transpose(-1, -2)).softmax(-1) @ qh).sum((1, 2, 3))[:, None]
-        return dynamiclrp.propagate(y, target=0, wrt=[x], rules={"linear": Epsilon(0.1)}).inputs[0]
+        return dynamiclrp.propagate(y, target=0, wrt=[x], rules={"linear": Epsilon(0.1)}, ledger=False,
+                                    check_finite=False, gradient_form=False).inputs[0]
 
+    from dynamiclrp.ops.elementwise import BiasAdd
+
+    reads, read_off = [], BiasAdd.linear_output
+
+    def counted(self, ctx, node):
+        with HostReads() as r:
+            out = read_off(self, ctx, node)
+        reads.append(r.n)
+        return out
+
+    monkeypatch.setattr(BiasAdd, "linear_output", counted)
     fast = explain()
-    assert not recomputed or where == "gelu" and len(recomputed) == 1  # the head's output feeds a sum: replayed
+    assert reads and not any(reads)
+    assert not recomputed or where.startswith("gelu") and len(recomputed) == 1  # the head's output feeds a sum
     n_fast = len(recomputed)
     monkeypatch.setattr(linear_ops, "_from_saved_layer_output", lambda ctx: None)
     slow = explain()
@@ -973,3 +990,54 @@ def test_pre_activation_proved_under_average_pooling(monkeypatch):
         slow = dynamiclrp.explain(m, x, **kw).inputs[0]
     assert compared.n - proved.n == 2
     assert torch.equal(fast, slow) and fast.abs().sum() > 0
+
+
+def _conv_bn_net(depth: int) -> nn.Module:
+    """Convolution, eval-mode batch norm (random statistics; the second one's scale negative in one channel, so
+    that it cannot be taken as a positive scale of the layer's output), ReLU, ``depth`` times, then a linear head."""
+    torch.manual_seed(11)
+    layers = []
+    for i in range(depth):
+        bn = nn.BatchNorm2d(4)
+        with torch.no_grad():
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+            if i == 1:
+                bn.weight[2] = -0.7
+        layers += [nn.Conv2d(3 if i == 0 else 4, 4, 3, padding=1, bias=i % 2 == 0), bn, nn.ReLU()]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double().eval()
+
+
+def test_merged_batch_norms_are_worked_out_together(monkeypatch):
+    """Without a plan the constants of every batch norm merged into the layer before it (scale, shift, whether every
+    scale is positive) are worked out together: the host reads the positivity of all of them at once, so the reads
+    do not grow with the depth (on a GPU each read waits for the device), and the relevance is the one of the
+    constants worked out a layer at a time."""
+    from dynamiclrp.ops import linear
+
+    reads = [0]
+    tolist = torch.Tensor.tolist
+
+    def spy(self, *a, **k):
+        reads[0] += 1
+        return tolist(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", spy)
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    kw = dict(target=[0, 2], preset="epsilon_plus", ledger=False, check_finite=False)
+    counts, together = [], None
+    for depth in (2, 5):
+        m = _conv_bn_net(depth)
+        reads[0] = 0
+        with HostReads() as r:
+            together = dynamiclrp.explain(m, x, **kw).inputs[0]
+        counts.append(r.n + reads[0])
+    assert counts[0] == counts[1]
+    monkeypatch.setattr(linear, "_graph_batch_norm_constants", lambda run, dt: {})
+    reads[0] = 0
+    with HostReads() as r:
+        alone = dynamiclrp.explain(m, x, **kw).inputs[0]
+    assert r.n + reads[0] > counts[1]  # the check above could fail: one read per layer
+    assert torch.equal(together, alone) and together.abs().sum() > 0

@@ -8,6 +8,7 @@ preset for a rule and the Promise System for any activation autograd did not kee
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 
 from .errors import NonFiniteError
 from .graph import Graph, Node
-from .ops.base import all_finite, recorded_shape
+from .ops.base import all_finite, extremes, recorded_shape
 from .plan import lru_get, lru_put
 from .presets import FALLBACK, Preset
 from .promise import Promises
@@ -60,8 +61,10 @@ class Run:
         self.promises = Promises(self.graph, self.approximations, self.subtract_addends)
         self.useful = _useful(self.graph, self.record)
         self._scratch: dict[tuple, torch.Tensor] = {}
-        #: the gradient form's ratios, each flagged whether it carried all its relevance (``ops.base.all_finite``:
-        #: an infinity is relevance at a zero value, which no ratio carries)
+        #: what an op entry works out once per run for all its nodes together (keyed by the entry's own label)
+        self.derived: dict[Hashable, Any] = {}
+        #: the extremes of the gradient form's ratios (``ops.base.extremes``): whether each carried all its relevance
+        #: (an infinity is relevance at a zero value, which no ratio carries)
         self.carried: list[torch.Tensor] = []
 
     def scratch(self, key: str, like: torch.Tensor) -> torch.Tensor:
@@ -104,11 +107,11 @@ class Run:
             R_in = node.spec.relevance(ctx)
             self.rules_run += 1
             out = None if totals is None else [None if r is None else r.sum() for r in R_in]
-            if self.check_finite:  # one flag per node, read once at the end: no host sync per node
+            if self.check_finite:  # values per node, checked and read once at the end: no host sync per node
                 if out is None:
-                    flags = [None if r is None else all_finite(r) for r in R_in]
+                    flags = [None if r is None else extremes(r) for r in R_in]
                 else:  # the ledger's sums: non-finite where an element is (or where the sum overflows)
-                    flags = [None if t is None else torch.isfinite(t) for t in out]
+                    flags = [None if t is None else t.reshape(1) for t in out]
                 finite.append((node, flags))
             if totals is not None:
                 self._book(node, [totals.pop((nid, nr), None) for nr in range(len(R))], out)
@@ -285,13 +288,14 @@ def _add_total(totals: dict, slot: tuple[int, int], t: torch.Tensor) -> None:
 
 
 def _check_finite(flags: list[tuple[Node, list]]) -> None:
-    """Raise for the first node (from the output) whose rule produced NaN or inf."""
+    """Raise for the first node (from the output) whose rule produced NaN or inf. ``flags``: per node, per operand,
+    values that are finite exactly where its relevance is (its extremes, or the ledger's sum)."""
     checked = [f for _, fs in flags for f in fs if f is not None]  # none: every rule passed nothing on
-    if not checked or bool(torch.stack(checked).all()):
+    if not checked or bool(all_finite(torch.cat(checked))):
         return
     for node, fs in flags:
         for i, f in enumerate(fs):
-            if f is not None and not bool(f):
+            if f is not None and not bool(all_finite(f)):
                 raise NonFiniteError(
                     f"the {node.kind} rule (node #{node.id}) produced NaN or inf relevance for operand {i} (or, with "
                     "the ledger on, relevance whose sum overflows its dtype); pass check_finite=False to allow it"

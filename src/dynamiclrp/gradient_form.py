@@ -57,7 +57,7 @@ from .engine import Context, Run
 from .errors import GraphFreedError
 from .gradient_bypass import Bypasses, UndeliveredError, plan_bypasses
 from .ops import spec_for
-from .ops.base import GRAPH_FREED, PreHook, all_finite, freed, ratio, silenced
+from .ops.base import GRAPH_FREED, PreHook, all_finite, extremes, freed, ratio, silenced
 from .plan import lru_get, lru_put
 from .rules import PLAIN
 
@@ -188,7 +188,7 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
     keys = sorted(run.record)
     outputs = [GradientEdge(graph.nodes[nid].fn, nr) for nid, nr in seeds]
     ratios = [ratio(r.to(v.dtype), v) for r, v in seeds.values()]  # at an output: its relevance over its value
-    run.carried = [all_finite(q) for q in ratios]
+    run.carried = [extremes(q) for q in ratios]
     prepared.bind(run)  # released below, whatever happens: a plan keeps the pass, not the run
     hooks = prepared.hooks(run)
     bypasses, handles = None, []
@@ -217,13 +217,13 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
         prepared.release()
     if grads is None or undelivered:  # hooks removed: again, without bypasses
         return propagate_gradient_form(run, seeds, prepared, bypass=False)
-    if not bool(torch.stack(run.carried).all()):  # relevance at a zero value: no ratio carries it
+    if not bool(all_finite(torch.cat(run.carried))):  # relevance at a zero value: no ratio carries it
         return False
     recorded = {}
     for (nid, nr), g in zip(keys, grads):
         if g is not None:
             recorded[(nid, nr)] = _value(run, nid, nr).to(g.dtype) * g
-    if run.check_finite and recorded and not bool(torch.stack([all_finite(r) for r in recorded.values()]).all()):
+    if run.check_finite and recorded and not bool(all_finite(torch.cat([extremes(r) for r in recorded.values()]))):
         return False
     run.recorded.update(recorded)
     run.bypassed = bypassed

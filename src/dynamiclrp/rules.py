@@ -315,6 +315,20 @@ def _w_neg(w: Tensor, alone: bool = False) -> Tensor:
     return weight_derived("-", w, lambda: w.clamp(max=0))
 
 
+def _nonnegative_shift(b: Tensor | None, eps: float, out_scale: Tensor | None = None) -> float | Tensor:
+    r""":math:`(b^+ + \varepsilon) / s`, what a denominator of non-negative contributions is shifted by (its bias's
+    positive part and the stabiliser, over the scale of a merged batch norm): from the layer's constants alone, so
+    kept by an active plan (three small ops per layer otherwise)."""
+    if b is None and out_scale is None:
+        return eps
+
+    def compute():
+        shift = eps if b is None else _pos(b) + eps
+        return shift if out_scale is None else shift / out_scale
+    sources = tuple(t for t in (b, out_scale) if t is not None)
+    return weight_derived(("shift", eps, b is not None, out_scale is not None), sources, compute)
+
+
 def _signs(x: Tensor, nonnegative: bool = False) -> tuple[Tensor | None, Tensor | None]:
     """:math:`(x^+, x^-)`, None for a part that is zero everywhere: its terms vanish exactly, so a rule that splits
     by sign skips them, and a layer after a ReLU (:math:`x^- = 0`) costs half the products. ``nonnegative``: the
@@ -411,9 +425,7 @@ class ZPlus:
         :math:`R / (z^+ + (b^+ + \\varepsilon)/s)` carried back through :math:`w^+`."""
         xp, xn = _signs(x, x_nonnegative)
         pairs = [(xp, None if xp is None else _w_pos(w)), (xn, None if xn is None else _w_neg(w))]
-        shift = self.eps if b is None else _pos(b) + self.eps  # x⁺w⁺ + x⁻w⁻ + b⁺ + ε > 0
-        if out_scale is not None:
-            shift = shift / out_scale
+        shift = _nonnegative_shift(b, self.eps, out_scale)  # x⁺w⁺ + x⁻w⁻ + b⁺ + ε > 0
         return _linear_terms(pairs, over_stabilized_nonnegative(R, _products(pairs, fn), shift), fn)
 
 
@@ -491,7 +503,7 @@ class AlphaBeta:
         wn = _w_neg(w, alone=xn is None)  # with x⁻ it is stacked with w⁺ (x⁺w⁺ + x⁻w⁻ as one product)
         pos, neg = [(xp, wp), (xn, wn)], [(xp, wn), (xn, wp)]
         zn = _plus_(_products(neg, fn), None if b is None else b.clamp(max=0))
-        shift = self.eps if b is None else _pos(b) + self.eps  # zp >= 0: its stabiliser added with its bias
+        shift = _nonnegative_shift(b, self.eps)  # zp >= 0: its stabiliser added with its bias
         rp = _linear_terms(pos, over_stabilized_nonnegative(R, _products(pos, fn), shift), fn)
         rn = _linear_terms(neg, over_stabilized(R, zn, self.eps), fn)
         if _fits(rp, rn) and _writable(rp, rn) and _writable(rn, rp):  # both the rule's own: no allocation

@@ -15,13 +15,13 @@ import math
 import torch
 
 from ..errors import ActivationUnavailableError, DynamicLRPError
-from ..rules import BLOCKED, IDENTITY, PLAIN
+from ..rules import BLOCKED, IDENTITY, PLAIN, Stabilised, over_stabilized
 from .base import (
     NEXT,
     PART,
     DirectStep,
     OpSpec,
-    all_finite,
+    extremes,
     held_constant,
     identity_gradient,
     ratio_,
@@ -106,7 +106,7 @@ def _masked_identity_step(ctx):
         node, run = ctx.node, ctx.run
         s, x = ctx.output(0).to(g.dtype), ctx.input(0).to(g.dtype)  # the node's dtype (a float32 softmax in a
         q = ratio_(torch.mul(g, s), x)  # float64 model), as its backward's
-        run.carried.append(all_finite(q))
+        run.carried.append(extremes(q))
         e = node.inputs[0]
         if e is not None and (e.child, e.nr) in run.promises.provisional:
             q.mul_(_check_mask(node, x, s, saved(node.fn, "dim"), run.scratch))
@@ -328,9 +328,16 @@ class ScaledDotProductAttention(OpSpec):
         from ..engine import Context  # noqa: PLC0415 - the engine imports this module
 
         at = {type(p.spec): Context(ctx.run, p, []) for p in parts}
-        weights, values = _factors(rule_form(at[_Values].rule("attention"), "attention"))
-        q, k = _factors(rule_form(at[_Scores].rule("product"), "product"))
+        product_forms = (rule_form(at[_Values].rule("attention"), "attention"),
+                         rule_form(at[_Scores].rule("product"), "product"))
         softmax = rule_form(at[_Probs].rule("softmax"), "softmax")
+        if all(isinstance(f, Stabilised) for f in product_forms):
+            mask = rule_form(at[_Mask].rule("sum"), "sum") if _Mask in at else None
+            if softmax is not IDENTITY or _Mask in at and not isinstance(mask, Stabilised):
+                return None
+            return _stabilised_attention_step(ctx, *product_forms, mask)
+        weights, values = _factors(product_forms[0])
+        q, k = _factors(product_forms[1])
         if 0 in (weights, values, q, k) or softmax not in (PLAIN, BLOCKED):
             return None
         if _Mask in at and rule_form(at[_Mask].rule("sum"), "sum") is not PLAIN:
@@ -343,6 +350,60 @@ class ScaledDotProductAttention(OpSpec):
             # CP-LRP: the values' gradient alone (the node read when the step runs: a plan rebinds the context)
             return DirectStep(step, lambda grad_outputs: _values_gradient(ctx.node.fn, grad_outputs, values), 2)
         return step
+
+
+def _stabilised_attention_step(ctx, values: Stabilised, scores: Stabilised, mask: Stabilised | None):
+    r"""Gradient step of a fused attention node whose products take the ε-rule's gradient form
+    (:class:`~dynamiclrp.rules.Stabilised`, the uniform rule's halves included) and whose softmax passes relevance
+    unchanged (the identity rule): the query, key and value gradients the node-by-node rules of its parts give,
+    in place of the node's own. With the gradient :math:`g` arriving at the output :math:`O = PV`, the weights
+    :math:`P = \mathrm{softmax}(L)`, :math:`L = S + M` (the mask, if any, a constant) and
+    :math:`S = c\,QK^\top`:
+
+    .. math:: f = a_V\,g\,\frac{|O|}{|O| + \varepsilon_V}, \quad g_V = P^\top f, \quad
+              R_S = S \odot \frac{P \odot f V^\top}{\mathrm{stab}_{\varepsilon_M}(L)}, \quad
+              u = a_S\,c\,\frac{R_S}{\mathrm{stab}_{\varepsilon_S}(S)}, \quad g_Q = u K, \quad g_K = u^\top Q
+
+    (:math:`a`: the rules' factors; without a mask :math:`R_S = P \odot f V^\top`; masked positions, where
+    :math:`M = -\infty`, get nothing). The softmax's identity rule :math:`R_L = R_P` is what the node's own
+    backward, which applies softmax's Jacobian, cannot give: the node's gradients are replaced, not scaled. Weights
+    and scores are recomputed from the saved queries and keys, as node by node; the node is read through ``ctx``
+    when the step runs (a plan rebinds it)."""
+    def hook(grad_inputs, grad_outputs):
+        g = grad_outputs[0]
+        if g is None:
+            return grad_inputs
+        fn = ctx.node.fn
+        dt = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype  # as the fused kernels work
+        q, k, v = (saved(fn, name).to(dt) for name in ("query", "key", "value"))
+        ke, ve = _heads(q, k)(k), _heads(q, v)(v)
+        c, m = _scale(fn, q), _mask(fn, q, k)
+        s = torch.matmul(q, ke.mT).mul_(c)
+        p = torch.softmax(s if m is None else s + m.to(dt), -1)
+        if m is not None:
+            p.nan_to_num_(0.0)  # a fully masked row attends to nothing
+        f = saved(fn, "output").to(dt).abs()
+        f = f.div_(f + values.eps).mul_(g.to(dt)).mul_(values.scale)  # fresh memory: g may be shared
+        gv = p.mT @ f
+        r = torch.matmul(f, ve.mT).mul_(p)  # R_L = R_P = P ⊙ g_P
+        if m is not None:
+            m = m.to(dt)
+            attended = torch.isfinite(m)
+            r = over_stabilized(r.mul_(attended), s + torch.where(attended, m, torch.zeros((), dtype=dt,
+                                                                                          device=m.device)), mask.eps)
+            r = r.mul_(s) if r.shape == s.shape else r * s
+        u = over_stabilized(r, s, scores.eps).mul_(scores.scale * c)
+        gq, gk = u @ ke, u.mT @ q
+        out = []
+        for grad, t, old in zip((gq, gk, gv), (q, k, v), grad_inputs):
+            if old is None:
+                out.append(None)
+                continue
+            if grad.dim() >= 3 and t.dim() >= 3 and grad.shape[-3] != t.shape[-3]:  # heads sharing a key, value
+                grad = grad.unflatten(-3, (t.shape[-3], -1)).sum(-3)
+            out.append(grad.sum_to_size(t.shape).to(old.dtype))
+        return tuple(out) + (None,) * (len(grad_inputs) - 3)
+    return hook
 
 
 #: elements of one block of recomputed attention weights in :func:`_values_gradient`, and of the keys (and of the

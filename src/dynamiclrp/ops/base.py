@@ -336,10 +336,18 @@ def all_finite(r: torch.Tensor) -> torch.Tensor:
     On a ratio (:func:`ratio`, NaN already 0) it tells whether the ratio carried all its relevance: an infinity is
     relevance at a zero value. It need not reach the input -- a ReLU's or a max-pooling's backward below drops it
     where the value is 0, and the relevance would be lost without a trace -- so the gradient form flags each ratio
-    (``Run.carried``), reads the flags after its pass and leaves such a run to the node-by-node propagation."""
+    (``Run.carried``: each ratio's :func:`extremes`), reads them after its pass and leaves such a run to the
+    node-by-node propagation."""
+    return torch.isfinite(extremes(r)).all()
+
+
+def extremes(r: torch.Tensor) -> torch.Tensor:
+    """The smallest and the largest element of ``r`` (zeros for an empty ``r``), as a tensor of two on its device:
+    every element is finite exactly where these are (min and max propagate NaN). Several tensors are checked by
+    :func:`all_finite` of their extremes concatenated: two ops per tensor, one check and one host read for all."""
     if r.numel() == 0:
-        return torch.ones((), dtype=torch.bool, device=r.device)
-    return torch.isfinite(torch.stack(torch.aminmax(r))).all()
+        return torch.zeros(2, dtype=r.dtype, device=r.device)
+    return torch.stack(torch.aminmax(r))
 
 
 def _zero_undefined_(q: torch.Tensor) -> torch.Tensor:
@@ -376,7 +384,7 @@ def identity_gradient(ctx: Context, quotient: Any = None) -> DirectStep:
         shape = torch.broadcast_shapes(g.shape, y.shape, x.shape)
         out = None if out_like is None else spare(out_like, shape, torch.promote_types(g.dtype, y.dtype), x, g, y)
         q = ratio_(torch.mul(g, y) if out is None else torch.mul(g, y, out=out), x)
-        ctx.run.carried.append(all_finite(q))
+        ctx.run.carried.append(extremes(q))
         return q
 
     def hook(grad_inputs, grad_outputs):

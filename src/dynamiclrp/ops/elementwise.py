@@ -42,6 +42,19 @@ class AddTerms(OpSpec):
         probe[i] = torch.ones([1] * len(meta.shape), dtype=dtype, device=meta.device)
         return self.terms(node.fn, *probe)[i]
 
+    def term_factor(self, node, i: int) -> float | None:
+        """Term ``i``'s factor on its operand as a host number (``alpha``, ``-alpha``, ``beta``), or None where the
+        term is not a scalar multiple of its operand. The terms are put through with the Python number 1 as the
+        operand: no tensor, so a caller on a GPU launches nothing and reads no device value (each read waits for
+        the device)."""
+        probe = [None] * len(node.inputs)
+        probe[i] = 1.0
+        try:
+            t = self.terms(node.fn, *probe)[i]
+        except (AttributeError, TypeError, RuntimeError):  # the term needs a tensor (a cast, a view): no number
+            return None
+        return float(t) if isinstance(t, (int, float)) else None
+
     def operand_from_output(self, node, i, out, operands):
         r"""Addend ``i`` as the sum less the other terms, :math:`a' = \mathrm{fl}(s - b)` for :math:`s = a + b`.
 
@@ -53,10 +66,10 @@ class AddTerms(OpSpec):
         if out.dtype not in (torch.float32, torch.float64) or any(
                 v is not None and v.dtype != out.dtype for v in operands):
             return None
-        scale = self.term_scale(node, i, out.dtype)
-        sign = float(scale) if scale is not None and scale.numel() == 1 else 0.0
+        sign = self.term_factor(node, i)
         if sign not in (1.0, -1.0):
             return None
+        scale = self.term_scale(node, i, out.dtype)
         filled = [torch.ones_like(scale) if k == i else v for k, v in enumerate(operands)]  # addmm's needs all
         others = [t for k, t in enumerate(self.terms(node.fn, *filled)) if k != i]
         if any(t is None for t in others):  # a constant autograd did not record: unknown
@@ -200,10 +213,12 @@ class BiasAdd(AddTerms):
         if zb is None or zb.dtype != ctx.dtype:  # a lower-precision copy would not be exact
             return None
         b = self.bias_term(ctx, node)
-        scale = self.term_scale(node, self.linear_index, ctx.dtype)
-        # a division by exactly 1 changes nothing: the scale is read on the CPU only (on a GPU the read would wait
-        # for the device, and the division costs less)
-        return zb - b if scale.device.type == "cpu" and bool((scale == 1).all()) else zb / scale - b
+        if b is None:
+            return None
+        factor = self.term_factor(node, self.linear_index)
+        if factor is None:
+            return zb / self.term_scale(node, self.linear_index, ctx.dtype) - b
+        return zb - b if factor == 1 else zb / factor - b  # a division by exactly 1 changes nothing
 
     def bias_term(self, ctx, node) -> torch.Tensor | None:
         """The bias term (scaled and shaped to broadcast over the linear op's output) of this addition ``node``,
@@ -211,8 +226,15 @@ class BiasAdd(AddTerms):
         i, j = self.linear_index, 1 - self.linear_index
         e = node.inputs[j]
         promises = ctx.run.promises
-        scale = self.term_scale(node, i, ctx.dtype)  # ones of the output's rank: the result broadcasts over it
         operands = [None, None]
+        factor = None if e is None else self.term_factor(node, i)
+        if factor is not None:  # the bias term alone, over the linear term's factor, shaped to the output's rank
+            operands[j] = promises.value(e.child, e.nr).to(ctx.dtype)
+            b = self.terms(node.fn, *operands)[j]
+            b = b if factor == 1 else b / factor
+            rank = len(node.fn._input_metadata[0].shape)
+            return b.reshape((1,) * (rank - b.dim()) + tuple(b.shape)) if b.dim() < rank else b
+        scale = self.term_scale(node, i, ctx.dtype)  # ones of the output's rank: the result broadcasts over it
         if e is None:  # frozen: the layer's output less its linear term
             z = promises.available(node, 0)
             lin = node.inputs[i]

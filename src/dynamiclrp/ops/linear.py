@@ -30,7 +30,7 @@ from .base import (
     through_views,
     undo_views,
 )
-from .elementwise import _VIEWS, Add, AddTerms, BiasAdd
+from .elementwise import _VIEWS, Add, AddTerms, BiasAdd, _scaled
 from .reduce import Reduction
 from .shape import MaxPool
 
@@ -176,17 +176,31 @@ class _MergedNorm:
 class _DeviceTruth:
     """A truth value computed on the tensors' device, brought to the host (a sync on a GPU) the first time it is
     asked for, then remembered: a plan keeps this object with the batch norm's constants, so a loop of explanations
-    reads it once, not once per layer per explanation."""
+    reads it once, not once per layer per explanation. ``flags``: one truth value, or element ``i`` of several
+    that are read together (every batch norm of a graph: one read instead of one per layer)."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_flags", "_i")
 
-    def __init__(self, value: torch.Tensor):
-        self._value: torch.Tensor | bool = value
+    def __init__(self, flags: torch.Tensor | _HostCopy, i: int = 0):
+        self._flags = flags if isinstance(flags, _HostCopy) else _HostCopy(flags)
+        self._i = i
 
     def __bool__(self) -> bool:
-        if isinstance(self._value, torch.Tensor):
-            self._value = bool(self._value)
-        return self._value
+        return bool(self._flags[self._i])
+
+
+class _HostCopy:
+    """A device tensor's elements as a host list, read (one sync) the first time one of them is asked for."""
+
+    __slots__ = ("_tensor", "_values")
+
+    def __init__(self, tensor: torch.Tensor):
+        self._tensor, self._values = tensor, None
+
+    def __getitem__(self, i: int):
+        if self._values is None:
+            self._values, self._tensor = self._tensor.reshape(-1).tolist(), None
+        return self._values[i]
 
 
 def _batch_norm_after(ctx, bias_handled: bool):
@@ -275,14 +289,16 @@ def _merged_batch_norm(ctx, bias_handled: bool) -> _MergedNorm | None:
     dt = ctx.dtype
     var, mean = saved(bn.fn, "running_var"), saved(bn.fn, "running_mean")
     gamma = saved(bn.fn, "weight", None)
-    eps = saved(bn.fn, "eps", None)
-    eps = eps if eps is not None else saved(bn.fn, "epsilon")
+    eps = _batch_norm_eps(bn)
     view = _scale_shape(bn)  # the batch norm's output has the layer's shape
     beta = None
     if len(bn.inputs) > 2 and bn.inputs[2] is not None:
         beta = ctx.run.promises.value(bn.inputs[2].child, bn.inputs[2].nr)
 
     def constants():
+        together = _graph_batch_norm_constants(ctx.run, dt).get(bn.id)
+        if together is not None:
+            return together
         scale = (var.to(dt) + eps).rsqrt()
         if gamma is not None:
             scale = scale * gamma.to(dt)
@@ -302,6 +318,65 @@ def _merged_batch_norm(ctx, bias_handled: bool) -> _MergedNorm | None:
     else:
         scale, shift, positive = constants()
     return _MergedNorm(scale, shift, eps, (var,) + (() if gamma is None else (gamma,)), positive)
+
+
+def _batch_norm_eps(bn) -> float:
+    eps = saved(bn.fn, "eps", None)
+    return eps if eps is not None else saved(bn.fn, "epsilon")
+
+
+def _graph_batch_norm_constants(run, dt: torch.dtype) -> dict[int, tuple]:
+    """``{node id: (scale, shift, positive)}`` for every eval-mode batch norm of the run's graph whose bias is a
+    parameter or absent, as :func:`_merged_batch_norm` computes them for one, worked out together the first time
+    one is asked for and kept for the run: a few multi-tensor (``_foreach``) ops for all of them instead of eight
+    ops per layer, and their positivity read by the host in one go instead of once per layer (on a GPU each read
+    waits for the device to drain)."""
+    key = ("batch-norm constants", dt)
+    found = run.derived.get(key)
+    if found is not None:
+        return found
+    nodes, graph = [], run.graph
+    for bn in graph.nodes:
+        if bn is None or "BatchNorm" not in bn.kind or saved(bn.fn, "training", False):
+            continue
+        gamma = saved(bn.fn, "weight", None)
+        affine = len(bn.inputs) > 2 and bn.inputs[2] is not None
+        if gamma is not None and not (affine and not graph.nodes[bn.inputs[2].child].inputs):
+            continue  # the bias frozen, or computed in the graph: one at a time (_merged_batch_norm)
+        nodes.append((bn, gamma, affine))
+    out: dict[int, tuple] = {}
+    if nodes:
+        scale = torch._foreach_add([saved(bn.fn, "running_var").to(dt) for bn, _, _ in nodes],
+                                   [float(_batch_norm_eps(bn)) for bn, _, _ in nodes])
+        torch._foreach_rsqrt_(scale)
+        scaled = [i for i, (_, gamma, _) in enumerate(nodes) if gamma is not None]
+        if scaled:
+            torch._foreach_mul_([scale[i] for i in scaled], [nodes[i][1].to(dt) for i in scaled])
+        shift = torch._foreach_mul([saved(bn.fn, "running_mean").to(dt) for bn, _, _ in nodes], scale)
+        torch._foreach_neg_(shift)
+        biased = [i for i, (_, _, affine) in enumerate(nodes) if affine]
+        if biased:
+            betas = [run.promises.value(nodes[i][0].inputs[2].child, nodes[i][0].inputs[2].nr).to(dt)
+                     for i in biased]
+            torch._foreach_add_([shift[i] for i in biased], betas)
+        # every scale > 0 (NaN is not): the largest of -scale below zero
+        flags = _HostCopy(torch.stack(torch._foreach_max(torch._foreach_neg(scale))).lt(0))
+        for i, (bn, _, _) in enumerate(nodes):
+            view = _scale_shape(bn)
+            out[bn.id] = (scale[i].reshape(view), shift[i].reshape(view), _DeviceTruth(flags, i))
+    run.derived[key] = out
+    return out
+
+
+def _merged_bias(b: torch.Tensor | None, merged: _MergedNorm) -> torch.Tensor:
+    """The bias of a layer with the batch norm after it merged in, ``b s + t`` (``t`` without a bias of its own):
+    from the layer's constants alone, so kept by an active plan."""
+    if b is None:
+        return merged.shift
+    plan = active_plan()
+    if plan is None:
+        return b * merged.scale + merged.shift
+    return plan.derived(("merged bias",), (b, merged.scale, merged.shift), lambda: b * merged.scale + merged.shift)
 
 
 def _frozen_batch_norm_shift(ctx, bn, scale):
@@ -419,12 +494,12 @@ class Product(OpSpec):
         merged = _merged_batch_norm(ctx, b is not None or _bias_add_of(ctx) is None)
         out_scale = None
         if merged is not None and self._scales_output(ctx, rule, w, merged, x_i, uses_z):
-            scale, shift = merged.scale, merged.shift  # merged too, but the rule scales the output, not the weight
-            out_scale, b = scale, shift if b is None else b * scale + shift
+            # merged too, but the rule scales the output, not the weight
+            out_scale, b = merged.scale, _merged_bias(b, merged)
         elif merged is not None and (w_m := self._merged_weight(ctx, w, merged, x_i)) is not None:
-            scale, shift = merged.scale, merged.shift  # merged into the layer before it (zennit's canonizers)
-            w, b = w_m, shift if b is None else b * scale + shift
-            z = None if z is None else z * scale
+            # merged into the layer before it (zennit's canonizers)
+            w, b = w_m, _merged_bias(b, merged)
+            z = None if z is None else z * merged.scale
         else:
             merged = None
         if uses_z and z is None:
@@ -557,8 +632,7 @@ class Addmm(OpSpec):
 
     @staticmethod
     def _bias_term(fn, bias, z_mm):
-        beta, alpha = saved(fn, "beta"), saved(fn, "alpha")
-        return [beta * bias if bias is not None else None, alpha * z_mm]
+        return [_scaled(saved(fn, "beta"), bias), _scaled(saved(fn, "alpha"), z_mm)]
 
 
 class Convolution(Product):
@@ -582,7 +656,7 @@ class Convolution(Product):
     def _bias_term(fn, z_conv, bias):
         if bias is None:
             return [z_conv, None]
-        return [z_conv, bias.view(1, -1, *([1] * (z_conv.dim() - 2)))]
+        return [z_conv, bias.view(1, -1, *([1] * (len(out_shape(fn)) - 2)))]
 
     def conv_fn(self, fn, args: _ConvArgs | None = None):
         """The node's convolution as ``conv(x, w)`` (no bias); ``args``: its settings, if already read."""
