@@ -480,6 +480,27 @@ def test_fused_projection_bypass_on_torchvision_vit(monkeypatch):
     assert rel_diff(got.inputs[0], ref.inputs[0]) < TOL
 
 
+@pytest.mark.parametrize("preset", ["attnlrp", "cp_lrp"])
+def test_a_declined_projection_bypass_reads_nothing_again_under_a_plan(preset):
+    """Under AttnLRP the queries of torchvision's ViT have gradients, so the packed in-projection's bypass declines
+    after one host read per layer; a plan keeps the bypasses, and its later runs decline without reading. Under
+    CP-LRP the bypass narrows the product in every run. The answers stay the same."""
+    from host_reads import HostReads
+
+    model, plan = tiny_vit(), dynamiclrp.Plan()
+    x = torch.randn(2, 3, 32, 32, dtype=D)
+    reads, outs, bypassed = [], [], []
+    for _ in range(3):
+        with HostReads() as counter:
+            att = dynamiclrp.explain(model, x, preset=preset, ledger=False, plan=plan)
+        reads.append(counter.n)
+        outs.append(att.inputs[0])
+        bypassed.append(att.stats.bypassed_kinds.get("MmBackward0", 0))
+    assert reads[1] == reads[2] and reads[0] - reads[1] == (2 if preset == "attnlrp" else 0)
+    assert bypassed == ([0, 0, 0] if preset == "attnlrp" else [2, 2, 2])
+    assert torch.equal(outs[0], outs[2])
+
+
 def test_bypass_steps_aside_where_it_cannot_hand_its_gradient_on(monkeypatch):
     """A recorded activation inside the carried stretch (here the layer norm's output) keeps the node's own
     backward; a carried gradient that finds nothing to join makes the pass run again without bypasses."""

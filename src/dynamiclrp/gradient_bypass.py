@@ -325,10 +325,17 @@ def _narrowed_projection(bypasses: Bypasses, nid: int, kind: str, weight: str, r
     over the columns ``a:b`` that hold every non-zero of ``g``, the node itself given nothing. Where the first and
     the last column both hold one (AttnLRP: queries and values have gradients) nothing is narrowed and the node runs
     its own backward: two columns read. The node (graph node ``nid``, of type ``kind``) is read from the graph
-    the bypasses are bound to."""
+    the bypasses are bound to. Once declined, the hook declines without reading again in later runs of a plan
+    that keeps it: under AttnLRP the queries' gradients are not zero in any run, and the node's own backward is
+    the exact answer whatever the columns hold (each read waits for a GPU)."""
+    declined = [False]
+
     def hook(grad_outputs):
         g = grad_outputs[0]
-        if g is None or not g.shape[0] or bool(torch.stack((g[:, 0].any(), g[:, -1].any())).all()):  # one sync
+        if g is None or not g.shape[0] or declined[0]:
+            return grad_outputs
+        if bool(torch.stack((g[:, 0].any(), g[:, -1].any())).all()):  # one sync
+            declined[0] = True
             return grad_outputs
         # columns holding a non-zero (NaN included): 5x faster than g.any(0), which reduces across rows slowly;
         # the first and the last of them read by the host at once (nonzero and two reads would wait three times)
