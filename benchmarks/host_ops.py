@@ -80,6 +80,8 @@ def cases():
     out.append(("ResNet-50, 16 x 16", resnet, x, ["epsilon", "epsilon_plus", "epsilon_gamma_box"], {"target": 0}))
     vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=12, num_heads=4,
                                                hidden_dim=64, mlp_dim=128).eval()
+    with torch.no_grad():  # torchvision initialises the head to zero: every gradient would be zero
+        vit.heads.head.weight.normal_(0, 0.05)
     out.append(("ViT (12 layers, width 64), 32 x 32", vit, torch.randn(1, 3, 32, 32), ["epsilon", "attnlrp", "cp_lrp"],
                 {"target": 0}))
     cfg = T.LlamaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=12, num_attention_heads=4,

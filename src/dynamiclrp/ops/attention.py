@@ -21,8 +21,10 @@ from .base import (
     PART,
     DirectStep,
     OpSpec,
+    extremes,
     held_constant,
     identity_gradient,
+    ratio_,
     rule_form,
     saved,
     scaled_gradient,
@@ -96,15 +98,21 @@ def _masked_identity_step(ctx):
     r"""The identity rule's step (:math:`g_x = g_y\,y / x`) on a softmax whose logits may carry an untracked mask:
     logits the Promise System knows only with the mask taken as zero (provisional) are checked against the output
     first, as :meth:`Softmax.relevance` checks them (a constant that is not a mask raises), and the masked ones get
-    nothing. The identity rule's step otherwise (:func:`~.base.identity_gradient`: softmax's own backward, whose
-    result the step would replace, is bypassed where it can be)."""
-    def unmask(x, s, q):
+    nothing. The node is read through ``ctx`` when the step runs."""
+    def hook(grad_inputs, grad_outputs):
+        g = grad_outputs[0]
+        if g is None or grad_inputs[0] is None:
+            return grad_inputs
         node, run = ctx.node, ctx.run
+        s, x = ctx.output(0).to(g.dtype), ctx.input(0).to(g.dtype)  # the node's dtype (a float32 softmax in a
+        q = ratio_(torch.mul(g, s), x)  # float64 model), as its backward's
+        run.carried.append(extremes(q))
         e = node.inputs[0]
         if e is not None and (e.child, e.nr) in run.promises.provisional:
-            q.mul_(_check_mask(node, x.to(q.dtype), s.to(q.dtype), saved(node.fn, "dim"), run.scratch))
+            q.mul_(_check_mask(node, x, s, saved(node.fn, "dim"), run.scratch))
             run.promises.certify((e.child, e.nr))
-    return identity_gradient(ctx, finish=unmask)
+        return (q,) + (None,) * (len(grad_inputs) - 1)
+    return hook
 
 
 def _masked_logits(ctx) -> bool:

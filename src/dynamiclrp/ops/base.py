@@ -249,9 +249,7 @@ def stabilised_gradient(ctx: Context, eps: float, scale: float = 1.0) -> PreHook
         z = _relu_saved_output(ctx, g.dtype)
         if z is None:
             z = ctx.output(0).to(g.dtype).abs()  # in the node's dtype, as its backward; a fresh tensor
-            # the denominator in the run's scratch memory (the same for every layer of this shape: a fresh tensor
-            # of attention scores' size costs page faults several times its arithmetic on CPU)
-            f = z.div_(torch.add(z, eps, out=ctx.run.scratch("stabiliser", z)))
+            f = z.div_(z + eps)
         else:  # a ReLU's output: already |z|, and not ours to overwrite
             f = z + eps
             f = torch.div(z, f, out=f)
@@ -369,11 +367,10 @@ def spare(grad: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype, *oth
     return None if any(t.untyped_storage().data_ptr() == ptr for t in others) else grad
 
 
-def identity_gradient(ctx: Context, quotient: Any = None, finish: Any = None) -> DirectStep:
+def identity_gradient(ctx: Context, quotient: Any = None) -> DirectStep:
     r"""Gradient step of the identity rule :math:`R_x = R_y`: :math:`g_x = R_x / x = g_y\,y / x`, with
     ``quotient(fn, x, out)`` writing :math:`y / x` (its limit at 0 included) into ``out`` (a tensor like ``x``, or
-    None: allocate) and returning it, else by :func:`ratio`. The other operands get nothing. ``finish(x, y, q)``,
-    if given, may change the ratio ``q`` in place (with :func:`ratio`: softmax's masked logits get nothing).
+    None: allocate) and returning it, else by :func:`ratio`. The other operands get nothing.
 
     A :class:`DirectStep`: the node's own backward (``gelu_backward``, ``silu_backward``, ...) computes a gradient
     the step then throws away, as costly as the step itself; where the bypass can carry the step's result on by
@@ -388,8 +385,6 @@ def identity_gradient(ctx: Context, quotient: Any = None, finish: Any = None) ->
         out = None if out_like is None else spare(out_like, shape, torch.promote_types(g.dtype, y.dtype), x, g, y)
         q = ratio_(torch.mul(g, y) if out is None else torch.mul(g, y, out=out), x)
         ctx.run.carried.append(extremes(q))
-        if finish is not None:
-            finish(x, y, q)
         return q
 
     def hook(grad_inputs, grad_outputs):
