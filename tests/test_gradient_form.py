@@ -607,6 +607,30 @@ SDPA_CASES = {  # (query heads, key/value heads, queries, keys, mask, is_causal,
 }
 
 
+def _sdpa_case(case, g):
+    """Queries, keys, values (float64, requiring grad), the mask and the keyword arguments of an SDPA_CASES case."""
+    hq, hkv, L, S, mask, causal, scale = SDPA_CASES[case]
+    q = torch.randn(2, hq, L, 8, dtype=D, generator=g).requires_grad_()
+    k, v = (torch.randn(2, hkv, S, 8, dtype=D, generator=g).requires_grad_() for _ in range(2))
+    m = None
+    if mask == "bool":
+        m = torch.rand(2, 1, 1, S, generator=g) > 0.3
+        m[..., 0] = True  # every query attends to something
+    elif mask == "float":
+        m = torch.randn(L, S, dtype=D, generator=g)
+    return q, k, v, m, dict(attn_mask=m, is_causal=causal, scale=scale, enable_gqa=hq != hkv)
+
+
+def _additive_mask(m, causal: bool, L: int, S: int) -> torch.Tensor:
+    """The mask an SDPA_CASES case adds to the logits, written out (-inf where a query does not attend)."""
+    add = torch.zeros(L, S, dtype=D)
+    if m is not None:
+        add = add + (torch.zeros(m.shape, dtype=D).masked_fill(~m, -math.inf) if m.dtype == torch.bool else m)
+    if causal:
+        add = add.masked_fill(torch.ones(L, S, dtype=torch.bool).tril().logical_not(), -math.inf)
+    return add
+
+
 @pytest.mark.parametrize("case", list(SDPA_CASES))
 def test_values_gradient_of_fused_attention(case, monkeypatch):
     r"""The value gradient CP-LRP keeps from a fused attention node, computed alone a head and a block of 16 query
@@ -616,16 +640,8 @@ def test_values_gradient_of_fused_attention(case, monkeypatch):
 
     hq, hkv, L, S, mask, causal, scale = SDPA_CASES[case]
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, hq, L, 8, dtype=D, generator=g)
-    k, v = (torch.randn(2, hkv, S, 8, dtype=D, generator=g).requires_grad_() for _ in range(2))
-    m = None
-    if mask == "bool":
-        m = torch.rand(2, 1, 1, S, generator=g) > 0.3
-        m[..., 0] = True  # every query attends to something
-    elif mask == "float":
-        m = torch.randn(L, S, dtype=D, generator=g)
-    o = F.scaled_dot_product_attention(q.requires_grad_(), k, v, attn_mask=m, is_causal=causal, scale=scale,
-                                       enable_gqa=hq != hkv)
+    q, k, v, m, kw = _sdpa_case(case, g)
+    o = F.scaled_dot_product_attention(q, k, v, **kw)
     assert type(o.grad_fn).__name__ in attention.SDPA_KINDS
     go = torch.randn(o.shape, dtype=D, generator=g)
     monkeypatch.setattr(attention, "_BLOCK", 1)  # blocks of 16 rows: three here, the last one short
@@ -633,10 +649,7 @@ def test_values_gradient_of_fused_attention(case, monkeypatch):
     got = attention._values_gradient(o.grad_fn, (go,), 0.5)[2]
 
     logits = (scale or 1 / math.sqrt(8)) * q.detach() @ k.detach().repeat_interleave(hq // hkv, 1).mT
-    if m is not None:
-        logits = logits + (torch.zeros(m.shape, dtype=D).masked_fill(~m, -math.inf) if m.dtype == torch.bool else m)
-    if causal:
-        logits = logits.masked_fill(torch.ones(L, S, dtype=torch.bool).tril().logical_not(), -math.inf)
+    logits = logits + _additive_mask(m, causal, L, S)
     formula = (torch.softmax(logits, -1).mT @ go).unflatten(1, (hkv, hq // hkv)).sum(2)
     assert rel_diff(got, 0.5 * formula) < 1e-12
     (own,) = torch.autograd.grad(o, v, go)
@@ -650,20 +663,6 @@ def test_values_gradient_declines_where_the_log_sum_exp_has_a_gradient():
     o = F.scaled_dot_product_attention(q, k, v)
     assert attention._values_gradient(o.grad_fn, (torch.ones_like(o), torch.ones(1, 2, 5, dtype=D)), 1.0) is None
     assert attention._values_gradient(o.grad_fn, (None,), 1.0) is None
-
-
-def _sdpa_case(case, g):
-    """Queries, keys, values (float64, requiring grad), the mask and the keyword arguments of an SDPA_CASES case."""
-    hq, hkv, L, S, mask, causal, scale = SDPA_CASES[case]
-    q = torch.randn(2, hq, L, 8, dtype=D, generator=g).requires_grad_()
-    k, v = (torch.randn(2, hkv, S, 8, dtype=D, generator=g).requires_grad_() for _ in range(2))
-    m = None
-    if mask == "bool":
-        m = torch.rand(2, 1, 1, S, generator=g) > 0.3
-        m[..., 0] = True  # every query attends to something
-    elif mask == "float":
-        m = torch.randn(L, S, dtype=D, generator=g)
-    return q, k, v, m, dict(attn_mask=m, is_causal=causal, scale=scale, enable_gqa=hq != hkv)
 
 
 @pytest.mark.parametrize("case", list(SDPA_CASES))
@@ -695,11 +694,7 @@ def test_stabilised_gradient_of_fused_attention(case):
     qd, kd, vd = q.detach(), k.detach().repeat_interleave(rep, 1), v.detach().repeat_interleave(rep, 1)
     c = scale or 1 / math.sqrt(8)
     s_ = c * qd @ kd.mT
-    add = torch.zeros(L, S, dtype=D)
-    if m is not None:
-        add = add + (torch.zeros(m.shape, dtype=D).masked_fill(~m, -math.inf) if m.dtype == torch.bool else m)
-    if causal:
-        add = add.masked_fill(torch.ones(L, S, dtype=torch.bool).tril().logical_not(), -math.inf)
+    add = _additive_mask(m, causal, L, S)
     p = torch.softmax(s_ + add, -1)
     out = o.detach()
     f = 0.5 * go * out.abs() / (out.abs() + eps_v)
