@@ -665,16 +665,19 @@ def test_values_gradient_declines_where_the_log_sum_exp_has_a_gradient():
     assert attention._values_gradient(o.grad_fn, (None,), 1.0) is None
 
 
+@pytest.mark.parametrize("blocked", [False, True])
 @pytest.mark.parametrize("case", list(SDPA_CASES))
-def test_stabilised_gradient_of_fused_attention(case):
+def test_stabilised_gradient_of_fused_attention(case, blocked, monkeypatch):
     r"""The ε-rule's gradient form on a fused attention node (the ``epsilon`` preset: the uniform rule's halves
     with ε on both products, softmax passing relevance unchanged, the mask's sum stabilised), against the formula
     in float64 written out: :math:`f = \tfrac12 g\,|O| / (|O| + \varepsilon)`, :math:`g_V = P^\top f`,
     :math:`R_S = S \odot (P \odot f V^\top) / \mathrm{stab}(L)` on attended positions,
     :math:`u = \tfrac12 c\,R_S / \mathrm{stab}(S)`, :math:`g_Q = u K`, :math:`g_K = u^\top Q` (grouped heads
-    summed onto their key and value head)."""
+    summed onto their key and value head); ``blocked``: a head at a time."""
     from dynamiclrp.ops import attention
 
+    if blocked:
+        monkeypatch.setattr(attention, "_SCORES_BLOCK", 1)
     hq, hkv, L, S, mask, causal, scale = SDPA_CASES[case]
     g = torch.Generator().manual_seed(0)
     q, k, v, m, kw = _sdpa_case(case, g)

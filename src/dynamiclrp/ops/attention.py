@@ -378,24 +378,18 @@ def _stabilised_attention_step(ctx, values: Stabilised, scores: Stabilised, mask
         q, k, v = (saved(fn, name).to(dt) for name in ("query", "key", "value"))
         ke, ve = _heads(q, k)(k), _heads(q, v)(v)
         c, m = _scale(fn, q), _mask(fn, q, k)
-        s = torch.matmul(q, ke.mT).mul_(c)
-        p = torch.softmax(s if m is None else s + m.to(dt), -1)
-        if m is not None:
-            p.nan_to_num_(0.0)  # a fully masked row attends to nothing
+        m = None if m is None else m.to(dt)
         f = saved(fn, "output").to(dt).abs()
         f = f.div_(f + values.eps).mul_(g.to(dt)).mul_(values.scale)  # fresh memory: g may be shared
-        gv = p.mT @ f
-        r = torch.matmul(f, ve.mT).mul_(p)  # R_L = R_P = P ⊙ g_P
-        if m is not None:
-            m = m.to(dt)
-            attended = torch.isfinite(m)
-            r = over_stabilized(r.mul_(attended), s + torch.where(attended, m, torch.zeros((), dtype=dt,
-                                                                                          device=m.device)), mask.eps)
-            r = r.mul_(s) if r.shape == s.shape else r * s
-        u = over_stabilized(r, s, scores.eps).mul_(scores.scale * c)
-        gq, gk = u @ ke, u.mT @ q
+        # a group of heads at a time: the weights and their companions are five tensors of the scores' size
+        heads = q.shape[-3] if q.dim() >= 3 else 1
+        per_head = torch.broadcast_shapes(q.shape[:-2], ke.shape[:-2]).numel() // heads * q.shape[-2] * ke.shape[-2]
+        block = max(1, _SCORES_BLOCK // max(per_head, 1))
+        parts = [_stabilised_attention(*(_head_slice(t, h, block) for t in (q, ke, ve, f, m)), c, scores, mask)
+                 for h in range(0, heads, block)]
+        grads = [torch.cat(x, -3) if len(x) > 1 else x[0] for x in zip(*parts)]
         out = []
-        for grad, t, old in zip((gq, gk, gv), (q, k, v), grad_inputs):
+        for grad, t, old in zip(grads, (q, k, v), grad_inputs):
             if old is None:
                 out.append(None)
                 continue
@@ -404,6 +398,33 @@ def _stabilised_attention_step(ctx, values: Stabilised, scores: Stabilised, mask
             out.append(grad.sum_to_size(t.shape).to(old.dtype))
         return tuple(out) + (None,) * (len(grad_inputs) - 3)
     return hook
+
+
+#: elements of the attention scores :func:`_stabilised_attention_step` works on at once (a group of heads)
+_SCORES_BLOCK = 1 << 24
+
+
+def _head_slice(t: torch.Tensor | None, h: int, block: int) -> torch.Tensor | None:
+    """Heads ``h:h + block`` of ``t`` (dimension -3), or ``t`` itself where it has no heads to slice (broadcast)."""
+    return t if t is None or t.dim() < 3 or t.shape[-3] == 1 else t[..., h:h + block, :, :]
+
+
+def _stabilised_attention(q, ke, ve, f, m, c: float, scores: Stabilised, mask: Stabilised | None):
+    """:func:`_stabilised_attention_step`'s gradients ``(g_Q, g_K, g_V)`` for some heads, keys and values repeated
+    to the query heads, ``f`` the values' stabilised gradient, ``m`` the additive mask (or None)."""
+    s = torch.matmul(q, ke.mT).mul_(c)
+    p = torch.softmax(s if m is None else s + m, -1)
+    if m is not None:
+        p.nan_to_num_(0.0)  # a fully masked row attends to nothing
+    gv = p.mT @ f
+    r = torch.matmul(f, ve.mT).mul_(p)  # R_L = R_P = P ⊙ g_P
+    if m is not None:
+        attended = torch.isfinite(m)
+        finite = torch.where(attended, m, torch.zeros((), dtype=m.dtype, device=m.device))
+        r = over_stabilized(r.mul_(attended), s + finite, mask.eps)
+        r = r.mul_(s) if r.shape == s.shape else r * s
+    u = over_stabilized(r, s, scores.eps).mul_(scores.scale * c)
+    return u @ ke, u.mT @ q, gv
 
 
 #: elements of one block of recomputed attention weights in :func:`_values_gradient`, and of the keys (and of the
