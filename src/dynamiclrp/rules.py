@@ -336,9 +336,10 @@ def _signs(x: Tensor, nonnegative: bool = False) -> tuple[Tensor | None, Tensor 
     if nonnegative:
         return x, None
     low, high = torch.aminmax(x)  # one reduction; comparisons on the whole tensor are slow on CPU
-    if not bool(low < 0):
+    negative, positive = torch.stack((low < 0, high > 0)).tolist()  # one host read (a GPU waits for each)
+    if not negative:
         return x, None
-    if not bool(high > 0):
+    if not positive:
         return None, x
     return x.clamp(min=0), x.clamp(max=0)
 
