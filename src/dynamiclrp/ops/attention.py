@@ -28,6 +28,7 @@ from .base import (
     rule_form,
     saved,
     scaled_gradient,
+    spare,
     through_views,
 )
 from .elementwise import AddTerms
@@ -104,8 +105,10 @@ def _masked_identity_step(ctx):
         if g is None or grad_inputs[0] is None:
             return grad_inputs
         node, run = ctx.node, ctx.run
-        s, x = ctx.output(0).to(g.dtype), ctx.input(0).to(g.dtype)  # the node's dtype (a float32 softmax in a
-        q = ratio_(torch.mul(g, s), x)  # float64 model), as its backward's
+        # the node's dtype (a float32 softmax in a float64 model), as its backward's
+        s, x = ctx.output(0).to(g.dtype), ctx.input(0).to(g.dtype)
+        out = spare(grad_inputs[0], g.shape, g.dtype, g, s, x)  # softmax's own result, ours to overwrite
+        q = ratio_(torch.mul(g, s) if out is None else torch.mul(g, s, out=out), x)
         run.carried.append(extremes(q))
         e = node.inputs[0]
         if e is not None and (e.child, e.nr) in run.promises.provisional:

@@ -246,14 +246,15 @@ def stabilised_gradient(ctx: Context, eps: float, scale: float = 1.0) -> PreHook
         g = grad_outputs[0]
         if g is None:
             return grad_outputs
+        # |z| and |z| + eps in the run's scratch memory (z in the node's dtype, as its backward), the result the
+        # one fresh tensor: the incoming gradient may be shared (an addition passes it on), and on CPU a fresh
+        # tensor of an activation's size costs several in-place passes (page faults)
+        buf = ctx.run.scratch("stabiliser", g)
         z = _relu_saved_output(ctx, g.dtype)
-        if z is None:
-            z = ctx.output(0).to(g.dtype).abs()  # in the node's dtype, as its backward; a fresh tensor
-            f = z.div_(z + eps)
-        else:  # a ReLU's output: already |z|, and not ours to overwrite
-            f = z + eps
-            f = torch.div(z, f, out=f)
-        f = f.mul_(g)  # fresh memory: the incoming gradient may be shared (an addition passes it on)
+        if z is None:  # else a ReLU's output: already |z|, and not ours to overwrite
+            z = torch.abs(ctx.output(0).to(g.dtype), out=buf)
+        f = torch.mul(g, z)
+        f.div_(torch.add(z, eps, out=buf) if z is not buf else buf.add_(eps))
         if scale != 1.0:
             f.mul_(scale)
         return (f,) + tuple(grad_outputs[1:])
