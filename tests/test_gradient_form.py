@@ -340,6 +340,49 @@ def test_stabilised_sum_with_an_unrecorded_addend_propagates_node_by_node():
     assert rel_diff(got.inputs[0], ref.inputs[0]) < TOL
 
 
+class MaskedAttention(nn.Module):
+    """Causal attention by hand whose only sum is the untracked mask's: ``softmax(q kᵀ + mask) @ v``, scores of
+    magnitude about ``scale``."""
+
+    def __init__(self, d: int = 6, scale: float = 0.05):
+        super().__init__()
+        self.scale = scale
+        self.q, self.k, self.v = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.head = nn.Linear(d, 2, bias=False)
+
+    def forward(self, x):
+        t = x.shape[1]
+        mask = torch.triu(torch.full((t, t), float("-inf"), dtype=x.dtype), 1)
+        s = self.q(x) @ self.k(x).transpose(-1, -2) * self.scale
+        return self.head((torch.softmax(s + mask, -1) @ self.v(x))[:, -1])
+
+
+def test_mask_sum_stabiliser_applied_by_the_softmax_step(monkeypatch):
+    """The ε-step of ``scores + mask`` (the mask untracked), read by one softmax passing relevance unchanged, is
+    applied by that softmax's step (the sum's own step is PLAIN): the same relevance as node by node, where the
+    stabiliser matters (scores about 0.05, ε 0.02: the ε → 0 limit is far off)."""
+    from dynamiclrp import gradient_form
+
+    hooked = []
+
+    def steps(run, seeds, _orig=gradient_form.gradient_steps):
+        found, reason = _orig(run, seeds)
+        hooked.append({run.graph.nodes[nid].kind for nid, _, _ in found})
+        return found, reason
+    monkeypatch.setattr(gradient_form, "gradient_steps", steps)
+    torch.manual_seed(0)
+    model, x = MaskedAttention().to(D).eval(), torch.randn(2, 5, 6, dtype=D)
+    kw = dict(preset="epsilon", target=1, ledger=False)
+    stab = {"sum": r.Epsilon(0.02), "product": r.Uniform(1e-30), "linear": r.Epsilon(1e-30)}
+    got = dynamiclrp.explain(model, x, gradient_form=True, rules=stab, **kw)
+    ref = dynamiclrp.explain(model, x, gradient_form=False, rules=stab, **kw)
+    limit = dynamiclrp.explain(model, x, gradient_form=False, rules={**stab, "sum": r.Epsilon(1e-30)}, **kw)
+    assert got.stats.gradient_form and not ref.stats.gradient_form
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
+    assert rel_diff(limit.inputs[0], ref.inputs[0]) > 1e-2
+    assert "SoftmaxBackward0" in hooked[0] and "AddBackward0" not in hooked[0]
+
+
 @pytest.mark.parametrize("fast_half", [True, False])
 def test_ledger_and_dtype_keep_the_node_by_node_propagation(fast_half, monkeypatch):
     """The ledger, or a relevance dtype other than the model's, keeps the node-by-node propagation. On a device with

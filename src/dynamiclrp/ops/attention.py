@@ -31,7 +31,7 @@ from .base import (
     spare,
     through_views,
 )
-from .elementwise import AddTerms
+from .elementwise import AddTerms, softmax_applies_stabiliser
 
 
 class Softmax(OpSpec):
@@ -99,7 +99,13 @@ def _masked_identity_step(ctx):
     r"""The identity rule's step (:math:`g_x = g_y\,y / x`) on a softmax whose logits may carry an untracked mask:
     logits the Promise System knows only with the mask taken as zero (provisional) are checked against the output
     first, as :meth:`Softmax.relevance` checks them (a constant that is not a mask raises), and the masked ones get
-    nothing. The node is read through ``ctx`` when the step runs."""
+    nothing. Where the logits are a sum whose ε-step this step takes over
+    (:func:`~dynamiclrp.ops.elementwise.softmax_applies_stabiliser`), the ratio is then multiplied by
+    :math:`|x| / (|x| + \varepsilon)`, as that step would have done. The node is read through ``ctx`` when the step
+    runs."""
+    producer = ctx.producer(0)
+    eps = None if producer is None else softmax_applies_stabiliser(ctx, producer)
+
     def hook(grad_inputs, grad_outputs):
         g = grad_outputs[0]
         if g is None or grad_inputs[0] is None:
@@ -114,6 +120,9 @@ def _masked_identity_step(ctx):
         if e is not None and (e.child, e.nr) in run.promises.provisional:
             q.mul_(_check_mask(node, x, s, saved(node.fn, "dim"), run.scratch))
             run.promises.certify((e.child, e.nr))
+        if eps is not None:  # the sum's factor, in the same order as its own step
+            z = torch.abs(x, out=run.scratch("stabiliser", q))
+            q.mul_(z).div_(z.add_(eps))
         return (q,) + (None,) * (len(grad_inputs) - 1)
     return hook
 

@@ -117,8 +117,35 @@ class AddTerms(OpSpec):
         if form is PLAIN:
             return PLAIN
         if isinstance(form, Stabilised) and (all(e is not None for e in ctx.node.inputs) or _masks_softmax(ctx)):
-            return stabilised_gradient(ctx, form.eps)
+            # a mask's sum that one softmax alone reads: that softmax's step applies the factor (one pass over the
+            # logits' size fewer, and no fresh tensor of that size)
+            taken = softmax_applies_stabiliser(ctx, ctx.node) is not None
+            return PLAIN if taken else stabilised_gradient(ctx, form.eps)
         return None
+
+
+def softmax_applies_stabiliser(ctx, node) -> float | None:
+    r"""The ε of the sum ``node`` (``ctx``: a context of the same run) where the step of the softmax that alone
+    reads it applies the sum's stabilising factor :math:`|z| / (|z| + \varepsilon)` (the sum's own step is then
+    PLAIN), else None.
+
+    So for ``logits = scores + mask`` with a mask autograd did not record, under a softmax passing relevance
+    unchanged (the ``epsilon`` preset): that step computes the ratio :math:`g\,s / z` of the logits and checks the
+    mask on them anyway, and multiplies its own fresh result by the factor in place, on the same :math:`z`. Both
+    steps ask this one function, so they cannot disagree."""
+    graph = ctx.run.graph
+    if not isinstance(node.spec, AddTerms) or node.spec.family != "sum" or all(e is not None for e in node.inputs):
+        return None
+    form = rule_form(ctx.rule_at(node, "sum"), "sum")
+    if not isinstance(form, Stabilised):
+        return None
+    consumers = graph.consumers.get((node.id, 0), ())
+    if len(consumers) != 1 or consumers[0][1] != 0:
+        return None
+    softmax = graph.nodes[consumers[0][0]]
+    if softmax.spec.family != "softmax" or rule_form(ctx.rule_at(softmax, "softmax"), "softmax") is not IDENTITY:
+        return None
+    return form.eps
 
 
 def _masks_softmax(ctx) -> bool:
