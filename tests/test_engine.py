@@ -800,9 +800,11 @@ def test_softmax_mask_check_refuses_a_position_bias_and_accepts_a_mask():
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
 
 
-def test_scratch_buffers_are_per_key_shape_and_dtype_and_end_with_the_run():
-    """Op entries' temporaries (the softmax's mask check) reuse one buffer per key, shape and dtype for a whole
-    run; the run drops them at its end."""
+def test_scratch_buffers_are_per_key_shape_and_dtype_and_end_with_the_run(monkeypatch):
+    """Op entries' temporaries (the softmax's mask check, the ε-step's factor) reuse one buffer per key, shape and
+    dtype for a whole run, from ``SCRATCH_BYTES`` up on the CPU (smaller ones are fresh each time); the run drops
+    them at its end."""
+    from dynamiclrp import engine
     from dynamiclrp.engine import Run
     from dynamiclrp.graph import Graph
     from dynamiclrp.presets import get_preset
@@ -810,6 +812,9 @@ def test_scratch_buffers_are_per_key_shape_and_dtype_and_end_with_the_run():
     x = torch.randn(3, 4, dtype=D, requires_grad=True)
     run = Run(Graph.build([(x @ x.T).grad_fn]), get_preset("attnlrp"), D, set())
     like = torch.empty(2, 3, dtype=D)
+    assert run.scratch("a", like) is not run.scratch("a", like)  # 48 bytes: fresh
+    monkeypatch.setattr(engine, "SCRATCH_BYTES", like.numel() * like.element_size())
+    assert run.scratch("a", like[:1]) is not run.scratch("a", like[:1])  # below: fresh
     a = run.scratch("a", like)
     assert run.scratch("a", like) is a and a.shape == like.shape and a.dtype == D
     assert run.scratch("b", like) is not a

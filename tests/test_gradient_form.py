@@ -232,17 +232,38 @@ class EpsilonCNN(nn.Module):
         return self.head(F.relu(self.bf(self.fc(t))))
 
 
+def keep_every_scratch_buffer(monkeypatch) -> list[int]:
+    """Make the run keep its scratch buffers whatever their size (as it does for large CPU tensors, which no test
+    model has): the buffers are then reused from layer to layer, where a buffer still in use would show. Returns
+    a list that counts the reuses."""
+    from dynamiclrp import engine
+
+    monkeypatch.setattr(engine, "SCRATCH_BYTES", 0)
+    reused, scratch = [0], engine.Run.scratch
+
+    def counted(self, key, like):
+        known = len(self._scratch)
+        buf = scratch(self, key, like)
+        reused[0] += len(self._scratch) == known
+        return buf
+    monkeypatch.setattr(engine.Run, "scratch", counted)
+    return reused
+
+
+@pytest.mark.parametrize("kept_scratch", [False, True])
 @pytest.mark.parametrize("eps", [{"linear": r.Epsilon(0.3), "sum": r.Epsilon(0.1)}, {}])
-def test_epsilon_above_the_limit_is_the_stabilised_gradient(eps):
+def test_epsilon_above_the_limit_is_the_stabilised_gradient(eps, kept_scratch, monkeypatch):
     """The ε-rule with a real stabiliser (the ``epsilon`` preset's 1e-6; 0.3 and 0.1 where a factor left out
     would show) has a gradient form: the gradient arriving at the layer's output times :math:`|z| / (|z| + ε)`.
-    It must give the node-by-node answer to rounding, in float64, batch norms merged as zennit merges them."""
+    It must give the node-by-node answer to rounding, in float64, batch norms merged as zennit merges them; also
+    with the run's scratch memory reused from layer to layer."""
+    reused = keep_every_scratch_buffer(monkeypatch) if kept_scratch else [1]
     torch.manual_seed(0)
     model, x = EpsilonCNN().to(D).eval(), torch.randn(2, 3, 8, 8, dtype=D)
     kw = dict(preset="epsilon", rules=eps, target=[0, 2])
     got = dynamiclrp.explain(model, x, ledger=False, gradient_form=True, **kw)
     ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
-    assert got.stats.gradient_form and not ref.stats.gradient_form
+    assert got.stats.gradient_form and not ref.stats.gradient_form and reused[0]
     scale = ref.inputs[0].abs().max()
     assert (got.inputs[0] - ref.inputs[0]).abs().max() <= 1e-12 * scale
     if eps:  # the stabiliser matters here: the ε → 0 limit is far off
@@ -278,19 +299,22 @@ def test_relevance_at_a_zero_value_is_not_dropped(check_finite):
         torch.testing.assert_close(got.inputs[0], ref.inputs[0], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("kept_scratch", [False, True])
 @pytest.mark.parametrize("eps", [{"linear": r.Epsilon(0.3), "sum": r.Epsilon(0.1), "product": r.Uniform(0.2)}, {}])
-def test_epsilon_preset_on_a_transformer_without_a_mask(eps):
+def test_epsilon_preset_on_a_transformer_without_a_mask(eps, kept_scratch, monkeypatch):
     """The ``epsilon`` preset on every op of the mixer (its mask left out: see the next test): the uniform rule
     with a real ε on the attention products (the ratio halved and stabilised), on SwiGLU's element-wise product
     (halved: the rule does not use ε there), the norms and softmax passed through (the identity's step, layer
-    norm's rule being MergeBatchNorm, which merges nothing here), ε-rules on the linear layers and sums."""
+    norm's rule being MergeBatchNorm, which merges nothing here), ε-rules on the linear layers and sums; also with
+    the run's scratch memory reused from layer to layer."""
+    reused = keep_every_scratch_buffer(monkeypatch) if kept_scratch else [1]
     torch.manual_seed(0)
     model, x = Mixer(masked=False).to(D).eval(), torch.randn(2, 5, 8, dtype=D)
     mods = ["ln", "v", "down", "ff"]
     kw = dict(preset="epsilon", rules=eps, modules=mods)
     got = dynamiclrp.explain(model, x, ledger=False, gradient_form=True, **kw)
     ref = dynamiclrp.explain(model, x, ledger=False, gradient_form=False, **kw)
-    assert got.stats.gradient_form and not ref.stats.gradient_form
+    assert got.stats.gradient_form and not ref.stats.gradient_form and reused[0]
     assert rel_diff(got.inputs[0], ref.inputs[0]) < TOL
     for m in mods:
         assert rel_diff(got.modules[m], ref.modules[m]) < TOL, m
@@ -357,12 +381,16 @@ class MaskedAttention(nn.Module):
         return self.head((torch.softmax(s + mask, -1) @ self.v(x))[:, -1])
 
 
-def test_mask_sum_stabiliser_applied_by_the_softmax_step(monkeypatch):
+@pytest.mark.parametrize("kept_scratch", [False, True])
+def test_mask_sum_stabiliser_applied_by_the_softmax_step(kept_scratch, monkeypatch):
     """The ε-step of ``scores + mask`` (the mask untracked), read by one softmax passing relevance unchanged, is
     applied by that softmax's step (the sum's own step is PLAIN): the same relevance as node by node, where the
-    stabiliser matters (scores about 0.05, ε 0.02: the ε → 0 limit is far off)."""
+    stabiliser matters (scores about 0.05, ε 0.02: the ε → 0 limit is far off); also with the run's scratch
+    memory kept."""
     from dynamiclrp import gradient_form
 
+    if kept_scratch:
+        keep_every_scratch_buffer(monkeypatch)
     hooked = []
 
     def steps(run, seeds, _orig=gradient_form.gradient_steps):

@@ -40,6 +40,11 @@ class LedgerEntry:
         return self.r_in - self.r_data - self.r_params
 
 
+#: the size from which a CPU temporary is kept for the run (:meth:`Run.scratch`): glibc's malloc serves larger
+#: blocks by a fresh memory mapping, always (its largest dynamic mmap threshold on 64-bit systems, 32 MiB)
+SCRATCH_BYTES = 32 << 20
+
+
 @dataclass
 class Run:
     """State of one propagation: the graph, the rules, recovered activations, recorded relevance."""
@@ -69,9 +74,13 @@ class Run:
 
     def scratch(self, key: str, like: torch.Tensor) -> torch.Tensor:
         """A buffer with ``like``'s shape, dtype and device that an op entry may overwrite during its own turn and
-        must neither return nor keep: one per key, shape and dtype for the whole run. Each layer's temporaries
-        then reuse the previous layer's memory; on CPU a fresh large tensor costs several times the arithmetic
-        that fills it (page faults)."""
+        must neither return nor keep: one per key, shape and dtype for the whole run where that pays, else a fresh
+        tensor. Each layer's temporaries then reuse the previous layer's memory: on CPU a fresh tensor of
+        :data:`SCRATCH_BYTES` or more costs several times the arithmetic that fills it (the C allocator maps such
+        blocks anew each time, page faults included), where a smaller one, or any on a GPU (the caching allocator),
+        reuses freed memory anyway and a kept buffer would only add to the peak."""
+        if like.device.type != "cpu" or like.numel() * like.element_size() < SCRATCH_BYTES:
+            return torch.empty(like.shape, dtype=like.dtype, device=like.device)
         k = (key, like.shape, like.dtype, like.device)
         buf = self._scratch.get(k)
         if buf is None:

@@ -246,19 +246,27 @@ def stabilised_gradient(ctx: Context, eps: float, scale: float = 1.0) -> PreHook
         g = grad_outputs[0]
         if g is None:
             return grad_outputs
-        # |z| and |z| + eps in the run's scratch memory (z in the node's dtype, as its backward), the result the
-        # one fresh tensor: the incoming gradient may be shared (an addition passes it on), and on CPU a fresh
-        # tensor of an activation's size costs several in-place passes (page faults)
-        buf = ctx.run.scratch("stabiliser", g)
+        # |z| and |z| + eps in the run's scratch memory (z in the node's dtype, as its backward): on CPU a fresh
+        # tensor of an activation's size costs several in-place passes (page faults). The result is fresh too
+        # (the incoming gradient may be shared: an addition passes it on), except before a node whose backward
+        # only multiplies it by saved tensors: used up there, it may live in scratch memory as well
+        run = ctx.run
+        buf = run.scratch("stabiliser", g)
         z = _relu_saved_output(ctx, g.dtype)
         if z is None:  # else a ReLU's output: already |z|, and not ours to overwrite
             z = torch.abs(ctx.output(0).to(g.dtype), out=buf)
-        f = torch.mul(g, z)
+        out = run.scratch("stabilised", g) if ctx.node.kind in _CONSUMES_ITS_GRADIENT else None
+        f = torch.mul(g, z) if out is None or out is g else torch.mul(g, z, out=out)
         f.div_(torch.add(z, eps, out=buf) if z is not buf else buf.add_(eps))
         if scale != 1.0:
             f.mul_(scale)
         return (f,) + tuple(grad_outputs[1:])
     return PreHook(hook)
+
+
+# nodes whose backward returns products of the incoming gradient with saved tensors, never that gradient itself or a
+# view of it: a gradient handed to one is used up when the node has run (a sum's backward, by contrast, passes it on)
+_CONSUMES_ITS_GRADIENT = frozenset({"MmBackward0", "BmmBackward0", "ConvolutionBackward0", "NativeBatchNormBackward0"})
 
 
 def _relu_saved_output(ctx: Context, dtype: torch.dtype) -> torch.Tensor | None:
