@@ -802,7 +802,7 @@ def test_softmax_mask_check_refuses_a_position_bias_and_accepts_a_mask():
 
 def test_scratch_buffers_are_per_key_shape_and_dtype_and_end_with_the_run(monkeypatch):
     """Op entries' temporaries (the softmax's mask check, the ε-step's factor) reuse one buffer per key, shape and
-    dtype for a whole run, from ``SCRATCH_BYTES`` up on the CPU (smaller ones are fresh each time); the run drops
+    dtype for a whole run, from ``SCRATCH_BYTES`` up on the CPU (below, None: the op allocates); the run drops
     them at its end."""
     from dynamiclrp import engine
     from dynamiclrp.engine import Run
@@ -812,13 +812,13 @@ def test_scratch_buffers_are_per_key_shape_and_dtype_and_end_with_the_run(monkey
     x = torch.randn(3, 4, dtype=D, requires_grad=True)
     run = Run(Graph.build([(x @ x.T).grad_fn]), get_preset("attnlrp"), D, set())
     like = torch.empty(2, 3, dtype=D)
-    assert run.scratch("a", like) is not run.scratch("a", like)  # 48 bytes: fresh
+    assert run.scratch("a", like) is None  # 48 bytes: the op allocates
     monkeypatch.setattr(engine, "SCRATCH_BYTES", like.numel() * like.element_size())
-    assert run.scratch("a", like[:1]) is not run.scratch("a", like[:1])  # below: fresh
+    assert run.scratch("a", like[:1]) is None  # below
     a = run.scratch("a", like)
     assert run.scratch("a", like) is a and a.shape == like.shape and a.dtype == D
     assert run.scratch("b", like) is not a
-    assert run.scratch("a", like.float()) is not a and run.scratch("a", torch.empty(3, 3, dtype=D)) is not a
+    assert run.scratch("a", like.float()) is None and run.scratch("a", torch.empty(3, 3, dtype=D)) is not a
     run.propagate({})
     assert run.scratch("a", like) is not a  # a new run's buffer
 

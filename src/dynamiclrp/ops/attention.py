@@ -142,9 +142,10 @@ def _check_mask(node, x, s, dim, scratch):
 
     Numbers rather than bools, and no ``max`` with indices: bool tensors, ``where`` and arg-reductions over tokens x
     tokens tensors cost several times an arithmetic pass on CPU. The two tokens x tokens temporaries are the run's
-    ``scratch`` buffers, the same memory for every layer."""
+    ``scratch`` buffers where that pays (:meth:`dynamiclrp.engine.Run.scratch`), the same memory for every layer."""
     floor = s.amax(dim, keepdim=True).mul_(1e-30)
-    attended = torch.gt(s, floor, out=scratch("attended", s))  # written as numbers into a float buffer
+    numbers = scratch("attended", s)
+    attended = torch.gt(s, floor, out=torch.empty_like(s) if numbers is None else numbers)  # as numbers
     # log s - x on attended positions, 0 elsewhere; the log's argument kept at or above the dtype's smallest positive
     # number so that a row attending to nothing (a fully masked row of a safe softmax: all zeros) stays finite
     info = torch.finfo(s.dtype)

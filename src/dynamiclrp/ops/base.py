@@ -246,18 +246,19 @@ def stabilised_gradient(ctx: Context, eps: float, scale: float = 1.0) -> PreHook
         g = grad_outputs[0]
         if g is None:
             return grad_outputs
-        # |z| and |z| + eps in the run's scratch memory (z in the node's dtype, as its backward): on CPU a fresh
-        # tensor of an activation's size costs several in-place passes (page faults). The result is fresh too
-        # (the incoming gradient may be shared: an addition passes it on), except before a node whose backward
-        # only multiplies it by saved tensors: used up there, it may live in scratch memory as well
+        # the factor is the one fresh tensor: the incoming gradient may be shared (an addition passes it on). Before
+        # a node whose backward uses its gradient up (a product, a batch norm) it may live in the run's scratch
+        # memory, as may |z| + eps: on CPU a fresh tensor of an activation's size can cost several passes
         run = ctx.run
-        buf = run.scratch("stabiliser", g)
-        z = _relu_saved_output(ctx, g.dtype)
-        if z is None:  # else a ReLU's output: already |z|, and not ours to overwrite
-            z = torch.abs(ctx.output(0).to(g.dtype), out=buf)
         out = run.scratch("stabilised", g) if ctx.node.kind in _CONSUMES_ITS_GRADIENT else None
-        f = torch.mul(g, z) if out is None or out is g else torch.mul(g, z, out=out)
-        f.div_(torch.add(z, eps, out=buf) if z is not buf else buf.add_(eps))
+        z = _relu_saved_output(ctx, g.dtype)
+        if z is not None:  # a ReLU's output: already |z|, and not ours to overwrite
+            f = torch.add(z, eps, out=out)
+            f = torch.div(z, f, out=f)
+        else:  # in the node's dtype, as its backward
+            f = torch.abs(ctx.output(0).to(g.dtype), out=out)
+            f.div_(torch.add(f, eps, out=run.scratch("stabiliser", f)))
+        f.mul_(g)
         if scale != 1.0:
             f.mul_(scale)
         return (f,) + tuple(grad_outputs[1:])
