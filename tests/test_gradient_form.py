@@ -736,15 +736,17 @@ def test_values_gradient_declines_where_the_log_sum_exp_has_a_gradient():
     assert attention._values_gradient(o.grad_fn, (None,), 1.0) is None
 
 
+@pytest.mark.parametrize("same_eps", [False, True])
 @pytest.mark.parametrize("blocked", [False, True])
 @pytest.mark.parametrize("case", list(SDPA_CASES))
-def test_stabilised_gradient_of_fused_attention(case, blocked, monkeypatch):
+def test_stabilised_gradient_of_fused_attention(case, blocked, same_eps, monkeypatch):
     r"""The ε-rule's gradient form on a fused attention node (the ``epsilon`` preset: the uniform rule's halves
     with ε on both products, softmax passing relevance unchanged, the mask's sum stabilised), against the formula
     in float64 written out: :math:`f = \tfrac12 g\,|O| / (|O| + \varepsilon)`, :math:`g_V = P^\top f`,
     :math:`R_S = S \odot (P \odot f V^\top) / \mathrm{stab}(L)` on attended positions,
     :math:`u = \tfrac12 c\,R_S / \mathrm{stab}(S)`, :math:`g_Q = u K`, :math:`g_K = u^\top Q` (grouped heads
-    summed onto their key and value head); ``blocked``: a head at a time."""
+    summed onto their key and value head); ``blocked``: a head at a time; ``same_eps``: the mask's ε that of the
+    scores (a mask of 0 and -inf alone then shares one denominator between the two steps)."""
     from dynamiclrp.ops import attention
 
     if blocked:
@@ -754,12 +756,13 @@ def test_stabilised_gradient_of_fused_attention(case, blocked, monkeypatch):
     q, k, v, m, kw = _sdpa_case(case, g)
     o = F.scaled_dot_product_attention(q, k, v, **kw)
     go = torch.randn(o.shape, dtype=D, generator=g)
-    eps_v, eps_m, eps_s = 0.3, 0.2, 0.1
+    eps_v, eps_m, eps_s = 0.3, 0.1 if same_eps else 0.2, 0.1
     step = attention._stabilised_attention_step(
-        SimpleNamespace(node=SimpleNamespace(fn=o.grad_fn)), r.Stabilised(eps_v, 0.5), r.Stabilised(eps_s, 0.5),
-        r.Stabilised(eps_m))
-    own = torch.autograd.grad(o, (q, k, v), go, retain_graph=True)
-    gq, gk, gv = step(own, (go,))[:3]
+        SimpleNamespace(node=SimpleNamespace(fn=o.grad_fn), run=SimpleNamespace(derived={})),
+        r.Stabilised(eps_v, 0.5), r.Stabilised(eps_s, 0.5), r.Stabilised(eps_m))
+    handed = step.hook((go,))  # the node is handed f and runs its own backward on it; the step then replaces
+    own = torch.autograd.grad(o, (q, k, v), handed[0], retain_graph=True)  # the query and key gradients
+    gq, gk, gv = step.post(own, handed)[:3]
 
     def stab(z, eps):
         return z + eps * torch.where(z >= 0, 1.0, -1.0).to(D)

@@ -139,8 +139,9 @@ class Bypasses:
         _, nid, nr, step, children = route
         fn = self.fn(nid)
         grads: tuple = tuple(grad if o == nr else None for o in range(len(fn._input_metadata)))
+        post = step
         if isinstance(step, PreHook):
-            grads = step.hook(grads)
+            grads, post = step.hook(grads), step.post
             if all(g is None for g in grads):  # a bypassed node: its hook carried its result on
                 return
         direct = step.direct(grads) if isinstance(step, DirectStep) else None
@@ -150,8 +151,8 @@ class Bypasses:
         else:
             out = fn(*grads) if callable(fn) else fn.apply(*grads)
             out = out if isinstance(out, tuple) else (out,)
-            if step is not None and not isinstance(step, PreHook):
-                out = step(out, grads)
+            if post is not None:
+                out = post(out, grads)
         for (child, nr), sub, g in zip(fn.next_functions, children, out):
             if sub is not None and g is not None:
                 meta = child._input_metadata[nr]  # as the engine does with a node's results

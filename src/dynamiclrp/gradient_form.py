@@ -199,8 +199,12 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
             bypasses = prepared.bypasses.bind(graph)
         for nid, hook in bypasses.hooks if bypasses else ():
             handles.append(graph.nodes[nid].fn.register_prehook(hook.hook))
-        handles += [fn.register_prehook(hook.hook) if isinstance(hook, PreHook) else fn.register_hook(hook)
-                    for fn, hook in hooks]
+        for fn, hook in hooks:
+            if isinstance(hook, PreHook):
+                handles.append(fn.register_prehook(hook.hook))
+                hook = hook.post
+            if hook is not None:
+                handles.append(fn.register_hook(hook))
         grads = torch.autograd.grad(outputs, [GradientEdge(graph.nodes[nid].fn, nr) for nid, nr in keys], ratios,
                                     retain_graph=True, allow_unused=True)
     except UndeliveredError:

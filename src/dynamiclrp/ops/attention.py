@@ -15,12 +15,13 @@ import math
 import torch
 
 from ..errors import ActivationUnavailableError, DynamicLRPError
-from ..rules import BLOCKED, IDENTITY, PLAIN, Stabilised, over_stabilized
+from ..rules import BLOCKED, IDENTITY, PLAIN, Stabilised, over_stabilized, stabilize
 from .base import (
     NEXT,
     PART,
     DirectStep,
     OpSpec,
+    PreHook,
     extremes,
     held_constant,
     identity_gradient,
@@ -365,7 +366,7 @@ class ScaledDotProductAttention(OpSpec):
         return step
 
 
-def _stabilised_attention_step(ctx, values: Stabilised, scores: Stabilised, mask: Stabilised | None):
+def _stabilised_attention_step(ctx, values: Stabilised, scores: Stabilised, mask: Stabilised | None) -> PreHook:
     r"""Gradient step of a fused attention node whose products take the ε-rule's gradient form
     (:class:`~dynamiclrp.rules.Stabilised`, the uniform rule's halves included) and whose softmax passes relevance
     unchanged (the identity rule): the query, key and value gradients the node-by-node rules of its parts give,
@@ -378,43 +379,58 @@ def _stabilised_attention_step(ctx, values: Stabilised, scores: Stabilised, mask
               u = a_S\,c\,\frac{R_S}{\mathrm{stab}_{\varepsilon_S}(S)}, \quad g_Q = u K, \quad g_K = u^\top Q
 
     (:math:`a`: the rules' factors; without a mask :math:`R_S = P \odot f V^\top`; masked positions, where
-    :math:`M = -\infty`, get nothing). The softmax's identity rule :math:`R_L = R_P` is what the node's own
-    backward, which applies softmax's Jacobian, cannot give: the node's gradients are replaced, not scaled. Weights
+    :math:`M = -\infty`, get nothing). The node is handed :math:`f` (a pre-hook), so that its own backward computes
+    :math:`g_V = P^\top f` as it would; the query and key gradients it computes are then replaced (the softmax's
+    identity rule :math:`R_L = R_P` is what its backward, which applies softmax's Jacobian, cannot give). Weights
     and scores are recomputed from the saved queries and keys, as node by node; the node is read through ``ctx``
     when the step runs (a plan rebinds it)."""
-    def hook(grad_inputs, grad_outputs):
+    def pre(grad_outputs):
         g = grad_outputs[0]
         if g is None:
+            return grad_outputs
+        dt = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype  # as the fused kernels work
+        f = saved(ctx.node.fn, "output").to(dt).abs()  # fresh memory: g may be shared
+        f = f.div_(f + values.eps).mul_(g)
+        f = f.mul_(values.scale) if values.scale != 1.0 else f
+        return (f.to(g.dtype),) + tuple(grad_outputs[1:])
+
+    def post(grad_inputs, grad_outputs):
+        f = grad_outputs[0]
+        if f is None or grad_inputs[0] is None and grad_inputs[1] is None:
             return grad_inputs
         fn = ctx.node.fn
-        dt = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype  # as the fused kernels work
+        dt = torch.float32 if f.dtype in (torch.float16, torch.bfloat16) else f.dtype  # as the fused kernels work
         q, k, v = (saved(fn, name).to(dt) for name in ("query", "key", "value"))
+        f = f.to(dt)
         ke, ve = _heads(q, k)(k), _heads(q, v)(v)
-        c, m = _scale(fn, q), _mask(fn, q, k)
-        m = None if m is None else m.to(dt)
-        f = saved(fn, "output").to(dt).abs()
-        f = f.div_(f + values.eps).mul_(g.to(dt)).mul_(values.scale)  # fresh memory: g may be shared
-        # a group of heads at a time: the weights and their companions are five tensors of the scores' size
+        c, m = _scale(fn, q), _run_mask(ctx.run, fn, q, k)
+        # where the mask lets through (as numbers) and its finite part: the same for every group of heads
+        attended, finite = (None, None) if m is None else _attended(ctx.run, m, dt)
+        # a group of heads at a time: the weights and their companions are tensors of the scores' size
         heads = q.shape[-3] if q.dim() >= 3 else 1
         per_head = torch.broadcast_shapes(q.shape[:-2], ke.shape[:-2]).numel() // heads * q.shape[-2] * ke.shape[-2]
         block = max(1, _SCORES_BLOCK // max(per_head, 1))
-        parts = [_stabilised_attention(*(_head_slice(t, h, block) for t in (q, ke, ve, f, m)), c, scores, mask)
-                 for h in range(0, heads, block)]
+        m = None if m is None else m.to(dt)
+        parts = [_stabilised_attention(*(_head_slice(t, h, block) for t in (q, ke, ve, f, m, attended, finite)), c,
+                                       scores, mask) for h in range(0, heads, block)]
         grads = [torch.cat(x, -3) if len(x) > 1 else x[0] for x in zip(*parts)]
         out = []
-        for grad, t, old in zip(grads, (q, k, v), grad_inputs):
+        for grad, t, old in zip(grads, (q, k), grad_inputs):
             if old is None:
                 out.append(None)
                 continue
-            if grad.dim() >= 3 and t.dim() >= 3 and grad.shape[-3] != t.shape[-3]:  # heads sharing a key, value
+            if grad.dim() >= 3 and t.dim() >= 3 and grad.shape[-3] != t.shape[-3]:  # heads sharing a key
                 grad = grad.unflatten(-3, (t.shape[-3], -1)).sum(-3)
             out.append(grad.sum_to_size(t.shape).to(old.dtype))
-        return tuple(out) + (None,) * (len(grad_inputs) - 3)
-    return hook
+        # the values' gradient is the node's own, P^T f; a mask gets nothing (a constant to the rules)
+        return tuple(out) + (grad_inputs[2],) + (None,) * (len(grad_inputs) - 3)
+    return PreHook(pre, post)
 
 
-#: elements of the attention scores :func:`_stabilised_attention_step` works on at once (a group of heads)
-_SCORES_BLOCK = 1 << 24
+#: elements of the attention scores :func:`_stabilised_attention_step` works on at once (a group of heads): 8 MiB
+#: in float32, below the size from which the C allocator maps each new block afresh (page faults: see
+#: :meth:`dynamiclrp.engine.Run.scratch`)
+_SCORES_BLOCK = 1 << 21
 
 
 def _head_slice(t: torch.Tensor | None, h: int, block: int) -> torch.Tensor | None:
@@ -422,22 +438,53 @@ def _head_slice(t: torch.Tensor | None, h: int, block: int) -> torch.Tensor | No
     return t if t is None or t.dim() < 3 or t.shape[-3] == 1 else t[..., h:h + block, :, :]
 
 
-def _stabilised_attention(q, ke, ve, f, m, c: float, scores: Stabilised, mask: Stabilised | None):
-    """:func:`_stabilised_attention_step`'s gradients ``(g_Q, g_K, g_V)`` for some heads, keys and values repeated
-    to the query heads, ``f`` the values' stabilised gradient, ``m`` the additive mask (or None)."""
+def _run_mask(run, fn, q, k):
+    """:func:`_mask` of an attention node, made once per run for all the nodes that were given the same mask (a
+    model's layers share theirs) or none, and the same causality and shapes."""
+    given = saved(fn, "attn_mask", None)
+    if given is None:
+        given = saved(fn, "attn_bias", None)
+    key = ("mask", None if given is None else (given.data_ptr(), given.shape, given.stride(), given.dtype),
+           bool(saved(fn, "is_causal", False)), q.shape[:-1], k.shape[:-1], q.dtype, q.device)
+    found = run.derived.get(key)
+    if found is None or found[0] is not given:  # the given mask is kept with it: its memory cannot be reused
+        found = run.derived[key] = (given, _mask(fn, q, k))
+    return found[1]
+
+
+def _attended(run, m, dt):
+    """Where the additive mask ``m`` lets through, as numbers of ``dt`` (1.0 where finite, else 0.0), and its finite
+    part (``m`` there, else 0): worked out once per run for each mask tensor (a model's layers share theirs, and a
+    causal mask is made once per run: :func:`_run_mask`). The mask is kept with them, so that its memory cannot
+    be another tensor's while the entry lives."""
+    key = ("attended", m.data_ptr(), m.shape, m.stride(), m.dtype, m.device, dt)
+    found = run.derived.get(key)
+    if found is None or found[0] is not m:
+        attended = torch.isfinite(m)
+        finite = torch.where(attended, m, torch.zeros((), dtype=m.dtype, device=m.device)).to(dt)
+        # a mask of 0 and -inf alone (causal, padding) has no finite part to add: None (one host read per mask)
+        found = run.derived[key] = (m, attended.to(dt), finite if bool(finite.any()) else None)
+    return found[1], found[2]
+
+
+def _stabilised_attention(q, ke, ve, f, m, attended, finite, c: float, scores: Stabilised, mask: Stabilised | None):
+    r""":func:`_stabilised_attention_step`'s gradients ``(g_Q, g_K)`` for some heads, keys and values repeated to
+    the query heads, ``f`` the values' stabilised gradient, ``m`` the additive mask (or None), ``attended`` and
+    ``finite`` where it lets through and its finite part (None where it has none: then :math:`L = S` wherever
+    relevance flows, and one denominator :math:`\mathrm{stab}(S)` serves both ε-steps when their ε agree)."""
     s = torch.matmul(q, ke.mT).mul_(c)
     p = torch.softmax(s if m is None else s + m, -1)
-    if m is not None:
-        p.nan_to_num_(0.0)  # a fully masked row attends to nothing
-    gv = p.mT @ f
     r = torch.matmul(f, ve.mT).mul_(p)  # R_L = R_P = P ⊙ g_P
     if m is not None:
-        attended = torch.isfinite(m)
-        finite = torch.where(attended, m, torch.zeros((), dtype=m.dtype, device=m.device))
-        r = over_stabilized(r.mul_(attended), s + finite, mask.eps)
+        r.nan_to_num_(0.0).mul_(attended)  # a fully masked row attends to nothing; masked positions get nothing
+    if m is not None and (finite is not None or mask.eps != scores.eps):
+        r = over_stabilized(r, s if finite is None else s + finite, mask.eps)
         r = r.mul_(s) if r.shape == s.shape else r * s
-    u = over_stabilized(r, s, scores.eps).mul_(scores.scale * c)
-    return u @ ke, u.mT @ q, gv
+        u = over_stabilized(r, s, scores.eps)
+    else:  # R_S / stab(S) (no mask), or S (R_L / stab(S)) / stab(S): the same operations, stab(S) made once
+        d = stabilize(s, scores.eps)
+        u = r.div_(d) if m is None else r.div_(d).mul_(s).div_(d)
+    return u.mul_(scores.scale * c) @ ke, u.mT @ q
 
 
 #: elements of one block of recomputed attention weights in :func:`_values_gradient`, and of the keys (and of the

@@ -207,12 +207,14 @@ def rule_form(rule: Any, family: str) -> Any:
 
 class PreHook:
     """A gradient step that acts on the gradient arriving at the node (``hook(grad_outputs) -> grad_outputs``),
-    before its backward runs; a plain function is a step on the backward's result instead."""
+    before its backward runs, and, where ``post`` is given, then on the backward's result as well
+    (``post(grad_inputs, grad_outputs) -> grad_inputs``, ``grad_outputs`` those ``hook`` returned); a plain
+    function is a step on the backward's result alone."""
 
-    __slots__ = ("hook",)
+    __slots__ = ("hook", "post")
 
-    def __init__(self, hook: Any):
-        self.hook = hook
+    def __init__(self, hook: Any, post: Any = None):
+        self.hook, self.post = hook, post
 
 
 class DirectStep:
