@@ -4,8 +4,8 @@ Usage: ``python benchmarks/seq_scaling.py [--lengths 128 256 512 1024 2048] [--t
 [--out results/seq_scaling.md]``
 
 A small LLaMA-style decoder (``LlamaForCausalLM``: vocab 32000, hidden 256, 4 layers, 4 heads, intermediate 688,
-untied head, eager attention, random weights, ``logits_to_keep=1``), batch 1, explained at the last position's top
-logit. For each length: the full gradient pass (forward + backward with parameter gradients), the floor (gradient
+untied head, eager attention unless ``--attn sdpa``, random weights, ``logits_to_keep=1``), batch 1, explained at the
+last position's top logit. For each length: the full gradient pass (forward + backward with parameter gradients), the floor (gradient
 with respect to ``inputs_embeds`` only, parameters frozen) and ``dynamiclrp.explain(..., preset="attnlrp",
 ledger=False, check_finite=False)``, medians of interleaved repetitions (5 when the full pass takes < 2 s at that
 length, else 3) after one warm-up round; each length in the same process, one after the other. The slope of a
@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--preset", default="attnlrp")
+    ap.add_argument("--attn", default="eager", choices=["eager", "sdpa"],
+                    help="the attention the model is built with (sdpa: one fused node per layer)")
     ap.add_argument("--out", default="results/seq_scaling.md")
     ap.add_argument("--quick", action="store_true", help="lengths 32, 64, 128, one repetition")
     args = ap.parse_args()
@@ -51,7 +53,7 @@ def main() -> None:
     desc = ""
     t_start = time.time()
     for n in lengths:
-        case = speed.Case(speed.parse_case(f"llama_small@s{n}b1"))
+        case = speed.Case({**speed.parse_case(f"llama_small@s{n}b1"), "attn": args.attn})
         desc = case.desc.replace(f"× {n} tokens", "× N tokens")
         errors: dict = {}
         fns = {"full": case.full(), "floor": case.floor(), args.preset: case.ours(args.preset)}

@@ -198,7 +198,8 @@ class Case:
             self.desc = f"torchvision {name}(weights=None), batch {batch} × 3 × {size}²"
         else:
             cfg = hf_config(name, quick)
-            self.model = hf_class(name)._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+            attn = spec.get("attn", "eager")  # seq_scaling.py --attn sdpa: the fused attention (transformers' default)
+            self.model = hf_class(name)._from_config(copy.deepcopy(cfg), attn_implementation=attn).eval()
             self.model.to(device, dtype)
             g = torch.Generator().manual_seed(0)
             seq = spec["seq"] if not quick else 16
@@ -217,7 +218,7 @@ class Case:
                 self.select = lambda o: o.logits
             n = sum(p.numel() for p in self.model.parameters())
             self.desc = (f"transformers {type(self.model).__name__}, random init, {n / 1e6:.1f} M parameters, "
-                         f"batch {batch} × {seq} tokens, eager attention")
+                         f"batch {batch} × {seq} tokens, {attn} attention")
         if dtype != torch.float32 or device != "cpu":
             self.desc += f"; {str(dtype).removeprefix('torch.')} on {device}"
         self.nparams = sum(p.numel() for p in self.model.parameters())
