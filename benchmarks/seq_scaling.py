@@ -4,13 +4,14 @@ Usage: ``python benchmarks/seq_scaling.py [--lengths 128 256 512 1024 2048] [--t
 [--out results/seq_scaling.md]``
 
 A small LLaMA-style decoder (``LlamaForCausalLM``: vocab 32000, hidden 256, 4 layers, 4 heads, intermediate 688,
-untied head, eager attention unless ``--attn sdpa``, random weights, ``logits_to_keep=1``), batch 1, explained at the
-last position's top logit. For each length: the full gradient pass (forward + backward with parameter gradients), the floor (gradient
-with respect to ``inputs_embeds`` only, parameters frozen) and ``dynamiclrp.explain(..., preset="attnlrp",
-ledger=False, check_finite=False)``, medians of interleaved repetitions (5 when the full pass takes < 2 s at that
-length, else 3) after one warm-up round; each length in the same process, one after the other. The slope of a
-method is its time growth from the shortest to the longest length divided by the length growth; the report gives
-the ratio of the explanation's slope to the gradient's (1 = it grows like the gradient) and the log-log exponent.
+untied head, eager attention unless ``--attn sdpa``, random weights, ``logits_to_keep=1``), batch 1, explained at
+the last position's top logit. For each length: the full gradient pass (forward + backward with parameter
+gradients), the floor (gradient with respect to ``inputs_embeds`` only, parameters frozen) and
+``dynamiclrp.explain(..., preset="attnlrp", ledger=False, check_finite=False)``, medians of interleaved repetitions
+(5 when the full pass takes < 2 s at that length, else 3) after one warm-up round; each length in the same process,
+one after the other. The slope of a method is its time growth from the shortest to the longest length divided by the
+length growth; the report gives the ratio of the explanation's slope to the gradient's (1 = it grows like the
+gradient) and the log-log exponent.
 """
 
 from __future__ import annotations
