@@ -403,14 +403,11 @@ def _stabilised_attention_step(ctx, values: Stabilised, scores: Stabilised, mask
         q, k, v = (saved(fn, name).to(dt) for name in ("query", "key", "value"))
         f = f.to(dt)
         ke, ve = _heads(q, k)(k), _heads(q, v)(v)
-        c, m = _scale(fn, q), _run_mask(ctx.run, fn, q, k)
-        # where the mask lets through (as numbers) and its finite part: the same for every group of heads
-        attended, finite = (None, None) if m is None else _attended(ctx.run, m, dt)
+        c, (m, attended, finite) = _scale(fn, q), _run_mask(ctx.run, fn, q, k, dt)
         # a group of heads at a time: the weights and their companions are tensors of the scores' size
         heads = q.shape[-3] if q.dim() >= 3 else 1
         per_head = torch.broadcast_shapes(q.shape[:-2], ke.shape[:-2]).numel() // heads * q.shape[-2] * ke.shape[-2]
         block = max(1, _SCORES_BLOCK // max(per_head, 1))
-        m = None if m is None else m.to(dt)
         parts = [_stabilised_attention(*(_head_slice(t, h, block) for t in (q, ke, ve, f, m, attended, finite)), c,
                                        scores, mask) for h in range(0, heads, block)]
         grads = [torch.cat(x, -3) if len(x) > 1 else x[0] for x in zip(*parts)]
@@ -438,33 +435,29 @@ def _head_slice(t: torch.Tensor | None, h: int, block: int) -> torch.Tensor | No
     return t if t is None or t.dim() < 3 or t.shape[-3] == 1 else t[..., h:h + block, :, :]
 
 
-def _run_mask(run, fn, q, k):
-    """:func:`_mask` of an attention node, made once per run for all the nodes that were given the same mask (a
-    model's layers share theirs) or none, and the same causality and shapes."""
+def _run_mask(run, fn, q, k, dt):
+    """The additive mask of an attention node in ``dt`` (:func:`_mask`, or None), where it lets through (numbers:
+    1.0 where finite, else 0.0) and its finite part (None where there is none: no mask was given, or a boolean one,
+    so that the mask is 0 and -inf alone). Made once per run for all the nodes given the same mask (or none) with
+    the same causality and shapes; the given mask is kept with them, so that its memory cannot be another
+    tensor's while the entry lives."""
     given = saved(fn, "attn_mask", None)
     if given is None:
         given = saved(fn, "attn_bias", None)
     key = ("mask", None if given is None else (given.data_ptr(), given.shape, given.stride(), given.dtype),
-           bool(saved(fn, "is_causal", False)), q.shape[:-1], k.shape[:-1], q.dtype, q.device)
+           bool(saved(fn, "is_causal", False)), q.shape[:-1], k.shape[:-1], q.dtype, q.device, dt)
     found = run.derived.get(key)
-    if found is None or found[0] is not given:  # the given mask is kept with it: its memory cannot be reused
-        found = run.derived[key] = (given, _mask(fn, q, k))
-    return found[1]
-
-
-def _attended(run, m, dt):
-    """Where the additive mask ``m`` lets through, as numbers of ``dt`` (1.0 where finite, else 0.0), and its finite
-    part (``m`` there, else 0): worked out once per run for each mask tensor (a model's layers share theirs, and a
-    causal mask is made once per run: :func:`_run_mask`). The mask is kept with them, so that its memory cannot
-    be another tensor's while the entry lives."""
-    key = ("attended", m.data_ptr(), m.shape, m.stride(), m.dtype, m.device, dt)
-    found = run.derived.get(key)
-    if found is None or found[0] is not m:
-        attended = torch.isfinite(m)
-        finite = torch.where(attended, m, torch.zeros((), dtype=m.dtype, device=m.device)).to(dt)
-        # a mask of 0 and -inf alone (causal, padding) has no finite part to add: None (one host read per mask)
-        found = run.derived[key] = (m, attended.to(dt), finite if bool(finite.any()) else None)
-    return found[1], found[2]
+    if found is None or found[0] is not given:
+        m = _mask(fn, q, k)
+        if m is None:
+            found = (given, None, None, None)
+        else:
+            attended = torch.isfinite(m)
+            plain = given is None or given.dtype == torch.bool  # no finite part: known without reading the mask
+            finite = None if plain else torch.where(attended, m, torch.zeros((), dtype=m.dtype, device=m.device))
+            found = (given, m.to(dt), attended.to(dt), None if finite is None else finite.to(dt))
+        run.derived[key] = found
+    return found[1:]
 
 
 def _stabilised_attention(q, ke, ve, f, m, attended, finite, c: float, scores: Stabilised, mask: Stabilised | None):
