@@ -272,6 +272,41 @@ def test_epsilon_above_the_limit_is_the_stabilised_gradient(eps, kept_scratch, m
         assert (limit.inputs[0] - ref.inputs[0]).abs().max() > 1e-2 * scale
 
 
+class CancellingResidual(nn.Module):
+    """A residual stream with exact zeros (channel 0 of ``a(x) + b(x)``: ``b`` the negative of ``a`` there), read
+    by a layer norm and by the next sum; that sum's output read by another layer norm and a last sum."""
+
+    def __init__(self, d: int = 6):
+        super().__init__()
+        self.a, self.b, self.f = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.head = nn.Linear(d, 2)
+        with torch.no_grad():
+            self.b.weight[0], self.b.bias[0] = -self.a.weight[0], -self.a.bias[0]
+
+    def forward(self, x):
+        s = self.a(x) + self.b(x)
+        t = s + self.f(self.ln1(s))
+        return self.head((t + self.ln2(t)).mean(1))
+
+
+@pytest.mark.parametrize("eps", [{"linear": r.Epsilon(0.05), "sum": r.Epsilon(0.1)}, {}])
+def test_identity_rule_on_a_sum_with_exact_zeros(eps):
+    r"""A layer norm passing relevance on (the ``epsilon`` preset) at a value that is exactly 0 where its output is
+    not: the ratio :math:`g\,y / x` cannot carry it, but the ε-rule of the sum below gives it a finite share,
+    :math:`R_x / \mathrm{stab}(x)`. The sum's ε-step is applied by its consumers (the norm's step as
+    :math:`g\,y / \mathrm{stab}(x)`, the next sum after its own step), so the form carries it: the same relevance as
+    node by node, in one gradient pass."""
+    torch.manual_seed(0)
+    model, x = CancellingResidual().to(D).eval(), torch.randn(2, 4, 6, dtype=D)
+    assert not (model.a(x) + model.b(x))[..., 0].any()  # the exact zeros
+    kw = dict(preset="epsilon", rules=eps, target=1)
+    got = dynamiclrp.explain(model, x, ledger=False, gradient_form=True, **kw)
+    ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
+    assert got.stats.gradient_form and not ref.stats.gradient_form
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
+
+
 @pytest.mark.parametrize("check_finite", [True, False])
 def test_relevance_at_a_zero_value_is_not_dropped(check_finite):
     """The identity rule at a value that is 0 where the rule's output is not (sigmoid, a batch norm after a ReLU)
@@ -1082,15 +1117,18 @@ def test_half_precision_gradient_form_is_as_close_to_float64(name, attn, preset,
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_half_precision_epsilon_gradient_form_is_as_close_as_node_by_node(attn, monkeypatch):
-    """The ``epsilon`` preset on a bf16 LLaMA by the gradient form in bf16 (fused attention's step included):
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_half_precision_epsilon_gradient_form_is_as_close_as_node_by_node(name, attn, monkeypatch):
+    """The ``epsilon`` preset on a bf16 model by the gradient form in bf16 (fused attention's step included):
     against float64 on the same rounded weights it is as close as float32 relevance node by node on the bf16
     model. Both are far (0.2 to 0.9 of the largest token relevance here, against 1e-4 for a float32 model): the
-    ε-rule's denominators on this random model amplify the bf16 forward's own rounding, which neither undoes."""
+    ε-rule's denominators on this random model amplify the bf16 forward's own rounding, which neither undoes.
+    GPT-2's and BERT's bf16 residual streams hold exact zeros (addends that cancel) where a layer norm passes
+    relevance on: the form must carry it there (the sum's ε-step in the norm's), not leave the run node by node."""
     from dynamiclrp import api
 
     monkeypatch.setattr(api, "HALF_GRADIENT_FORM_DEVICES", ("cpu",))
-    model, out = tiny("llama", attn)
+    model, out = tiny(name, attn)
     half = model.to(torch.bfloat16)
     exact = copy.deepcopy(half).double()
     ids = {"input_ids": torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))}

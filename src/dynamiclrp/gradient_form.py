@@ -57,9 +57,22 @@ from .engine import Context, Run
 from .errors import GraphFreedError
 from .gradient_bypass import Bypasses, UndeliveredError, plan_bypasses
 from .ops import spec_for
-from .ops.base import GRAPH_FREED, PreHook, all_finite, extremes, freed, ratio, silenced
+from .ops.base import (
+    GRAPH_FREED,
+    IdentityStep,
+    PreHook,
+    all_finite,
+    extremes,
+    freed,
+    identity_gradient,
+    ratio,
+    rule_form,
+    silenced,
+    with_stabilising_factor,
+)
+from .ops.elementwise import AddTerms
 from .plan import lru_get, lru_put
-from .rules import PLAIN
+from .rules import PLAIN, Stabilised
 
 BYPASSES = True  # narrow fused projections' backward where their gradient is partly zero (gradient_bypass)
 
@@ -164,7 +177,48 @@ def gradient_steps(run: Run, seeds: frozenset) -> tuple[list[tuple[int, Any, Con
         quiet = silenced(step) if len(parts) == 1 else frozenset()
         reached.update(e.child for p in parts for i, e in enumerate(p.inputs)
                        if e is not None and nodes[e.child].fn is not fn and i not in quiet)
-    return hooks, None
+    return _sums_stabilised_by_their_consumers(run, hooks, seeds), None
+
+
+def _sums_stabilised_by_their_consumers(run: Run, hooks: list, seeds: frozenset) -> list:
+    r"""``hooks`` with the ε-step of a sum moved into its consumers where one of them passes relevance through the
+    identity rule (a layer norm under the ``epsilon`` preset, after a residual sum).
+
+    That consumer's ratio :math:`g\,y / x` is infinite where :math:`x = 0` and :math:`y \ne 0` (a half-precision
+    residual stream holds exact zeros: two addends that cancel), and the sum's factor :math:`|x| / (|x| + \varepsilon)`
+    cannot turn that back into the ε-rule's finite :math:`R_x / \mathrm{stab}(x)`: the whole pass went node by node.
+    Applied by each consumer to what it sends back instead -- the identity step as :math:`g\,y / \mathrm{stab}(x)`,
+    the others by the factor after their own step -- the sum's output gets the same total everywhere else, and
+    there the ε-rule's. Not where the sum's output is recorded or seeded (the total arriving there is read), nor
+    where a consumer is part of a fused node (its operands are not its autograd node's)."""
+    graph = run.graph
+    steps = {hid: (step, ctx) for hid, step, ctx in hooks}
+    moved: dict[int, float] = {}  # sum -> its ε, applied by its consumers
+    for hid, step, ctx in hooks:
+        node = graph.nodes[hid]
+        if not isinstance(step, PreHook) or node.spec.family != "sum" or not isinstance(node.spec, AddTerms) \
+                or any(e is None for e in node.inputs) or (hid, 0) in run.record or (hid, 0) in seeds:
+            continue
+        form = rule_form(ctx.rule("sum"), "sum")
+        consumers = graph.consumers.get((hid, 0), ())
+        if isinstance(form, Stabilised) and len(graph.parts(node.fn)) == 1 and any(
+                i == 0 and isinstance(steps.get(c, (None,))[0], IdentityStep) for c, i in consumers) and all(
+                len(graph.parts(graph.nodes[c].fn)) == 1 for c, _ in consumers):
+            moved[hid] = form.eps
+    for hid, eps in moved.items():  # first the steps themselves: a moved sum's own is gone (PLAIN) ...
+        del steps[hid]
+        for c, i in graph.consumers[(hid, 0)]:
+            own = steps.get(c, (None,))[0]
+            if i == 0 and isinstance(own, IdentityStep):
+                steps[c] = (identity_gradient(own.ctx, own.quotient, stabiliser=eps), own.ctx)
+    for hid, eps in moved.items():  # ... then the factor on what each other consumer sends back
+        for c, i in graph.consumers[(hid, 0)]:
+            own, at = steps.get(c, (PLAIN, None))
+            if i == 0 and isinstance(own, IdentityStep):
+                continue  # remade above with the stabiliser
+            at = at or Context(run, graph.nodes[c], [])
+            steps[c] = (with_stabilising_factor(own, i, eps, at), at)
+    return [(hid, step, ctx) for hid, (step, ctx) in steps.items()]
 
 
 def _passes_on(node: Any, useful: list[bool]) -> bool:

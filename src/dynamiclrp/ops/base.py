@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import GraphFreedError, TorchInternalsError
-from ..rules import BLOCKED, IDENTITY, PLAIN
+from ..rules import BLOCKED, IDENTITY, PLAIN, stabilize
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import Context
@@ -379,15 +379,34 @@ def spare(grad: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype, *oth
     return None if any(t.untyped_storage().data_ptr() == ptr for t in others) else grad
 
 
-def identity_gradient(ctx: Context, quotient: Any = None) -> DirectStep:
+class IdentityStep(DirectStep):
+    """The step :func:`identity_gradient` makes: its node and ``quotient`` kept, so that the gradient form can remake
+    it with a stabiliser (:func:`dynamiclrp.gradient_form.gradient_steps`)."""
+
+    __slots__ = ("ctx", "quotient")
+
+
+def identity_gradient(ctx: Context, quotient: Any = None, stabiliser: float | None = None) -> IdentityStep:
     r"""Gradient step of the identity rule :math:`R_x = R_y`: :math:`g_x = R_x / x = g_y\,y / x`, with
     ``quotient(fn, x, out)`` writing :math:`y / x` (its limit at 0 included) into ``out`` (a tensor like ``x``, or
     None: allocate) and returning it, else by :func:`ratio`. The other operands get nothing.
+
+    ``stabiliser``: the ε of the sum that made ``x``, whose step is taken into this one (its factor
+    :math:`|x| / (|x| + \varepsilon)`, :func:`stabilised_gradient`): :math:`g_y\,y / \mathrm{stab}_\varepsilon(x)`,
+    which the ε-rule below then reads as :math:`R_x / \mathrm{stab}(x)`. Unlike the ratio it is finite where
+    :math:`x = 0` (relevance at a zero value, which the ratio cannot carry: :func:`all_finite`).
 
     A :class:`DirectStep`: the node's own backward (``gelu_backward``, ``silu_backward``, ...) computes a gradient
     the step then throws away, as costly as the step itself; where the bypass can carry the step's result on by
     hand (:mod:`dynamiclrp.gradient_bypass`) the node is not run at all."""
     def step(x: torch.Tensor, g: torch.Tensor, out_like: torch.Tensor | None) -> torch.Tensor:
+        if stabiliser is not None:
+            y = ctx.node.spec.output(ctx.node, 0)
+            y = ctx.output(0) if y is None else y.to(g.dtype)
+            shape = torch.broadcast_shapes(g.shape, y.shape, x.shape)
+            out = None if out_like is None else spare(out_like, shape, torch.promote_types(g.dtype, y.dtype), x, g, y)
+            q = torch.mul(g, y) if out is None else torch.mul(g, y, out=out)
+            return q.div_(stabilize(x.to(q.dtype), stabiliser))
         if quotient is not None:
             out = None if out_like is None else spare(out_like, x.shape, torch.promote_types(x.dtype, g.dtype), x, g)
             return quotient(ctx.node.fn, x, out).mul_(g)
@@ -417,7 +436,44 @@ def identity_gradient(ctx: Context, quotient: Any = None) -> DirectStep:
         if r.shape != x.shape:
             r = r.sum_to_size(x.shape)
         return {0: r.to(x.dtype)}
-    return DirectStep(hook, direct, 0)
+    made = IdentityStep(hook, direct, 0)
+    made.ctx, made.quotient = ctx, quotient
+    return made
+
+
+def with_stabilising_factor(step: Any, slot: int, eps: float, ctx: Context) -> Any:
+    r"""``step`` (a node's gradient step, or PLAIN) followed by the factor :math:`|x| / (|x| + \varepsilon)` on the
+    gradient it gives operand ``slot``, :math:`x` that operand (``ctx``: a context at the node): the ε-step of the
+    sum that made :math:`x`, applied by each of the sum's consumers to what it sends back rather than by the sum to
+    their total (:func:`dynamiclrp.gradient_form.gradient_steps`). The product is fresh memory: a node may pass
+    one gradient on to several operands (an addition does)."""
+    def factor(grad_inputs):
+        g = grad_inputs[slot]
+        if g is None:
+            return grad_inputs
+        z = ctx.input(slot).to(g.dtype)
+        f = z.abs()
+        f = f.div_(f + eps).mul_(g)
+        return tuple(f if i == slot else t for i, t in enumerate(grad_inputs))
+
+    if step is PLAIN:
+        return lambda grad_inputs, grad_outputs: factor(grad_inputs)
+    if isinstance(step, PreHook):
+        post = step.post
+        return PreHook(step.hook, (lambda gi, go: factor(post(gi, go))) if post is not None else
+                       (lambda gi, go: factor(gi)))
+    made = lambda gi, go: factor(step(gi, go))  # noqa: E731
+    if isinstance(step, DirectStep):
+        def direct(grad_outputs):
+            grads = step.direct(grad_outputs)
+            if grads is None or slot not in grads:
+                return grads
+            return {**grads, slot: factor(tuple(grads.get(i) for i in range(slot + 1)))[slot]}
+        both = DirectStep(made, direct, step.slot)
+        both.silenced = step.silenced
+        return both
+    made.silenced = silenced(step)  # type: ignore[attr-defined]
+    return made
 
 
 def route(ctx: Context) -> list[torch.Tensor | None]:
