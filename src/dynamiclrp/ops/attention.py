@@ -122,7 +122,7 @@ def _masked_identity_step(ctx):
             q.mul_(_check_mask(node, x, s, saved(node.fn, "dim"), run.scratch))
             run.promises.certify((e.child, e.nr))
         if eps is not None:  # the sum's factor, in the same order as its own step
-            z = torch.abs(x, out=run.scratch("stabiliser", q))
+            z = torch.abs(x if x.shape == q.shape else x.expand(q.shape), out=run.scratch("stabiliser", q))
             q.mul_(z).div_(z.add_(eps))
         return (q,) + (None,) * (len(grad_inputs) - 1)
     return hook

@@ -257,8 +257,10 @@ def stabilised_gradient(ctx: Context, eps: float, scale: float = 1.0) -> PreHook
         if z is not None:  # a ReLU's output: already |z|, and not ours to overwrite
             f = torch.add(z, eps, out=out)
             f = torch.div(z, f, out=f)
-        else:  # in the node's dtype, as its backward
-            f = torch.abs(ctx.output(0).to(g.dtype), out=out)
+        else:  # in the node's dtype, as its backward; a value with an untracked addend taken as zero may lack
+            # the dimensions that addend broadcast it to (T5's position bias plus its batch's mask)
+            z = ctx.output(0).to(g.dtype)
+            f = torch.abs(z if z.shape == g.shape else z.expand(g.shape), out=out)
             f.div_(torch.add(f, eps, out=run.scratch("stabiliser", f)))
         f.mul_(g)
         if scale != 1.0:

@@ -149,12 +149,14 @@ def softmax_applies_stabiliser(ctx, node) -> float | None:
 
 
 def _masks_softmax(ctx) -> bool:
-    """Whether every use of the node's output (through views and casts) is a softmax's logits."""
+    """Whether every use of the node's output (through views, casts and other sums: T5 adds its mask to the position
+    bias, which each layer adds to its scores) is a softmax's logits."""
     graph, stack, seen = ctx.run.graph, [ctx.node.id], 0
     while stack:
         for cid, i in graph.consumers.get((stack.pop(), 0), ()):
             c = graph.nodes[cid]
-            if (c.spec.transparent or c.spec.invert is not None) and len(c.inputs) == 1:
+            if (c.spec.transparent or c.spec.invert is not None) and len(c.inputs) == 1 or \
+                    isinstance(c.spec, AddTerms) and c.spec.family == "sum":
                 stack.append(cid)
             elif c.spec.family == "softmax" and i == 0:
                 seen += 1
