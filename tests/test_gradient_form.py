@@ -446,6 +446,28 @@ def test_mask_sum_stabiliser_applied_by_the_softmax_step(kept_scratch, monkeypat
     assert "SoftmaxBackward0" in hooked[0] and "AddBackward0" not in hooked[0]
 
 
+def test_replayed_values_are_released_once_their_node_has_run(monkeypatch):
+    """The gradient form lets go of what the Promise System replayed for a node once the node's backward has run
+    (the attention scores each layer's ε-steps recomputed), not at the end of the run; the relevance is the same."""
+    from dynamiclrp.promise import Promises
+
+    released, forget = [], Promises.forget
+
+    def counted(self, node):
+        released.append(node.kind)
+        forget(self, node)
+    monkeypatch.setattr(Promises, "forget", counted)
+    torch.manual_seed(0)
+    model, x = MaskedAttention().to(D).eval(), torch.randn(2, 5, 6, dtype=D)
+    kw = dict(preset="epsilon", target=1, ledger=False, rules={"sum": r.Epsilon(0.02)})
+    got = dynamiclrp.explain(model, x, gradient_form=True, **kw)
+    # the scores q kᵀ, their scaling and the masked sum, replayed for the softmax's and the products' ε-steps
+    assert got.stats.gradient_form and {"UnsafeViewBackward0", "MulBackward0", "AddBackward0"} <= set(released)
+    released.clear()
+    ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
+
+
 @pytest.mark.parametrize("fast_half", [True, False])
 def test_ledger_and_dtype_keep_the_node_by_node_propagation(fast_half, monkeypatch):
     """The ledger, or a relevance dtype other than the model's, keeps the node-by-node propagation. On a device with

@@ -246,6 +246,7 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
     prepared.bind(run)  # released below, whatever happens: a plan keeps the pass, not the run
     hooks = prepared.hooks(run)
     bypasses, handles = None, []
+    run.promises.on_replay = lambda node: _release_when_run(run, node, handles)
     try:
         if BYPASSES if bypass is None else bypass:
             if prepared.bypasses is None:
@@ -268,6 +269,7 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
             raise GraphFreedError(GRAPH_FREED) from None
         raise
     finally:
+        run.promises.on_replay = None
         for h in handles:
             h.remove()
         undelivered = bypasses is not None and bypasses.undelivered()
@@ -287,6 +289,18 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
     run.bypassed = bypassed
     run.rules_run = sum(1 for n in graph.nodes if run.useful[n.id] and n.inputs)
     return True
+
+
+def _release_when_run(run: Run, node: Any, handles: list) -> None:
+    """Forget the outputs the Promise System just replayed for ``node`` once the node's backward has run in this
+    pass: every step that reads them -- the node's own and its consumers', which autograd runs before it -- has
+    then run, and values below never need values above. So a run holds the recovered activations of the layers
+    the pass is at, not of every layer it has been through (an ε-step's recomputed attention scores: one tokens x
+    tokens tensor per layer). A recorded slot's value is read after the pass: kept."""
+    if any((node.id, nr) in run.record for nr in range(node.spec.n_outputs(node))):
+        return
+    promises = run.promises
+    handles.append(node.fn.register_hook(lambda grad_inputs, grad_outputs: promises.forget(node)))
 
 
 def _value(run: Run, nid: int, nr: int) -> torch.Tensor:

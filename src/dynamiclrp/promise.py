@@ -20,6 +20,7 @@ node to the Arg Nodes that resolved it; δ is the sum of the depths.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -64,6 +65,9 @@ class Promises:
         self.replayed: set[int] = set()
         self.stats = PromiseStats()
         self._origins: set[int] = set()
+        #: called with each node whose outputs a replay has just recovered (the gradient form releases them once
+        #: the node's backward has run: no rule needs them after that)
+        self.on_replay: Callable[[Node], None] | None = None
 
     def request(self, node: Node, i: int) -> torch.Tensor | None:
         """Operand ``i`` of ``node``, which the node did not save (one promise). None if outside the graph."""
@@ -170,6 +174,8 @@ class Promises:
         self.depth[node.id] = 1 + max((self.depth[e.child] for e in node.inputs if e is not None), default=0)
         self.stats.internal_nodes += 1
         self.stats.recovered += 1
+        if self.on_replay is not None:
+            self.on_replay(node)
 
     def _saved_copy(self, key: tuple[int, int], depth: int = 0) -> torch.Tensor | None:
         """The value at ``key`` as a consumer saved it, or as a consumer saved a view of it that keeps every

@@ -19,6 +19,7 @@ from ..rules import BLOCKED, IDENTITY, PLAIN, Stabilised, over_stabilized, stabi
 from .base import (
     NEXT,
     PART,
+    SCRATCH,
     DirectStep,
     OpSpec,
     PreHook,
@@ -122,7 +123,7 @@ def _masked_identity_step(ctx):
             q.mul_(_check_mask(node, x, s, saved(node.fn, "dim"), run.scratch))
             run.promises.certify((e.child, e.nr))
         if eps is not None:  # the sum's factor, in the same order as its own step
-            z = torch.abs(x if x.shape == q.shape else x.expand(q.shape), out=run.scratch("stabiliser", q))
+            z = torch.abs(x if x.shape == q.shape else x.expand(q.shape), out=run.scratch(SCRATCH[1], q))
             q.mul_(z).div_(z.add_(eps))
         return (q,) + (None,) * (len(grad_inputs) - 1)
     return hook
@@ -145,13 +146,13 @@ def _check_mask(node, x, s, dim, scratch):
     tokens tensors cost several times an arithmetic pass on CPU. The two tokens x tokens temporaries are the run's
     ``scratch`` buffers where that pays (:meth:`dynamiclrp.engine.Run.scratch`), the same memory for every layer."""
     floor = s.amax(dim, keepdim=True).mul_(1e-30)
-    numbers = scratch("attended", s)
+    numbers = scratch(SCRATCH[0], s)
     attended = torch.gt(s, floor, out=torch.empty_like(s) if numbers is None else numbers)  # as numbers
     # log s - x on attended positions, 0 elsewhere; the log's argument kept at or above the dtype's smallest positive
     # number so that a row attending to nothing (a fully masked row of a safe softmax: all zeros) stays finite
     info = torch.finfo(s.dtype)
     positive = floor.clamp(min=info.smallest_normal * info.eps)
-    c = torch.maximum(s, positive, out=scratch("mask check", s)).log_().sub_(x).mul_(attended)
+    c = torch.maximum(s, positive, out=scratch(SCRATCH[1], s)).log_().sub_(x).mul_(attended)
     shift = c.sum(dim, keepdim=True).div_(attended.sum(dim, keepdim=True).clamp_(min=1))
     dev = torch.stack(torch.aminmax(c.addcmul_(shift, attended, value=-1)))  # c - shift where attended, else 0
     # the deviations' and the logits' extremes (max |x| without a tokens x tokens |x|) in one read by the host

@@ -252,7 +252,7 @@ def stabilised_gradient(ctx: Context, eps: float, scale: float = 1.0) -> PreHook
         # a node whose backward uses its gradient up (a product, a batch norm) it may live in the run's scratch
         # memory, as may |z| + eps: on CPU a fresh tensor of an activation's size can cost several passes
         run = ctx.run
-        out = run.scratch("stabilised", g) if ctx.node.kind in _CONSUMES_ITS_GRADIENT else None
+        out = run.scratch(SCRATCH[0], g) if ctx.node.kind in _CONSUMES_ITS_GRADIENT else None
         z = _relu_saved_output(ctx, g.dtype)
         if z is not None:  # a ReLU's output: already |z|, and not ours to overwrite
             f = torch.add(z, eps, out=out)
@@ -261,13 +261,18 @@ def stabilised_gradient(ctx: Context, eps: float, scale: float = 1.0) -> PreHook
             # the dimensions that addend broadcast it to (T5's position bias plus its batch's mask)
             z = ctx.output(0).to(g.dtype)
             f = torch.abs(z if z.shape == g.shape else z.expand(g.shape), out=out)
-            f.div_(torch.add(f, eps, out=run.scratch("stabiliser", f)))
+            f.div_(torch.add(f, eps, out=run.scratch(SCRATCH[1], f)))
         f.mul_(g)
         if scale != 1.0:
             f.mul_(scale)
         return (f,) + tuple(grad_outputs[1:])
     return PreHook(hook)
 
+
+#: the keys of the two scratch buffers (:meth:`dynamiclrp.engine.Run.scratch`) every step shares: a step uses them
+#: during its own turn only (a pre-hook's result in the first, before a node whose backward uses it up at once), so
+#: that a run keeps two buffers of a size, not one per purpose
+SCRATCH = ("scratch 1", "scratch 2")
 
 # nodes whose backward returns products of the incoming gradient with saved tensors, never that gradient itself or a
 # view of it: a gradient handed to one is used up when the node has run (a sum's backward, by contrast, passes it on)
