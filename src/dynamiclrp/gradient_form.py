@@ -246,7 +246,9 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
     prepared.bind(run)  # released below, whatever happens: a plan keeps the pass, not the run
     hooks = prepared.hooks(run)
     bypasses, handles = None, []
-    run.promises.on_replay = lambda node: _release_when_run(run, node, handles)
+    running: list = []  # the autograd node whose post-hooks autograd is calling: no hook may be added to it then
+    run.promises.on_replay = lambda node: None if running and node.fn is running[-1] else \
+        _release_when_run(run, node, handles)
     try:
         if BYPASSES if bypass is None else bypass:
             if prepared.bypasses is None:
@@ -259,7 +261,7 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
                 handles.append(fn.register_prehook(hook.hook))
                 hook = hook.post
             if hook is not None:
-                handles.append(fn.register_hook(hook))
+                handles.append(fn.register_hook(_marked(hook, fn, running)))
         grads = torch.autograd.grad(outputs, [GradientEdge(graph.nodes[nid].fn, nr) for nid, nr in keys], ratios,
                                     retain_graph=True, allow_unused=True)
     except UndeliveredError:
@@ -289,6 +291,18 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
     run.bypassed = bypassed
     run.rules_run = sum(1 for n in graph.nodes if run.useful[n.id] and n.inputs)
     return True
+
+
+def _marked(post: Any, fn: Any, running: list) -> Any:
+    """``post`` (a post-hook of ``fn``) with ``fn`` on ``running`` while it runs: a step there may replay its own
+    node's output, and autograd is then going through that node's post-hooks, to which nothing may be added."""
+    def hook(grad_inputs, grad_outputs):
+        running.append(fn)
+        try:
+            return post(grad_inputs, grad_outputs)
+        finally:
+            running.pop()
+    return hook
 
 
 def _release_when_run(run: Run, node: Any, handles: list) -> None:
