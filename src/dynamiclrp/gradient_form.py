@@ -54,7 +54,7 @@ import torch
 from torch.autograd.graph import GradientEdge
 
 from .engine import Context, Run
-from .errors import GraphFreedError
+from .errors import ActivationUnavailableError, GraphFreedError
 from .gradient_bypass import Bypasses, UndeliveredError, plan_bypasses
 from .ops import spec_for
 from .ops.base import (
@@ -235,7 +235,8 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
     Returns False, recording nothing, when a relevance came out non-finite and ``run.check_finite`` is set (the
     caller then propagates relevance node by node, which names the node), and whenever a ratio could not carry
     some relevance (relevance at a zero value, :func:`~dynamiclrp.ops.base.all_finite`: node by node carries it,
-    where the pass may have dropped it without a trace). A bypass
+    where the pass may have dropped it without a trace), and where a step needed an activation the Promise System
+    cannot recover (node by node may not need it, or raises itself). A bypass
     (:mod:`dynamiclrp.gradient_bypass`; ``bypass``, default :data:`BYPASSES`) that could not hand its gradient on
     makes the pass run again without bypasses."""
     graph = run.graph
@@ -266,6 +267,10 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
                                     retain_graph=True, allow_unused=True)
     except UndeliveredError:
         grads = None
+    except ActivationUnavailableError:
+        # a step needs an activation the Promise System cannot recover where the node-by-node rule may not (the
+        # identity rule passes relevance on without its input; its ratio needs it): that propagation decides
+        return False
     except RuntimeError as err:
         if freed(err):
             raise GraphFreedError(GRAPH_FREED) from None
