@@ -481,6 +481,37 @@ def test_replayed_values_are_released_once_their_node_has_run(monkeypatch):
     assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
 
 
+def test_mask_checks_of_the_pass_are_read_once(monkeypatch):
+    """Softmax's mask check in the gradient form is read by the host with the pass's other flags, once for all the
+    softmaxes (each read waits for a GPU); a mask that is not one still refuses, through node by node."""
+    tolist, lists = torch.Tensor.tolist, [0]
+
+    def spy(self, *a, **k):
+        lists[0] += 1
+        return tolist(self, *a, **k)
+    monkeypatch.setattr(torch.Tensor, "tolist", spy)
+
+    class ThreeLayers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(MaskedAttention() for _ in range(3))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = x + (layer.v(x) * layer.head(x).sum(-1, keepdim=True)) + torch.softmax(
+                    layer.q(x) @ layer.k(x).transpose(-1, -2) + torch.triu(torch.full(
+                        (x.shape[1], x.shape[1]), float("-inf"), dtype=x.dtype), 1), -1) @ layer.v(x)
+            return x.mean(1)
+
+    torch.manual_seed(0)
+    model, x = ThreeLayers().to(D).eval(), torch.randn(2, 5, 6, dtype=D)
+    kw = dict(preset="epsilon", target=1, ledger=False)
+    got = dynamiclrp.explain(model, x, gradient_form=True, **kw)
+    assert got.stats.gradient_form and lists[0] == 1  # three softmaxes' checks and the ratios' flags: one read
+    ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-9
+
+
 @pytest.mark.parametrize("fast_half", [True, False])
 def test_ledger_and_dtype_keep_the_node_by_node_propagation(fast_half, monkeypatch):
     """The ledger, or a relevance dtype other than the model's, keeps the node-by-node propagation. On a device with

@@ -71,6 +71,10 @@ class Run:
         #: the extremes of the gradient form's ratios (``ops.base.extremes``): whether each carried all its relevance
         #: (an infinity is relevance at a zero value, which no ratio carries)
         self.carried: list[torch.Tensor] = []
+        #: the gradient form's softmax mask checks, read with ``carried`` after the pass: per softmax the extremes
+        #: of the deviations and of the logits (four numbers on the device) and the tolerance
+        #: (``ops.attention._check_mask``)
+        self.mask_checks: list[tuple[torch.Tensor, float]] = []
 
     def scratch(self, key: str, like: torch.Tensor) -> torch.Tensor | None:
         """A buffer with ``like``'s shape, dtype and device that an op entry may overwrite during its own turn and

@@ -57,6 +57,7 @@ from .engine import Context, Run
 from .errors import ActivationUnavailableError, GraphFreedError
 from .gradient_bypass import Bypasses, UndeliveredError, plan_bypasses
 from .ops import spec_for
+from .ops.attention import mask_checks_pass
 from .ops.base import (
     GRAPH_FREED,
     IdentityStep,
@@ -243,7 +244,7 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
     keys = sorted(run.record)
     outputs = [GradientEdge(graph.nodes[nid].fn, nr) for nid, nr in seeds]
     ratios = [ratio(r.to(v.dtype), v) for r, v in seeds.values()]  # at an output: its relevance over its value
-    run.carried = [extremes(q) for q in ratios]
+    run.carried, run.mask_checks = [extremes(q) for q in ratios], []
     prepared.bind(run)  # released below, whatever happens: a plan keeps the pass, not the run
     hooks = prepared.hooks(run)
     bypasses, handles = None, []
@@ -284,7 +285,7 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
         prepared.release()
     if grads is None or undelivered:  # hooks removed: again, without bypasses
         return propagate_gradient_form(run, seeds, prepared, bypass=False)
-    if not bool(all_finite(torch.cat(run.carried))):  # relevance at a zero value: no ratio carries it
+    if not _flags_pass(run):  # relevance at a zero value (no ratio carries it), or a mask check failed
         return False
     recorded = {}
     for (nid, nr), g in zip(keys, grads):
@@ -296,6 +297,18 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
     run.bypassed = bypassed
     run.rules_run = sum(1 for n in graph.nodes if run.useful[n.id] and n.inputs)
     return True
+
+
+def _flags_pass(run: Run) -> bool:
+    """Whether every ratio of the pass carried its relevance (:func:`~dynamiclrp.ops.base.all_finite` of their
+    extremes) and every softmax's deferred mask check holds (:func:`~dynamiclrp.ops.attention.mask_checks_pass`):
+    one read by the host for all of them."""
+    if not run.mask_checks:
+        return bool(all_finite(torch.cat(run.carried)))
+    finite = all_finite(torch.cat(run.carried))
+    numbers = torch.cat([finite.reshape(1).to(run.mask_checks[0][0].dtype), *(t for t, _ in run.mask_checks)])
+    numbers = numbers.tolist()
+    return bool(numbers[0]) and mask_checks_pass(numbers[1:], [tol for _, tol in run.mask_checks])
 
 
 def _marked(post: Any, fn: Any, running: list) -> Any:

@@ -120,7 +120,7 @@ def _masked_identity_step(ctx):
         run.carried.append(extremes(q))
         e = node.inputs[0]
         if e is not None and (e.child, e.nr) in run.promises.provisional:
-            q.mul_(_check_mask(node, x, s, saved(node.fn, "dim"), run.scratch))
+            q.mul_(_check_mask(node, x, s, saved(node.fn, "dim"), run.scratch, run.mask_checks))
             run.promises.certify((e.child, e.nr))
         if eps is not None:  # the sum's factor, in the same order as its own step
             z = torch.abs(x if x.shape == q.shape else x.expand(q.shape), out=run.scratch(SCRATCH[1], q))
@@ -135,7 +135,7 @@ def _masked_logits(ctx) -> bool:
     return node is not None and (node.spec.zero_constants or node.spec.always_provisional)
 
 
-def _check_mask(node, x, s, dim, scratch):
+def _check_mask(node, x, s, dim, scratch, deferred: list | None = None):
     """Raise unless ``log s - x`` is constant per row on the attended positions (see :class:`Softmax`); return
     the attended positions as numbers: 1.0 where the probability is above 1e-30 of the row's largest, else 0.0 (a
     mask of -100, as Swin's, leaves exp(-100) > 0 in float64; it masks all the same). The constant is taken as the
@@ -144,7 +144,12 @@ def _check_mask(node, x, s, dim, scratch):
 
     Numbers rather than bools, and no ``max`` with indices: bool tensors, ``where`` and arg-reductions over tokens x
     tokens tensors cost several times an arithmetic pass on CPU. The two tokens x tokens temporaries are the run's
-    ``scratch`` buffers where that pays (:meth:`dynamiclrp.engine.Run.scratch`), the same memory for every layer."""
+    ``scratch`` buffers where that pays (:meth:`dynamiclrp.engine.Run.scratch`), the same memory for every layer.
+
+    ``deferred`` (the gradient form's ``Run.mask_checks``): the extremes are not read by the host here but appended
+    with the tolerance, and the pass reads them all at its end with its other flags (one read for all the
+    softmaxes: each read waits for a GPU, :func:`mask_checks_pass`); a failing check sends the run node by node,
+    where this check runs in full (rows a fill value saturated, then the error)."""
     floor = s.amax(dim, keepdim=True).mul_(1e-30)
     numbers = scratch(SCRATCH[0], s)
     attended = torch.gt(s, floor, out=torch.empty_like(s) if numbers is None else numbers)  # as numbers
@@ -155,9 +160,13 @@ def _check_mask(node, x, s, dim, scratch):
     c = torch.maximum(s, positive, out=scratch(SCRATCH[1], s)).log_().sub_(x).mul_(attended)
     shift = c.sum(dim, keepdim=True).div_(attended.sum(dim, keepdim=True).clamp_(min=1))
     dev = torch.stack(torch.aminmax(c.addcmul_(shift, attended, value=-1)))  # c - shift where attended, else 0
-    # the deviations' and the logits' extremes (max |x| without a tokens x tokens |x|) in one read by the host
-    dev_low, dev_high, low, high = torch.cat([dev, torch.stack(torch.aminmax(x)).to(dev.dtype)]).tolist()
     tol = 1e-3 if x.dtype == torch.float64 else 2e-2
+    # the deviations' and the logits' extremes (max |x| without a tokens x tokens |x|) in one read by the host
+    found = torch.cat([dev, torch.stack(torch.aminmax(x)).to(dev.dtype)])
+    if deferred is not None:
+        deferred.append((found, tol))
+        return attended
+    dev_low, dev_high, low, high = found.tolist()
     bound = tol * (1 + max(-low, high))
     if not max(-dev_low, dev_high) <= bound:
         _drop_saturated_rows(s, dim, attended, c, bound)
@@ -169,6 +178,16 @@ def _check_mask(node, x, s, dim, scratch):
             "records it"
         )
     return attended
+
+
+def mask_checks_pass(numbers: list[float], tols: list[float]) -> bool:
+    """Whether every deferred mask check passes (:func:`_check_mask`): ``numbers`` four per check (the deviations'
+    and the logits' extremes), ``tols`` one; NaN fails."""
+    for k, tol in enumerate(tols):
+        dev_low, dev_high, low, high = numbers[4 * k:4 * k + 4]
+        if not max(-dev_low, dev_high) <= tol * (1 + max(-low, high)):
+            return False
+    return True
 
 
 def _drop_saturated_rows(s, dim, attended, c, bound) -> None:
