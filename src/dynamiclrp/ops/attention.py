@@ -31,6 +31,7 @@ from .base import (
     saved,
     scaled_gradient,
     spare,
+    stabilising_factor,
     through_views,
 )
 from .elementwise import AddTerms, softmax_applies_stabiliser
@@ -122,7 +123,7 @@ def _masked_identity_step(ctx):
         if e is not None and (e.child, e.nr) in run.promises.provisional:
             q.mul_(_check_mask(node, x, s, saved(node.fn, "dim"), run.scratch, run.mask_checks))
             run.promises.certify((e.child, e.nr))
-        if eps is not None:  # the sum's factor, in the same order as its own step
+        if eps is not None:  # the sum's factor |x| / (|x| + eps), on q in place with one scratch buffer for |x|
             z = torch.abs(x if x.shape == q.shape else x.expand(q.shape), out=run.scratch(SCRATCH[1], q))
             q.mul_(z).div_(z.add_(eps))
         return (q,) + (None,) * (len(grad_inputs) - 1)
@@ -409,8 +410,7 @@ def _stabilised_attention_step(ctx, values: Stabilised, scores: Stabilised, mask
         if g is None:
             return grad_outputs
         dt = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype  # as the fused kernels work
-        f = saved(ctx.node.fn, "output").to(dt).abs()  # fresh memory: g may be shared
-        f = f.div_(f + values.eps).mul_(g)
+        f = stabilising_factor(saved(ctx.node.fn, "output").to(dt), values.eps).mul_(g)  # fresh: g may be shared
         f = f.mul_(values.scale) if values.scale != 1.0 else f
         return (f.to(g.dtype),) + tuple(grad_outputs[1:])
 

@@ -260,13 +260,21 @@ def stabilised_gradient(ctx: Context, eps: float, scale: float = 1.0) -> PreHook
         else:  # in the node's dtype, as its backward; a value with an untracked addend taken as zero may lack
             # the dimensions that addend broadcast it to (T5's position bias plus its batch's mask)
             z = ctx.output(0).to(g.dtype)
-            f = torch.abs(z if z.shape == g.shape else z.expand(g.shape), out=out)
-            f.div_(torch.add(f, eps, out=run.scratch(SCRATCH[1], f)))
+            f = stabilising_factor(z if z.shape == g.shape else z.expand(g.shape), eps, out,
+                                   run.scratch(SCRATCH[1], g))
         f.mul_(g)
         if scale != 1.0:
             f.mul_(scale)
         return (f,) + tuple(grad_outputs[1:])
     return PreHook(hook)
+
+
+def stabilising_factor(z: torch.Tensor, eps: float, out: torch.Tensor | None = None,
+                       temp: torch.Tensor | None = None) -> torch.Tensor:
+    r""":math:`|z| / (|z| + \varepsilon)`, the ε-rule's :math:`z / \mathrm{stab}_\varepsilon(z)` (sign(0) = +1
+    included), written into ``out`` and with :math:`|z| + \varepsilon` in ``temp`` (None: fresh memory)."""
+    f = torch.abs(z, out=out)
+    return f.div_(torch.add(f, eps, out=temp))
 
 
 #: the keys of the two scratch buffers (:meth:`dynamiclrp.engine.Run.scratch`) every step shares: a step uses them
@@ -407,21 +415,17 @@ def identity_gradient(ctx: Context, quotient: Any = None, stabiliser: float | No
     the step then throws away, as costly as the step itself; where the bypass can carry the step's result on by
     hand (:mod:`dynamiclrp.gradient_bypass`) the node is not run at all."""
     def step(x: torch.Tensor, g: torch.Tensor, out_like: torch.Tensor | None) -> torch.Tensor:
-        if stabiliser is not None:
-            y = ctx.node.spec.output(ctx.node, 0)
-            y = ctx.output(0) if y is None else y.to(g.dtype)
-            shape = torch.broadcast_shapes(g.shape, y.shape, x.shape)
-            out = None if out_like is None else spare(out_like, shape, torch.promote_types(g.dtype, y.dtype), x, g, y)
-            q = torch.mul(g, y) if out is None else torch.mul(g, y, out=out)
-            return q.div_(stabilize(x.to(q.dtype), stabiliser))
-        if quotient is not None:
+        if quotient is not None and stabiliser is None:
             out = None if out_like is None else spare(out_like, x.shape, torch.promote_types(x.dtype, g.dtype), x, g)
             return quotient(ctx.node.fn, x, out).mul_(g)
         y = ctx.node.spec.output(ctx.node, 0)  # from what the node saved: not kept by the promises
         y = ctx.output(0) if y is None else y.to(g.dtype)
         shape = torch.broadcast_shapes(g.shape, y.shape, x.shape)
         out = None if out_like is None else spare(out_like, shape, torch.promote_types(g.dtype, y.dtype), x, g, y)
-        q = ratio_(torch.mul(g, y) if out is None else torch.mul(g, y, out=out), x)
+        q = torch.mul(g, y) if out is None else torch.mul(g, y, out=out)
+        if stabiliser is not None:  # never infinite: no flag
+            return q.div_(stabilize(x.to(q.dtype), stabiliser))
+        q = ratio_(q, x)
         ctx.run.carried.append(extremes(q))
         return q
 
@@ -458,9 +462,7 @@ def with_stabilising_factor(step: Any, slot: int, eps: float, ctx: Context) -> A
         g = grad_inputs[slot]
         if g is None:
             return grad_inputs
-        z = ctx.input(slot).to(g.dtype)
-        f = z.abs()
-        f = f.div_(f + eps).mul_(g)
+        f = stabilising_factor(ctx.input(slot).to(g.dtype), eps).mul_(g)
         return tuple(f if i == slot else t for i, t in enumerate(grad_inputs))
 
     if step is PLAIN:
