@@ -78,11 +78,13 @@ class Run:
 
     def scratch(self, key: str, like: torch.Tensor) -> torch.Tensor | None:
         """A buffer with ``like``'s shape, dtype and device that an op entry may overwrite during its own turn and
-        must neither return nor keep, for an op's ``out=``: one per key, shape and dtype for the whole run where
-        that pays, else None (the op allocates). Each layer's temporaries then reuse the previous layer's memory:
-        on CPU a fresh tensor of :data:`SCRATCH_BYTES` or more costs several times the arithmetic that fills it
-        (the C allocator maps such blocks anew each time, page faults included), where a smaller one, or any on a
-        GPU (the caching allocator), reuses freed memory anyway and a kept buffer would only add to the peak."""
+        must neither return nor keep (but for a pre-hook's result handed to a node whose backward uses it up at
+        once: :data:`dynamiclrp.ops.base.SCRATCH`), for an op's ``out=``: one per key, shape and dtype for the
+        whole run where that pays, else None (the op allocates). Each layer's temporaries then reuse the
+        previous layer's memory: on CPU a fresh tensor of :data:`SCRATCH_BYTES` or more costs several times the
+        arithmetic that fills it (the C allocator maps such blocks anew each time, page faults included), where
+        a smaller one, or any on a GPU (the caching allocator), reuses freed memory anyway and a kept buffer
+        would only add to the peak."""
         if like.device.type != "cpu" or like.numel() * like.element_size() < SCRATCH_BYTES:
             return None
         k = (key, like.shape, like.dtype, like.device)
