@@ -776,6 +776,9 @@ SDPA_CASES = {  # (query heads, key/value heads, queries, keys, mask, is_causal,
     "causal, more queries than keys": (2, 2, 45, 40, None, True, None),
     "boolean padding mask": (2, 2, 40, 45, "bool", False, None),
     "additive mask": (2, 2, 40, 40, "float", False, None),
+    # transformers' causal masks, given: a block of query rows reads keys up to the last one its rows see
+    "causal mask given, 0 and -inf": (2, 2, 40, 45, "causal float", False, None),
+    "causal mask given, boolean": (4, 2, 45, 40, "causal bool", False, None),
 }
 
 
@@ -790,6 +793,9 @@ def _sdpa_case(case, g):
         m[..., 0] = True  # every query attends to something
     elif mask == "float":
         m = torch.randn(L, S, dtype=D, generator=g)
+    elif mask is not None:  # "causal float", "causal bool"
+        m = torch.ones(L, S, dtype=torch.bool).tril()
+        m = m if mask.endswith("bool") else torch.zeros(L, S, dtype=D).masked_fill(~m, -math.inf)
     return q, k, v, m, dict(attn_mask=m, is_causal=causal, scale=scale, enable_gqa=hq != hkv)
 
 
@@ -818,7 +824,7 @@ def test_values_gradient_of_fused_attention(case, monkeypatch):
     go = torch.randn(o.shape, dtype=D, generator=g)
     monkeypatch.setattr(attention, "_BLOCK", 1)  # blocks of 16 rows: three here, the last one short
     monkeypatch.setattr(attention, "_HEADS_BLOCK", 1)  # one head at a time
-    got = attention._values_gradient(o.grad_fn, (go,), 0.5)[2]
+    got = attention._values_gradient(None, o.grad_fn, (go,), 0.5)[2]
 
     logits = (scale or 1 / math.sqrt(8)) * q.detach() @ k.detach().repeat_interleave(hq // hkv, 1).mT
     logits = logits + _additive_mask(m, causal, L, S)
@@ -833,8 +839,8 @@ def test_values_gradient_declines_where_the_log_sum_exp_has_a_gradient():
 
     q, k, v = (torch.randn(1, 2, 5, 4, dtype=D, requires_grad=True) for _ in range(3))
     o = F.scaled_dot_product_attention(q, k, v)
-    assert attention._values_gradient(o.grad_fn, (torch.ones_like(o), torch.ones(1, 2, 5, dtype=D)), 1.0) is None
-    assert attention._values_gradient(o.grad_fn, (None,), 1.0) is None
+    assert attention._values_gradient(None, o.grad_fn, (torch.ones_like(o), torch.ones(1, 2, 5, dtype=D)), 1.0) is None
+    assert attention._values_gradient(None, o.grad_fn, (None,), 1.0) is None
 
 
 @pytest.mark.parametrize("same_eps", [False, True])
@@ -851,7 +857,8 @@ def test_stabilised_gradient_of_fused_attention(case, blocked, same_eps, monkeyp
     from dynamiclrp.ops import attention
 
     if blocked:
-        monkeypatch.setattr(attention, "_SCORES_BLOCK", 1)
+        monkeypatch.setattr(attention, "_BLOCK", 1)  # blocks of 16 rows: three here, the last one short
+        monkeypatch.setattr(attention, "_HEADS_BLOCK", 1)  # one head at a time
     hq, hkv, L, S, mask, causal, scale = SDPA_CASES[case]
     g = torch.Generator().manual_seed(0)
     q, k, v, m, kw = _sdpa_case(case, g)
@@ -891,6 +898,36 @@ def test_stabilised_gradient_of_fused_attention(case, blocked, same_eps, monkeyp
     assert rel_diff(gv, groups(p.mT @ f)) < 1e-12
     assert rel_diff(gq, u @ kd) < 1e-12
     assert rel_diff(gk, groups(u.mT @ qd)) < 1e-12
+
+
+def test_given_mask_worked_out_once_per_run():
+    """A fused attention node's given mask, worked out for the blocks of scores: each query row's extent (one past
+    the last key any batch element sees), whether a row attends to nothing (then the attended positions are
+    marked), whether the mask has a non-zero finite part; kept for an equal mask of another node (transformers
+    makes each layer's anew), made again for a different one."""
+    from dynamiclrp.ops import attention
+
+    def node(mask):
+        q = torch.randn(2, 2, 5, 4, dtype=D, requires_grad=True)
+        k = torch.randn(2, 2, 6, 4, dtype=D, requires_grad=True)
+        return F.scaled_dot_product_attention(q, k, k, attn_mask=mask).grad_fn
+
+    causal = torch.zeros(5, 6, dtype=D).masked_fill(~torch.ones(5, 6, dtype=torch.bool).tril(), -math.inf)
+    run = SimpleNamespace(derived={})
+    first = attention._run_mask(run, node(causal), torch.zeros(1, dtype=D), D)
+    assert first.extent == [1, 2, 3, 4, 5] and first.attended is None and first.finite is None
+    assert attention._run_mask(run, node(causal.clone()), torch.zeros(1, dtype=D), D) is first
+    padded = torch.ones(2, 1, 5, 6, dtype=torch.bool)
+    padded[0, 0, 1] = False  # batch element 0: row 1 attends to nothing
+    padded[:, :, :, 4:] = False
+    padded[1, 0, 3, 4] = True  # batch element 1, row 3: up to key 4
+    other = attention._run_mask(run, node(padded), torch.zeros(1, dtype=D), D)
+    assert other.extent == [4, 4, 4, 5, 4] and other.finite is None
+    assert torch.equal(other.attended, padded.to(D))
+    bias = causal + torch.randn(5, 6, dtype=D)
+    got = attention._run_mask(run, node(bias), torch.zeros(1, dtype=D), D)
+    assert got is not first and got.extent == first.extent
+    assert torch.equal(got.finite, torch.where(causal == 0, bias, 0.0))
 
 
 @pytest.mark.parametrize("case", list(SDPA_CASES))

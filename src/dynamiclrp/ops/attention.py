@@ -11,6 +11,7 @@ repeating K and V inside the recomputed products, whose vector-Jacobian products
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -341,8 +342,9 @@ class ScaledDotProductAttention(OpSpec):
                 f"{type(fn).__name__} ran with attention dropout (dropout_p > 0): its random mask cannot be "
                 "recovered; put the model in eval() mode before explaining"
             )
-        q, k = saved(fn, "query"), saved(fn, "key")
-        has_mask = _mask(fn, q, k) is not None
+        # without making the mask (a queries x keys tensor under is_causal)
+        has_mask = bool(saved(fn, "is_causal", False)) or any(saved(fn, n, None) is not None
+                                                             for n in ("attn_mask", "attn_bias"))
         kind = type(fn).__name__
         parts = [
             (kind, self.values, [(PART, 1), (NEXT, 2)]),
@@ -383,7 +385,7 @@ class ScaledDotProductAttention(OpSpec):
         step = scaled_gradient(factors)
         if factors[:2] == (None, None) and values is not None and len(ctx.node.fn.next_functions) == 3:
             # CP-LRP: the values' gradient alone (the node read when the step runs: a plan rebinds the context)
-            return DirectStep(step, lambda grad_outputs: _values_gradient(ctx.node.fn, grad_outputs, values), 2)
+            return DirectStep(step, lambda grads: _values_gradient(ctx.run, ctx.node.fn, grads, values), 2)
         return step
 
 
@@ -421,16 +423,7 @@ def _stabilised_attention_step(ctx, values: Stabilised, scores: Stabilised, mask
         fn = ctx.node.fn
         dt = torch.float32 if f.dtype in (torch.float16, torch.bfloat16) else f.dtype  # as the fused kernels work
         q, k, v = (saved(fn, name).to(dt) for name in ("query", "key", "value"))
-        f = f.to(dt)
-        ke, ve = _heads(q, k)(k), _heads(q, v)(v)
-        c, (m, attended, finite) = _scale(fn, q), _run_mask(ctx.run, fn, q, k, dt)
-        # a group of heads at a time: the weights and their companions are tensors of the scores' size
-        heads = q.shape[-3] if q.dim() >= 3 else 1
-        per_head = torch.broadcast_shapes(q.shape[:-2], ke.shape[:-2]).numel() // heads * q.shape[-2] * ke.shape[-2]
-        block = max(1, _SCORES_BLOCK // max(per_head, 1))
-        parts = [_stabilised_attention(*(_head_slice(t, h, block) for t in (q, ke, ve, f, m, attended, finite)), c,
-                                       scores, mask) for h in range(0, heads, block)]
-        grads = [torch.cat(x, -3) if len(x) > 1 else x[0] for x in zip(*parts)]
+        grads = _stabilised_attention(ctx.run, fn, q, k, v, f.to(dt), scores, mask)
         out = []
         for grad, t, old in zip(grads, (q, k), grad_inputs):
             if old is None:
@@ -444,115 +437,170 @@ def _stabilised_attention_step(ctx, values: Stabilised, scores: Stabilised, mask
     return PreHook(pre, post)
 
 
-#: elements of the attention scores :func:`_stabilised_attention_step` works on at once (a group of heads): 8 MiB
-#: in float32, below the size from which the C allocator maps each new block afresh (page faults: see
+#: elements of one block of recomputed attention scores (a group of heads × a block of query rows × the keys they
+#: see), and of the keys of one group of heads: sizes that stay in a CPU's cache, as the fused kernels' tiles do
+#: (and far below the size from which the C allocator maps each new block afresh: see
 #: :meth:`dynamiclrp.engine.Run.scratch`)
-_SCORES_BLOCK = 1 << 21
+_BLOCK, _HEADS_BLOCK = 1 << 17, 1 << 16
+#: the same off the CPU (a GPU): every head at once and 64 MiB of float32 scores a block, so that a long sequence
+#: takes a few large launches (each waits for the host), not many cache-sized ones
+_DEVICE_BLOCK = 1 << 24
 
 
-def _head_slice(t: torch.Tensor | None, h: int, block: int) -> torch.Tensor | None:
-    """Heads ``h:h + block`` of ``t`` (dimension -3), or ``t`` itself where it has no heads to slice (broadcast)."""
-    return t if t is None or t.dim() < 3 or t.shape[-3] == 1 else t[..., h:h + block, :, :]
+class _ScoreBlocks:
+    r"""The attention scores :math:`S = c\,QK^\top` of a fused node, a block at a time: a group of heads and a block
+    of query rows (:data:`_HEADS_BLOCK`, :data:`_BLOCK`; :data:`_DEVICE_BLOCK` off the CPU), so that the keys, the
+    block and the gradients it adds to stay in cache. Under ``is_causal`` (top-left: query row :math:`i` sees keys
+    :math:`j \le i`) a block reads only the keys its rows can see, half the products of the whole; a given mask
+    (``attn_mask``, additive: :class:`_GivenMask`) is sliced along, and a block reads only the keys up to the last
+    one its rows attend to (past it every weight is exactly 0: the mask is -inf there). Queries, keys (repeated to
+    the query heads), and the ``others`` (tensors of the queries' rows: the output's gradient) are made dense once,
+    as ``(batch, heads, rows, features)``: a product per block then copies nothing."""
+
+    def __init__(self, fn, q, k, *others, given: _GivenMask | None = None):
+        self.scale, self.causal = _scale(fn, q), bool(saved(fn, "is_causal", False))
+        k = _heads(q, k)(k)
+        self.L, self.S = q.shape[-2], k.shape[-2]
+        self.batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], *(t.shape[:-2] for t in others))
+        self.heads = self.batch[-1] if self.batch else 1
+        self.q, self.k, *self.others = (self.dense(t, *t.shape[-2:]) for t in (q, k, *others))
+        self.given = None if given is None else self.dense(given.additive, self.L, self.S, copy=False)
+        self.extent = None if given is None else given.extent
+        block, heads_block = (_BLOCK, _HEADS_BLOCK) if q.device.type == "cpu" else (_DEVICE_BLOCK, _DEVICE_BLOCK)
+        self.group = max(1, heads_block // (self.S * k.shape[-1]))
+        self.rows = max(16, block // (min(self.group, self.heads) * self.S))
+        # the keys a block's rows a:e do not see among a:e (all before a they do): -inf above the diagonal
+        self.triangle = torch.full((self.rows, self.rows), -math.inf, dtype=q.dtype, device=q.device).triu_(1) \
+            if self.causal else None
+
+    def dense(self, t, *last, copy=True):
+        """``t`` as ``(batch, heads, *last)``, detached: a view where it can be (a mask is often broadcast), dense if
+        ``copy``."""
+        t = t.detach().expand(*self.batch, *last).reshape(-1, self.heads, *last)
+        return t.contiguous() if copy else t
+
+    def __iter__(self):
+        """``(b, heads, a, e, keys, s)``: the scores ``s`` of rows ``a:e`` of the heads ``heads`` (a slice) of batch
+        element ``b`` against the first ``keys`` keys (all of them unless causal)."""
+        for b in range(self.q.shape[0]):
+            for h in range(0, self.heads, self.group):
+                hs = slice(h, h + self.group)
+                for a in range(0, self.L, self.rows):
+                    e = min(a + self.rows, self.L)
+                    keys = min(e, self.S) if self.causal else self.S
+                    if self.extent is not None:
+                        keys = min(keys, max(self.extent[a:e]) if len(self.extent) > 1 else self.extent[0])
+                        if keys == 0:  # rows that attend to nothing: no weights, no gradients
+                            continue
+                    yield b, hs, a, e, keys, torch.bmm(self.q[b, hs, a:e], self.k[b, hs, :keys].mT).mul_(self.scale)
+
+    def logits(self, s, b, hs, a, e, keys, out=None):
+        """The block's logits ``s`` plus the mask (into ``out``; None: fresh memory; ``s`` itself may be given)."""
+        out = s.clone() if out is None and self.given is None else out
+        out = torch.add(s, self.given[b, hs, a:e, :keys], out=out) if self.given is not None else out
+        if self.causal and a < keys:
+            out[..., a:keys] += self.triangle[:e - a, :keys - a]
+        return out
 
 
-def _run_mask(run, fn, q, k, dt):
-    """The additive mask of an attention node in ``dt`` (:func:`_mask`, or None), where it lets through (numbers:
-    1.0 where finite, else 0.0) and its finite part (None where there is none: no mask was given, or a boolean one,
-    so that the mask is 0 and -inf alone). Made once per run for all the nodes given the same mask (or none) with
-    the same causality and shapes; the given mask is kept with them, so that its memory cannot be another
-    tensor's while the entry lives."""
+class _GivenMask(NamedTuple):
+    """The mask an attention node was given, worked out once per run (:func:`_run_mask`)."""
+
+    additive: torch.Tensor  # 0 or a bias where attended, -inf elsewhere
+    attended: torch.Tensor | None  # 1.0 where attended, else 0.0; None where every row attends to something
+    finite: torch.Tensor | None  # the finite part; None where it is all 0 (a boolean mask, or 0 and -inf alone)
+    extent: list[int]  # per query row (one number: for every row): one past the last key any batch or head sees
+
+
+def _run_mask(run, fn, q, dt) -> _GivenMask | None:
+    """The mask an attention node was given (:func:`_given_mask`, additive; None where none was) in ``dt``, with
+    what the blocks of scores need (:class:`_GivenMask`). Made once per run, with one read by the host (the rows'
+    extents, whether a row attends to nothing, whether the mask has a non-zero finite value), and kept for the
+    nodes given the same mask: the same tensor, or an equal one (transformers makes a layer's mask anew in each
+    layer; the comparison reads no more than one pass). ``run`` None: made afresh."""
     given = saved(fn, "attn_mask", None)
     if given is None:
         given = saved(fn, "attn_bias", None)
-    key = ("mask", None if given is None else (given.data_ptr(), given.shape, given.stride(), given.dtype),
-           bool(saved(fn, "is_causal", False)), q.shape[:-1], k.shape[:-1], q.dtype, q.device, dt)
-    found = run.derived.get(key)
-    if found is None or found[0] is not given:
-        m = _mask(fn, q, k)
-        if m is None:
-            found = (given, None, None, None)
-        else:
-            attended = torch.isfinite(m)
-            plain = given is None or given.dtype == torch.bool  # no finite part: known without reading the mask
-            finite = None if plain else torch.where(attended, m, torch.zeros((), dtype=m.dtype, device=m.device))
-            found = (given, m.to(dt), attended.to(dt), None if finite is None else finite.to(dt))
+    if given is None:
+        return None
+    key = ("mask", given.shape, given.dtype, q.dtype, q.device, dt)
+    found = None if run is None else run.derived.get(key)
+    if found is not None and (found[0] is given or torch.equal(found[0], given)):
+        return found[1]
+    m = _given_mask(fn, q)
+    attended = given if given.dtype == torch.bool else m > -math.inf  # bool: slow to compute with, cheap to hold
+    seen = attended.to(torch.uint8)
+    S = m.shape[-1]
+    rows = torch.where(seen.amax(-1) > 0, S - seen.flip(-1).argmax(-1), 0)  # per row of each batch and head
+    flags = [(rows == 0).any()] + ([] if given.dtype == torch.bool else [(attended & (m != 0)).any()])
+    read = torch.cat([rows.reshape(-1, m.shape[-2]).amax(0), torch.stack(flags)]).tolist()
+    extent, empty_rows, nonzero = read[:m.shape[-2]], bool(read[m.shape[-2]]), bool(read[-1]) and len(flags) > 1
+    zero = torch.zeros((), dtype=m.dtype, device=m.device)
+    found = (given, _GivenMask(m.to(dt), attended.to(dt) if empty_rows else None,
+                               torch.where(attended, m, zero).to(dt) if nonzero else None, extent))
+    if run is not None:
         run.derived[key] = found
-    return found[1:]
+    return found[1]
 
 
-def _stabilised_attention(q, ke, ve, f, m, attended, finite, c: float, scores: Stabilised, mask: Stabilised | None):
-    r""":func:`_stabilised_attention_step`'s gradients ``(g_Q, g_K)`` for some heads, keys and values repeated to
-    the query heads, ``f`` the values' stabilised gradient, ``m`` the additive mask (or None), ``attended`` and
-    ``finite`` where it lets through and its finite part (None where it has none: then :math:`L = S` wherever
-    relevance flows, and one denominator :math:`\mathrm{stab}(S)` serves both ε-steps when their ε agree)."""
-    s = torch.matmul(q, ke.mT).mul_(c)
-    p = torch.softmax(s if m is None else s + m, -1)
-    r = torch.matmul(f, ve.mT).mul_(p)  # R_L = R_P = P ⊙ g_P
-    if m is not None:
-        r.nan_to_num_(0.0).mul_(attended)  # a fully masked row attends to nothing; masked positions get nothing
-    if m is not None and (finite is not None or mask.eps != scores.eps):
-        r = over_stabilized(r, s if finite is None else s + finite, mask.eps)
-        r = r.mul_(s) if r.shape == s.shape else r * s
-        u = over_stabilized(r, s, scores.eps)
-    else:  # R_S / stab(S) (no mask), or S (R_L / stab(S)) / stab(S): the same operations, stab(S) made once
-        d = stabilize(s, scores.eps)
-        u = r.div_(d) if m is None else r.div_(d).mul_(s).div_(d)
-    return u.mul_(scores.scale * c) @ ke, u.mT @ q
+def _stabilised_attention(run, fn, q, k, v, f, scores: Stabilised, mask: Stabilised | None):
+    r""":func:`_stabilised_attention_step`'s gradients ``(g_Q, g_K)`` (keys and values repeated to the query heads;
+    ``f`` the values' stabilised gradient), a block of scores at a time (:class:`_ScoreBlocks`). Where the mask
+    (``mask``: its sum's rule, None where there is none) has no finite part (only ``is_causal``, or a boolean mask)
+    :math:`L = S` wherever relevance flows, and one denominator :math:`\mathrm{stab}(S)` serves both ε-steps when
+    their ε agree."""
+    given = _run_mask(run, fn, q, q.dtype)
+    blocks = _ScoreBlocks(fn, q, k, f, given=given)
+    v = blocks.dense(_heads(q, v)(v), blocks.S, v.shape[-1])
+    # where every row attends to something, masked weights are exactly 0 (exp(-inf)), their products too: no need
+    # to mark them (given.attended None)
+    attended, finite = (None if t is None else blocks.dense(t, blocks.L, blocks.S, copy=False)
+                        for t in ((None, None) if given is None else (given.attended, given.finite)))
+    (f,), q, k = blocks.others, blocks.q, blocks.k
+    mask = mask if blocks.causal or given is not None else None  # the mask's rule, where there is one
+    gq, gk = torch.zeros_like(q), torch.zeros_like(k)
+    factor = scores.scale * blocks.scale
+    for b, hs, a, e, keys, s in blocks:
+        p = torch.softmax(blocks.logits(s, b, hs, a, e, keys), -1)
+        r = torch.bmm(f[b, hs, a:e], v[b, hs, :keys].mT).mul_(p)  # R_L = R_P = P ⊙ g_P
+        if attended is not None:  # a row that attends to nothing has no weights (NaN); masked positions get nothing
+            r.nan_to_num_(0.0).mul_(attended[b, hs, a:e, :keys])
+        fin = None if finite is None else finite[b, hs, a:e, :keys]
+        if mask is not None and (fin is not None or mask.eps != scores.eps):
+            r = over_stabilized(r, s if fin is None else s + fin, mask.eps).mul_(s)
+            u = over_stabilized(r, s, scores.eps)
+        else:  # R_S / stab(S) (no mask), or S (R_L / stab(S)) / stab(S): the same operations, stab(S) made once
+            d = stabilize(s, scores.eps)
+            u = r.div_(d) if mask is None else r.div_(d).mul_(s).div_(d)
+        u.mul_(factor)
+        gq[b, hs, a:e].baddbmm_(u, k[b, hs, :keys])
+        gk[b, hs, :keys].baddbmm_(u.mT, q[b, hs, a:e])
+    return gq.view(*blocks.batch, *gq.shape[-2:]), gk.view(*blocks.batch, *gk.shape[-2:])
 
 
-#: elements of one block of recomputed attention weights in :func:`_values_gradient`, and of the keys (and of the
-#: value gradients) of one group of heads: sizes that stay in a CPU's cache, as the fused kernels' tiles do
-_BLOCK, _HEADS_BLOCK = 1 << 17, 1 << 16
-
-
-def _values_gradient(fn, grad_outputs, factor: float):
+def _values_gradient(run, fn, grad_outputs, factor: float):
     r"""The value gradient of a fused attention node, :math:`g_V = \mathrm{factor}\,P^\top g_O`, without the
     query and key gradients its backward also computes (three of its five products over the weights). The weights
-    :math:`P = \mathrm{softmax}(\mathrm{scale}\,QK^\top + M)` are recomputed for a group of heads and a block of
-    query rows at a time (:data:`_HEADS_BLOCK`, :data:`_BLOCK`), so that the keys, the block and the gradients it
-    adds to stay in cache; under a causal mask a block reads only the keys its rows can attend to. Grouped-query
-    heads are summed back onto their shared value head. Returns None (the node then runs its own backward) where
-    the output's second gradient (the log-sum-exp) is wanted too, and off the CPU: the blocks are sized for a CPU's
-    cache, and on a GPU a loop of small products has not been measured against the fused kernels."""
+    :math:`P = \mathrm{softmax}(\mathrm{scale}\,QK^\top + M)` are recomputed a block at a time
+    (:class:`_ScoreBlocks`). Grouped-query heads are summed back onto their shared value head. Returns None (the
+    node then runs its own backward) where the output's second gradient (the log-sum-exp) is wanted too, and off
+    the CPU: the blocks are sized for a CPU's cache, and on a GPU a loop of small products has not been measured
+    against the fused kernels."""
     g = grad_outputs[0]
     if g is None or g.device.type != "cpu" or any(o is not None for o in grad_outputs[1:]):
         return None
     q, k = saved(fn, "query"), saved(fn, "key")
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    scale, m, causal = _scale(fn, q), _given_mask(fn, q), bool(saved(fn, "is_causal", False))
-    k = _heads(q, k)(k)
-    L, S = q.shape[-2], k.shape[-2]
-    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], g.shape[:-2])
-    heads = batch[-1] if batch else 1
-
-    def four(t, *last):  # (batch, heads, *last): a view where it can be (a mask is often broadcast)
-        return t.expand(*batch, *last).reshape(-1, heads, *last)
-
-    # dense once (the heads are often a strided view): a product per block copies nothing
-    q, k, g = (four(t, *t.shape[-2:]).to(work).contiguous() for t in (q, k, g))
-    m = None if m is None else four(m, L, S)
-    dv = g.new_zeros(*g.shape[:2], S, g.shape[-1])
-    group = max(1, _HEADS_BLOCK // (S * k.shape[-1]))
-    rows = max(16, _BLOCK // (min(group, heads) * S))
-    # is_causal (top-left): row i attends to keys j <= i; the block's rows a:e see all keys before a, and this
-    # triangle on keys a:e
-    tri = torch.full((rows, rows), -math.inf, dtype=work, device=q.device).triu_(1) if causal else None
-    for b in range(q.shape[0]):
-        for h in range(0, heads, group):
-            hs = slice(h, h + group)
-            for a in range(0, L, rows):
-                e = min(a + rows, L)
-                cols = min(e, S) if causal else S
-                s = torch.bmm(q[b, hs, a:e], k[b, hs, :cols].mT).mul_(scale)
-                if m is not None:
-                    s += m[b, hs, a:e, :cols]
-                if causal and a < cols:
-                    s[..., a:cols] += tri[:e - a, :cols - a]
-                p = torch.softmax(s, -1)
-                if m is not None:
-                    p.nan_to_num_(0.0)  # a fully masked row attends to nothing
-                dv[b, hs, :cols].baddbmm_(p.mT, g[b, hs, a:e])
-    dv = dv.view(*batch, S, g.shape[-1])
+    given = _run_mask(run, fn, q, work)
+    blocks = _ScoreBlocks(fn, q.to(work), k.to(work), g.to(work), given=given)
+    (g,) = blocks.others
+    dv = g.new_zeros(*g.shape[:2], blocks.S, g.shape[-1])
+    for b, hs, a, e, keys, s in blocks:
+        p = torch.softmax(blocks.logits(s, b, hs, a, e, keys, out=s), -1)
+        if given is not None and given.attended is not None:
+            p.nan_to_num_(0.0)  # a fully masked row attends to nothing
+        dv[b, hs, :keys].baddbmm_(p.mT, g[b, hs, a:e])
+    dv = dv.view(*blocks.batch, blocks.S, g.shape[-1])
     v = saved(fn, "value")
     if dv.shape[-3] != v.shape[-3]:  # grouped-query: the query heads sharing a value head
         dv = dv.unflatten(-3, (v.shape[-3], -1)).sum(-3)
