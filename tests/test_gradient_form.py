@@ -461,8 +461,13 @@ def test_mask_sum_stabiliser_applied_by_the_softmax_step(kept_scratch, monkeypat
 
 def test_replayed_values_are_released_once_their_node_has_run(monkeypatch):
     """The gradient form lets go of what the Promise System replayed for a node once the node's backward has run
-    (the attention scores each layer's ε-steps recomputed), not at the end of the run; the relevance is the same."""
+    (the attention scores each layer's ε-steps recomputed, where the softmax's step does not recompute them
+    itself: :func:`~dynamiclrp.ops.attention.scores_chain` declined here), not at the end of the run; the
+    relevance is the same."""
+    from dynamiclrp.ops import attention
     from dynamiclrp.promise import Promises
+
+    monkeypatch.setattr(attention, "scores_chain", lambda ctx, softmax: None)
 
     released, forget = [], Promises.forget
 
@@ -479,6 +484,67 @@ def test_replayed_values_are_released_once_their_node_has_run(monkeypatch):
     released.clear()
     ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
     assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
+
+
+class WrittenAttention(nn.Module):
+    """Multi-head attention written out, ``softmax(q kᵀ * c [+ causal mask]) @ v`` (or ``/ (1 / c)``), the mask
+    untracked, scores of magnitude about ``c``."""
+
+    def __init__(self, mask: bool = True, divide: bool = False, d: int = 8, heads: int = 2, c: float = 0.05):
+        super().__init__()
+        self.mask, self.divide, self.heads, self.c = mask, divide, heads, c
+        self.q, self.k, self.v = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.head = nn.Linear(d, 2, bias=False)
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        q, k, v = (p(x).view(n, t, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        s = q @ k.transpose(-1, -2)
+        s = s / (1 / self.c) if self.divide else s * self.c
+        if self.mask:
+            s = s + torch.triu(torch.full((t, t), float("-inf"), dtype=x.dtype), 1)
+        return self.head((torch.softmax(s, -1) @ v).transpose(1, 2).flatten(2)[:, -1])
+
+
+@pytest.mark.parametrize("variant", ["masked, scaled", "masked, divided", "no mask"])
+def test_softmax_step_takes_the_scores_chain(variant, monkeypatch):
+    """Attention written out under the ε-rule with stabilisers that matter on the mask's sum (0.02) and on the scores
+    product (0.01; scores about 0.05): the softmax's step recomputes the scores from the product's operands a block
+    of query rows at a time (16 rows here: three blocks, the last one short) and applies the sum's and the
+    product's ε-steps itself (:func:`~dynamiclrp.ops.attention.scores_chain`): the relevance node by node gives,
+    with the scores product left unhooked and no scores, scaled scores or logits replayed."""
+    from dynamiclrp import gradient_form
+    from dynamiclrp.ops import attention
+    from dynamiclrp.promise import Promises
+
+    monkeypatch.setattr(attention, "_BLOCK", 1)
+    monkeypatch.setattr(attention, "_HEADS_BLOCK", 1)
+    hooked, replayed, value = [], [], Promises.value
+
+    def steps(run, seeds, _orig=gradient_form.gradient_steps):
+        found, reason = _orig(run, seeds)
+        hooked.append([run.graph.nodes[nid].kind for nid, _, _ in found])
+        return found, reason
+
+    def spied(self, nid, nr=0):
+        replayed.append(self.graph.nodes[nid].kind)
+        return value(self, nid, nr)
+    monkeypatch.setattr(gradient_form, "gradient_steps", steps)
+    monkeypatch.setattr(Promises, "value", spied)
+    torch.manual_seed(0)
+    model = WrittenAttention(mask=variant != "no mask", divide=variant == "masked, divided").to(D).eval()
+    x = torch.randn(2, 40, 8, dtype=D)
+    rules = {"sum": r.Epsilon(0.02), "product": r.Uniform(0.01), "linear": r.Epsilon(1e-30)}
+    kw = dict(preset="epsilon", target=1, ledger=False)
+    got = dynamiclrp.explain(model, x, gradient_form=True, rules=rules, **kw)
+    assert got.stats.gradient_form
+    assert hooked[0].count("BmmBackward0") == 1 and "SoftmaxBackward0" in hooked[0]  # the values product alone
+    assert not {"UnsafeViewBackward0", "MulBackward0", "DivBackward0", "AddBackward0"} & set(replayed)
+    ref = dynamiclrp.explain(model, x, gradient_form=False, rules=rules, **kw)
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
+    limit = dynamiclrp.explain(model, x, gradient_form=False, rules={**rules, "sum": r.Epsilon(1e-30),
+                                                                      "product": r.Uniform(1e-30)}, **kw)
+    assert rel_diff(limit.inputs[0], ref.inputs[0]) > 1e-3
 
 
 def test_mask_checks_of_the_pass_are_read_once(monkeypatch):

@@ -61,6 +61,7 @@ class Run:
     rules_run: int = 0
     subtract_addends: bool = False
     bypassed: dict[str, int] = field(default_factory=dict)  # node type -> nodes the gradient form bypassed
+    seeds: frozenset = frozenset()  # the output slots (node id, nr) the gradient form's pass starts from
 
     def __post_init__(self):
         self.promises = Promises(self.graph, self.approximations, self.subtract_addends)

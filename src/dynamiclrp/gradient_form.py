@@ -158,6 +158,7 @@ def gradient_steps(run: Run, seeds: frozenset) -> tuple[list[tuple[int, Any, Con
     the ``1 + tanh(...)`` of a GELU written out) is not run by autograd, so its rule needs no form. ``seeds``: the
     output slots the pass starts from."""
     graph, useful, nodes = run.graph, run.useful, run.graph.nodes
+    run.seeds = seeds  # a step may take over the steps of a chain of nodes below it, none of them seeded
     reached = {nid for nid, _ in seeds}
     hooks = []
     for hid in graph.order:

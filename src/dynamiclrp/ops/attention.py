@@ -93,6 +93,9 @@ class Softmax(OpSpec):
         the identity's step, with the mask check where the logits may carry an untracked mask."""
         form = rule_form(ctx.rule("softmax"), "softmax")
         if form is IDENTITY:
+            chain = scores_chain(ctx, ctx.node)
+            if chain is not None:  # the logits are a product's scaled scores: worked out a block at a time
+                return _scores_identity_step(ctx, chain)
             # R_x = R_y needs x: logits that may carry an untracked mask are known only with the mask taken as
             # zero, which is checked against the output as node by node (masked logits get nothing)
             return _masked_identity_step(ctx) if _masked_logits(ctx) else identity_gradient(ctx)
@@ -135,6 +138,143 @@ def _masked_logits(ctx) -> bool:
     """Whether the logits come (through views) from an op that may add an untracked mask."""
     node = through_views(ctx.run.graph.nodes, ctx.producer(0))
     return node is not None and (node.spec.zero_constants or node.spec.always_provisional)
+
+
+class _ScoresChain(NamedTuple):
+    """Logits made as ``softmax(scores * c [+ mask])`` from a matrix product (see :func:`scores_chain`): graph node
+    ids, and the rules' numbers the softmax step applies."""
+
+    product: int  # the scores' matrix product, Q Kᵀ (a BmmBackward0)
+    scaling: int  # the scaling by a constant c (a product or a quotient)
+    mask: int | None  # the sum with an untracked mask (its ε-step applied by the softmax step), None where none
+    mask_eps: float | None
+    eps: float  # the product's ε-rule (Stabilised): its ε and factor
+    scale: float
+
+
+#: the scalings of a chain: node type -> whether it divides
+_SCALINGS = {"MulBackward0": False, "MulBackward1": False, "DivBackward0": True, "DivBackward1": True}
+#: the views between a batched product and its scaling (``torch.matmul`` folds the batch dimensions)
+_PRODUCT_VIEWS = frozenset({"UnsafeViewBackward0", "ViewBackward0", "ReshapeAliasBackward0"})
+
+
+def scores_chain(ctx, softmax) -> _ScoresChain | None:
+    r"""The chain below ``softmax`` (a graph node; ``ctx``: a context of the same run) whose steps its identity
+    rule's step takes over, or None: attention written out, :math:`P = \mathrm{softmax}(c\,QK^\top + M)` with
+    ``M`` a mask autograd did not record (or none), the softmax passing relevance unchanged and the scores product
+    under an ε-rule (:class:`~dynamiclrp.rules.Stabilised`; the ``epsilon`` preset). Along it: the batched product
+    (``bmm``), views, a scaling by a constant (its own gradient), the mask's sum (whose ε-step
+    :func:`~dynamiclrp.ops.elementwise.softmax_applies_stabiliser` gives the softmax step), each read by the next
+    alone, none recorded nor seeded, all in the softmax's dtype, the softmax over the last dimension.
+
+    The softmax step then computes what the steps of the sum and of the product would have, on the scores
+    recomputed a block of rows at a time (no tokens x tokens tensor replayed and kept), and the product's own step
+    is the plain gradient. Both steps ask this one function, so they cannot disagree."""
+    run = ctx.run
+    graph, nodes = run.graph, run.graph.nodes
+    if softmax.spec.family != "softmax" or rule_form(ctx.rule_at(softmax, "softmax"), "softmax") is not IDENTITY:
+        return None
+    dim = saved(softmax.fn, "dim", None)
+    s = saved(softmax.fn, "result", None)
+    if s is None or dim not in (-1, s.dim() - 1):
+        return None
+
+    def alone(node) -> bool:  # read by the next node of the chain only, and nothing asks for it
+        cons = graph.consumers.get((node.id, 0), ())
+        return len(cons) == 1 and cons[0][1] == 0 and (node.id, 0) not in run.record and \
+            (node.id, 0) not in run.seeds and len(graph.parts(node.fn)) == 1
+
+    node = ctx.producer(0) if ctx.node is softmax else (
+        None if softmax.inputs[0] is None else nodes[softmax.inputs[0].child])
+    mask = mask_eps = None
+    if node is not None and isinstance(node.spec, AddTerms) and node.spec.family == "sum":
+        mask_eps = softmax_applies_stabiliser(ctx, node)
+        tracked = [e for e in node.inputs if e is not None]
+        if mask_eps is None or len(tracked) != 1 or not alone(node):
+            return None
+        mask, node = node.id, nodes[tracked[0].child]
+    if node is None or node.kind not in _SCALINGS or not alone(node) or node.inputs[0] is None or \
+            any(e is not None for e in node.inputs[1:]):
+        return None
+    scaling = node
+    from ..engine import Context  # noqa: PLC0415 - the engine imports this module
+    if scaling.spec.gradient_step(Context(run, scaling, [])) is not PLAIN:
+        return None
+    node = nodes[node.inputs[0].child]
+    while node.kind in _PRODUCT_VIEWS and alone(node) and node.inputs and node.inputs[0] is not None:
+        node = nodes[node.inputs[0].child]
+    if node.kind != "BmmBackward0" or not alone(node) or any(
+            e is None or not nodes[e.child].data for e in node.inputs):
+        return None
+    form = rule_form(ctx.rule_at(node, "product"), "product")
+    q = saved(node.fn, "self", None)
+    if not isinstance(form, Stabilised) or q is None or q.dtype != s.dtype:
+        return None
+    return _ScoresChain(node.id, scaling.id, mask, mask_eps, form.eps, form.scale)
+
+
+def softmax_takes_product_step(ctx) -> bool:
+    """Whether the step of the softmax above the matrix product ``ctx.node`` applies the product's ε-step
+    (:func:`scores_chain`): the product's own step is then its plain gradient."""
+    graph, node = ctx.run.graph, ctx.node
+    for _ in range(8):  # up through views, the scaling and the mask's sum
+        cons = graph.consumers.get((node.id, 0), ())
+        if len(cons) != 1:
+            return False
+        node = graph.nodes[cons[0][0]]
+        if node.spec.family == "softmax":
+            chain = scores_chain(ctx, node)
+            return chain is not None and chain.product == ctx.node.id
+    return False
+
+
+def _scores_identity_step(ctx, chain: _ScoresChain):
+    r"""The identity rule's step on a softmax over scaled scores (:func:`scores_chain`), with the ε-steps of the
+    mask's sum and of the scores product below it: with :math:`Z = QK^\top` and :math:`X = cZ` (+ the mask, taken
+    as 0 where it lets through: checked as :func:`_check_mask` checks it, masked logits get nothing)
+
+    .. math:: g_X = g\,\frac{P}{X}\;\frac{|X|}{|X| + \varepsilon_M}\;a\,\frac{|Z|}{|Z| + \varepsilon_Z}
+
+    (:math:`a`: the product rule's factor), which the scaling's, the sum's and the product's own backward then
+    carry to :math:`Q` and :math:`K`, as the steps of the sum (:func:`~dynamiclrp.ops.elementwise.
+    softmax_applies_stabiliser`) and of the product (:func:`~dynamiclrp.ops.base.stabilised_gradient`) would. The
+    scores are recomputed from the product's saved operands a block of query rows at a time
+    (:class:`_ScoreBlocks`), in cache, into softmax's own result (its backward's, which the step replaces): no
+    tokens x tokens tensor is replayed or kept. Nodes are read through ``ctx`` when the step runs (a plan rebinds
+    it)."""
+    def hook(grad_inputs, grad_outputs):
+        g = grad_outputs[0]
+        if g is None or grad_inputs[0] is None:
+            return grad_inputs
+        run, node = ctx.run, ctx.node
+        nodes = run.graph.nodes
+        product, scaling = nodes[chain.product].fn, nodes[chain.scaling].fn
+        q, kt, c = saved(product, "self"), saved(product, "mat2"), saved(scaling, "other")
+        divide = _SCALINGS[type(scaling).__name__]
+        s = saved(node.fn, "result")
+        out = spare(grad_inputs[0], g.shape, g.dtype, g, s)
+        out = torch.empty(g.shape, dtype=g.dtype, device=g.device) if out is None else out
+        shape = (q.shape[0], q.shape[1], kt.shape[2])  # the product's output: (batch x heads, rows, keys)
+        blocks = _ScoreBlocks(q, kt.mT)
+        g3, s3, out3 = (blocks.dense(t.reshape(shape), *shape[1:], copy=False) for t in (g, s, out))
+        provisional = chain.mask is not None and (chain.mask, 0) in run.promises.provisional
+        for b, hs, a, e, _, z in blocks:  # every key: the mask is not known
+            x = z / c if divide else z * c  # the logits, as the forward made them (the mask taken as 0)
+            sb = s3[b, hs, a:e]
+            r = ratio_(torch.mul(g3[b, hs, a:e], sb), x)
+            run.carried.append(extremes(r))
+            if provisional:
+                r.mul_(_check_mask(node, x, sb, -1, run.scratch, run.mask_checks))
+            if chain.mask_eps is not None:
+                r.mul_(stabilising_factor(x, chain.mask_eps))
+            r.mul_(stabilising_factor(z, chain.eps))
+            if chain.scale != 1.0:
+                r.mul_(chain.scale)
+            out3[b, hs, a:e] = r
+        if provisional:
+            run.promises.certify((chain.mask, 0))
+        return (out,) + (None,) * (len(grad_inputs) - 1)
+    return hook
 
 
 def _check_mask(node, x, s, dim, scratch, deferred: list | None = None):
@@ -448,17 +588,18 @@ _DEVICE_BLOCK = 1 << 24
 
 
 class _ScoreBlocks:
-    r"""The attention scores :math:`S = c\,QK^\top` of a fused node, a block at a time: a group of heads and a block
-    of query rows (:data:`_HEADS_BLOCK`, :data:`_BLOCK`; :data:`_DEVICE_BLOCK` off the CPU), so that the keys, the
-    block and the gradients it adds to stay in cache. Under ``is_causal`` (top-left: query row :math:`i` sees keys
-    :math:`j \le i`) a block reads only the keys its rows can see, half the products of the whole; a given mask
-    (``attn_mask``, additive: :class:`_GivenMask`) is sliced along, and a block reads only the keys up to the last
-    one its rows attend to (past it every weight is exactly 0: the mask is -inf there). Queries, keys (repeated to
-    the query heads), and the ``others`` (tensors of the queries' rows: the output's gradient) are made dense once,
-    as ``(batch, heads, rows, features)``: a product per block then copies nothing."""
+    r"""Attention scores :math:`S = c\,QK^\top` (a fused node's, or those of attention written out), a block at a
+    time: a group of heads and a block of query rows (:data:`_HEADS_BLOCK`, :data:`_BLOCK`; :data:`_DEVICE_BLOCK`
+    off the CPU), so that the keys, the block and the gradients it adds to stay in cache. ``causal`` (a fused
+    node's ``is_causal``, top-left: query row :math:`i` sees keys :math:`j \le i`): a block reads only the keys its
+    rows can see, half the products of the whole; a given mask (``attn_mask``, additive: :class:`_GivenMask`) is
+    sliced along, and a block reads only the keys up to the last one its rows attend to (past it every weight is
+    exactly 0: the mask is -inf there). Queries, keys (repeated to the query heads), and the ``others`` (tensors of
+    the queries' rows: the output's gradient) are made dense once, as ``(batch, heads, rows, features)``: a product
+    per block then copies nothing."""
 
-    def __init__(self, fn, q, k, *others, given: _GivenMask | None = None):
-        self.scale, self.causal = _scale(fn, q), bool(saved(fn, "is_causal", False))
+    def __init__(self, q, k, *others, scale: float = 1.0, causal: bool = False, given: _GivenMask | None = None):
+        self.scale, self.causal = scale, causal
         k = _heads(q, k)(k)
         self.L, self.S = q.shape[-2], k.shape[-2]
         self.batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], *(t.shape[:-2] for t in others))
@@ -492,7 +633,8 @@ class _ScoreBlocks:
                         keys = min(keys, max(self.extent[a:e]) if len(self.extent) > 1 else self.extent[0])
                         if keys == 0:  # rows that attend to nothing: no weights, no gradients
                             continue
-                    yield b, hs, a, e, keys, torch.bmm(self.q[b, hs, a:e], self.k[b, hs, :keys].mT).mul_(self.scale)
+                    s = torch.bmm(self.q[b, hs, a:e], self.k[b, hs, :keys].mT)
+                    yield b, hs, a, e, keys, s if self.scale == 1.0 else s.mul_(self.scale)
 
     def logits(self, s, b, hs, a, e, keys, out=None):
         """The block's logits ``s`` plus the mask (into ``out``; None: fresh memory; ``s`` itself may be given)."""
@@ -501,6 +643,11 @@ class _ScoreBlocks:
         if self.causal and a < keys:
             out[..., a:keys] += self.triangle[:e - a, :keys - a]
         return out
+
+
+def _fused(fn, q) -> dict:
+    """The scale and causality of a fused attention node, as :class:`_ScoreBlocks` takes them."""
+    return {"scale": _scale(fn, q), "causal": bool(saved(fn, "is_causal", False))}
 
 
 class _GivenMask(NamedTuple):
@@ -550,7 +697,7 @@ def _stabilised_attention(run, fn, q, k, v, f, scores: Stabilised, mask: Stabili
     :math:`L = S` wherever relevance flows, and one denominator :math:`\mathrm{stab}(S)` serves both ε-steps when
     their ε agree."""
     given = _run_mask(run, fn, q, q.dtype)
-    blocks = _ScoreBlocks(fn, q, k, f, given=given)
+    blocks = _ScoreBlocks(q, k, f, **_fused(fn, q), given=given)
     v = blocks.dense(_heads(q, v)(v), blocks.S, v.shape[-1])
     # where every row attends to something, masked weights are exactly 0 (exp(-inf)), their products too: no need
     # to mark them (given.attended None)
@@ -592,7 +739,7 @@ def _values_gradient(run, fn, grad_outputs, factor: float):
     q, k = saved(fn, "query"), saved(fn, "key")
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     given = _run_mask(run, fn, q, work)
-    blocks = _ScoreBlocks(fn, q.to(work), k.to(work), g.to(work), given=given)
+    blocks = _ScoreBlocks(q.to(work), k.to(work), g.to(work), **_fused(fn, q), given=given)
     (g,) = blocks.others
     dv = g.new_zeros(*g.shape[:2], blocks.S, g.shape[-1])
     for b, hs, a, e, keys, s in blocks:
