@@ -936,7 +936,8 @@ def test_stabilised_gradient_of_fused_attention(case, blocked, same_eps, monkeyp
         r.Stabilised(eps_v, 0.5), r.Stabilised(eps_s, 0.5), r.Stabilised(eps_m))
     handed = step.hook((go,))  # the node is handed f and runs its own backward on it; the step then replaces
     own = torch.autograd.grad(o, (q, k, v), handed[0], retain_graph=True)  # the query and key gradients
-    gq, gk, gv = step.post(own, handed)[:3]
+    replaced = step.post(own, handed)[:3]
+    direct = step.direct((go,))  # or all three without the node's backward (g_V in the blocks too)
 
     def stab(z, eps):
         return z + eps * torch.where(z >= 0, 1.0, -1.0).to(D)
@@ -961,9 +962,11 @@ def test_stabilised_gradient_of_fused_attention(case, blocked, same_eps, monkeyp
     def groups(t):  # the query heads sharing a key and value head, summed
         return t.unflatten(1, (hkv, rep)).sum(2)
 
-    assert rel_diff(gv, groups(p.mT @ f)) < 1e-12
-    assert rel_diff(gq, u @ kd) < 1e-12
-    assert rel_diff(gk, groups(u.mT @ qd)) < 1e-12
+    for gq, gk, gv in (replaced, direct[:3]):
+        assert rel_diff(gv, groups(p.mT @ f)) < 1e-12
+        assert rel_diff(gq, u @ kd) < 1e-12
+        assert rel_diff(gk, groups(u.mT @ qd)) < 1e-12
+    assert len(direct) == len(o.grad_fn.next_functions) and all(t is None for t in direct[3:])
 
 
 def test_given_mask_worked_out_once_per_run():
@@ -1090,6 +1093,39 @@ def test_fused_attention_bypass(model_cls, monkeypatch):
     assert got.stats.bypassed == (2 if model_cls is PackedAttention else 1) and plain.stats.bypassed == 0
     assert rel_diff(got.inputs[0], plain.inputs[0]) < 1e-12
     assert rel_diff(got.inputs[0], ref.inputs[0]) < TOL
+
+
+def _without_norm():
+    model = SeparateAttention()
+    model.ln = nn.Identity()  # the projections read the residual stream itself
+    return model
+
+
+@pytest.mark.parametrize("model_cls", [PackedAttention, SeparateAttention, _without_norm])
+def test_fused_attention_bypass_under_epsilon(model_cls, monkeypatch):
+    """Under the ``epsilon`` preset (stabilisers that matter: scores, mask and values ε 0.05) the fused attention's
+    step computes the query, key and value gradients itself and its node's backward is skipped: a nested pass
+    carries them down through the projections (and the layer norm, whose own bypass carries them on) to the
+    residual stream, where the outer pass adds them (:func:`~dynamiclrp.gradient_bypass._nested`). Equal to the
+    pass without bypasses and to node by node; with the residual stream recorded (``modules``) the frontier would
+    be a recorded slot: no bypass, the same relevance."""
+    from dynamiclrp import gradient_form
+
+    torch.manual_seed(0)
+    model, x = model_cls().to(D).eval(), torch.randn(2, 5, 8, dtype=D)
+    kw = dict(preset="epsilon", ledger=False, rules={"sum": r.Epsilon(0.05), "product": r.Uniform(0.05),
+                                                       "attention": r.Uniform(0.05)})
+    kind = next(k for k in dynamiclrp.explain(model, x, **kw).stats.ops if k.startswith("ScaledDotProduct"))
+    got = dynamiclrp.explain(model, x, **kw)
+    ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
+    recorded = dynamiclrp.explain(model, x, modules=["inp"], **kw)
+    monkeypatch.setattr(gradient_form, "BYPASSES", False)
+    plain = dynamiclrp.explain(model, x, **kw)
+    assert got.stats.bypassed_kinds.get(kind) == 1 and kind not in recorded.stats.bypassed_kinds
+    assert got.stats.gradient_form and plain.stats.bypassed == 0
+    assert rel_diff(got.inputs[0], plain.inputs[0]) < 1e-12
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
+    assert rel_diff(recorded.inputs[0], ref.inputs[0]) < 1e-12
 
 
 def test_hooks_reuse_only_a_fresh_unshared_gradient_buffer():

@@ -47,13 +47,15 @@ a delivery hook raising :class:`UndeliveredError` -- makes
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from typing import Any
 
 import torch
+from torch.autograd.graph import GradientEdge
 
 from .engine import Run
-from .ops.base import DirectStep, PreHook, saved, silenced
+from .ops.base import DirectStep, PreHook, WholeStep, saved, silenced
 
 # how the gradient of a fused projection's output reaches the parts it is split into
 _SPLITS = frozenset({"SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0", "UnsafeSplitBackward0",
@@ -63,6 +65,7 @@ _PICKS = frozenset({"SelectBackward0", "SliceBackward0"})
 _PROJECTIONS = {"AddmmBackward0": (1, "mat2"), "MmBackward0": (0, "mat2")}
 _MAX_CHAIN = 16  # nodes carried through by hand below a bypassed node
 _MAX_UNREACHED = 8  # consumers followed up to find that a node gets no gradient (a norm's statistics: 3)
+_MAX_REGION = 64  # nodes a nested pass below a node run without its backward may go through (a decoder layer: ~30)
 
 
 class UndeliveredError(RuntimeError):
@@ -193,6 +196,13 @@ def plan_bypasses(run: Run, steps: dict[Any, Any], seeds: frozenset = frozenset(
             plan.hook(fn, _direct(plan.bypasses, fn.name(), step, route))
         else:
             plan.speak(fn)
+    for fn, step in steps.items():
+        if isinstance(step, WholeStep) and useful[graph.head[fn]]:
+            frontier = plan.frontier(fn)
+            if frontier is not None:
+                for nid, slot in frontier:
+                    plan.bypasses.add_delivery(nid, slot)
+                plan.hook(fn, _nested(plan.bypasses, fn.name(), graph.head[fn], step, frontier))
     return plan.bypasses
 
 
@@ -207,6 +217,7 @@ class _Planner:
         self._deliveries: list[tuple[Any, int]] = []
         self._silence: dict[int, bool] = {}  # _silent's answers while silent_below stands
         self._unreached: dict[int, bool] = {}
+        self._position: dict[int, int] | None = None  # graph node id -> its place in graph.order
 
     def speak(self, fn: Any) -> None:
         """``fn`` is not bypassed after all: its operands get gradients."""
@@ -256,6 +267,56 @@ class _Planner:
             # none from elsewhere to join (a product of two projections of one input)
             raise _NoBypassError
         return ("through", node.id, nr, step, children)
+
+    def frontier(self, fn: Any) -> list[tuple[int, int]] | None:
+        """Where the gradients of ``fn``'s inputs, handed on by a nested pass (:func:`_nested`), meet gradients from
+        elsewhere: the output slots ``(graph node id, nr)`` below ``fn`` that also receive a gradient from a node
+        outside the region of nodes whose every gradient comes from ``fn`` (through the region); None where that
+        region is larger than :data:`_MAX_REGION` nodes, or holds or meets a recorded or seeded slot (the pass
+        reads a recorded slot's gradient as it arrives, before a delivery could add to it)."""
+        run = self.run
+        graph = run.graph
+        if self._position is None:
+            self._position = {nid: i for i, nid in enumerate(graph.order)}
+        top = graph.head[fn]
+        inside, frontier = {part.id for part in graph.parts(fn)}, []  # consumers name a fused node's parts
+        # consumers come before their operands in graph.order: a node is decided once all of its consumers are
+        queue = [(self._position[c], c) for c in self._below(top)]
+        heapq.heapify(queue)
+        seen = {c for _, c in queue}
+        while queue:
+            _, nid = heapq.heappop(queue)
+            node_fn = graph.nodes[nid].fn  # a head: _below names autograd nodes
+            slots = range(len(node_fn._input_metadata))
+            if any((nid, nr) in run.record or (nid, nr) in self.seeds for nr in slots):
+                return None
+            consumers = [(c, k) for nr in slots for c, k in graph.consumers.get((nid, nr), ())]
+            if any(c not in inside and not self._gives_nothing(c, k) for c, k in consumers):
+                frontier.extend((nid, nr) for nr in slots
+                                if any(c in inside for c, _ in graph.consumers.get((nid, nr), ())))
+                continue
+            inside.update(part.id for part in graph.parts(node_fn))
+            if len(inside) > _MAX_REGION + 4:
+                return None
+            for c in self._below(nid):
+                if c not in seen:
+                    seen.add(c)
+                    heapq.heappush(queue, (self._position[c], c))
+        return frontier or None
+
+    def _below(self, nid: int) -> list[int]:
+        """The graph nodes that graph node ``nid``'s step gives a gradient to (the producers of its autograd node's
+        inputs: a fused node's, whose parts are other graph nodes), where one is wanted."""
+        run = self.run
+        fn = run.graph.nodes[nid].fn
+        step = self.steps.get(fn)
+        quiet = frozenset() if isinstance(step, WholeStep) else silenced(step)
+        below = []
+        for i, (child, _) in enumerate(fn.next_functions):
+            node = None if child is None or i in quiet else run.graph.node_of(child)
+            if node is not None and run.useful[node.id]:
+                below.append(node.id)
+        return below
 
     def unreached(self, nid: int, depth: int = 0) -> bool:
         """Whether no gradient reaches graph node ``nid`` in this pass, bypassed or not: no seed at its outputs, and
@@ -316,6 +377,35 @@ def _direct(bypasses: Bypasses, kind: str, step: DirectStep, route: Any):
         if grads is None:
             return grad_outputs
         bypasses.carry(route, grads[step.slot])
+        bypasses.bypassed[kind] += 1
+        return (None,) * len(grad_outputs)
+    return hook
+
+
+def _nested(bypasses: Bypasses, kind: str, nid: int, step: WholeStep, frontier: list[tuple[int, int]]):
+    """Pre-hook of a node (graph node ``nid``, of type ``kind``) whose step computes all of its input gradients
+    (:class:`~dynamiclrp.ops.base.WholeStep`): the node is given nothing, and those gradients are handed on by a
+    pass of autograd's engine nested in this one, from the node's inputs down to the ``frontier``
+    (:meth:`_Planner.frontier`): the nodes on the way run there, with their own steps, as they would have in the
+    outer pass, where they now get nothing; what reaches the frontier is added there when the outer pass arrives
+    (a delivery). The gradients cannot be handed on in the outer pass itself: autograd lets no hook give a
+    gradient where the node returned none."""
+    def hook(grad_outputs):
+        grads = step.direct(grad_outputs)
+        if grads is None:
+            return grad_outputs
+        fn = bypasses.fn(nid)
+        edges, given = [], []
+        for (child, nr), g in zip(fn.next_functions, grads):
+            if child is not None and g is not None:
+                edges.append(GradientEdge(child, nr))
+                given.append(g)
+        if edges:
+            slots = [GradientEdge(bypasses.fn(f), slot) for f, slot in frontier]
+            got = torch.autograd.grad(edges, slots, given, retain_graph=True, allow_unused=True)
+            for (f, slot), g in zip(frontier, got):
+                if g is not None:
+                    bypasses.carry(("deliver", f, slot), g)
         bypasses.bypassed[kind] += 1
         return (None,) * len(grad_outputs)
     return hook

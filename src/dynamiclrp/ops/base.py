@@ -217,6 +217,19 @@ class PreHook:
         self.hook, self.post = hook, post
 
 
+class WholeStep(PreHook):
+    """A :class:`PreHook` step that also knows every input gradient of its node without the node's own backward:
+    ``direct(grad_outputs)`` returns them, one per input (None: none), or None to decline at run time.
+    :mod:`dynamiclrp.gradient_bypass` runs it instead of the node where it can hand those gradients on past it;
+    elsewhere the node runs with ``hook`` and ``post``."""
+
+    __slots__ = ("direct",)
+
+    def __init__(self, hook: Any, post: Any, direct: Any):
+        super().__init__(hook, post)
+        self.direct = direct
+
+
 class DirectStep:
     """A gradient step on a node's result (a post-hook, as :func:`scaled_gradient` gives) that also knows a cheaper
     way to the same result: the step gives a gradient to input ``slot`` alone, and ``direct(grad_outputs)`` returns
