@@ -1101,14 +1101,21 @@ def _without_norm():
     return model
 
 
-@pytest.mark.parametrize("model_cls", [PackedAttention, SeparateAttention, _without_norm])
+def _on_the_input():
+    model = _without_norm()
+    model.inp = nn.Identity()  # the projections and the residual read the input: the frontier is a recorded leaf
+    return model
+
+
+@pytest.mark.parametrize("model_cls", [PackedAttention, SeparateAttention, _without_norm, _on_the_input])
 def test_fused_attention_bypass_under_epsilon(model_cls, monkeypatch):
     """Under the ``epsilon`` preset (stabilisers that matter: scores, mask and values ε 0.05) the fused attention's
     step computes the query, key and value gradients itself and its node's backward is skipped: a nested pass
     carries them down through the projections (and the layer norm, whose own bypass carries them on) to the
     residual stream, where the outer pass adds them (:func:`~dynamiclrp.gradient_bypass._nested`). Equal to the
-    pass without bypasses and to node by node; with the residual stream recorded (``modules``) the frontier would
-    be a recorded slot: no bypass, the same relevance."""
+    pass without bypasses and to node by node; also with the residual stream recorded (``modules``), where the
+    frontier is the recorded slot: what the nested pass delivers there is added to what the outer pass reads, and
+    where the frontier is the input itself (a recorded leaf: no node runs there to take a delivery)."""
     from dynamiclrp import gradient_form
 
     torch.manual_seed(0)
@@ -1118,14 +1125,18 @@ def test_fused_attention_bypass_under_epsilon(model_cls, monkeypatch):
     kind = next(k for k in dynamiclrp.explain(model, x, **kw).stats.ops if k.startswith("ScaledDotProduct"))
     got = dynamiclrp.explain(model, x, **kw)
     ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
-    recorded = dynamiclrp.explain(model, x, modules=["inp"], **kw)
+    modules = [] if isinstance(model.inp, nn.Identity) else ["inp"]
+    recorded = dynamiclrp.explain(model, x, modules=modules, **kw)
+    recorded_ref = dynamiclrp.explain(model, x, modules=modules, gradient_form=False, **kw)
     monkeypatch.setattr(gradient_form, "BYPASSES", False)
     plain = dynamiclrp.explain(model, x, **kw)
-    assert got.stats.bypassed_kinds.get(kind) == 1 and kind not in recorded.stats.bypassed_kinds
-    assert got.stats.gradient_form and plain.stats.bypassed == 0
+    assert got.stats.bypassed_kinds.get(kind) == 1 and recorded.stats.bypassed_kinds.get(kind) == 1
+    assert got.stats.gradient_form and recorded.stats.gradient_form and plain.stats.bypassed == 0
     assert rel_diff(got.inputs[0], plain.inputs[0]) < 1e-12
     assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
     assert rel_diff(recorded.inputs[0], ref.inputs[0]) < 1e-12
+    for m in modules:
+        assert rel_diff(recorded.modules[m], recorded_ref.modules[m]) < 1e-12
 
 
 def test_hooks_reuse_only_a_fresh_unshared_gradient_buffer():

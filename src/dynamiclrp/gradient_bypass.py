@@ -36,6 +36,14 @@ The others are for CP-LRP, which gives the queries and keys of attention no grad
   :math:`g\,V^\top` too, which the step then drops; the bypass computes :math:`P^\top g` alone (likewise for any
   product of two activations one of which its rule holds constant).
 
+And one for the ε-rule (the ``epsilon`` preset) on fused attention, whose step computes the query, key and value
+gradients itself (the softmax's identity rule is not what the fused backward computes): the node's backward would
+only be thrown away. The step's gradients are handed on by a pass of autograd's engine *nested* in the outer one,
+from the node's inputs down through the nodes that get their gradient only from it (the projections, a norm, the
+rotary embedding: the region), to the slots where gradients from elsewhere join (the residual stream: the
+frontier), and added there when the outer pass arrives (:func:`_nested`, :meth:`_Planner.frontier`). The nodes of
+the region run in the nested pass with their own steps; in the outer pass they get nothing.
+
 A plan (:class:`dynamiclrp.Plan`) keeps the bypasses worked out for a graph skeleton and reuses them for the next
 run of the same graph: they name nodes by their place in the graph, not by autograd object, and :meth:`Bypasses.bind`
 points them at the run's nodes.
@@ -84,11 +92,15 @@ class Bypasses:
         self.pending: dict[tuple[int, int], torch.Tensor] = {}
         self.bypassed: Counter[str] = Counter()  # node type -> nodes whose own backward this pass bypassed
         self._delivery_slots: dict[int, set[int]] = {}
+        #: the recorded slots, and what this pass delivered there: the pass reads a recorded slot's gradient as it
+        #: arrives, before the delivery hook adds to it, so the delivered part is added to what it read
+        self.recorded: frozenset = frozenset()
+        self.delivered: dict[tuple[int, int], torch.Tensor] = {}
 
     def bind(self, graph: Any) -> Bypasses:
         """Ready for a pass over ``graph`` (the planned graph, or one with the same skeleton): nothing in transit,
         nothing counted yet."""
-        self.graph, self.pending, self.bypassed = graph, {}, Counter()
+        self.graph, self.pending, self.bypassed, self.delivered = graph, {}, Counter(), {}
         return self
 
     def fn(self, nid: int) -> Any:
@@ -122,6 +134,11 @@ class Bypasses:
                     raise UndeliveredError(
                         f"{self.fn(nid).name()} slot {slot} receives no gradient besides a bypassed node's")
                 carried = carried.to(g.dtype)
+                if (nid, slot) in self.recorded:  # kept as it is, for the pass's reading of the slot
+                    prev = self.delivered.get((nid, slot))
+                    self.delivered[(nid, slot)] = carried if prev is None else prev + carried
+                    grads[slot] = g + carried
+                    continue
                 # the carried gradient is this pass's own (a bypass computed it; nothing else holds it): the sum goes
                 # into it, as the engine's own accumulation goes into its buffer, not into fresh memory
                 grads[slot] = carried.add_(g) if carried.shape == g.shape and carried.is_contiguous() else g + carried
@@ -174,6 +191,7 @@ def plan_bypasses(run: Run, steps: dict[Any, Any], seeds: frozenset = frozenset(
     graph, useful = run.graph, run.useful
     plan = _Planner(run, steps, seeds)
     plan.bypasses.bind(graph)
+    plan.bypasses.recorded = frozenset(run.record)
     for fn, nid in graph.head.items():
         kind = type(fn).__name__  # fn.name() builds a new string each call
         if kind not in _PROJECTIONS or fn in steps or not useful[nid] or not _feeds_a_split(run, nid, steps):
@@ -200,9 +218,13 @@ def plan_bypasses(run: Run, steps: dict[Any, Any], seeds: frozenset = frozenset(
         if isinstance(step, WholeStep) and useful[graph.head[fn]]:
             frontier = plan.frontier(fn)
             if frontier is not None:
+                # a recorded slot with nothing wanted below it: the pass reads its gradient and runs no node there,
+                # so no delivery hook would run either; what reaches it is added to what the pass read
+                ends = frozenset(at for at in frontier if at in run.record and not plan.below(at[0]))
                 for nid, slot in frontier:
-                    plan.bypasses.add_delivery(nid, slot)
-                plan.hook(fn, _nested(plan.bypasses, fn.name(), graph.head[fn], step, frontier))
+                    if (nid, slot) not in ends:
+                        plan.bypasses.add_delivery(nid, slot)
+                plan.hook(fn, _nested(plan.bypasses, fn.name(), graph.head[fn], step, frontier, ends))
     return plan.bypasses
 
 
@@ -272,8 +294,9 @@ class _Planner:
         """Where the gradients of ``fn``'s inputs, handed on by a nested pass (:func:`_nested`), meet gradients from
         elsewhere: the output slots ``(graph node id, nr)`` below ``fn`` that also receive a gradient from a node
         outside the region of nodes whose every gradient comes from ``fn`` (through the region); None where that
-        region is larger than :data:`_MAX_REGION` nodes, or holds or meets a recorded or seeded slot (the pass
-        reads a recorded slot's gradient as it arrives, before a delivery could add to it)."""
+        region is larger than :data:`_MAX_REGION` nodes or holds a recorded or seeded slot, or the frontier is a
+        seeded slot. A recorded frontier slot is delivered to as any other, and what it got is added to what the pass
+        reads there (:attr:`Bypasses.delivered`)."""
         run = self.run
         graph = run.graph
         if self._position is None:
@@ -281,30 +304,32 @@ class _Planner:
         top = graph.head[fn]
         inside, frontier = {part.id for part in graph.parts(fn)}, []  # consumers name a fused node's parts
         # consumers come before their operands in graph.order: a node is decided once all of its consumers are
-        queue = [(self._position[c], c) for c in self._below(top)]
+        queue = [(self._position[c], c) for c in self.below(top)]
         heapq.heapify(queue)
         seen = {c for _, c in queue}
         while queue:
             _, nid = heapq.heappop(queue)
-            node_fn = graph.nodes[nid].fn  # a head: _below names autograd nodes
+            node_fn = graph.nodes[nid].fn  # a head: below() names autograd nodes
             slots = range(len(node_fn._input_metadata))
-            if any((nid, nr) in run.record or (nid, nr) in self.seeds for nr in slots):
+            if any((nid, nr) in self.seeds for nr in slots):
                 return None
             consumers = [(c, k) for nr in slots for c, k in graph.consumers.get((nid, nr), ())]
             if any(c not in inside and not self._gives_nothing(c, k) for c, k in consumers):
                 frontier.extend((nid, nr) for nr in slots
                                 if any(c in inside for c, _ in graph.consumers.get((nid, nr), ())))
                 continue
+            if any((nid, nr) in run.record for nr in slots):
+                return None
             inside.update(part.id for part in graph.parts(node_fn))
             if len(inside) > _MAX_REGION + 4:
                 return None
-            for c in self._below(nid):
+            for c in self.below(nid):
                 if c not in seen:
                     seen.add(c)
                     heapq.heappush(queue, (self._position[c], c))
         return frontier or None
 
-    def _below(self, nid: int) -> list[int]:
+    def below(self, nid: int) -> list[int]:
         """The graph nodes that graph node ``nid``'s step gives a gradient to (the producers of its autograd node's
         inputs: a fused node's, whose parts are other graph nodes), where one is wanted."""
         run = self.run
@@ -382,14 +407,16 @@ def _direct(bypasses: Bypasses, kind: str, step: DirectStep, route: Any):
     return hook
 
 
-def _nested(bypasses: Bypasses, kind: str, nid: int, step: WholeStep, frontier: list[tuple[int, int]]):
+def _nested(bypasses: Bypasses, kind: str, nid: int, step: WholeStep, frontier: list[tuple[int, int]],
+            ends: frozenset):
     """Pre-hook of a node (graph node ``nid``, of type ``kind``) whose step computes all of its input gradients
     (:class:`~dynamiclrp.ops.base.WholeStep`): the node is given nothing, and those gradients are handed on by a
     pass of autograd's engine nested in this one, from the node's inputs down to the ``frontier``
     (:meth:`_Planner.frontier`): the nodes on the way run there, with their own steps, as they would have in the
     outer pass, where they now get nothing; what reaches the frontier is added there when the outer pass arrives
-    (a delivery). The gradients cannot be handed on in the outer pass itself: autograd lets no hook give a
-    gradient where the node returned none."""
+    (a delivery), or, at the ``ends`` (recorded slots whose node the outer pass does not run), to what the pass
+    reads there. The gradients cannot be handed on in the outer pass itself: autograd lets no hook give a gradient
+    where the node returned none."""
     def hook(grad_outputs):
         grads = step.direct(grad_outputs)
         if grads is None:
@@ -403,9 +430,14 @@ def _nested(bypasses: Bypasses, kind: str, nid: int, step: WholeStep, frontier: 
         if edges:
             slots = [GradientEdge(bypasses.fn(f), slot) for f, slot in frontier]
             got = torch.autograd.grad(edges, slots, given, retain_graph=True, allow_unused=True)
-            for (f, slot), g in zip(frontier, got):
-                if g is not None:
-                    bypasses.carry(("deliver", f, slot), g)
+            for at, g in zip(frontier, got):
+                if g is None:
+                    continue
+                if at in ends:
+                    prev = bypasses.delivered.get(at)
+                    bypasses.delivered[at] = g if prev is None else prev + g
+                else:
+                    bypasses.carry(("deliver", *at), g)
         bypasses.bypassed[kind] += 1
         return (None,) * len(grad_outputs)
     return hook

@@ -283,6 +283,8 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
             h.remove()
         undelivered = bypasses is not None and bypasses.undelivered()
         bypassed = dict(bypasses.bypassed) if bypasses else {}
+        # deliveries to recorded slots, which the pass read before they arrived (kept: release unbinds them)
+        delivered = dict(bypasses.delivered) if bypasses is not None else {}
         prepared.release()
     if grads is None or undelivered:  # hooks removed: again, without bypasses
         return propagate_gradient_form(run, seeds, prepared, bypass=False)
@@ -290,6 +292,9 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
         return False
     recorded = {}
     for (nid, nr), g in zip(keys, grads):
+        extra = delivered.get((nid, nr))
+        if extra is not None:  # a delivery the pass could not see as it read the slot
+            g = extra if g is None else g + extra
         if g is not None:
             recorded[(nid, nr)] = _value(run, nid, nr).to(g.dtype) * g
     if run.check_finite and recorded and not bool(all_finite(torch.cat([extremes(r) for r in recorded.values()]))):
