@@ -121,13 +121,17 @@ def main() -> None:
     ap.add_argument("--out", default="results/host_ops.md")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    # attention's steps as on a GPU: no host read of a mask, large blocks, the fused backward run (session 17)
+    from dynamiclrp.ops import attention
+    attention.CPU_DEVICES = ()
     lines = ["# Host work per explanation (the CPU proxy for a GPU at batch 1)", "",
              f"Written by `benchmarks/host_ops.py` (issue #8). torch {torch.__version__}, CPU, one thread, random "
              "weights. Per explanation (`ledger=False, check_finite=False`) and per floor (forward + input "
              "gradient, parameters frozen): aten ops, those that launch work (not views), host reads of device "
              "values (`item`, `bool`, `tolist`, `nonzero`, ...: each one waits for a GPU), and the median time of "
              f"{args.reps} interleaved rounds after a warm-up (`speed.interleave`: order reversed every other round) "
-             "with the median per-round ratio to the floor.", ""]
+             "with the median per-round ratio to the floor. Fused attention's steps run as on a GPU "
+             "(`dynamiclrp.ops.attention.CPU_DEVICES` emptied: no host read of a mask, large blocks).", ""]
     for name, model, inputs, presets, kw in cases():
         for p in model.parameters():
             p.requires_grad_(False)

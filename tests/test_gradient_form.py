@@ -909,18 +909,24 @@ def test_values_gradient_declines_where_the_log_sum_exp_has_a_gradient():
     assert attention._values_gradient(None, o.grad_fn, (None,), 1.0) is None
 
 
+@pytest.mark.parametrize("cpu", [True, False], ids=["cpu", "as on a gpu"])
 @pytest.mark.parametrize("same_eps", [False, True])
 @pytest.mark.parametrize("blocked", [False, True])
 @pytest.mark.parametrize("case", list(SDPA_CASES))
-def test_stabilised_gradient_of_fused_attention(case, blocked, same_eps, monkeypatch):
+def test_stabilised_gradient_of_fused_attention(case, blocked, same_eps, cpu, monkeypatch):
     r"""The ε-rule's gradient form on a fused attention node (the ``epsilon`` preset: the uniform rule's halves
     with ε on both products, softmax passing relevance unchanged, the mask's sum stabilised), against the formula
     in float64 written out: :math:`f = \tfrac12 g\,|O| / (|O| + \varepsilon)`, :math:`g_V = P^\top f`,
     :math:`R_S = S \odot (P \odot f V^\top) / \mathrm{stab}(L)` on attended positions,
     :math:`u = \tfrac12 c\,R_S / \mathrm{stab}(S)`, :math:`g_Q = u K`, :math:`g_K = u^\top Q` (grouped heads
     summed onto their key and value head); ``blocked``: a head at a time; ``same_eps``: the mask's ε that of the
-    scores (a mask of 0 and -inf alone then shares one denominator between the two steps)."""
+    scores (a mask of 0 and -inf alone then shares one denominator between the two steps); ``cpu``: the CPU's way
+    (the given mask read by the host for the keys each block sees; all three gradients without the node's backward)
+    or a GPU's (no read, every key, large blocks; the node's backward for the values)."""
     from dynamiclrp.ops import attention
+
+    if not cpu:
+        monkeypatch.setattr(attention, "CPU_DEVICES", ())
 
     if blocked:
         monkeypatch.setattr(attention, "_BLOCK", 1)  # blocks of 16 rows: three here, the last one short
@@ -962,18 +968,19 @@ def test_stabilised_gradient_of_fused_attention(case, blocked, same_eps, monkeyp
     def groups(t):  # the query heads sharing a key and value head, summed
         return t.unflatten(1, (hkv, rep)).sum(2)
 
-    for gq, gk, gv in (replaced, direct[:3]):
+    assert (direct is None) == (not cpu)
+    for gq, gk, gv in (replaced, direct[:3]) if cpu else (replaced,):
         assert rel_diff(gv, groups(p.mT @ f)) < 1e-12
         assert rel_diff(gq, u @ kd) < 1e-12
         assert rel_diff(gk, groups(u.mT @ qd)) < 1e-12
-    assert len(direct) == len(o.grad_fn.next_functions) and all(t is None for t in direct[3:])
+    assert not cpu or len(direct) == len(o.grad_fn.next_functions) and all(t is None for t in direct[3:])
 
 
-def test_given_mask_worked_out_once_per_run():
+def test_given_mask_worked_out_once_per_run(monkeypatch):
     """A fused attention node's given mask, worked out for the blocks of scores: each query row's extent (one past
     the last key any batch element sees), whether a row attends to nothing (then the attended positions are
     marked), whether the mask has a non-zero finite part; kept for an equal mask of another node (transformers
-    makes each layer's anew), made again for a different one."""
+    makes each layer's anew), made again for a different one. Off the CPU nothing is read by the host."""
     from dynamiclrp.ops import attention
 
     def node(mask):
@@ -997,6 +1004,15 @@ def test_given_mask_worked_out_once_per_run():
     got = attention._run_mask(run, node(bias), torch.zeros(1, dtype=D), D)
     assert got is not first and got.extent == first.extent
     assert torch.equal(got.finite, torch.where(causal == 0, bias, 0.0))
+    # where the host does not read (a GPU): no extents, the attended positions and the finite part always, an
+    # entry kept for the same tensor only
+    monkeypatch.setattr(attention, "CPU_DEVICES", ())
+    unread, mask = SimpleNamespace(derived={}), causal.clone()
+    blind = attention._run_mask(unread, node(mask), torch.zeros(1, dtype=D), D)
+    assert blind.extent is None and torch.equal(blind.attended, (causal == 0).to(D))
+    assert torch.equal(blind.finite, torch.zeros(5, 6, dtype=D))
+    assert attention._run_mask(unread, node(mask), torch.zeros(1, dtype=D), D) is blind
+    assert attention._run_mask(unread, node(causal.clone()), torch.zeros(1, dtype=D), D) is not blind
 
 
 @pytest.mark.parametrize("case", list(SDPA_CASES))

@@ -587,7 +587,7 @@ def _stabilised_attention_step(ctx, values: Stabilised, scores: Stabilised, mask
 
     def direct(grad_outputs):
         g = grad_outputs[0]
-        if g is None or g.device.type != "cpu" or any(o is not None for o in grad_outputs[1:]):
+        if g is None or g.device.type not in CPU_DEVICES or any(o is not None for o in grad_outputs[1:]):
             return None  # on a GPU the fused backward is the faster way to g_V (not measured otherwise)
         wanted = [e[0] is not None for e in ctx.node.fn.next_functions[:3]]
         return tuple(gradients(factor(g), wanted)) + (None,) * (len(ctx.node.fn.next_functions) - 3)
@@ -602,6 +602,12 @@ _BLOCK, _HEADS_BLOCK = 1 << 17, 1 << 16
 #: the same off the CPU (a GPU): every head at once and 64 MiB of float32 scores a block, so that a long sequence
 #: takes a few large launches (each waits for the host), not many cache-sized ones
 _DEVICE_BLOCK = 1 << 24
+#: the devices on which fused attention's steps work as a CPU's cache wants: scores in blocks of :data:`_BLOCK`
+#: (elsewhere :data:`_DEVICE_BLOCK`), a given mask read by the host for the keys each block sees (elsewhere every
+#: read waits for the device: :func:`_run_mask` reads nothing), the fused backward replaced by the step's own
+#: blocks (elsewhere not measured against the fused kernels). ``benchmarks/host_ops.py`` empties it to count a
+#: GPU's host work on the CPU.
+CPU_DEVICES = ("cpu",)
 
 
 class _ScoreBlocks:
@@ -624,9 +630,10 @@ class _ScoreBlocks:
         self.q, self.k, *self.others = (self.dense(t, *t.shape[-2:]) for t in (q, k, *others))
         self.given = None if given is None else self.dense(given.additive, self.L, self.S, copy=False)
         self.extent = None if given is None else given.extent
-        block, heads_block = (_BLOCK, _HEADS_BLOCK) if q.device.type == "cpu" else (_DEVICE_BLOCK, _DEVICE_BLOCK)
+        cpu = q.device.type in CPU_DEVICES
+        block, heads_block = (_BLOCK, _HEADS_BLOCK) if cpu else (_DEVICE_BLOCK, _DEVICE_BLOCK)
         self.group = max(1, heads_block // (self.S * k.shape[-1]))
-        self.rows = max(16, block // (min(self.group, self.heads) * self.S))
+        self.rows = min(max(16, block // (min(self.group, self.heads) * self.S)), max(self.L, 1))  # no more than L
         # the keys a block's rows a:e do not see among a:e (all before a they do): -inf above the diagonal
         self.triangle = torch.full((self.rows, self.rows), -math.inf, dtype=q.dtype, device=q.device).triu_(1) \
             if self.causal else None
@@ -673,32 +680,39 @@ class _GivenMask(NamedTuple):
     additive: torch.Tensor  # 0 or a bias where attended, -inf elsewhere
     attended: torch.Tensor | None  # 1.0 where attended, else 0.0; None where every row attends to something
     finite: torch.Tensor | None  # the finite part; None where it is all 0 (a boolean mask, or 0 and -inf alone)
-    extent: list[int]  # per query row (one number: for every row): one past the last key any batch or head sees
+    extent: list[int] | None  # per query row (one number: for every row): one past the last key any batch or head
+    #                           sees; None: not read (off the CPU), every key
 
 
 def _run_mask(run, fn, q, dt) -> _GivenMask | None:
     """The mask an attention node was given (:func:`_given_mask`, additive; None where none was) in ``dt``, with
-    what the blocks of scores need (:class:`_GivenMask`). Made once per run, with one read by the host (the rows'
-    extents, whether a row attends to nothing, whether the mask has a non-zero finite value), and kept for the
-    nodes given the same mask: the same tensor, or an equal one (transformers makes a layer's mask anew in each
-    layer; the comparison reads no more than one pass). ``run`` None: made afresh."""
+    what the blocks of scores need (:class:`_GivenMask`). On the CPU it is made once per run, with one read by the
+    host (the rows' extents, whether a row attends to nothing, whether the mask has a non-zero finite value), and
+    kept for the nodes given the same mask: the same tensor, or an equal one (transformers makes a layer's mask anew
+    in each layer; the comparison reads no more than one pass). Elsewhere (not in :data:`CPU_DEVICES`) nothing is
+    read: no extents (every key is read), the attended positions and the finite part always, and an entry kept for
+    the same tensor only. ``run`` None: made afresh."""
     given = saved(fn, "attn_mask", None)
     if given is None:
         given = saved(fn, "attn_bias", None)
     if given is None:
         return None
+    reads = given.device.type in CPU_DEVICES
     key = ("mask", given.shape, given.dtype, q.dtype, q.device, dt)
     found = None if run is None else run.derived.get(key)
-    if found is not None and (found[0] is given or torch.equal(found[0], given)):
+    if found is not None and (found[0] is given or reads and torch.equal(found[0], given)):
         return found[1]
     m = _given_mask(fn, q)
     attended = given if given.dtype == torch.bool else m > -math.inf  # bool: slow to compute with, cheap to hold
-    seen = attended.to(torch.uint8)
-    S = m.shape[-1]
-    rows = torch.where(seen.amax(-1) > 0, S - seen.flip(-1).argmax(-1), 0)  # per row of each batch and head
-    flags = [(rows == 0).any()] + ([] if given.dtype == torch.bool else [(attended & (m != 0)).any()])
-    read = torch.cat([rows.reshape(-1, m.shape[-2]).amax(0), torch.stack(flags)]).tolist()
-    extent, empty_rows, nonzero = read[:m.shape[-2]], bool(read[m.shape[-2]]), bool(read[-1]) and len(flags) > 1
+    extent, empty_rows, nonzero = None, True, given.dtype != torch.bool
+    if reads:
+        seen = attended.to(torch.uint8)
+        S = m.shape[-1]
+        rows = torch.where(seen.amax(-1) > 0, S - seen.flip(-1).argmax(-1), 0)  # per row of each batch and head
+        flags = [(rows == 0).any()] + ([] if given.dtype == torch.bool else [(attended & (m != 0)).any()])
+        read = torch.cat([rows.reshape(-1, m.shape[-2]).amax(0), torch.stack(flags)]).tolist()
+        extent, empty_rows = read[:m.shape[-2]], bool(read[m.shape[-2]])
+        nonzero = nonzero and bool(read[-1])
     zero = torch.zeros((), dtype=m.dtype, device=m.device)
     found = (given, _GivenMask(m.to(dt), attended.to(dt) if empty_rows else None,
                                torch.where(attended, m, zero).to(dt) if nonzero else None, extent))
@@ -757,7 +771,7 @@ def _values_gradient(run, fn, grad_outputs, factor: float):
     the CPU: the blocks are sized for a CPU's cache, and on a GPU a loop of small products has not been measured
     against the fused kernels."""
     g = grad_outputs[0]
-    if g is None or g.device.type != "cpu" or any(o is not None for o in grad_outputs[1:]):
+    if g is None or g.device.type not in CPU_DEVICES or any(o is not None for o in grad_outputs[1:]):
         return None
     q, k = saved(fn, "query"), saved(fn, "key")
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
