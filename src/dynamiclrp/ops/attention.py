@@ -661,10 +661,16 @@ class _ScoreBlocks:
                     yield b, hs, a, e, keys, s if self.scale == 1.0 else s.mul_(self.scale)
 
     def logits(self, s, b, hs, a, e, keys, out=None):
-        """The block's logits ``s`` plus the mask (into ``out``; None: fresh memory; ``s`` itself may be given)."""
-        out = s.clone() if out is None and self.given is None else out
-        out = torch.add(s, self.given[b, hs, a:e, :keys], out=out) if self.given is not None else out
-        if self.causal and a < keys:
+        """The block's logits: the scores ``s`` plus the mask, into ``out`` (``s`` itself may be given; None: fresh
+        memory); ``s`` itself, unchanged, where there is nothing to add."""
+        triangle = self.causal and a < keys
+        if self.given is not None:
+            out = torch.add(s, self.given[b, hs, a:e, :keys], out=out)
+        elif not triangle:
+            return s
+        elif out is None:
+            out = s.clone()
+        if triangle:
             out[..., a:keys] += self.triangle[:e - a, :keys - a]
         return out
 
