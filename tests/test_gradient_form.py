@@ -547,6 +547,34 @@ def test_softmax_step_takes_the_scores_chain(variant, monkeypatch):
     assert rel_diff(limit.inputs[0], ref.inputs[0]) > 1e-3
 
 
+class TensorScaledAttention(WrittenAttention):
+    """:class:`WrittenAttention` whose scores are scaled element by element by a constant tensor (not one number)."""
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        q, k, v = (p(x).view(n, t, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        scale = torch.linspace(0.5, 1.5, t * t, dtype=x.dtype).view(t, t)
+        s = q @ k.transpose(-1, -2) * scale + torch.triu(torch.full((t, t), float("-inf"), dtype=x.dtype), 1)
+        return self.head((torch.softmax(s, -1) @ v).transpose(1, 2).flatten(2)[:, -1])
+
+
+def test_scores_chain_declines_a_scaling_by_a_tensor(monkeypatch):
+    """Scores scaled by a constant *tensor* are not a chain the softmax's step can take (it scales each block by
+    one number): the product keeps its own ε-step, and the relevance is node by node's, in blocks of 16 rows."""
+    from dynamiclrp.ops import attention
+
+    monkeypatch.setattr(attention, "_BLOCK", 1)
+    monkeypatch.setattr(attention, "_HEADS_BLOCK", 1)
+    torch.manual_seed(0)
+    model, x = TensorScaledAttention().to(D).eval(), torch.randn(2, 40, 8, dtype=D)
+    rules = {"sum": r.Epsilon(0.02), "product": r.Uniform(0.01), "linear": r.Epsilon(1e-30)}
+    kw = dict(preset="epsilon", target=1, ledger=False, rules=rules)
+    got = dynamiclrp.explain(model, x, gradient_form=True, **kw)
+    ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
+    assert got.stats.gradient_form
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
+
+
 def test_mask_checks_of_the_pass_are_read_once(monkeypatch):
     """Softmax's mask check in the gradient form is read by the host with the pass's other flags, once for all the
     softmaxes (each read waits for a GPU); a mask that is not one still refuses, through node by node."""

@@ -163,7 +163,7 @@ def scores_chain(ctx, softmax) -> _ScoresChain | None:
     rule's step takes over, or None: attention written out, :math:`P = \mathrm{softmax}(c\,QK^\top + M)` with
     ``M`` a mask autograd did not record (or none), the softmax passing relevance unchanged and the scores product
     under an ε-rule (:class:`~dynamiclrp.rules.Stabilised`; the ``epsilon`` preset). Along it: the batched product
-    (``bmm``), views, a scaling by a constant (its own gradient), the mask's sum (whose ε-step
+    (``bmm``), views, a scaling by one constant number (its own gradient), the mask's sum (whose ε-step
     :func:`~dynamiclrp.ops.elementwise.softmax_applies_stabiliser` gives the softmax step), each read by the next
     alone, none recorded nor seeded, all in the softmax's dtype, the softmax over the last dimension.
 
@@ -197,6 +197,9 @@ def scores_chain(ctx, softmax) -> _ScoresChain | None:
             any(e is not None for e in node.inputs[1:]):
         return None
     scaling = node
+    c = saved(scaling.fn, "other", None)  # one number (a tensor of one element): the step scales each block by it
+    if not isinstance(c, (int, float)) and not (isinstance(c, torch.Tensor) and c.numel() == 1):
+        return None
     from ..engine import Context  # noqa: PLC0415 - the engine imports this module
     if scaling.spec.gradient_step(Context(run, scaling, [])) is not PLAIN:
         return None
