@@ -558,15 +558,30 @@ class TensorScaledAttention(WrittenAttention):
         return self.head((torch.softmax(s, -1) @ v).transpose(1, 2).flatten(2)[:, -1])
 
 
-def test_scores_chain_declines_a_scaling_by_a_tensor(monkeypatch):
-    """Scores scaled by a constant *tensor* are not a chain the softmax's step can take (it scales each block by
-    one number): the product keeps its own ε-step, and the relevance is node by node's, in blocks of 16 rows."""
+class BroadcastMaskAttention(WrittenAttention):
+    """One head's scores plus a mask with three heads: the sum broadcasts the scores to more elements."""
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        q, k, v = (p(x).unsqueeze(1) for p in (self.q, self.k, self.v))
+        mask = torch.zeros(n, 3, t, t, dtype=x.dtype)
+        mask[:, :, :, -1] = float("-inf")
+        s = q @ k.transpose(-1, -2) * self.c + mask
+        return self.head((torch.softmax(s, -1) @ v).mean(1)[:, -1])
+
+
+@pytest.mark.parametrize("model_cls", [TensorScaledAttention, BroadcastMaskAttention])
+def test_scores_chain_declines(model_cls, monkeypatch):
+    """Chains the softmax's step cannot take (:func:`~dynamiclrp.ops.attention.scores_chain`): scores scaled by a
+    constant *tensor* (the step scales each block by one number), a mask that broadcasts the scores to more
+    elements (the step works on the product's): the product keeps its own ε-step, and the relevance is node by
+    node's, in blocks of 16 rows."""
     from dynamiclrp.ops import attention
 
     monkeypatch.setattr(attention, "_BLOCK", 1)
     monkeypatch.setattr(attention, "_HEADS_BLOCK", 1)
     torch.manual_seed(0)
-    model, x = TensorScaledAttention().to(D).eval(), torch.randn(2, 40, 8, dtype=D)
+    model, x = model_cls().to(D).eval(), torch.randn(2, 40, 8, dtype=D)
     rules = {"sum": r.Epsilon(0.02), "product": r.Uniform(0.01), "linear": r.Epsilon(1e-30)}
     kw = dict(preset="epsilon", target=1, ledger=False, rules=rules)
     got = dynamiclrp.explain(model, x, gradient_form=True, **kw)

@@ -210,8 +210,9 @@ def scores_chain(ctx, softmax) -> _ScoresChain | None:
             e is None or not nodes[e.child].data for e in node.inputs):
         return None
     form = rule_form(ctx.rule_at(node, "product"), "product")
-    q = saved(node.fn, "self", None)
-    if not isinstance(form, Stabilised) or q is None or q.dtype != s.dtype:
+    q, kt = saved(node.fn, "self", None), saved(node.fn, "mat2", None)
+    if not isinstance(form, Stabilised) or q is None or kt is None or q.dtype != s.dtype or \
+            s.numel() != q.shape[0] * q.shape[1] * kt.shape[2]:  # a mask that broadcast the scores to more
         return None
     return _ScoresChain(node.id, scaling.id, mask, mask_eps, form.eps, form.scale)
 
