@@ -135,8 +135,7 @@ class Bypasses:
                         f"{self.fn(nid).name()} slot {slot} receives no gradient besides a bypassed node's")
                 carried = carried.to(g.dtype)
                 if (nid, slot) in self.recorded:  # kept as it is, for the pass's reading of the slot
-                    prev = self.delivered.get((nid, slot))
-                    self.delivered[(nid, slot)] = carried if prev is None else prev + carried
+                    _accumulate(self.delivered, (nid, slot), carried)
                     grads[slot] = g + carried
                     continue
                 # the carried gradient is this pass's own (a bypass computed it; nothing else holds it): the sum goes
@@ -152,9 +151,7 @@ class Bypasses:
         if route is None:
             return
         if route[0] == "deliver":
-            key = (route[1], route[2])
-            prev = self.pending.get(key)
-            self.pending[key] = grad if prev is None else prev + grad
+            _accumulate(self.pending, (route[1], route[2]), grad)
             return
         _, nid, nr, step, children = route
         fn = self.fn(nid)
@@ -179,6 +176,12 @@ class Bypasses:
                 if g.shape != meta.shape:
                     g = g.sum_to_size(meta.shape)
                 self.carry(sub, g.to(meta.dtype))
+
+
+def _accumulate(store: dict, key: Any, grad: torch.Tensor) -> None:
+    """Add ``grad`` to what ``store`` holds at ``key`` (a fresh sum: a held gradient may be read elsewhere)."""
+    prev = store.get(key)
+    store[key] = grad if prev is None else prev + grad
 
 
 class _NoBypassError(Exception):
@@ -303,6 +306,7 @@ class _Planner:
             self._position = {nid: i for i, nid in enumerate(graph.order)}
         top = graph.head[fn]
         inside, frontier = {part.id for part in graph.parts(fn)}, []  # consumers name a fused node's parts
+        region = 0  # autograd nodes in the region
         # consumers come before their operands in graph.order: a node is decided once all of its consumers are
         queue = [(self._position[c], c) for c in self.below(top)]
         heapq.heapify(queue)
@@ -313,15 +317,15 @@ class _Planner:
             slots = range(len(node_fn._input_metadata))
             if any((nid, nr) in self.seeds for nr in slots):
                 return None
-            consumers = [(c, k) for nr in slots for c, k in graph.consumers.get((nid, nr), ())]
-            if any(c not in inside and not self._gives_nothing(c, k) for c, k in consumers):
-                frontier.extend((nid, nr) for nr in slots
-                                if any(c in inside for c, _ in graph.consumers.get((nid, nr), ())))
+            consumers = [graph.consumers.get((nid, nr), ()) for nr in slots]
+            if any(c not in inside and not self._gives_nothing(c, k) for cons in consumers for c, k in cons):
+                frontier.extend((nid, nr) for nr, cons in zip(slots, consumers) if any(c in inside for c, _ in cons))
                 continue
             if any((nid, nr) in run.record for nr in slots):
                 return None
             inside.update(part.id for part in graph.parts(node_fn))
-            if len(inside) > _MAX_REGION + 4:
+            region += 1
+            if region > _MAX_REGION:
                 return None
             for c in self.below(nid):
                 if c not in seen:
@@ -434,8 +438,7 @@ def _nested(bypasses: Bypasses, kind: str, nid: int, step: WholeStep, frontier: 
                 if g is None:
                     continue
                 if at in ends:
-                    prev = bypasses.delivered.get(at)
-                    bypasses.delivered[at] = g if prev is None else prev + g
+                    _accumulate(bypasses.delivered, at, g)
                 else:
                     bypasses.carry(("deliver", *at), g)
         bypasses.bypassed[kind] += 1
