@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dynamiclrp
 from dynamiclrp import rules as r
@@ -874,6 +875,66 @@ def test_identity_rule_bypass(act, kind, preset, monkeypatch):
         seed[torch.arange(4), torch.tensor([0, 2, 1, 0])] = 1.0  # relevance y_t at the target: ratio 1 there
         g_h = seed @ model.head.weight
         g_h = g_h + ((g_h @ model.down.weight) * act(u) / u) @ model.up.weight
+        expected = x * (g_h @ model.inp.weight)
+    assert rel_diff(got.inputs[0], expected) < 1e-12
+
+
+class _Counting(TorchDispatchMode):
+    """Counts the calls of each aten op (its overload packet's name) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+class _ActivationSummed(nn.Module):
+    """``head(h + f(W h))``: the activation's output feeds a sum, which saves nothing."""
+
+    def __init__(self, act: nn.Module, d: int = 6):
+        super().__init__()
+        self.inp, self.up, self.head, self.act = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 3), act
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.head(h + self.act(self.up(h)))
+
+
+@pytest.mark.parametrize("act,closed_form", [(nn.GELU(), "gelu"), (nn.GELU("tanh"), "gelu"),
+                                             (nn.SiLU(), "sigmoid")])
+@pytest.mark.parametrize("saved_by_consumer", [True, False])
+def test_identity_rule_reads_the_output_a_consumer_saved(act, closed_form, saved_by_consumer):
+    r"""The identity rule's :math:`f(x) / x` is the activation's output over its input where a consumer saved the
+    output (the next linear layer's input): no GELU or sigmoid is computed beyond the forward's GELU. Where none
+    saved it (a sum), the closed form (:math:`\Phi(x)`, the sigmoid) is computed once. Both equal the formula in
+    float64, with an exact zero input (limit 1/2)."""
+    torch.manual_seed(0)
+    model = (ActivationBlock(act) if saved_by_consumer else _ActivationSummed(act)).to(D).eval()
+    x = torch.randn(4, 6, dtype=D).mul_(4).round_()
+    with torch.no_grad():  # whole numbers, so that one pre-activation is exactly 0: the limit f'(0) = 1/2 there
+        for p in (*model.inp.parameters(), model.up.weight):
+            p.mul_(4).round_()
+        model.up.bias[0] = -(model.up.weight[0] @ model.inp(x)[1])
+    with _Counting() as counted:
+        got = dynamiclrp.explain(model, x, preset="attnlrp", target=[0, 2, 1, 0], ledger=False)
+    assert got.stats.gradient_form
+    forward_calls = 1 if closed_form == "gelu" else 0  # the forward's own GELU (SiLU is its own kernel)
+    assert counted.calls.get(closed_form, 0) == forward_calls + (0 if saved_by_consumer else 1)
+    with torch.no_grad():
+        h = model.inp(x)
+        u = model.up(h)
+        assert u[1, 0] == 0 and (u != 0).sum() == u.numel() - 1
+        y = model(x)
+        seed = torch.zeros_like(y)
+        seed[torch.arange(4), torch.tensor([0, 2, 1, 0])] = 1.0
+        g_h = seed @ model.head.weight
+        q = torch.where(u == 0, 0.5, act(u) / u)
+        inner = g_h @ model.down.weight if saved_by_consumer else g_h
+        g_h = g_h + (inner * q) @ model.up.weight
         expected = x * (g_h @ model.inp.weight)
     assert rel_diff(got.inputs[0], expected) < 1e-12
 

@@ -416,8 +416,9 @@ class IdentityStep(DirectStep):
 
 def identity_gradient(ctx: Context, quotient: Any = None, stabiliser: float | None = None) -> IdentityStep:
     r"""Gradient step of the identity rule :math:`R_x = R_y`: :math:`g_x = R_x / x = g_y\,y / x`, with
-    ``quotient(fn, x, out)`` writing :math:`y / x` (its limit at 0 included) into ``out`` (a tensor like ``x``, or
-    None: allocate) and returning it, else by :func:`ratio`. The other operands get nothing.
+    ``quotient(fn, x, out, y)`` writing :math:`y / x` (its limit at 0 included) into ``out`` (a tensor like ``x``,
+    or None: allocate) and returning it, from ``y`` where a consumer saved the output (else None: the quotient's
+    closed form, nothing replayed), else by :func:`ratio`. The other operands get nothing.
 
     ``stabiliser``: the ε of the sum that made ``x``, whose step is taken into this one (its factor
     :math:`|x| / (|x| + \varepsilon)`, :func:`stabilised_gradient`): :math:`g_y\,y / \mathrm{stab}_\varepsilon(x)`,
@@ -429,8 +430,9 @@ def identity_gradient(ctx: Context, quotient: Any = None, stabiliser: float | No
     hand (:mod:`dynamiclrp.gradient_bypass`) the node is not run at all."""
     def step(x: torch.Tensor, g: torch.Tensor, out_like: torch.Tensor | None) -> torch.Tensor:
         if quotient is not None and stabiliser is None:
+            y = ctx.run.promises.saved_copy(ctx.node)  # a consumer saved the output: y / x, nothing recomputed
             out = None if out_like is None else spare(out_like, x.shape, torch.promote_types(x.dtype, g.dtype), x, g)
-            return quotient(ctx.node.fn, x, out).mul_(g)
+            return quotient(ctx.node.fn, x, out, y).mul_(g)
         y = ctx.node.spec.output(ctx.node, 0)  # from what the node saved: not kept by the promises
         y = ctx.output(0) if y is None else y.to(g.dtype)
         shape = torch.broadcast_shapes(g.shape, y.shape, x.shape)
@@ -554,7 +556,7 @@ class Identity(OpSpec):
     def __init__(self, replay=None, out=None, saved_in=None, fallback=False, homogeneous=False, quotient=None):
         self.replay, self.out, self.saved_in, self.fallback = replay, out, saved_in, fallback
         self.homogeneous = homogeneous
-        self.quotient = quotient  # quotient(fn, x, out) = y / x in closed form (GELU: Φ(x)), for the gradient form
+        self.quotient = quotient  # quotient(fn, x, out, y) = y / x, in closed form (GELU: Φ(x)) without y; gradient form
 
     def saved_input(self, node, i):
         return self.saved_in(node.fn) if self.saved_in is not None and i == 0 else None

@@ -436,17 +436,27 @@ def _unary(replay=None, out=None, saved_in=None, homogeneous=False, quotient=Non
     return Identity(replay=replay, out=out, saved_in=saved_in, homogeneous=homogeneous, quotient=quotient)
 
 
-def _gelu_quotient(fn, x, out=None):
-    """``gelu(x) / x`` (the normal CDF Φ(x), or its tanh approximation), 1/2 at 0, into ``out``: a recomputed GELU
-    divided by ``x`` costs a third of an ``erf``."""
-    a = saved(fn, "approximate")
-    y = F.gelu(x, approximate=a) if out is None else torch.ops.aten.gelu.out(x, approximate=a, out=out)
-    return y.div_(x).nan_to_num_(0.5)
+def _gelu_quotient(fn, x, out=None, y=None):
+    """``gelu(x) / x`` (the normal CDF Φ(x), or its tanh approximation), 1/2 at 0, into ``out``: ``y``, the GELU's
+    output where a consumer saved it, divided by ``x``; else a recomputed GELU divided by ``x`` (a third of an
+    ``erf`` more)."""
+    if y is None:
+        a = saved(fn, "approximate")
+        y = F.gelu(x, approximate=a) if out is None else torch.ops.aten.gelu.out(x, approximate=a, out=out)
+        return y.div_(x).nan_to_num_(0.5)
+    return _divided(y, x, out).nan_to_num_(0.5)
 
 
-def _silu_quotient(fn, x, out=None):
-    """``silu(x) / x = sigmoid(x)``, into ``out``."""
-    return torch.sigmoid(x) if out is None else torch.sigmoid(x, out=out)
+def _silu_quotient(fn, x, out=None, y=None):
+    """``silu(x) / x = sigmoid(x)``, 1/2 at 0, into ``out``: ``y / x`` where a consumer saved the output ``y`` (a
+    division costs less than an exponential), else the sigmoid."""
+    if y is None:
+        return torch.sigmoid(x) if out is None else torch.sigmoid(x, out=out)
+    return _divided(y, x, out).nan_to_num_(0.5)
+
+
+def _divided(y, x, out):
+    return torch.div(y, x) if out is None else torch.div(y, x, out=out)
 
 
 class Addcmul(OpSpec):
