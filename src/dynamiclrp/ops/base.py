@@ -556,7 +556,7 @@ class Identity(OpSpec):
     def __init__(self, replay=None, out=None, saved_in=None, fallback=False, homogeneous=False, quotient=None):
         self.replay, self.out, self.saved_in, self.fallback = replay, out, saved_in, fallback
         self.homogeneous = homogeneous
-        self.quotient = quotient  # quotient(fn, x, out, y) = y / x, in closed form (GELU: Φ(x)) without y; gradient form
+        self.quotient = quotient  # quotient(fn, x, out, y) = y / x; closed form (GELU: Φ(x)) where y is None
 
     def saved_input(self, node, i):
         return self.saved_in(node.fn) if self.saved_in is not None and i == 0 else None
