@@ -1276,6 +1276,31 @@ def test_hooks_reuse_only_a_fresh_unshared_gradient_buffer():
     assert spare(fresh, torch.Size((5, 4)), torch.float32, g) is None
 
 
+def test_scaled_gradient_scales_in_place_only_what_the_node_made_afresh():
+    """A rule's factors on the gradients a node's backward returned are applied in place where that gradient is the
+    node's own fresh tensor, out of place where it is the incoming gradient (an addition passes it on as is), a
+    view, or the same memory as another operand's (each scaled once); the incoming gradient is never changed."""
+    from dynamiclrp.ops.base import scaled_gradient
+
+    g_out = torch.randn(4, 5)
+    before = g_out.clone()
+    a, b = torch.randn(4, 5), torch.randn(4, 5)
+    a0, b0 = a.clone(), b.clone()
+    step = scaled_gradient((0.5, 0.25))
+    got = step((a, b), (g_out,))
+    assert got[0] is a and got[1] is b  # fresh: in place
+    assert torch.equal(got[0], a0 * 0.5) and torch.equal(got[1], b0 * 0.25)
+    shared = torch.randn(4, 5)
+    s0 = shared.clone()
+    for grads in [(g_out, g_out), (shared, shared), (shared[:2], shared[2:])]:  # incoming; one tensor twice; views
+        got = step(grads, (g_out,))
+        assert torch.equal(g_out, before) and torch.equal(shared, s0)
+        assert torch.equal(got[0], grads[0] * 0.5) and torch.equal(got[1], grads[1] * 0.25)
+    uniform = scaled_gradient((0.5, 0.5))
+    assert uniform.uniform == 0.5 and step.uniform is None
+    assert scaled_gradient((None, 1.0))((a, b), (g_out,)) == (None, b)
+
+
 # ---------------------------------------------------------------------------------------------- every architecture
 def _text_cases():
     import sys

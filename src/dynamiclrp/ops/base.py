@@ -185,7 +185,8 @@ class OpSpec:
         if any(s is not PLAIN for s in steps[1:]):
             return None
         # the head part's output is the node's: a step on the gradient arriving there is the node's
-        return steps[0] if steps[0] is PLAIN or isinstance(steps[0], PreHook) else None
+        return steps[0] if steps[0] is PLAIN or isinstance(steps[0], PreHook) or \
+            getattr(steps[0], "uniform", None) is not None else None
 
 
 def held_constant(rule: Any, rel) -> list:
@@ -314,17 +315,23 @@ def _relu_saved_output(ctx: Context, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def scaled_gradient(factors: tuple) -> Any:
-    """Gradient step: operand ``i``'s gradient times ``factors[i]`` (None: no gradient; past the end: as is).
-    One factor for every operand (AttnLRP's halves) scales the node's incoming gradient instead: one pass over the
-    output rather than one per operand."""
-    if len(set(factors)) == 1 and factors[0] is not None:
-        f = factors[0]
-        return PreHook(lambda grad_outputs: tuple(None if g is None else g * f for g in grad_outputs))
-
+    """Gradient step: operand ``i``'s gradient times ``factors[i]`` (None: no gradient; past the end: as is), in
+    place where the node's backward made that gradient afresh (:func:`spare`): a new tensor per operand would cost
+    the pass an activation's worth of fresh memory, whose page faults cost more than the multiplication. One factor
+    for every operand (AttnLRP's halves) is the node's incoming gradient scaled (the backward is linear in it):
+    the step's ``uniform`` says so, which lets a fused node whose head part has it take it as its own."""
     def hook(grad_inputs, grad_outputs):
-        return tuple(g if g is None or i >= len(factors) else None if factors[i] is None
-                     else g if factors[i] == 1.0 else g * factors[i] for i, g in enumerate(grad_inputs))
+        out = []
+        for i, g in enumerate(grad_inputs):
+            f = 1.0 if i >= len(factors) else factors[i]
+            if g is None or f is None or f == 1.0:
+                out.append(None if f is None else g)
+                continue
+            others = [h for j, h in enumerate(grad_inputs) if j != i and h is not None]
+            out.append(g * f if spare(g, g.shape, g.dtype, *grad_outputs, *others) is None else g.mul_(f))
+        return tuple(out)
     hook.silenced = frozenset(i for i, f in enumerate(factors) if f is None)  # type: ignore[attr-defined]
+    hook.uniform = factors[0] if len(set(factors)) == 1 else None  # type: ignore[attr-defined]
     return hook
 
 
