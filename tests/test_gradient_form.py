@@ -489,7 +489,7 @@ def test_replayed_values_are_released_once_their_node_has_run(monkeypatch):
 
 class WrittenAttention(nn.Module):
     """Multi-head attention written out, ``softmax(q kᵀ * c [+ causal mask]) @ v`` (or ``/ (1 / c)``), the mask
-    untracked, scores of magnitude about ``c``."""
+    untracked, scores of magnitude about ``c``; the output's mean over the tokens."""
 
     def __init__(self, mask: bool = True, divide: bool = False, d: int = 8, heads: int = 2, c: float = 0.05):
         super().__init__()
@@ -504,20 +504,28 @@ class WrittenAttention(nn.Module):
         s = s / (1 / self.c) if self.divide else s * self.c
         if self.mask:
             s = s + torch.triu(torch.full((t, t), float("-inf"), dtype=x.dtype), 1)
-        return self.head((torch.softmax(s, -1) @ v).transpose(1, 2).flatten(2)[:, -1])
+        # every token's output: each block of query rows gets a gradient (the keys' is summed over the blocks)
+        return self.head((torch.softmax(s, -1) @ v).transpose(1, 2).flatten(2).mean(1))
 
 
+@pytest.mark.parametrize("way", ["bypass", "no bypass", "off the CPU"])
 @pytest.mark.parametrize("variant", ["masked, scaled", "masked, divided", "no mask"])
-def test_softmax_step_takes_the_scores_chain(variant, monkeypatch):
+def test_softmax_step_takes_the_scores_chain(variant, way, monkeypatch):
     """Attention written out under the ε-rule with stabilisers that matter on the mask's sum (0.02) and on the scores
     product (0.01; scores about 0.05): the softmax's step recomputes the scores from the product's operands a block
     of query rows at a time (16 rows here: three blocks, the last one short) and applies the sum's and the
     product's ε-steps itself (:func:`~dynamiclrp.ops.attention.scores_chain`): the relevance node by node gives,
-    with the scores product left unhooked and no scores, scaled scores or logits replayed."""
+    with the scores product left unhooked and no scores, scaled scores or logits replayed. On the CPU the step also
+    carries each block on to the queries and keys (``bypass``): the softmax, the scaling and the product run no
+    backward of their own; without the bypass, or off the CPU (:data:`~dynamiclrp.ops.attention.CPU_DEVICES`
+    emptied), the softmax's backward runs and the step replaces its result."""
     from dynamiclrp import gradient_form
     from dynamiclrp.ops import attention
     from dynamiclrp.promise import Promises
 
+    monkeypatch.setattr(gradient_form, "BYPASSES", way != "no bypass")
+    if way == "off the CPU":
+        monkeypatch.setattr(attention, "CPU_DEVICES", ())
     monkeypatch.setattr(attention, "_BLOCK", 1)
     monkeypatch.setattr(attention, "_HEADS_BLOCK", 1)
     hooked, replayed, value = [], [], Promises.value
@@ -541,6 +549,7 @@ def test_softmax_step_takes_the_scores_chain(variant, monkeypatch):
     assert got.stats.gradient_form
     assert hooked[0].count("BmmBackward0") == 1 and "SoftmaxBackward0" in hooked[0]  # the values product alone
     assert not {"UnsafeViewBackward0", "MulBackward0", "DivBackward0", "AddBackward0"} & set(replayed)
+    assert got.stats.bypassed_kinds == ({"SoftmaxBackward0": 1} if way == "bypass" else {})
     ref = dynamiclrp.explain(model, x, gradient_form=False, rules=rules, **kw)
     assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
     limit = dynamiclrp.explain(model, x, gradient_form=False, rules={**rules, "sum": r.Epsilon(1e-30),

@@ -219,7 +219,7 @@ def plan_bypasses(run: Run, steps: dict[Any, Any], seeds: frozenset = frozenset(
             plan.speak(fn)
     for fn, step in steps.items():
         if isinstance(step, WholeStep) and useful[graph.head[fn]]:
-            frontier = plan.frontier(fn)
+            frontier = plan.frontier(fn, step.through)
             if frontier is not None:
                 # a recorded slot with nothing wanted below it: the pass reads its gradient and runs no node there,
                 # so no delivery hook would run either; what reaches it is added to what the pass read
@@ -227,7 +227,8 @@ def plan_bypasses(run: Run, steps: dict[Any, Any], seeds: frozenset = frozenset(
                 for nid, slot in frontier:
                     if (nid, slot) not in ends:
                         plan.bypasses.add_delivery(nid, slot)
-                plan.hook(fn, _nested(plan.bypasses, fn.name(), graph.head[fn], step, frontier, ends))
+                below = step.through[-1] if step.through else graph.head[fn]  # whose inputs get the gradients
+                plan.hook(fn, _nested(plan.bypasses, fn.name(), below, step, frontier, ends))
     return plan.bypasses
 
 
@@ -293,19 +294,21 @@ class _Planner:
             raise _NoBypassError
         return ("through", node.id, nr, step, children)
 
-    def frontier(self, fn: Any) -> list[tuple[int, int]] | None:
+    def frontier(self, fn: Any, through: tuple = ()) -> list[tuple[int, int]] | None:
         """Where the gradients of ``fn``'s inputs, handed on by a nested pass (:func:`_nested`), meet gradients from
         elsewhere: the output slots ``(graph node id, nr)`` below ``fn`` that also receive a gradient from a node
         outside the region of nodes whose every gradient comes from ``fn`` (through the region); None where that
         region is larger than :data:`_MAX_REGION` nodes or holds a recorded or seeded slot, or the frontier is a
         seeded slot. A recorded frontier slot is delivered to as any other, and what it got is added to what the pass
-        reads there (:attr:`Bypasses.delivered`)."""
+        reads there (:attr:`Bypasses.delivered`). ``through`` (a :class:`~dynamiclrp.ops.base.WholeStep`'s): the
+        nodes below ``fn`` whose backward its step does too; the region starts below the last of them."""
         run = self.run
         graph = run.graph
         if self._position is None:
             self._position = {nid: i for i, nid in enumerate(graph.order)}
-        top = graph.head[fn]
+        top = through[-1] if through else graph.head[fn]
         inside, frontier = {part.id for part in graph.parts(fn)}, []  # consumers name a fused node's parts
+        inside.update(through)
         region = 0  # autograd nodes in the region
         # consumers come before their operands in graph.order: a node is decided once all of its consumers are
         queue = [(self._position[c], c) for c in self.below(top)]
@@ -413,9 +416,10 @@ def _direct(bypasses: Bypasses, kind: str, step: DirectStep, route: Any):
 
 def _nested(bypasses: Bypasses, kind: str, nid: int, step: WholeStep, frontier: list[tuple[int, int]],
             ends: frozenset):
-    """Pre-hook of a node (graph node ``nid``, of type ``kind``) whose step computes all of its input gradients
-    (:class:`~dynamiclrp.ops.base.WholeStep`): the node is given nothing, and those gradients are handed on by a
-    pass of autograd's engine nested in this one, from the node's inputs down to the ``frontier``
+    """Pre-hook of a node (of type ``kind``) whose step computes all of its input gradients, or those of graph node
+    ``nid`` below it (:class:`~dynamiclrp.ops.base.WholeStep`; ``nid`` the node itself, or the last of the step's
+    ``through``): the node is given nothing, and those gradients are handed on by a
+    pass of autograd's engine nested in this one, from ``nid``'s inputs down to the ``frontier``
     (:meth:`_Planner.frontier`): the nodes on the way run there, with their own steps, as they would have in the
     outer pass, where they now get nothing; what reaches the frontier is added there when the outer pass arrives
     (a delivery), or, at the ``ends`` (recorded slots whose node the outer pass does not run), to what the pass

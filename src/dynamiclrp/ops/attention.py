@@ -146,6 +146,7 @@ class _ScoresChain(NamedTuple):
 
     product: int  # the scores' matrix product, Q Kᵀ (a BmmBackward0)
     scaling: int  # the scaling by a constant c (a product or a quotient)
+    through: tuple  # every node below the softmax down to the product, in order (the mask's sum, the scaling, views)
     mask: int | None  # the sum with an untracked mask (its ε-step applied by the softmax step), None where none
     mask_eps: float | None
     eps: float  # the product's ε-rule (Stabilised): its ε and factor
@@ -197,6 +198,7 @@ def scores_chain(ctx, softmax) -> _ScoresChain | None:
             any(e is not None for e in node.inputs[1:]):
         return None
     scaling = node
+    through = [scaling.id] if mask is None else [mask, scaling.id]
     c = saved(scaling.fn, "other", None)  # one number (a tensor of one element): the step scales each block by it
     if not isinstance(c, (int, float)) and not (isinstance(c, torch.Tensor) and c.numel() == 1):
         return None
@@ -205,6 +207,7 @@ def scores_chain(ctx, softmax) -> _ScoresChain | None:
         return None
     node = nodes[node.inputs[0].child]
     while node.kind in _PRODUCT_VIEWS and alone(node) and node.inputs and node.inputs[0] is not None:
+        through.append(node.id)
         node = nodes[node.inputs[0].child]
     if node.kind != "BmmBackward0" or not alone(node) or any(
             e is None or not nodes[e.child].data for e in node.inputs):
@@ -214,7 +217,7 @@ def scores_chain(ctx, softmax) -> _ScoresChain | None:
     if not isinstance(form, Stabilised) or q is None or kt is None or q.dtype != s.dtype or \
             s.numel() != q.shape[0] * q.shape[1] * kt.shape[2]:  # a mask that broadcast the scores to more
         return None
-    return _ScoresChain(node.id, scaling.id, mask, mask_eps, form.eps, form.scale)
+    return _ScoresChain(node.id, scaling.id, (*through, node.id), mask, mask_eps, form.eps, form.scale)
 
 
 def softmax_takes_product_step(ctx) -> bool:
@@ -232,7 +235,7 @@ def softmax_takes_product_step(ctx) -> bool:
     return False
 
 
-def _scores_identity_step(ctx, chain: _ScoresChain):
+def _scores_identity_step(ctx, chain: _ScoresChain) -> WholeStep:
     r"""The identity rule's step on a softmax over scaled scores (:func:`scores_chain`), with the ε-steps of the
     mask's sum and of the scores product below it: with :math:`Z = QK^\top` and :math:`X = cZ` (+ the mask, taken
     as 0 where it lets through: checked as :func:`_check_mask` checks it, masked logits get nothing)
@@ -245,40 +248,70 @@ def _scores_identity_step(ctx, chain: _ScoresChain):
     scores are recomputed from the product's saved operands a block of query rows at a time
     (:class:`_ScoreBlocks`), in cache, into softmax's own result (its backward's, which the step replaces): no
     tokens x tokens tensor is replayed or kept. Nodes are read through ``ctx`` when the step runs (a plan rebinds
-    it)."""
-    def hook(grad_inputs, grad_outputs):
-        g = grad_outputs[0]
-        if g is None or grad_inputs[0] is None:
-            return grad_inputs
+    it).
+
+    A :class:`~dynamiclrp.ops.base.WholeStep` through the chain: on the CPU the step can also carry each block on
+    to the product's operands itself, :math:`g_Q = c\,g_X K` and :math:`g_K = c\,g_X^\top Q` (:math:`g_X / c` for
+    a division), so that the gradient form skips the backward of the softmax, of the scaling and of the product
+    (:mod:`dynamiclrp.gradient_bypass`): no tokens x tokens gradient is made at all."""
+    def blocks_of(g):  # the blocks, and per block (b, heads, a, e, g_X of the block)
         run, node = ctx.run, ctx.node
         nodes = run.graph.nodes
         product, scaling = nodes[chain.product].fn, nodes[chain.scaling].fn
         q, kt, c = saved(product, "self"), saved(product, "mat2"), saved(scaling, "other")
         divide = _SCALINGS[type(scaling).__name__]
         s = saved(node.fn, "result")
-        out = spare(grad_inputs[0], g.shape, g.dtype, g, s)
-        out = torch.empty(g.shape, dtype=g.dtype, device=g.device) if out is None else out
         shape = (q.shape[0], q.shape[1], kt.shape[2])  # the product's output: (batch x heads, rows, keys)
         blocks = _ScoreBlocks(q, kt.mT)
-        g3, s3, out3 = (blocks.dense(t.reshape(shape), *shape[1:], copy=False) for t in (g, s, out))
-        provisional = chain.mask is not None and (chain.mask, 0) in run.promises.provisional
-        for b, hs, a, e, _, z in blocks:  # every key: the mask is not known
-            x = z / c if divide else z * c  # the logits, as the forward made them (the mask taken as 0)
-            sb = s3[b, hs, a:e]
-            r = ratio_(torch.mul(g3[b, hs, a:e], sb), x)
-            run.carried.append(extremes(r))
+        g3, s3 = (blocks.dense(t.reshape(shape), *shape[1:], copy=False) for t in (g, s))
+
+        def rows():
+            provisional = chain.mask is not None and (chain.mask, 0) in run.promises.provisional
+            for b, hs, a, e, _, z in blocks:  # every key: the mask is not known
+                x = z / c if divide else z * c  # the logits, as the forward made them (the mask taken as 0)
+                sb = s3[b, hs, a:e]
+                r = ratio_(torch.mul(g3[b, hs, a:e], sb), x)
+                run.carried.append(extremes(r))
+                if provisional:
+                    r.mul_(_check_mask(node, x, sb, -1, run.scratch, run.mask_checks))
+                if chain.mask_eps is not None:
+                    r.mul_(stabilising_factor(x, chain.mask_eps))
+                r.mul_(stabilising_factor(z, chain.eps))
+                if chain.scale != 1.0:
+                    r.mul_(chain.scale)
+                yield b, hs, a, e, r
             if provisional:
-                r.mul_(_check_mask(node, x, sb, -1, run.scratch, run.mask_checks))
-            if chain.mask_eps is not None:
-                r.mul_(stabilising_factor(x, chain.mask_eps))
-            r.mul_(stabilising_factor(z, chain.eps))
-            if chain.scale != 1.0:
-                r.mul_(chain.scale)
+                run.promises.certify((chain.mask, 0))
+        return blocks, rows(), c, divide, q, kt, shape
+
+    def hook(grad_inputs, grad_outputs):
+        g = grad_outputs[0]
+        if g is None or grad_inputs[0] is None:
+            return grad_inputs
+        out = spare(grad_inputs[0], g.shape, g.dtype, g, saved(ctx.node.fn, "result"))
+        out = torch.empty(g.shape, dtype=g.dtype, device=g.device) if out is None else out
+        blocks, rows, *_, shape = blocks_of(g)
+        out3 = blocks.dense(out.reshape(shape), *shape[1:], copy=False)
+        for b, hs, a, e, r in rows:
             out3[b, hs, a:e] = r
-        if provisional:
-            run.promises.certify((chain.mask, 0))
         return (out,) + (None,) * (len(grad_inputs) - 1)
-    return hook
+
+    def direct(grad_outputs):
+        g = grad_outputs[0]
+        if g is None or g.device.type not in CPU_DEVICES:
+            return None
+        blocks, rows, c, divide, q, kt, _ = blocks_of(g)
+        gq, gk = torch.empty_like(blocks.q), torch.zeros_like(blocks.k)
+        for b, hs, a, e, r in rows:
+            gz = r.div_(c) if divide else r.mul_(c)  # the scaling's backward, then the product's
+            gq[b, hs, a:e] = torch.bmm(gz, blocks.k[b, hs])
+            gk[b, hs].baddbmm_(gz.mT, blocks.q[b, hs, a:e])
+        return gq.reshape(q.shape), gk.reshape(kt.mT.shape).mT
+    return WholeStep(_unchanged, hook, direct, chain.through)
+
+
+def _unchanged(grad_outputs):
+    return grad_outputs
 
 
 def _check_mask(node, x, s, dim, scratch, deferred: list | None = None):

@@ -222,13 +222,15 @@ class WholeStep(PreHook):
     """A :class:`PreHook` step that also knows every input gradient of its node without the node's own backward:
     ``direct(grad_outputs)`` returns them, one per input (None: none), or None to decline at run time.
     :mod:`dynamiclrp.gradient_bypass` runs it instead of the node where it can hand those gradients on past it;
-    elsewhere the node runs with ``hook`` and ``post``."""
+    elsewhere the node runs with ``hook`` and ``post``. ``through``: graph node ids below the node, each fed by the
+    one before alone (the node's own input's producer first), whose backward the step does too: ``direct`` then
+    returns the gradients of the last one's inputs instead."""
 
-    __slots__ = ("direct",)
+    __slots__ = ("direct", "through")
 
-    def __init__(self, hook: Any, post: Any, direct: Any):
+    def __init__(self, hook: Any, post: Any, direct: Any, through: tuple = ()):
         super().__init__(hook, post)
-        self.direct = direct
+        self.direct, self.through = direct, through
 
 
 class DirectStep:
