@@ -218,7 +218,7 @@ def _text_archs():
     return ARCHITECTURES
 
 
-@pytest.mark.parametrize("preset", ["attnlrp", "cp_lrp"])
+@pytest.mark.parametrize("preset", ["attnlrp", "cp_lrp", "epsilon"])
 @pytest.mark.parametrize("name", list(_text_archs()))
 def test_a_plan_reuses_the_gradient_forms_steps_and_bypasses(name, preset, monkeypatch):
     """With a plan the gradient form's steps and bypasses are worked out once per graph: the next runs point them
