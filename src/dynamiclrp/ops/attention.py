@@ -639,8 +639,9 @@ _BLOCK, _HEADS_BLOCK = 1 << 17, 1 << 16
 _DEVICE_BLOCK = 1 << 24
 #: the devices on which fused attention's steps work as a CPU's cache wants: scores in blocks of :data:`_BLOCK`
 #: (elsewhere :data:`_DEVICE_BLOCK`), a given mask read by the host for the keys each block sees (elsewhere every
-#: read waits for the device: :func:`_run_mask` reads nothing), the fused backward replaced by the step's own
-#: blocks (elsewhere not measured against the fused kernels). ``benchmarks/host_ops.py`` empties it to count a
+#: read waits for the device: :func:`_run_mask` reads nothing), the fused backward -- and, for attention written
+#: out, the backward of the softmax, the scaling and the scores product -- replaced by the step's own blocks
+#: (elsewhere not measured against the device's kernels). ``benchmarks/host_ops.py`` empties it to count a
 #: GPU's host work on the CPU.
 CPU_DEVICES = ("cpu",)
 
