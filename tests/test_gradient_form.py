@@ -557,6 +557,47 @@ def test_softmax_step_takes_the_scores_chain(variant, way, monkeypatch):
     assert rel_diff(limit.inputs[0], ref.inputs[0]) > 1e-3
 
 
+class PackedWrittenAttention(WrittenAttention):
+    """:class:`WrittenAttention` with queries, keys and values from one projection, split (GPT-2's ``c_attn``)."""
+
+    def __init__(self, d: int = 8, **kw):
+        super().__init__(d=d, **kw)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        q, k, v = (p.view(n, t, self.heads, -1).transpose(1, 2) for p in self.qkv(x).split(x.shape[-1], -1))
+        s = q @ k.transpose(-1, -2) * self.c + torch.triu(torch.full((t, t), float("-inf"), dtype=x.dtype), 1)
+        return self.head((torch.softmax(s, -1) @ v).transpose(1, 2).flatten(2).mean(1))
+
+
+def test_nested_bypass_declines_a_frontier_slot_only_its_region_feeds(monkeypatch):
+    """Queries, keys and values split from one projection: the split's values slot gets its gradient from outside the
+    softmax's region, its queries' and keys' slots from the region alone. The outer pass gives the split nothing
+    there, and no hook may add to nothing: the planner declines the softmax's bypass (it used to fail at run time
+    and run the whole pass again without bypasses). One pass, the node-by-node answer."""
+    from dynamiclrp import gradient_form
+    from dynamiclrp.ops import attention
+
+    monkeypatch.setattr(attention, "_BLOCK", 1)
+    monkeypatch.setattr(attention, "_HEADS_BLOCK", 1)
+    passes, run_pass = [], gradient_form.propagate_gradient_form
+
+    def counted(run, seeds, prepared, bypass=None):
+        passes.append(bypass)
+        return run_pass(run, seeds, prepared, bypass)
+    monkeypatch.setattr(gradient_form, "propagate_gradient_form", counted)
+    torch.manual_seed(0)
+    model, x = PackedWrittenAttention().to(D).eval(), torch.randn(2, 40, 8, dtype=D)
+    rules = {"sum": r.Epsilon(0.02), "product": r.Uniform(0.01), "linear": r.Epsilon(1e-30)}
+    kw = dict(preset="epsilon", target=1, ledger=False, rules=rules)
+    got = dynamiclrp.explain(model, x, gradient_form=True, **kw)
+    assert got.stats.gradient_form and passes == []  # the api's own call is not the module's name: reruns only
+    assert "SoftmaxBackward0" not in got.stats.bypassed_kinds
+    ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
+
+
 class TensorScaledAttention(WrittenAttention):
     """:class:`WrittenAttention` whose scores are scaled element by element by a constant tensor (not one number)."""
 

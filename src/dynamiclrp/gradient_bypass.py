@@ -299,9 +299,11 @@ class _Planner:
         elsewhere: the output slots ``(graph node id, nr)`` below ``fn`` that also receive a gradient from a node
         outside the region of nodes whose every gradient comes from ``fn`` (through the region); None where that
         region is larger than :data:`_MAX_REGION` nodes or holds a recorded or seeded slot, or the frontier is a
-        seeded slot. A recorded frontier slot is delivered to as any other, and what it got is added to what the pass
-        reads there (:attr:`Bypasses.delivered`). ``through`` (a :class:`~dynamiclrp.ops.base.WholeStep`'s): the
-        nodes below ``fn`` whose backward its step does too; the region starts below the last of them."""
+        seeded slot or one that only the region gives a gradient (another slot of its node getting one from outside:
+        the outer pass would give that slot nothing to add to). A recorded frontier slot is delivered to as any
+        other, and what it got is added to what the pass reads there (:attr:`Bypasses.delivered`). ``through`` (a
+        :class:`~dynamiclrp.ops.base.WholeStep`'s): the nodes below ``fn`` whose backward its step does too; the
+        region starts below the last of them."""
         run = self.run
         graph = run.graph
         if self._position is None:
@@ -321,8 +323,17 @@ class _Planner:
             if any((nid, nr) in self.seeds for nr in slots):
                 return None
             consumers = [graph.consumers.get((nid, nr), ()) for nr in slots]
-            if any(c not in inside and not self._gives_nothing(c, k) for cons in consumers for c, k in cons):
-                frontier.extend((nid, nr) for nr, cons in zip(slots, consumers) if any(c in inside for c, _ in cons))
+            outside = [any(c not in inside and not self._gives_nothing(c, k) for c, k in cons) for cons in consumers]
+            if any(outside):
+                for nr, cons, out in zip(slots, consumers, outside):
+                    if any(c in inside for c, _ in cons):
+                        # a slot that gets nothing from outside: the outer pass gives the node nothing there, and no
+                        # hook may add to nothing (a packed projection's split: the values get a gradient from
+                        # outside, the queries and keys from the region alone). Unless a recorded slot with nothing
+                        # below, whose gradient the pass reads without running a node
+                        if not out and not ((nid, nr) in run.record and not self.below(nid)):
+                            return None
+                        frontier.append((nid, nr))
                 continue
             if any((nid, nr) in run.record for nr in slots):
                 return None
