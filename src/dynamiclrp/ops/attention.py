@@ -254,14 +254,17 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> WholeStep:
     to the product's operands itself, :math:`g_Q = c\,g_X K` and :math:`g_K = c\,g_X^\top Q` (:math:`g_X / c` for
     a division), so that the gradient form skips the backward of the softmax, of the scaling and of the product
     (:mod:`dynamiclrp.gradient_bypass`): no tokens x tokens gradient is made at all."""
-    def blocks_of(g):  # the blocks, and per block (b, heads, a, e, g_X of the block)
+    def blocks_of(g, to_scores: bool):
+        """The blocks, the scores product's output shape (batch x heads, rows, keys), and per block (b, heads, a,
+        e, g) with g the logits' gradient of the block, or with ``to_scores`` the scores' (the scaling's backward
+        applied)."""
         run, node = ctx.run, ctx.node
         nodes = run.graph.nodes
         product, scaling = nodes[chain.product].fn, nodes[chain.scaling].fn
         q, kt, c = saved(product, "self"), saved(product, "mat2"), saved(scaling, "other")
         divide = _SCALINGS[type(scaling).__name__]
         s = saved(node.fn, "result")
-        shape = (q.shape[0], q.shape[1], kt.shape[2])  # the product's output: (batch x heads, rows, keys)
+        shape = (q.shape[0], q.shape[1], kt.shape[2])
         blocks = _ScoreBlocks(q, kt.mT)
         g3, s3 = (blocks.dense(t.reshape(shape), *shape[1:], copy=False) for t in (g, s))
 
@@ -279,10 +282,12 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> WholeStep:
                 r.mul_(stabilising_factor(z, chain.eps))
                 if chain.scale != 1.0:
                     r.mul_(chain.scale)
+                if to_scores:
+                    r = r.div_(c) if divide else r.mul_(c)
                 yield b, hs, a, e, r
             if provisional:
                 run.promises.certify((chain.mask, 0))
-        return blocks, rows(), c, divide, q, kt, shape
+        return blocks, shape, rows()
 
     def hook(grad_inputs, grad_outputs):
         g = grad_outputs[0]
@@ -290,7 +295,7 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> WholeStep:
             return grad_inputs
         out = spare(grad_inputs[0], g.shape, g.dtype, g, saved(ctx.node.fn, "result"))
         out = torch.empty(g.shape, dtype=g.dtype, device=g.device) if out is None else out
-        blocks, rows, *_, shape = blocks_of(g)
+        blocks, shape, rows = blocks_of(g, to_scores=False)
         out3 = blocks.dense(out.reshape(shape), *shape[1:], copy=False)
         for b, hs, a, e, r in rows:
             out3[b, hs, a:e] = r
@@ -300,13 +305,12 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> WholeStep:
         g = grad_outputs[0]
         if g is None or g.device.type not in CPU_DEVICES:
             return None
-        blocks, rows, c, divide, q, kt, _ = blocks_of(g)
-        gq, gk = torch.empty_like(blocks.q), torch.zeros_like(blocks.k)
-        for b, hs, a, e, r in rows:
-            gz = r.div_(c) if divide else r.mul_(c)  # the scaling's backward, then the product's
+        blocks, _, rows = blocks_of(g, to_scores=True)
+        gq, gk = torch.empty_like(blocks.q), torch.zeros_like(blocks.k)  # (1, batch x heads, ...): bmm's are 3-d
+        for b, hs, a, e, gz in rows:  # the product's backward, a block at a time
             gq[b, hs, a:e] = torch.bmm(gz, blocks.k[b, hs])
             gk[b, hs].baddbmm_(gz.mT, blocks.q[b, hs, a:e])
-        return gq.reshape(q.shape), gk.reshape(kt.mT.shape).mT
+        return gq.flatten(0, 1), gk.flatten(0, 1).mT
     return WholeStep(_unchanged, hook, direct, chain.through)
 
 

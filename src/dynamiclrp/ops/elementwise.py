@@ -436,27 +436,28 @@ def _unary(replay=None, out=None, saved_in=None, homogeneous=False, quotient=Non
     return Identity(replay=replay, out=out, saved_in=saved_in, homogeneous=homogeneous, quotient=quotient)
 
 
-def _gelu_quotient(fn, x, out=None, y=None):
-    """``gelu(x) / x`` (the normal CDF Φ(x), or its tanh approximation), 1/2 at 0, into ``out``: ``y``, the GELU's
-    output where a consumer saved it, divided by ``x``; else a recomputed GELU divided by ``x`` (a third of an
-    ``erf`` more)."""
-    if y is None:
-        a = saved(fn, "approximate")
-        y = F.gelu(x, approximate=a) if out is None else torch.ops.aten.gelu.out(x, approximate=a, out=out)
-        return y.div_(x).nan_to_num_(0.5)
-    return _divided(y, x, out).nan_to_num_(0.5)
+def _quotient(closed_form, at_zero: float):
+    """The identity rule's ``f(x) / x`` as ``quotient(fn, x, out, y)`` (:func:`~dynamiclrp.ops.base.identity_gradient`):
+    ``y / x`` where a consumer saved the output ``y`` (``at_zero``, the limit :math:`f'(0)`, where ``x = 0``), else
+    ``closed_form(fn, x, out)``; into ``out`` (None: allocate)."""
+    def quotient(fn, x, out=None, y=None):
+        if y is None:
+            return closed_form(fn, x, out)
+        return (torch.div(y, x) if out is None else torch.div(y, x, out=out)).nan_to_num_(at_zero)
+    return quotient
 
 
-def _silu_quotient(fn, x, out=None, y=None):
-    """``silu(x) / x = sigmoid(x)``, 1/2 at 0, into ``out``: ``y / x`` where a consumer saved the output ``y`` (a
-    division costs less than an exponential), else the sigmoid."""
-    if y is None:
-        return torch.sigmoid(x) if out is None else torch.sigmoid(x, out=out)
-    return _divided(y, x, out).nan_to_num_(0.5)
+def _gelu_closed_form(fn, x, out):
+    """``gelu(x) / x`` (the normal CDF Φ(x), or its tanh approximation), 1/2 at 0: a recomputed GELU divided by
+    ``x`` costs a third of an ``erf``."""
+    a = saved(fn, "approximate")
+    y = F.gelu(x, approximate=a) if out is None else torch.ops.aten.gelu.out(x, approximate=a, out=out)
+    return y.div_(x).nan_to_num_(0.5)
 
 
-def _divided(y, x, out):
-    return torch.div(y, x) if out is None else torch.div(y, x, out=out)
+def _silu_closed_form(fn, x, out):
+    """``silu(x) / x = sigmoid(x)`` (a division of a saved output costs less than the exponential)."""
+    return torch.sigmoid(x) if out is None else torch.sigmoid(x, out=out)
 
 
 class Addcmul(OpSpec):
@@ -566,8 +567,8 @@ ELEMENTWISE_OPS = {
     "ToCopyBackward0": _cast(lambda fn, x: x.to(fn._input_metadata[0].dtype)),
     "ReluBackward0": _unary(lambda fn, x: x.relu(), out=_result, homogeneous=True),
     "GeluBackward0": _unary(lambda fn, x: F.gelu(x, approximate=saved(fn, "approximate")), saved_in=_self,
-                            quotient=_gelu_quotient),
-    "SiluBackward0": _unary(lambda fn, x: F.silu(x), saved_in=_self, quotient=_silu_quotient),
+                            quotient=_quotient(_gelu_closed_form, 0.5)),
+    "SiluBackward0": _unary(lambda fn, x: F.silu(x), saved_in=_self, quotient=_quotient(_silu_closed_form, 0.5)),
     "TanhBackward0": _unary(lambda fn, x: x.tanh(), out=_result),
     "SigmoidBackward0": _unary(lambda fn, x: x.sigmoid(), out=_result),
     "ExpBackward0": _unary(lambda fn, x: x.exp(), out=_result),
