@@ -859,15 +859,20 @@ def test_more_saved_copies_spare_a_recomputation(case, monkeypatch):
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("stride", [1, 2, "mixed"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "3d"])
-def test_pointwise_convolution_as_channel_product_equals_the_convolution(layout, monkeypatch):
-    """1 x 1 convolutions (stride 1, no padding, one group) run as a matrix product over channels; every rule gives
-    the same relevance as with the convolution kernels."""
+def test_pointwise_convolution_as_channel_product_equals_the_convolution(layout, stride, monkeypatch):
+    """1 x 1 convolutions (no padding, one group) run as a matrix product over channels, at a stride > 1 over the
+    positions they read (odd sizes: the last position is read), their transposes writing those positions only;
+    every rule gives the same relevance as with the convolution kernels."""
     import dynamiclrp.ops.linear as linear_ops
 
     torch.manual_seed(8)
     conv = nn.Conv3d if layout == "3d" else nn.Conv2d
-    m = nn.Sequential(conv(4, 6, 1), nn.ReLU(), conv(6, 3, 1), nn.Flatten(1), nn.LazyLinear(2)).double()
+    if stride == "mixed":
+        stride = (1, 2, 3) if layout == "3d" else (2, 3)
+    m = nn.Sequential(conv(4, 6, 1, stride=stride), nn.ReLU(), conv(6, 3, 1), nn.Flatten(1), nn.LazyLinear(2))
+    m = m.double()
     x = torch.randn(2, 4, *((3, 5, 5) if layout == "3d" else (5, 5)), dtype=D)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
