@@ -147,12 +147,12 @@ def test_matches_node_by_node_on_transformers(name, attn, preset):
     assert got.stats.gradient_form
     # BERT's GELU (identity rule) in both presets; GPT-2's GELU is written out, x * f(x) with f(x) held constant:
     # the product's gradient for x alone. Under CP-LRP each layer's attention (fused, or the product with the
-    # values) and GPT-2's packed projection
-    expected = {"GeluBackward0": 2} if name == "bert" else {"MulBackward0": 2}
+    # values) and GPT-2's packed projection. Below BERT's pick of the class token, the last layer's MLP projections
+    # (under CP-LRP its attention's output projection too) multiply the class tokens' rows alone
+    expected = {"GeluBackward0": 2, "AddmmBackward0": 2} if name == "bert" else {"MulBackward0": 2}
     if preset == "cp_lrp":
         expected["BmmBackward0" if attn == "eager" else "ScaledDotProductFlashAttentionForCpuBackward0"] = 2
-        if name == "gpt2":
-            expected["AddmmBackward0"] = 2
+        expected["AddmmBackward0"] = 3 if name == "bert" else 2
     assert got.stats.bypassed_kinds == expected
     for k in ref.embeddings:
         assert rel_diff(got.embeddings[k], ref.embeddings[k]) < TOL, k
@@ -805,9 +805,11 @@ def test_fused_projection_bypass_on_torchvision_vit(monkeypatch):
                              rules=LIMIT_PRESET["cp_lrp"])
     monkeypatch.setattr(gradient_form, "BYPASSES", False)
     plain = dynamiclrp.explain(model, x, preset="cp_lrp", ledger=False)
+    # two packed projections, two attentions, two GELUs; below the pick of the class token, the last layer's MLP
+    # projections multiply its rows alone
     assert got.stats.bypassed_kinds == {"MmBackward0": 2, "ScaledDotProductFlashAttentionForCpuBackward0": 2,
-                                        "GeluBackward0": 2}  # two projections, two attentions, two GELUs
-    assert got.stats.bypassed == 6 and plain.stats.bypassed == 0
+                                        "GeluBackward0": 2, "AddmmBackward0": 2}
+    assert got.stats.bypassed == 8 and plain.stats.bypassed == 0
     assert rel_diff(got.inputs[0], plain.inputs[0]) < 1e-12
     assert rel_diff(got.inputs[0], ref.inputs[0]) < TOL
 
@@ -940,6 +942,79 @@ class _Counting(TorchDispatchMode):
         name = func.overloadpacket.__name__
         self.calls[name] = self.calls.get(name, 0) + 1
         return func(*args, **(kwargs or {}))
+
+
+class PickedBlock(nn.Module):
+    """A residual MLP block, ``h + W_2 f(W_1 \\mathrm{LN}(h))``, of which the head reads some tokens' rows alone
+    (``pick``: the class token, a slice of tokens)."""
+
+    def __init__(self, pick, d: int = 6):
+        super().__init__()
+        self.inp, self.ln, self.up, self.down, self.head = (nn.Linear(d, d), nn.LayerNorm(d), nn.Linear(d, 2 * d),
+                                                            nn.Linear(2 * d, d), nn.Linear(d, 3))
+        self.pick = pick
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.down(F.gelu(self.up(self.ln(h))))
+        picked = h[:, self.pick]
+        return self.head(picked if picked.dim() == 2 else picked.mean(1))
+
+
+class _MatrixProducts(TorchDispatchMode):
+    """The operand shapes of every matrix product while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ("mm", "addmm"):
+            self.shapes.append(tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))[-2:])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("preset", ["attnlrp", "cp_lrp"])
+def test_projection_bypass_multiplies_the_picked_rows_alone(preset, monkeypatch):
+    r"""Below a pick of the class token (``h[:, 0]``), the gradients of the block's projections are zero but in that
+    token's rows: the bypass computes :math:`g_x[r] = g[r] W` for those rows alone (a product of 2 rows for a batch
+    of 2, not of 2 x 7) and carries it on by hand. Equal to the pass without bypasses and to node by node."""
+    from dynamiclrp import gradient_form
+
+    torch.manual_seed(0)
+    model, x = PickedBlock(0).to(D).eval(), torch.randn(2, 7, 6, dtype=D)
+    got = dynamiclrp.explain(model, x, preset=preset, ledger=False)
+    xg = x.clone().requires_grad_()
+    y = model(xg)
+    with _MatrixProducts() as products:  # the relevance pass's products alone
+        dynamiclrp.propagate(y, wrt=[xg], preset=preset, ledger=False)
+    ref = dynamiclrp.explain(model, x, preset=preset, ledger=False, gradient_form=False, rules=LIMIT_PRESET[preset])
+    monkeypatch.setattr(gradient_form, "BYPASSES", False)
+    plain = dynamiclrp.explain(model, x, preset=preset, ledger=False)
+    assert got.stats.bypassed_kinds == {"AddmmBackward0": 2, "GeluBackward0": 1}
+    # the input gradients of down (g: 14 x 6, W: 6 x 12) and up (g: 14 x 12, W: 12 x 6): two rows each
+    assert ((2, 6), (6, 12)) in products.shapes and ((2, 12), (12, 6)) in products.shapes
+    assert ((14, 6), (6, 12)) not in products.shapes and ((14, 12), (12, 6)) not in products.shapes
+    assert float(plain.inputs[0].abs().max()) > 0
+    assert rel_diff(got.inputs[0], plain.inputs[0]) < 1e-12
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < TOL
+
+
+def test_a_declined_projection_bypass_hands_its_gradient_on_by_hand(monkeypatch):
+    """Tokens 0 and 6 of 7 picked (``h[:, ::6]``): the first and the last row of the projections' gradients hold
+    non-zeros, so their bypasses decline and the nodes run their own backward. The activation's bypass (identity
+    rule) carries its gradient by hand through the up-projection: there the declining bypass leaves the node to run
+    by hand, and its gradient goes on below it (a route that stopped at the bypassed node would lose it, and the
+    pass would run again without any bypass). Equal to the pass without bypasses."""
+    from dynamiclrp import gradient_form
+
+    torch.manual_seed(0)
+    model, x = PickedBlock(slice(None, None, 6)).to(D).eval(), torch.randn(2, 7, 6, dtype=D)
+    got = dynamiclrp.explain(model, x, preset="attnlrp", ledger=False)
+    monkeypatch.setattr(gradient_form, "BYPASSES", False)
+    plain = dynamiclrp.explain(model, x, preset="attnlrp", ledger=False)
+    assert got.stats.bypassed_kinds == {"GeluBackward0": 1} and plain.stats.bypassed == 0
+    assert rel_diff(got.inputs[0], plain.inputs[0]) < 1e-12
 
 
 class _ActivationSummed(nn.Module):
@@ -1473,8 +1548,11 @@ def test_bypass_through_written_out_norms(preset, monkeypatch):
     # the RMSNorms' products but the final one; under AttnLRP the SiLUs, under CP-LRP the products with the values
     # and the gates. Not the layer norm's division: its centring ``h - mean(h)`` is a fork (both terms carry
     # gradient to ``h``), which also stops the first block's gate, whose route crosses it
-    expected = {"MulBackward0": 3, "SiluBackward0": 2} if preset == "attnlrp" else {"MulBackward0": 4,
-                                                                                   "BmmBackward0": 2}
+    # Below the pick of the last token, the last block's gate and up projections multiply its rows alone; under
+    # AttnLRP their gradients go on by hand through the block's norm, whose product's step is counted there once more
+    expected = {"MulBackward0": 3 + 1, "SiluBackward0": 2} if preset == "attnlrp" else {"MulBackward0": 4,
+                                                                                       "BmmBackward0": 2}
+    expected["AddmmBackward0"] = 2
     assert got.stats.bypassed_kinds == expected and plain.stats.bypassed == 0
     assert rel_diff(got.inputs[0], plain.inputs[0]) < 1e-12
     assert rel_diff(got.inputs[0], ref.inputs[0]) < TOL

@@ -147,15 +147,21 @@ class Bypasses:
     # ---------------------------------------------------------------------------------------------- running
     def carry(self, route: Any, grad: torch.Tensor) -> None:
         """Send ``grad`` along a planned route: ``None`` (nothing needs it), ``("deliver", node, slot)`` or
-        ``("through", node, slot, step, children)`` (``node`` a graph node id)."""
+        ``("through", node, slot, step, children, bypass)`` (``node`` a graph node id; ``bypass`` the node's own
+        bypass hook, or None)."""
         if route is None:
             return
         if route[0] == "deliver":
             _accumulate(self.pending, (route[1], route[2]), grad)
             return
-        _, nid, nr, step, children = route
+        _, nid, nr, step, children, bypass = route
         fn = self.fn(nid)
         grads: tuple = tuple(grad if o == nr else None for o in range(len(fn._input_metadata)))
+        if bypass is not None:
+            if all(g is None for g in bypass.hook(grads)):  # it carried its result on
+                return
+            if children is None:  # no route below the node but its bypass's: the pass runs again without any
+                raise UndeliveredError(f"{fn.name()}'s bypass declined where it alone could hand the gradient on")
         post = step
         if isinstance(step, PreHook):
             grads, post = step.hook(grads), step.post
@@ -195,22 +201,45 @@ def plan_bypasses(run: Run, steps: dict[Any, Any], seeds: frozenset = frozenset(
     plan = _Planner(run, steps, seeds)
     plan.bypasses.bind(graph)
     plan.bypasses.recorded = frozenset(run.record)
-    for fn, nid in graph.head.items():
-        kind = type(fn).__name__  # fn.name() builds a new string each call
-        if kind not in _PROJECTIONS or fn in steps or not useful[nid] or not _feeds_a_split(run, nid, steps):
-            continue
-        x_slot, weight = _PROJECTIONS[kind]
-        if any(i != x_slot and _useful_child(run, fn, i)[2] for i in range(len(fn.next_functions))):
-            continue  # the weight (or bias) side is wanted too: keep the node's own backward
-        route = plan.route(fn, x_slot)
+    # projections whose gradient is held by a few tokens' rows: taken to give their input nothing in the outer pass
+    # before any route is looked for (a route then goes on past a slot they alone feed besides it: were it to wait
+    # there for them, nothing would come where they narrow), then given a voice again where they have no route (the
+    # routes found meanwhile go on past slots where they could have stopped: a node run twice, by hand and by the
+    # engine, not a wrong sum). Operands before consumers: the route of one goes through the hook of one below it
+    picked, rows = _picked_rows(run), []
+    for nid in reversed(graph.order):
+        fn = graph.nodes[nid].fn
+        if nid in picked and graph.head.get(fn) == nid:
+            projection = _projection(run, fn, nid, steps)
+            if projection is not None:
+                rows.append((fn, nid, projection))
+    plan.silence(fn for fn, _, _ in rows)
+    voiced = True
+    while voiced:  # those with no route give their input a gradient after all, and may open a route for another
+        voiced = False  # (consumers first: one above another decides whether a gradient reaches the stream there)
+        for fn, _, (_, x_slot, _) in reversed(rows):
+            if fn in plan.silent_below and plan.route(fn, x_slot) is None:
+                plan.speak(fn)
+                voiced = True
+    for fn, nid, (kind, x_slot, weight) in rows:
+        route = None if fn not in plan.silent_below else plan.route(fn, x_slot)
         if route is not None:
-            plan.hook(fn, _narrowed_projection(plan.bypasses, nid, kind, weight, route))
+            plan.hook(fn, _narrowed_rows(plan.bypasses, nid, kind, weight, route))
+        else:
+            plan.speak(fn)
+    for fn, nid in graph.head.items():
+        projection = _projection(run, fn, nid, steps)
+        if projection is not None and fn not in plan.hooks and _feeds_a_split(run, nid, steps):
+            kind, x_slot, weight = projection
+            route = plan.route(fn, x_slot)
+            if route is not None:
+                plan.hook(fn, _narrowed_projection(plan.bypasses, nid, kind, weight, route))
     # a node no gradient reaches (RMSNorm's statistics, below the product that holds them constant) needs no route
     direct = [(fn, step) for fn, step in steps.items()
               if isinstance(step, DirectStep) and not plan.unreached(graph.head[fn])]
     # their other operands get nothing, nor what only those feed (a guess that fails for a node left unbypassed
     # costs a node run twice -- by hand and by the engine -- not a wrong sum: backward is linear in the gradient)
-    plan.silent_below.update(fn for fn, _ in direct)
+    plan.silence(fn for fn, _ in direct)
     for fn, step in direct:
         route = plan.route(fn, step.slot)
         if route is not None:
@@ -232,6 +261,67 @@ def plan_bypasses(run: Run, steps: dict[Any, Any], seeds: frozenset = frozenset(
     return plan.bypasses
 
 
+# nodes whose input gradient at a row (a token) depends on their output gradient at that row alone, as far as where
+# the gradient is zero goes; a node outside them (attention's products, a softmax, a permutation) ends the region
+# where a gradient that starts at a few tokens (a class token, the last token) stays at those tokens
+_TOKEN_LOCAL = frozenset({
+    "AddmmBackward0", "MmBackward0", "ViewBackward0", "UnsafeViewBackward0", "AddBackward0", "SubBackward0",
+    "MulBackward0", "DivBackward0", "NativeLayerNormBackward0", "GeluBackward0", "SiluBackward0", "TanhBackward0",
+    "ReluBackward0", "SigmoidBackward0", "NativeDropoutBackward0", "CloneBackward0", "ToCopyBackward0",
+    "PowBackward0", "MeanBackward1", "RsqrtBackward0", *_PICKS})  # a mean: of a norm's statistics, over the row
+
+
+def _projection(run: Run, fn: Any, nid: int, steps: dict) -> tuple[str, int, str] | None:
+    """``(kind, input slot of the activation, saved name of the weight side)`` of a projection (graph node ``nid``)
+    whose backward a bypass may replace: a matrix product without a step of its own, wanted, whose weight (or bias)
+    side wants no gradient. None otherwise."""
+    kind = type(fn).__name__  # fn.name() builds a new string each call
+    if kind not in _PROJECTIONS or fn in steps or not run.useful[nid]:
+        return None
+    x_slot, weight = _PROJECTIONS[kind]
+    if any(i != x_slot and _useful_child(run, fn, i)[2] for i in range(len(fn.next_functions))):
+        return None  # the weight (or bias) side is wanted too: keep the node's own backward
+    return kind, x_slot, weight
+
+
+def _picked_rows(run: Run) -> set[int]:
+    """The graph nodes below a pick of some rows (``h[:, 0]``: a class token; ``h[:, -1:]``: the last token) and
+    above the first node outside :data:`_TOKEN_LOCAL` on any path, every path from the output passing a pick: there
+    an explanation has gradients at the picked tokens' rows alone. Only where a bypass looks for such rows: what it
+    narrows it reads off the gradient itself."""
+    graph = run.graph
+    picked: set[int] = set()
+    for nid in graph.order:  # consumers first
+        node = graph.nodes[nid]
+        if node.kind not in _TOKEN_LOCAL or not run.useful[nid] or node.kind == "MeanBackward1" and any(
+                d != _LAST for d in _dims(node.fn)):
+            continue
+        head = graph.head.get(node.fn, nid)
+        consumers = [c for nr in range(len(node.fn._input_metadata)) for c, _ in graph.consumers.get((head, nr), ())]
+        if consumers and all(c in picked or _picks_rows(graph.nodes[c]) for c in consumers):
+            picked.add(nid)
+    return picked
+
+
+def _picks_rows(node: Any) -> bool:
+    """Whether a graph node picks some rows of its operand: an index or a slice along a dimension but the last."""
+    return node.kind in _PICKS and _LAST not in _dims(node.fn)
+
+
+_LAST = -1
+
+
+def _dims(fn: Any) -> list[int]:
+    """The dimensions a select, slice or mean node works along, the last one as :data:`_LAST`, the others
+    counted from the front. Autograd keeps a negative dimension as an unsigned 64-bit number."""
+    dims, rank = saved(fn, "dim"), len(saved(fn, "self_sym_sizes"))
+    out = []
+    for d in dims if isinstance(dims, (tuple, list)) else (dims,):
+        d = (d - (1 << 64) if d >= 1 << 63 else d) % rank
+        out.append(_LAST if d == rank - 1 else d)
+    return out
+
+
 class _Planner:
     """Routes for the gradients bypasses carry, with what they found on the way."""
 
@@ -244,6 +334,12 @@ class _Planner:
         self._silence: dict[int, bool] = {}  # _silent's answers while silent_below stands
         self._unreached: dict[int, bool] = {}
         self._position: dict[int, int] | None = None  # graph node id -> its place in graph.order
+
+    def silence(self, fns: Any) -> None:
+        """The nodes ``fns`` are bypassed by steps that give some operands nothing (answers found before are
+        forgotten: a projection's route may have been looked for already)."""
+        self.silent_below.update(fns)
+        self._silence.clear()
 
     def speak(self, fn: Any) -> None:
         """``fn`` is not bypassed after all: its operands get gradients."""
@@ -278,21 +374,29 @@ class _Planner:
         if others and not all(self._gives_nothing(c, k) for c, k in others):
             self._deliveries.append((child, nr))
             return ("deliver", node.id, nr)
-        if child in self.hooks:
-            return ("through", node.id, nr, self.hooks[child], [None] * len(child.next_functions))
+        bypass = self.hooks.get(child)
+        try:
+            children = self._routes_below(child, node.id, nr, depth)
+        except _NoBypassError:
+            if bypass is None:
+                raise
+            children = None  # the node's own hook carries on; should it decline, the pass fails (carry)
+        return ("through", node.id, nr, self.steps.get(child), children, bypass)
+
+    def _routes_below(self, fn: Any, nid: int, nr: int, depth: int) -> list:
+        """The routes of the gradients of ``fn``'s inputs (graph node ``nid``) when output ``nr`` alone gets one: where
+        the node's own bypass declines at run time, the node runs with its own step and hands them on there."""
         if depth >= _MAX_CHAIN:
             raise _NoBypassError
-        if not all(self._quiet(node.id, o) for o in range(len(child._input_metadata)) if o != nr):
+        if not all(self._quiet(nid, o) for o in range(len(fn._input_metadata)) if o != nr):
             raise _NoBypassError  # another output of the node gets a gradient: the node runs anyway
-        step = self.steps.get(child)
-        quiet = silenced(step)  # operands the node's step gives nothing: no branch there (RMSNorm's statistics)
-        children = [None if j in quiet else self._route(child, j, depth + 1)
-                    for j in range(len(child.next_functions))]
+        quiet = silenced(self.steps.get(fn))  # operands the node's step gives nothing (RMSNorm's statistics)
+        children = [None if j in quiet else self._route(fn, j, depth + 1) for j in range(len(fn.next_functions))]
         if sum(r is not None for r in children) > 1:
             # a fork: its branches may meet again at a slot that then gets its gradients only from here, with
             # none from elsewhere to join (a product of two projections of one input)
             raise _NoBypassError
-        return ("through", node.id, nr, step, children)
+        return children
 
     def frontier(self, fn: Any, through: tuple = ()) -> list[tuple[int, int]] | None:
         """Where the gradients of ``fn``'s inputs, handed on by a nested pass (:func:`_nested`), meet gradients from
@@ -493,6 +597,38 @@ def _narrowed_projection(bypasses: Bypasses, nid: int, kind: str, weight: str, r
             alpha = saved(fn, "alpha", 1)
             bypasses.carry(route, gx if alpha == 1 else gx * alpha)
             bypasses.bypassed[kind] += 1
+        return (None,)
+    return hook
+
+
+def _narrowed_rows(bypasses: Bypasses, nid: int, kind: str, weight: str, route: Any):
+    r"""Pre-hook of a bypassed projection ``y = x W (+ b)`` whose output gradient ``g`` is zero but in a few rows
+    (tokens): :math:`g_x[r] = \alpha\,g[r]\,W^\top` over the rows ``r`` that hold a non-zero, zero elsewhere, the
+    node itself given nothing. An explanation of a class token's or the last token's output has such gradients from
+    the output down to the last layer's attention (the region of :func:`_picked_rows`); the node's own backward
+    multiplies every row. Where more than half the rows, or both the first and the last, hold a non-zero, the node
+    runs its own backward (declined for good in the second case, as in :func:`_narrowed_projection`)."""
+    declined = [False]
+
+    def hook(grad_outputs):
+        g = grad_outputs[0]
+        if g is None or g.shape[0] < 2 or declined[0]:
+            return grad_outputs
+        if bool(torch.stack((g[0].any(), g[-1].any())).all()):  # one sync
+            declined[0] = True
+            return grad_outputs
+        held = (g.amax(1) != 0) | (g.amin(1) != 0)  # NaN included
+        rows = held.nonzero().squeeze(1)
+        if 2 * rows.shape[0] > g.shape[0]:
+            return grad_outputs
+        fn = bypasses.fn(nid)
+        w = saved(fn, weight)
+        gx = g.new_zeros(g.shape[0], w.shape[0])
+        alpha = saved(fn, "alpha", 1)
+        part = g[rows] @ w.mT
+        gx.index_copy_(0, rows, part if alpha == 1 else part.mul_(alpha))
+        bypasses.carry(route, gx)
+        bypasses.bypassed[kind] += 1
         return (None,)
     return hook
 
