@@ -19,6 +19,13 @@ The bypasses so far:
   constant. Its backward also computes the held operand's gradient (for a broadcast statistic, a product and a
   sum over the whole tensor); the bypass computes :math:`g \odot b` alone.
 
+And one for every preset with a gradient form, where the explanation starts at a few tokens' outputs (a class
+token's logits, the last token's): below the pick of those rows and above the first node that mixes tokens (the last
+layer's attention), a projection's output gradient is zero but in those rows, and its backward multiplies every row.
+The bypass multiplies the rows that hold a non-zero alone, :math:`g_x[r] = g[r]\,W`, read off the gradient at run
+time (:func:`_narrowed_rows`; the region: :func:`_picked_rows`): the last layer's MLP projections, under CP-LRP its
+attention's output projection too.
+
 A step that gives an operand no gradient at all (:func:`~dynamiclrp.ops.base.silenced`) cuts that branch out of a
 route: the statistics of a norm are no fork on the way to the residual stream, and a node only they feed needs no
 route of its own.
@@ -48,8 +55,11 @@ A plan (:class:`dynamiclrp.Plan`) keeps the bypasses worked out for a graph skel
 run of the same graph: they name nodes by their place in the graph, not by autograd object, and :meth:`Bypasses.bind`
 points them at the run's nodes.
 
-Something unforeseen at run time -- a carried gradient still pending after the pass (its slot's node never ran), or
-a delivery hook raising :class:`UndeliveredError` -- makes
+A route that passes a node bypassed itself goes on below it too: where that node's bypass declines at run time (its
+gradient is not narrow after all), the node runs by hand with its own step and hands its gradients on.
+
+Something unforeseen at run time -- a carried gradient still pending after the pass (its slot's node never ran), a
+delivery hook raising :class:`UndeliveredError`, or a bypass declining on a route that found nothing below it -- makes
 :func:`dynamiclrp.gradient_form.propagate_gradient_form` remove the hooks and run the pass again without bypasses.
 """
 
