@@ -275,9 +275,9 @@ def plan_bypasses(run: Run, steps: dict[Any, Any], seeds: frozenset = frozenset(
 # the gradient is zero goes; a node outside them (attention's products, a softmax, a permutation) ends the region
 # where a gradient that starts at a few tokens (a class token, the last token) stays at those tokens
 _TOKEN_LOCAL = frozenset({
-    "AddmmBackward0", "MmBackward0", "ViewBackward0", "UnsafeViewBackward0", "AddBackward0", "SubBackward0",
-    "MulBackward0", "DivBackward0", "NativeLayerNormBackward0", "GeluBackward0", "SiluBackward0", "TanhBackward0",
-    "ReluBackward0", "SigmoidBackward0", "NativeDropoutBackward0", "CloneBackward0", "ToCopyBackward0",
+    "AddmmBackward0", "MmBackward0", "ViewBackward0", "UnsafeViewBackward0", "AliasBackward0", "AddBackward0",
+    "SubBackward0", "MulBackward0", "DivBackward0", "NativeLayerNormBackward0", "GeluBackward0", "SiluBackward0",
+    "TanhBackward0", "ReluBackward0", "SigmoidBackward0", "NativeDropoutBackward0", "CloneBackward0", "ToCopyBackward0",
     "PowBackward0", "MeanBackward1", "RsqrtBackward0", *_PICKS})  # a mean: of a norm's statistics, over the row
 
 
