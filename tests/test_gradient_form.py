@@ -955,15 +955,19 @@ def test_identity_rule_bypass(act, kind, preset, monkeypatch):
 
 
 class _Counting(TorchDispatchMode):
-    """Counts the calls of each aten op (its overload packet's name) while active."""
+    """Counts the calls of each aten op (its overload packet's name) while active, and keeps the operand shapes of
+    every matrix product (``shapes``: the last two operands of each ``mm`` and ``addmm``)."""
 
     def __init__(self):
         super().__init__()
         self.calls: dict[str, int] = {}
+        self.shapes: list[tuple] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         self.calls[name] = self.calls.get(name, 0) + 1
+        if name in ("mm", "addmm"):
+            self.shapes.append(tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))[-2:])
         return func(*args, **(kwargs or {}))
 
 
@@ -984,19 +988,6 @@ class PickedBlock(nn.Module):
         return self.head(picked if picked.dim() == 2 else picked.mean(1))
 
 
-class _MatrixProducts(TorchDispatchMode):
-    """The operand shapes of every matrix product while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes: list[tuple] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in ("mm", "addmm"):
-            self.shapes.append(tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))[-2:])
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("preset", ["attnlrp", "cp_lrp"])
 def test_projection_bypass_multiplies_the_picked_rows_alone(preset, monkeypatch):
     r"""Below a pick of the class token (``h[:, 0]``), the gradients of the block's projections are zero but in that
@@ -1009,7 +1000,7 @@ def test_projection_bypass_multiplies_the_picked_rows_alone(preset, monkeypatch)
     got = dynamiclrp.explain(model, x, preset=preset, ledger=False)
     xg = x.clone().requires_grad_()
     y = model(xg)
-    with _MatrixProducts() as products:  # the relevance pass's products alone
+    with _Counting() as products:  # the relevance pass's products alone
         dynamiclrp.propagate(y, wrt=[xg], preset=preset, ledger=False)
     ref = dynamiclrp.explain(model, x, preset=preset, ledger=False, gradient_form=False, rules=LIMIT_PRESET[preset])
     monkeypatch.setattr(gradient_form, "BYPASSES", False)

@@ -74,6 +74,7 @@ from torch.autograd.graph import GradientEdge
 
 from .engine import Run
 from .ops.base import DirectStep, PreHook, WholeStep, saved, silenced
+from .ops.reduce import reduced_dims
 
 # how the gradient of a fused projection's output reaches the parts it is split into
 _SPLITS = frozenset({"SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0", "UnsafeSplitBackward0",
@@ -278,7 +279,7 @@ _TOKEN_LOCAL = frozenset({
     "AddmmBackward0", "MmBackward0", "ViewBackward0", "UnsafeViewBackward0", "AliasBackward0", "AddBackward0",
     "SubBackward0", "MulBackward0", "DivBackward0", "NativeLayerNormBackward0", "GeluBackward0", "SiluBackward0",
     "TanhBackward0", "ReluBackward0", "SigmoidBackward0", "NativeDropoutBackward0", "CloneBackward0", "ToCopyBackward0",
-    "PowBackward0", "MeanBackward1", "RsqrtBackward0", *_PICKS})  # a mean: of a norm's statistics, over the row
+    "PowBackward0", "MeanBackward1", "RsqrtBackward0", *_PICKS})
 
 
 def _projection(run: Run, fn: Any, nid: int, steps: dict) -> tuple[str, int, str] | None:
@@ -303,8 +304,8 @@ def _picked_rows(run: Run) -> set[int]:
     picked: set[int] = set()
     for nid in graph.order:  # consumers first
         node = graph.nodes[nid]
-        if node.kind not in _TOKEN_LOCAL or not run.useful[nid] or node.kind == "MeanBackward1" and any(
-                d != _LAST for d in _dims(node.fn)):
+        if node.kind not in _TOKEN_LOCAL or not run.useful[nid] or node.kind == "MeanBackward1" and _dims(
+                node.fn) != [_last(node.fn)]:  # a mean: of a norm's statistics, over the last dimension alone
             continue
         head = graph.head.get(node.fn, nid)
         consumers = [c for nr in range(len(node.fn._input_metadata)) for c, _ in graph.consumers.get((head, nr), ())]
@@ -315,21 +316,17 @@ def _picked_rows(run: Run) -> set[int]:
 
 def _picks_rows(node: Any) -> bool:
     """Whether a graph node picks some rows of its operand: an index or a slice along a dimension but the last."""
-    return node.kind in _PICKS and _LAST not in _dims(node.fn)
-
-
-_LAST = -1
+    return node.kind in _PICKS and _last(node.fn) not in _dims(node.fn)
 
 
 def _dims(fn: Any) -> list[int]:
-    """The dimensions a select, slice or mean node works along, the last one as :data:`_LAST`, the others
-    counted from the front. Autograd keeps a negative dimension as an unsigned 64-bit number."""
-    dims, rank = saved(fn, "dim"), len(saved(fn, "self_sym_sizes"))
-    out = []
-    for d in dims if isinstance(dims, (tuple, list)) else (dims,):
-        d = (d - (1 << 64) if d >= 1 << 63 else d) % rank
-        out.append(_LAST if d == rank - 1 else d)
-    return out
+    """The dimensions, counted from the front, that a select, slice or mean node works along."""
+    return reduced_dims(saved(fn, "dim"), len(saved(fn, "self_sym_sizes")))
+
+
+def _last(fn: Any) -> int:
+    """The last dimension of the operand of a select, slice or mean node."""
+    return len(saved(fn, "self_sym_sizes")) - 1
 
 
 class _Planner:

@@ -81,7 +81,7 @@ def _adaptive_avg(nd: int):
     return bind
 
 
-def _dims(dim, ndim: int) -> list[int]:
+def reduced_dims(dim, ndim: int) -> list[int]:
     """The reduced dimensions, non-negative (``dim=None`` or ``()``: all of them)."""
     if dim is None or (isinstance(dim, (tuple, list)) and len(dim) == 0):
         return list(range(ndim))
@@ -93,7 +93,7 @@ def _keep(r, dim, keepdim: bool, ndim: int):
     """A reduction's result with the reduced dimensions put back (size 1), to broadcast against the input."""
     if keepdim or r.dim() == ndim:
         return r
-    for d in _dims(dim, ndim):
+    for d in reduced_dims(dim, ndim):
         r = r.unsqueeze(d)
     return r
 
@@ -161,7 +161,7 @@ class PowerSum(OpSpec):
     def _terms(self, fn, x):
         """(terms, combine): the non-negative terms and the linear map that reduces them."""
         dim, keepdim = self._args(fn)
-        dims = _dims(dim, x.dim())
+        dims = reduced_dims(dim, x.dim())
         if self.kind == "norm":
             p = float(saved(fn, "ord"))
             return x.abs() ** p, lambda t: t.sum(dims, keepdim=keepdim)
@@ -185,7 +185,7 @@ class PowerSum(OpSpec):
                 (rx,) = ctx.rule("sum").sum([t], R, combine)
         if self.with_mean and len(ctx.R) > 1 and ctx.R[1] is not None:
             dim, keepdim = self._args(fn)
-            dims = _dims(dim, x.dim())
+            dims = reduced_dims(dim, x.dim())
             (rm,) = ctx.rule("sum").sum([x], ctx.R[1], lambda v: v.mean(dims, keepdim=keepdim))
             rx = rm if rx is None else rx + rm
         return [rx]
@@ -201,7 +201,7 @@ class PowerSum(OpSpec):
         dim, keepdim = self._args(fn)
         a = x.abs()
         mask = (a == _keep(ctx.output(0), dim, keepdim, x.dim())).to(R.dtype)
-        dims = _dims(dim, x.dim())
+        dims = reduced_dims(dim, x.dim())
         share = _keep(R, dim, keepdim, x.dim()) / mask.sum(dims, keepdim=True)
         return mask * share
 
