@@ -37,6 +37,8 @@ torch.set_num_threads(1)
 
 
 def models(names):
+    """(label, model, inputs, explain keywords) per name: ``vgg16``, ``resnet50``, ``vit_b_16``, ``bert`` as before,
+    or any case of ``benchmarks/speed.py`` (``t5small@s128b1``, ``llama300m``, ...), built as it builds them."""
     import torchvision
 
     for name in names:
@@ -46,12 +48,18 @@ def models(names):
                 with torch.no_grad():
                     model.heads.head.weight.normal_(0, 0.05)
                     model.heads.head.bias.normal_(0, 0.05)
-            yield name, model, torch.randn(1, 3, 224, 224)
+            yield name, model, torch.randn(1, 3, 224, 224), {}
         elif name == "bert":
             from transformers import BertConfig, BertForSequenceClassification
 
             m = BertForSequenceClassification(BertConfig(attn_implementation="eager")).eval()
-            yield "bert-base (128 tokens)", m, {"input_ids": torch.randint(0, 30000, (1, 128))}
+            yield "bert-base (128 tokens)", m, {"input_ids": torch.randint(0, 30000, (1, 128))}, {}
+        else:
+            import speed  # noqa: PLC0415 - a sibling script: its cases, built the same way
+
+            case = speed.Case(speed.parse_case(name))
+            inputs = case.inputs if isinstance(case.inputs, torch.Tensor) else {**case.inputs, **case.kw}
+            yield f"{name} ({case.desc})", case.model, inputs, {"output": case.select}
 
 
 class Timers:
@@ -159,23 +167,26 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["vgg16", "resnet50", "bert"])
     ap.add_argument("--preset", default="epsilon")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--out", default="results/phases.md")
     ap.add_argument("--gradient-form", choices=["auto", "off"], default="auto",
                     help="off: gradient_form=False (node by node even where the preset has a gradient form)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     kw = {"gradient_form": False} if args.gradient_form == "off" else {}
     lines = [f"# Where the time goes (benchmarks/phases.py, preset `{args.preset}`)", "",
-             f"torch {torch.__version__}, CPU, 1 thread, medians of {args.reps} runs after a warm-up; seconds and "
+             f"torch {torch.__version__}, CPU, {args.threads} thread(s), medians of {args.reps} runs after a warm-up; seconds and "
              "share of the whole explanation. `rules: <family>` is the rules' own time (replays they triggered "
              "are under `promise replays`); `other` is the engine loop, seeding and bookkeeping.", ""]
-    for name, model, x in models(args.models):
-        dynamiclrp.explain(model, x, preset=args.preset, ledger=False, check_finite=False, **kw)  # warm-up
+    for name, model, x, how in models(args.models):
+        call = {**kw, **how}
+        dynamiclrp.explain(model, x, preset=args.preset, ledger=False, check_finite=False, **call)  # warm-up
         runs = []
         for _ in range(args.reps):
             timers = Timers()
             with timers.patch():
                 t0 = time.perf_counter()
-                dynamiclrp.explain(model, x, preset=args.preset, ledger=False, check_finite=False, **kw)
+                dynamiclrp.explain(model, x, preset=args.preset, ledger=False, check_finite=False, **call)
                 timers.t["total"] = time.perf_counter() - t0
             t = dict(timers.t)
             # per run, then the median: medians of the parts do not add up to the median of the whole, and on a

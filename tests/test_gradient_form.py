@@ -296,6 +296,47 @@ def test_epsilon_above_the_limit_is_the_stabilised_gradient(eps, kept_scratch, m
         assert (limit.inputs[0] - ref.inputs[0]).abs().max() > 1e-2 * scale
 
 
+class TokenMLP(nn.Module):
+    """A feed-forward block on a sequence (``x``: batch x tokens x d), T5's: ``down(relu(up(x)))``, each linear layer
+    an ``mm`` (or ``addmm``) between two views, then the mean over tokens."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.up, self.down = nn.Linear(6, 10, bias=bias), nn.Linear(10, 4, bias=bias)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x))).mean(1)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_epsilon_step_reads_the_layer_output_off_a_relu_above_views(bias, monkeypatch):
+    r"""The ε-rule's factor :math:`|z| / (|z| + ε)` on a linear layer over tokens whose output a ReLU alone reads
+    through a view (``mm``, then the view back to batch x tokens): the ReLU saved :math:`z` wherever it is positive,
+    and its backward gave the gradient 0 elsewhere, so the step needs no recomputed product. The relevance pass makes
+    no product of the layer's input with its weight (14 x 6 by 6 x 10), which it does where the ReLU is not used,
+    and equals the node-by-node answer in float64 with a stabiliser (0.3) large enough to show."""
+    from dynamiclrp.ops import base
+
+    torch.manual_seed(0)
+    model, x = TokenMLP(bias).to(D).eval(), torch.randn(2, 7, 6, dtype=D)
+    kw = dict(preset="epsilon", rules={"linear": r.Epsilon(0.3)})
+
+    def relevance_pass():
+        xg = x.clone().requires_grad_()
+        y = model(xg)
+        with _Counting() as products:
+            got = dynamiclrp.propagate(y, wrt=[xg], ledger=False, **kw)
+        return got, products.shapes
+
+    got, shapes = relevance_pass()
+    ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
+    assert got.stats.gradient_form and ((14, 6), (6, 10)) not in shapes
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
+    monkeypatch.setattr(base, "relu_above", lambda *a: None)  # the output recomputed: the product is made
+    again, shapes = relevance_pass()
+    assert ((14, 6), (6, 10)) in shapes and rel_diff(again.inputs[0], ref.inputs[0]) < 1e-12
+
+
 class CancellingResidual(nn.Module):
     """A residual stream with exact zeros (channel 0 of ``a(x) + b(x)``: ``b`` the negative of ``a`` there), read
     by a layer norm and by the next sum; that sum's output read by another layer norm and a last sum."""

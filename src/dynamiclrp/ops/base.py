@@ -303,17 +303,36 @@ SCRATCH = ("scratch 1", "scratch 2")
 _CONSUMES_ITS_GRADIENT = frozenset({"MmBackward0", "BmmBackward0", "ConvolutionBackward0", "NativeBatchNormBackward0"})
 
 
-def _relu_saved_output(ctx: Context, dtype: torch.dtype) -> torch.Tensor | None:
-    """The output ReLU saved, when a ReLU alone consumes output 0 of ``ctx.node`` (and saved it in ``dtype``)."""
-    graph = ctx.run.graph
-    consumers = graph.consumers.get((ctx.node.id, 0), ())
-    if len(consumers) != 1 or consumers[0][1] != 0:
+def sole_consumer(graph, nid: int, operand: int | None = None):
+    """The node that alone consumes output 0 of node ``nid`` (as its operand ``operand``, if given), or None."""
+    consumers = graph.consumers.get((nid, 0), ())
+    if len(consumers) != 1 or (operand is not None and consumers[0][1] != operand):
         return None
-    relu = graph.nodes[consumers[0][0]]
-    if relu.kind != "ReluBackward0":
+    return graph.nodes[consumers[0][0]]
+
+
+def relu_above(graph, node: Node, dtype: torch.dtype) -> tuple[Node, torch.Tensor] | None:
+    """The ReLU that alone consumes output 0 of ``node``, directly or through views that keep every element (each
+    the sole consumer of the one below: a linear layer on a 3-d input is ``mm``, then a view), and its saved output
+    taken back through those views to ``node``'s output shape; None where there is none or it was saved in another
+    dtype (a lower-precision copy would not be exact). ReLU saves its output, equal to its input wherever that is
+    positive, and its backward gives the gradient 0 wherever the input is not."""
+    relu, views = sole_consumer(graph, node.id, operand=0), []
+    while relu is not None and relu.spec.invert is not None and len(relu.inputs) == 1:
+        views.append(relu)
+        relu = sole_consumer(graph, relu.id, operand=0)
+    if relu is None or relu.kind != "ReluBackward0":
         return None
     r = saved(relu.fn, "result")
-    return r if r is not None and r.dtype == dtype else None
+    if r is None or r.dtype != dtype:
+        return None
+    return relu, undo_views(views[::-1], r, torch.Size(out_shape(node.fn, 0)))
+
+
+def _relu_saved_output(ctx: Context, dtype: torch.dtype) -> torch.Tensor | None:
+    """The output a ReLU above ``ctx.node`` saved (:func:`relu_above`), in the node's output shape, or None."""
+    found = relu_above(ctx.run.graph, ctx.node, dtype)
+    return None if found is None else found[1]
 
 
 def scaled_gradient(factors: tuple) -> Any:

@@ -25,8 +25,10 @@ from .base import (
     identity_gradient,
     one_operand_step,
     out_shape,
+    relu_above,
     rule_form,
     saved,
+    sole_consumer,
     stabilised_gradient,
     through_views,
     undo_views,
@@ -36,23 +38,15 @@ from .reduce import Reduction
 from .shape import MaxPool
 
 
-def _sole_consumer(graph, nid: int, operand: int | None = None):
-    """The node that alone consumes output 0 of node ``nid`` (as its operand ``operand``, if given), or None."""
-    consumers = graph.consumers.get((nid, 0), ())
-    if len(consumers) != 1 or (operand is not None and consumers[0][1] != operand):
-        return None
-    return graph.nodes[consumers[0][0]]
-
-
 def _bias_add_of(ctx):
     """The bias addition of this linear op: a part of the same fused node (``addmm``, convolution), or an addition
     after views of its output (``F.linear`` on a non-contiguous input, see :class:`~.elementwise.Add`); or None."""
     graph, node = ctx.run.graph, ctx.node
-    add = _sole_consumer(graph, node.id)
+    add = sole_consumer(graph, node.id)
     if add is not None and add.fn is node.fn:
         return add if isinstance(add.spec, BiasAdd) else None
     while add is not None and add.kind in _VIEWS:
-        node, add = add, _sole_consumer(graph, add.id)
+        node, add = add, sole_consumer(graph, add.id)
     if add is None or not isinstance(add.spec, BiasAdd):
         return None
     e = add.inputs[add.spec.linear_index]
@@ -100,18 +94,11 @@ def _pre_activation(ctx, R, through_batch_norm: bool):
     output is zero (true for the rules above a ReLU that weigh by the activation); else None (recompute)."""
     graph, node = ctx.run.graph, _layer_output(ctx)
     if through_batch_norm:
-        node = _sole_consumer(graph, node.id)
-    relu = None if node is None else _sole_consumer(graph, node.id, operand=0)
-    views = []  # mm -> view (-> transpose ...) -> relu: a linear layer on a 3-d input; undone below
-    while relu is not None and relu.spec.invert is not None and len(relu.inputs) == 1:
-        views.append(relu)
-        relu = _sole_consumer(graph, relu.id, operand=0)
-    if relu is None or relu.kind != "ReluBackward0":
+        node = sole_consumer(graph, node.id)
+    found = None if node is None else relu_above(graph, node, ctx.dtype)
+    if found is None:
         return None
-    r = saved(relu.fn, "result")
-    if r is None or r.dtype != ctx.dtype:  # a lower-precision copy would not be exact
-        return None
-    r = undo_views(views[::-1], r, torch.Size(out_shape(node.fn, 0)))
+    relu, r = found
     if r.shape != R.shape:
         return None
     if _weighs_by_value(ctx, relu):  # the graph proves it: no pass over R, no read by the host
@@ -209,7 +196,7 @@ def _batch_norm_after(ctx, bias_handled: bool):
     goes into the op's denominator: ``bias_handled``) and whose rule is MergeBatchNorm, or None."""
     if not bias_handled:
         return None
-    bn = _sole_consumer(ctx.run.graph, _layer_output(ctx).id, operand=0)
+    bn = sole_consumer(ctx.run.graph, _layer_output(ctx).id, operand=0)
     if bn is None or out_shape(bn.fn) != out_shape(ctx.node.fn):  # not after views of the op's output
         return None
     if "BatchNorm" not in bn.kind or saved(bn.fn, "training", False):  # native, cuDNN, MIOpen
