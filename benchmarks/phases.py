@@ -175,9 +175,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     kw = {"gradient_form": False} if args.gradient_form == "off" else {}
     lines = [f"# Where the time goes (benchmarks/phases.py, preset `{args.preset}`)", "",
-             f"torch {torch.__version__}, CPU, {args.threads} thread(s), medians of {args.reps} runs after a warm-up; seconds and "
-             "share of the whole explanation. `rules: <family>` is the rules' own time (replays they triggered "
-             "are under `promise replays`); `other` is the engine loop, seeding and bookkeeping.", ""]
+             f"torch {torch.__version__}, CPU, {args.threads} thread(s), medians of {args.reps} runs after a warm-up; "
+             "seconds and share of the whole explanation. `rules: <family>` is the rules' own time (replays they "
+             "triggered are under `promise replays`); `other` is the engine loop, seeding and bookkeeping.", ""]
     for name, model, x, how in models(args.models):
         call = {**kw, **how}
         dynamiclrp.explain(model, x, preset=args.preset, ledger=False, check_finite=False, **call)  # warm-up
