@@ -621,6 +621,103 @@ def test_softmax_step_takes_the_scores_chain(variant, way, monkeypatch):
     assert rel_diff(limit.inputs[0], ref.inputs[0]) > 1e-3
 
 
+class BiasedAttention(nn.Module):
+    """T5's attention written out: unscaled scores ``q kᵀ``, to which each layer adds (in place) a position bias all
+    layers share, looked up in an embedding of relative positions (``table``; :func:`dynamiclrp.explain` records
+    every embedding lookup, so the bias's relevance is asked for) or a parameter; ``causal``: T5's decoder, whose
+    bias carries a causal mask autograd did not record (its smallest number where masked)."""
+
+    def __init__(self, table: bool, causal: bool, d: int = 8, heads: int = 2, layers: int = 2, t: int = 40):
+        super().__init__()
+        self.qkv = nn.ModuleList(nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(3)) for _ in range(layers))
+        self.table = nn.Embedding(2 * t - 1, heads) if table else None
+        self.bias = None if table else nn.Parameter(0.3 * torch.randn(heads, t, t))
+        self.head, self.heads, self.causal = nn.Linear(d, 2, bias=False), heads, causal
+
+    def forward(self, x):
+        n, t, d = x.shape
+        if self.table is not None:
+            pb = self.table(torch.arange(t)[None, :] - torch.arange(t)[:, None] + t - 1).permute(2, 0, 1)[None]
+        else:
+            pb = self.bias[None, :, :t, :t]
+        if self.causal:
+            pb = pb + torch.triu(torch.full((t, t), torch.finfo(x.dtype).min, dtype=x.dtype), 1)
+        for q, k, v in self.qkv:
+            qh, kh, vh = (p(x).view(n, t, self.heads, -1).transpose(1, 2) for p in (q, k, v))
+            s = qh @ kh.transpose(-1, -2)
+            s += pb
+            x = x + (torch.softmax(s, -1) @ vh).transpose(1, 2).reshape(n, t, d)
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("table", [True, False])
+def test_softmax_step_takes_a_chain_with_a_recorded_bias(table, causal, monkeypatch):
+    """T5's logits: unscaled scores plus a recorded position bias (with a causal mask autograd did not record, or
+    none). The softmax's step recomputes the scores a block of rows at a time, adds the bias (recovered once, its
+    mask taken as 0 and checked), and applies the sum's ε-step; the scores product is not recomputed whole. Where
+    the bias's relevance is asked for (an embedding looked up), the sum's backward hands the bias the logits'
+    gradient, so the product's factor is not folded into it but left for the product's own step; where it is not
+    (a parameter), the step folds it and carries the scores' gradient on by hand. Both equal node by node in
+    float64 (the inputs' relevance and the bias table's), with stabilisers that matter."""
+    from dynamiclrp.ops import attention
+    from dynamiclrp.promise import Promises
+
+    monkeypatch.setattr(attention, "_BLOCK", 1)
+    monkeypatch.setattr(attention, "_HEADS_BLOCK", 1)
+    chains, replayed, scores, value, step = [], [], set(), Promises.value, attention._scores_identity_step
+
+    def spied(self, nid, nr=0):
+        replayed.append(nid)
+        return value(self, nid, nr)
+
+    def taken(ctx, chain):
+        chains.append((chain.scaling, chain.bias is not None, chain.folds_product))
+        scores.update(chain.through)
+        return step(ctx, chain)
+    monkeypatch.setattr(Promises, "value", spied)
+    monkeypatch.setattr(attention, "_scores_identity_step", taken)
+    torch.manual_seed(0)
+    model, x = BiasedAttention(table, causal).to(D).eval(), torch.randn(2, 40, 8, dtype=D)
+    rules = {"sum": r.Epsilon(0.02), "product": r.Uniform(0.01), "linear": r.Epsilon(1e-30)}
+    kw = dict(preset="epsilon", target=1, ledger=False, rules=rules)
+    got = dynamiclrp.explain(model, x, gradient_form=True, **kw)
+    assert got.stats.gradient_form and chains == [(None, True, not table)] * 2
+    assert len(scores) == 6 and not scores & set(replayed)  # sums, views, products: the scores in blocks alone
+    assert got.stats.bypassed_kinds == ({} if table else {"SoftmaxBackward0": 2})
+    ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
+    if table:
+        assert float(ref.embeddings["table.weight"].abs().max()) > 0
+        assert rel_diff(got.embeddings["table.weight"], ref.embeddings["table.weight"]) < 1e-12
+    limit = dynamiclrp.explain(model, x, gradient_form=False, preset="epsilon", target=1, ledger=False,
+                               rules={**rules, "sum": r.Epsilon(1e-30), "product": r.Uniform(1e-30)})
+    assert rel_diff(limit.inputs[0], ref.inputs[0]) > 1e-3
+
+
+class UnrecordedBiasAttention(WrittenAttention):
+    """:class:`WrittenAttention` whose scaled scores get a position bias autograd did not record (a buffer): not a
+    mask, so no rule may take it as 0."""
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        q, k, v = (p(x).view(n, t, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        bias = torch.linspace(-1.0, 1.0, t * t, dtype=x.dtype).view(t, t)
+        s = q @ k.transpose(-1, -2) * self.c + bias
+        return self.head((torch.softmax(s, -1) @ v).transpose(1, 2).flatten(2).mean(1))
+
+
+@pytest.mark.parametrize("gradient_form", [True, False])
+def test_scores_chain_checks_an_unrecorded_addend_is_a_mask(gradient_form):
+    """The softmax's step over a chain takes an addend autograd did not record as 0 (a mask: 0 where attended). It
+    checks that on the logits it recomputes, as node by node does: a position bias held in a buffer is refused
+    with an error that names it, by the gradient form too (it used to be taken as 0 without a word)."""
+    torch.manual_seed(0)
+    model, x = UnrecordedBiasAttention().to(D).eval(), torch.randn(2, 40, 8, dtype=D)
+    with pytest.raises(ActivationUnavailableError, match="position bias"):
+        dynamiclrp.explain(model, x, preset="epsilon", target=1, ledger=False, gradient_form=gradient_form)
+
+
 class PackedWrittenAttention(WrittenAttention):
     """:class:`WrittenAttention` with queries, keys and values from one projection, split (GPT-2's ``c_attn``)."""
 

@@ -11,7 +11,7 @@ repeating K and V inside the recomputed products, whose vector-Jacobian products
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -23,6 +23,7 @@ from .base import (
     SCRATCH,
     DirectStep,
     OpSpec,
+    PreHook,
     WholeStep,
     extremes,
     held_constant,
@@ -32,6 +33,7 @@ from .base import (
     saved,
     scaled_gradient,
     spare,
+    stabilised_gradient,
     stabilising_factor,
     through_views,
 )
@@ -141,16 +143,22 @@ def _masked_logits(ctx) -> bool:
 
 
 class _ScoresChain(NamedTuple):
-    """Logits made as ``softmax(scores * c [+ mask])`` from a matrix product (see :func:`scores_chain`): graph node
-    ids, and the rules' numbers the softmax step applies."""
+    """Logits made as ``softmax(scores [* c] [+ mask or bias])`` from a matrix product (see :func:`scores_chain`):
+    graph node ids, and the rules' numbers the softmax step applies."""
 
     product: int  # the scores' matrix product, Q Kᵀ (a BmmBackward0)
-    scaling: int  # the scaling by a constant c (a product or a quotient)
+    scaling: int | None  # the scaling by a constant c (a product or a quotient), None where there is none (T5)
     through: tuple  # every node below the softmax down to the product, in order (the mask's sum, the scaling, views)
-    mask: int | None  # the sum with an untracked mask (its ε-step applied by the softmax step), None where none
+    mask: int | None  # the sum with a mask or a bias (its ε-step applied by the softmax step), None where none
     mask_eps: float | None
+    bias: int | None  # the sum's operand that is a recorded bias, not the scores (T5's position bias)
     eps: float  # the product's ε-rule (Stabilised): its ε and factor
     scale: float
+    #: whether the softmax's step applies the product's factor too (the product's step is then its plain gradient);
+    #: not where a bias whose relevance is asked for shares the logits' gradient (the sum's backward hands it the
+    #: same gradient as the scores): the step then leaves the product's factor for the product's own step
+    #: (:func:`product_step_of`), worked out with the rest, a block at a time
+    folds_product: bool
 
 
 #: the scalings of a chain: node type -> whether it divides
@@ -162,11 +170,13 @@ _PRODUCT_VIEWS = frozenset({"UnsafeViewBackward0", "ViewBackward0", "ReshapeAlia
 def scores_chain(ctx, softmax) -> _ScoresChain | None:
     r"""The chain below ``softmax`` (a graph node; ``ctx``: a context of the same run) whose steps its identity
     rule's step takes over, or None: attention written out, :math:`P = \mathrm{softmax}(c\,QK^\top + M)` with
-    ``M`` a mask autograd did not record (or none), the softmax passing relevance unchanged and the scores product
-    under an ε-rule (:class:`~dynamiclrp.rules.Stabilised`; the ``epsilon`` preset). Along it: the batched product
-    (``bmm``), views, a scaling by one constant number (its own gradient), the mask's sum (whose ε-step
-    :func:`~dynamiclrp.ops.elementwise.softmax_applies_stabiliser` gives the softmax step), each read by the next
-    alone, none recorded nor seeded, all in the softmax's dtype, the softmax over the last dimension.
+    ``M`` a mask autograd did not record, a recorded bias that does not depend on the input (T5's position bias, its
+    mask added or not; its value is recovered once), or none, the softmax passing relevance unchanged and the
+    scores product under an ε-rule (:class:`~dynamiclrp.rules.Stabilised`; the ``epsilon`` preset). Along it: the
+    batched product (``bmm``), views, a scaling by one constant number (its own gradient; T5 has none), the sum
+    (whose ε-step :func:`~dynamiclrp.ops.elementwise.softmax_applies_stabiliser` gives the softmax step), each
+    read by the next alone, none recorded nor seeded, all in the softmax's dtype, the softmax over the last
+    dimension.
 
     The softmax step then computes what the steps of the sum and of the product would have, on the scores
     recomputed a block of rows at a time (no tokens x tokens tensor replayed and kept), and the product's own step
@@ -187,25 +197,33 @@ def scores_chain(ctx, softmax) -> _ScoresChain | None:
 
     node = ctx.producer(0) if ctx.node is softmax else (
         None if softmax.inputs[0] is None else nodes[softmax.inputs[0].child])
-    mask = mask_eps = None
+    from ..engine import Context  # noqa: PLC0415 - the engine imports this module
+    mask = mask_eps = bias = None
+    through = []
     if node is not None and isinstance(node.spec, AddTerms) and node.spec.family == "sum":
         mask_eps = softmax_applies_stabiliser(ctx, node)
-        tracked = [e for e in node.inputs if e is not None]
-        if mask_eps is None or len(tracked) != 1 or not alone(node):
+        scores = [k for k, e in enumerate(node.inputs) if e is not None and _to_product(nodes, nodes[e.child])]
+        others = [k for k, e in enumerate(node.inputs) if e is not None and k not in scores]
+        if mask_eps is None or len(scores) != 1 or len(others) > 1 or not alone(node) or any(
+                node.spec.term_factor(node, k) != 1.0 for k in (*scores, *others)):
             return None
-        mask, node = node.id, nodes[tracked[0].child]
-    if node is None or node.kind not in _SCALINGS or not alone(node) or node.inputs[0] is None or \
-            any(e is not None for e in node.inputs[1:]):
+        bias = others[0] if others else None
+        mask, node = node.id, nodes[node.inputs[scores[0]].child]
+        through.append(mask)
+    scaling = None
+    if node is not None and node.kind in _SCALINGS:
+        if not alone(node) or node.inputs[0] is None or any(e is not None for e in node.inputs[1:]):
+            return None
+        c = saved(node.fn, "other", None)  # one number (a tensor of one element): the step scales each block by it
+        if not isinstance(c, (int, float)) and not (isinstance(c, torch.Tensor) and c.numel() == 1):
+            return None
+        if node.spec.gradient_step(Context(run, node, [])) is not PLAIN:
+            return None
+        scaling = node
+        through.append(scaling.id)
+        node = nodes[node.inputs[0].child]
+    if node is None:
         return None
-    scaling = node
-    through = [scaling.id] if mask is None else [mask, scaling.id]
-    c = saved(scaling.fn, "other", None)  # one number (a tensor of one element): the step scales each block by it
-    if not isinstance(c, (int, float)) and not (isinstance(c, torch.Tensor) and c.numel() == 1):
-        return None
-    from ..engine import Context  # noqa: PLC0415 - the engine imports this module
-    if scaling.spec.gradient_step(Context(run, scaling, [])) is not PLAIN:
-        return None
-    node = nodes[node.inputs[0].child]
     while node.kind in _PRODUCT_VIEWS and alone(node) and node.inputs and node.inputs[0] is not None:
         through.append(node.id)
         node = nodes[node.inputs[0].child]
@@ -217,25 +235,62 @@ def scores_chain(ctx, softmax) -> _ScoresChain | None:
     if not isinstance(form, Stabilised) or q is None or kt is None or q.dtype != s.dtype or \
             s.numel() != q.shape[0] * q.shape[1] * kt.shape[2]:  # a mask that broadcast the scores to more
         return None
-    return _ScoresChain(node.id, scaling.id, (*through, node.id), mask, mask_eps, form.eps, form.scale)
+    folds = bias is None or not run.useful[nodes[mask].inputs[bias].child]
+    return _ScoresChain(node.id, None if scaling is None else scaling.id, (*through, node.id), mask, mask_eps, bias,
+                        form.eps, form.scale, folds)
 
 
-def softmax_takes_product_step(ctx) -> bool:
-    """Whether the step of the softmax above the matrix product ``ctx.node`` applies the product's ε-step
-    (:func:`scores_chain`): the product's own step is then its plain gradient."""
+def _to_product(nodes, node) -> bool:
+    """Whether ``node`` is a batched matrix product, or leads to one through a scaling and views."""
+    for _ in range(8):
+        if node.kind == "BmmBackward0":
+            return True
+        if node.kind not in _SCALINGS and node.kind not in _PRODUCT_VIEWS or not node.inputs or node.inputs[0] is None:
+            return False
+        node = nodes[node.inputs[0].child]
+    return False
+
+
+def product_step_of(ctx) -> Any:
+    """The ε-step of the matrix product ``ctx.node`` where the step of the softmax above it works it out
+    (:func:`scores_chain`), else None: its plain gradient where the softmax's step applies the product's factor
+    itself, else a step that multiplies the gradient by the factor that step left for it (:func:`_left_factor`)."""
     graph, node = ctx.run.graph, ctx.node
     for _ in range(8):  # up through views, the scaling and the mask's sum
         cons = graph.consumers.get((node.id, 0), ())
         if len(cons) != 1:
-            return False
+            return None
         node = graph.nodes[cons[0][0]]
         if node.spec.family == "softmax":
             chain = scores_chain(ctx, node)
-            return chain is not None and chain.product == ctx.node.id
-    return False
+            if chain is None or chain.product != ctx.node.id:
+                return None
+            return PLAIN if chain.folds_product else PreHook(_left_factor(ctx, chain))
+    return None
 
 
-def _scores_identity_step(ctx, chain: _ScoresChain) -> WholeStep:
+def _left_factor(ctx, chain: _ScoresChain):
+    r"""Pre-hook of the scores product of a chain that does not fold its factor (:attr:`_ScoresChain.
+    folds_product`): the gradient times :math:`a\,|Z| / (|Z| + \varepsilon)`, as the softmax's step left it in
+    the run (worked out from the scores it recomputed a block at a time); where it left none (it did not run), as
+    :func:`~dynamiclrp.ops.base.stabilised_gradient` works it out."""
+    fallback = stabilised_gradient(ctx, chain.eps, chain.scale).hook
+
+    def hook(grad_outputs):
+        g = grad_outputs[0]
+        f = ctx.run.derived.pop((_LEFT_FACTOR, ctx.node.id), None)
+        if g is None or f is None or f.shape != g.shape:
+            return grad_outputs if g is None else fallback(grad_outputs)
+        return (f.mul_(g),) + tuple(grad_outputs[1:])
+    return hook
+
+
+#: the key (with the product's node id) of the factor a chain's softmax step leaves for the product in
+#: :attr:`dynamiclrp.engine.Run.derived`
+_LEFT_FACTOR = "scores product factor"
+
+
+def _scores_identity_step(ctx, chain: _ScoresChain) -> WholeStep:  # noqa: C901 - one step, two forms
     r"""The identity rule's step on a softmax over scaled scores (:func:`scores_chain`), with the ε-steps of the
     mask's sum and of the scores product below it: with :math:`Z = QK^\top` and :math:`X = cZ` (+ the mask, taken
     as 0 where it lets through: checked as :func:`_check_mask` checks it, masked logits get nothing)
@@ -260,18 +315,43 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> WholeStep:
         applied)."""
         run, node = ctx.run, ctx.node
         nodes = run.graph.nodes
-        product, scaling = nodes[chain.product].fn, nodes[chain.scaling].fn
-        q, kt, c = saved(product, "self"), saved(product, "mat2"), saved(scaling, "other")
-        divide = _SCALINGS[type(scaling).__name__]
+        product = nodes[chain.product].fn
+        scaling = None if chain.scaling is None else nodes[chain.scaling].fn
+        q, kt = saved(product, "self"), saved(product, "mat2")
+        c, divide = (1.0, False) if scaling is None else (saved(scaling, "other"), _SCALINGS[type(scaling).__name__])
         s = saved(node.fn, "result")
         shape = (q.shape[0], q.shape[1], kt.shape[2])
         blocks = _ScoreBlocks(q, kt.mT)
         g3, s3 = (blocks.dense(t.reshape(shape), *shape[1:], copy=False) for t in (g, s))
+        # the slots known with a mask taken as 0: the sum's, where it adds a mask autograd did not record (the step
+        # takes it as 0: always checked, as node by node checks it), and a recovered bias's, where its replay did
+        sum_node = None if chain.mask is None else nodes[chain.mask]
+        checked = [] if sum_node is None else [(chain.mask, 0)]
+        untracked = sum_node is not None and any(e is None for e in sum_node.inputs)
+        bias3 = None
+        if chain.bias is not None:  # its value as the Promise System recovers it (once for the layers sharing it),
+            # a mask added to it taken as 0 (provisional: checked below, as softmax checks its logits)
+            e = sum_node.inputs[chain.bias]
+            checked.append((e.child, e.nr))
+            bias = run.promises.value(e.child, e.nr).to(s.dtype)
+            bias3 = blocks.dense(bias.expand(s.shape).reshape(shape), *shape[1:], copy=False)
+
+        left = None  # the product's factor, left for its own step (a bias shares the logits' gradient)
+        if not chain.folds_product:
+            left = torch.empty(shape, dtype=s.dtype, device=s.device)
+            run.derived[(_LEFT_FACTOR, chain.product)] = left
+            left = blocks.dense(left, *shape[1:], copy=False)
 
         def rows():
-            provisional = chain.mask is not None and (chain.mask, 0) in run.promises.provisional
+            provisional = untracked or any(slot in run.promises.provisional for slot in checked)
             for b, hs, a, e, _, z in blocks:  # every key: the mask is not known
-                x = z / c if divide else z * c  # the logits, as the forward made them (the mask taken as 0)
+                # the logits, as the forward made them (a mask taken as 0), apart from z (its own factor follows)
+                if scaling is None:
+                    x = z if bias3 is None else torch.add(z, bias3[b, hs, a:e])
+                else:
+                    x = z / c if divide else z * c
+                    if bias3 is not None:
+                        x.add_(bias3[b, hs, a:e])
                 sb = s3[b, hs, a:e]
                 r = ratio_(torch.mul(g3[b, hs, a:e], sb), x)
                 run.carried.append(extremes(r))
@@ -279,14 +359,18 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> WholeStep:
                     r.mul_(_check_mask(node, x, sb, -1, run.scratch, run.mask_checks))
                 if chain.mask_eps is not None:
                     r.mul_(stabilising_factor(x, chain.mask_eps))
-                r.mul_(stabilising_factor(z, chain.eps))
+                f = stabilising_factor(z, chain.eps) if left is None else \
+                    stabilising_factor(z, chain.eps, out=left[b, hs, a:e])
                 if chain.scale != 1.0:
-                    r.mul_(chain.scale)
-                if to_scores:
+                    f.mul_(chain.scale)
+                if left is None:
+                    r.mul_(f)
+                if to_scores and scaling is not None:
                     r = r.div_(c) if divide else r.mul_(c)
                 yield b, hs, a, e, r
             if provisional:
-                run.promises.certify((chain.mask, 0))
+                for slot in checked:
+                    run.promises.certify(slot)
         return blocks, shape, rows()
 
     def hook(grad_inputs, grad_outputs):
@@ -311,6 +395,9 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> WholeStep:
             gq[b, hs, a:e] = torch.bmm(gz, blocks.k[b, hs])
             gk[b, hs].baddbmm_(gz.mT, blocks.q[b, hs, a:e])
         return gq.flatten(0, 1), gk.flatten(0, 1).mT
+    if chain.bias is not None and ctx.run.useful[ctx.run.graph.nodes[chain.mask].inputs[chain.bias].child]:
+        return PreHook(_unchanged, hook)  # the bias's relevance is asked for (T5's: an embedding looked up): the
+        # sum's own backward hands it the logits' gradient, which carrying the scores' on by hand would skip
     return WholeStep(_unchanged, hook, direct, chain.through)
 
 

@@ -129,12 +129,12 @@ def softmax_applies_stabiliser(ctx, node) -> float | None:
     reads it applies the sum's stabilising factor :math:`|z| / (|z| + \varepsilon)` (the sum's own step is then
     PLAIN), else None.
 
-    So for ``logits = scores + mask`` with a mask autograd did not record, under a softmax passing relevance
-    unchanged (the ``epsilon`` preset): that step computes the ratio :math:`g\,s / z` of the logits and checks the
-    mask on them anyway, and multiplies its own fresh result by the factor in place, on the same :math:`z`. Both
-    steps ask this one function, so they cannot disagree."""
+    So for ``logits = scores + mask`` (a mask autograd did not record, or a recorded bias: T5's position bias),
+    under a softmax passing relevance unchanged (the ``epsilon`` preset): that step computes the ratio
+    :math:`g\,s / z` of the logits (and checks a mask on them) anyway, and multiplies its own fresh result by the
+    factor in place, on the same :math:`z`. Both steps ask this one function, so they cannot disagree."""
     graph = ctx.run.graph
-    if not isinstance(node.spec, AddTerms) or node.spec.family != "sum" or all(e is not None for e in node.inputs):
+    if not isinstance(node.spec, AddTerms) or node.spec.family != "sum":
         return None
     form = rule_form(ctx.rule_at(node, "sum"), "sum")
     if not isinstance(form, Stabilised):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..errors import ActivationUnavailableError
 from ..plan import active_plan, caching_weights
 from ..rules import PLAIN, LinearMap, MergeBatchNorm, Stabilised
-from .attention import softmax_takes_product_step
+from .attention import product_step_of
 from .base import (
     NEXT,
     PART,
@@ -519,9 +519,8 @@ class Product(OpSpec):
             family = "attention" if _is_softmax_output(ctx, 0) else "product"
             factors = rule_form(ctx.rule(family), family)
             if isinstance(factors, Stabilised):  # one ratio for both factors: R / stab(z), scaled
-                if softmax_takes_product_step(ctx):  # attention's scores: the softmax's step applies it
-                    return PLAIN
-                return stabilised_gradient(ctx, factors.eps, factors.scale)
+                step = product_step_of(ctx)  # attention's scores: the softmax's step works it out
+                return stabilised_gradient(ctx, factors.eps, factors.scale) if step is None else step
             if factors is None:
                 return None
 
