@@ -309,10 +309,10 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> WholeStep:  # noqa: C901 
     to the product's operands itself, :math:`g_Q = c\,g_X K` and :math:`g_K = c\,g_X^\top Q` (:math:`g_X / c` for
     a division), so that the gradient form skips the backward of the softmax, of the scaling and of the product
     (:mod:`dynamiclrp.gradient_bypass`): no tokens x tokens gradient is made at all."""
-    def blocks_of(g, to_scores: bool):
+    def blocks_of(g, to_scores: bool, into=None):
         """The blocks, the scores product's output shape (batch x heads, rows, keys), and per block (b, heads, a,
         e, g) with g the logits' gradient of the block, or with ``to_scores`` the scores' (the scaling's backward
-        applied)."""
+        applied); ``into``: a dense tensor of the logits' shape each block's g is worked out in (its block)."""
         run, node = ctx.run, ctx.node
         nodes = run.graph.nodes
         product = nodes[chain.product].fn
@@ -323,6 +323,7 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> WholeStep:  # noqa: C901 
         shape = (q.shape[0], q.shape[1], kt.shape[2])
         blocks = _ScoreBlocks(q, kt.mT)
         g3, s3 = (blocks.dense(t.reshape(shape), *shape[1:], copy=False) for t in (g, s))
+        into3 = None if into is None else blocks.dense(into.view(shape), *shape[1:], copy=False)
         # the slots known with a mask taken as 0: the sum's, where it adds a mask autograd did not record (the step
         # takes it as 0: always checked, as node by node checks it), and a recovered bias's, where its replay did
         sum_node = None if chain.mask is None else nodes[chain.mask]
@@ -353,7 +354,7 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> WholeStep:  # noqa: C901 
                     if bias3 is not None:
                         x.add_(bias3[b, hs, a:e])
                 sb = s3[b, hs, a:e]
-                r = ratio_(torch.mul(g3[b, hs, a:e], sb), x)
+                r = ratio_(torch.mul(g3[b, hs, a:e], sb, out=None if into3 is None else into3[b, hs, a:e]), x)
                 run.carried.append(extremes(r))
                 if provisional:
                     r.mul_(_check_mask(node, x, sb, -1, run.scratch, run.mask_checks))
@@ -379,10 +380,12 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> WholeStep:  # noqa: C901 
             return grad_inputs
         out = spare(grad_inputs[0], g.shape, g.dtype, g, saved(ctx.node.fn, "result"))
         out = torch.empty(g.shape, dtype=g.dtype, device=g.device) if out is None else out
-        blocks, shape, rows = blocks_of(g, to_scores=False)
-        out3 = blocks.dense(out.reshape(shape), *shape[1:], copy=False)
+        into = out if out.is_contiguous() else None  # each block's ratio worked out in its place there
+        blocks, shape, rows = blocks_of(g, to_scores=False, into=into)
+        out3 = None if into is not None else blocks.dense(out.reshape(shape), *shape[1:], copy=False)
         for b, hs, a, e, r in rows:
-            out3[b, hs, a:e] = r
+            if out3 is not None:
+                out3[b, hs, a:e] = r
         return (out,) + (None,) * (len(grad_inputs) - 1)
 
     def direct(grad_outputs):
