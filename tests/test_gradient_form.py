@@ -572,7 +572,7 @@ class WrittenAttention(nn.Module):
         return self.head((torch.softmax(s, -1) @ v).transpose(1, 2).flatten(2).mean(1))
 
 
-@pytest.mark.parametrize("way", ["bypass", "no bypass", "off the CPU"])
+@pytest.mark.parametrize("way", ["bypass", "below its size", "no bypass", "off the CPU"])
 @pytest.mark.parametrize("variant", ["masked, scaled", "masked, divided", "no mask"])
 def test_softmax_step_takes_the_scores_chain(variant, way, monkeypatch):
     """Attention written out under the ε-rule with stabilisers that matter on the mask's sum (0.02) and on the scores
@@ -582,12 +582,15 @@ def test_softmax_step_takes_the_scores_chain(variant, way, monkeypatch):
     with the scores product left unhooked and no scores, scaled scores or logits replayed. On the CPU the step also
     carries each block on to the queries and keys (``bypass``): the softmax, the scaling and the product run no
     backward of their own; without the bypass, or off the CPU (:data:`~dynamiclrp.ops.attention.CPU_DEVICES`
-    emptied), the softmax's backward runs and the step replaces its result."""
+    emptied), or for attention weights smaller than :data:`~dynamiclrp.ops.attention.DIRECT_SCORES` (``below its
+    size``: these, 3,200), the softmax's backward runs and the step replaces its result."""
     from dynamiclrp import gradient_form
     from dynamiclrp.ops import attention
     from dynamiclrp.promise import Promises
 
     monkeypatch.setattr(gradient_form, "BYPASSES", way != "no bypass")
+    if way != "below its size":
+        monkeypatch.setattr(attention, "DIRECT_SCORES", 0)
     if way == "off the CPU":
         monkeypatch.setattr(attention, "CPU_DEVICES", ())
     monkeypatch.setattr(attention, "_BLOCK", 1)
@@ -665,6 +668,7 @@ def test_softmax_step_takes_a_chain_with_a_recorded_bias(table, causal, monkeypa
 
     monkeypatch.setattr(attention, "_BLOCK", 1)
     monkeypatch.setattr(attention, "_HEADS_BLOCK", 1)
+    monkeypatch.setattr(attention, "DIRECT_SCORES", 0)  # carried by hand where it can be, whatever the size
     chains, replayed, scores, value, step = [], [], set(), Promises.value, attention._scores_identity_step
 
     def spied(self, nid, nr=0):
@@ -740,6 +744,7 @@ def test_nested_bypass_declines_a_frontier_slot_only_its_region_feeds(monkeypatc
     from dynamiclrp import gradient_form
     from dynamiclrp.ops import attention
 
+    monkeypatch.setattr(attention, "DIRECT_SCORES", 0)  # the bypass planned whatever the size
     monkeypatch.setattr(attention, "_BLOCK", 1)
     monkeypatch.setattr(attention, "_HEADS_BLOCK", 1)
     passes, run_pass = [], gradient_form.propagate_gradient_form
