@@ -170,8 +170,8 @@ _PRODUCT_VIEWS = frozenset({"UnsafeViewBackward0", "ViewBackward0", "ReshapeAlia
 def scores_chain(ctx, softmax) -> _ScoresChain | None:
     r"""The chain below ``softmax`` (a graph node; ``ctx``: a context of the same run) whose steps its identity
     rule's step takes over, or None: attention written out, :math:`P = \mathrm{softmax}(c\,QK^\top + M)` with
-    ``M`` a mask autograd did not record, a recorded bias that does not depend on the input (T5's position bias, its
-    mask added or not; its value is recovered once), or none, the softmax passing relevance unchanged and the
+    ``M`` a mask autograd did not record, a recorded bias beside the scores (T5's position bias, its mask added or
+    not; its value is recovered once), or none, the softmax passing relevance unchanged and the
     scores product under an ε-rule (:class:`~dynamiclrp.rules.Stabilised`; the ``epsilon`` preset). Along it: the
     batched product (``bmm``), views, a scaling by one constant number (its own gradient; T5 has none), the sum
     (whose ε-step :func:`~dynamiclrp.ops.elementwise.softmax_applies_stabiliser` gives the softmax step), each
@@ -290,7 +290,7 @@ def _left_factor(ctx, chain: _ScoresChain):
 _LEFT_FACTOR = "scores product factor"
 
 
-def _scores_identity_step(ctx, chain: _ScoresChain) -> WholeStep:  # noqa: C901 - one step, two forms
+def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - one step, two forms
     r"""The identity rule's step on a softmax over scaled scores (:func:`scores_chain`), with the ε-steps of the
     mask's sum and of the scores product below it: with :math:`Z = QK^\top` and :math:`X = cZ` (+ the mask, taken
     as 0 where it lets through: checked as :func:`_check_mask` checks it, masked logits get nothing)
@@ -308,7 +308,11 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> WholeStep:  # noqa: C901 
     A :class:`~dynamiclrp.ops.base.WholeStep` through the chain: on the CPU the step can also carry each block on
     to the product's operands itself, :math:`g_Q = c\,g_X K` and :math:`g_K = c\,g_X^\top Q` (:math:`g_X / c` for
     a division), so that the gradient form skips the backward of the softmax, of the scaling and of the product
-    (:mod:`dynamiclrp.gradient_bypass`): no tokens x tokens gradient is made at all."""
+    (:mod:`dynamiclrp.gradient_bypass`): no tokens x tokens gradient is made at all. Only from
+    :data:`DIRECT_SCORES` weights up (below, that nested pass costs more than the backward it skips), and not where
+    the sum adds a recorded bias whose relevance is asked for (:math:`X = Z + B`, T5): the sum's backward must hand
+    :math:`B` the logits' gradient, so the product's factor is left for the product's own step instead
+    (:attr:`_ScoresChain.folds_product`)."""
     def blocks_of(g, to_scores: bool, into=None):
         """The blocks, the scores product's output shape (batch x heads, rows, keys), and per block (b, heads, a,
         e, g) with g the logits' gradient of the block, or with ``to_scores`` the scores' (the scaling's backward
