@@ -699,6 +699,33 @@ def test_softmax_step_takes_a_chain_with_a_recorded_bias(table, causal, monkeypa
     assert rel_diff(limit.inputs[0], ref.inputs[0]) > 1e-3
 
 
+def test_product_step_works_its_factor_out_where_none_was_left(monkeypatch):
+    """The scores product of a chain that leaves its ε-factor to it (a recorded bias whose relevance is asked for)
+    finds none where the softmax's step did not leave one: it then works the factor out itself, as the ε-step
+    does elsewhere (the scores recomputed), and the answer is node by node's all the same."""
+    from dynamiclrp.ops import attention
+
+    made, left_factor = [], attention._left_factor
+
+    def forgetting(ctx, chain):
+        hook = left_factor(ctx, chain)
+
+        def dropped(grad_outputs):
+            made.append(ctx.run.derived.pop((attention._LEFT_FACTOR, ctx.node.id), None) is not None)
+            return hook(grad_outputs)
+        return dropped
+    monkeypatch.setattr(attention, "_left_factor", forgetting)
+    torch.manual_seed(0)
+    model, x = BiasedAttention(table=True, causal=True).to(D).eval(), torch.randn(2, 40, 8, dtype=D)
+    rules = {"sum": r.Epsilon(0.02), "product": r.Uniform(0.01), "linear": r.Epsilon(1e-30)}
+    kw = dict(preset="epsilon", target=1, ledger=False, rules=rules)
+    got = dynamiclrp.explain(model, x, gradient_form=True, **kw)
+    ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
+    assert got.stats.gradient_form and made == [True, True]
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
+    assert rel_diff(got.embeddings["table.weight"], ref.embeddings["table.weight"]) < 1e-12
+
+
 class UnrecordedBiasAttention(WrittenAttention):
     """:class:`WrittenAttention` whose scaled scores get a position bias autograd did not record (a buffer): not a
     mask, so no rule may take it as 0."""
