@@ -402,7 +402,7 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
             gq[b, hs, a:e] = torch.bmm(gz, blocks.k[b, hs])
             gk[b, hs].baddbmm_(gz.mT, blocks.q[b, hs, a:e])
         return gq.flatten(0, 1), gk.flatten(0, 1).mT
-    if chain.bias is not None and ctx.run.useful[ctx.run.graph.nodes[chain.mask].inputs[chain.bias].child]:
+    if not chain.folds_product:
         return PreHook(_unchanged, hook)  # the bias's relevance is asked for (T5's: an embedding looked up): the
         # sum's own backward hands it the logits' gradient, which carrying the scores' on by hand would skip
     if saved(ctx.node.fn, "result").numel() < DIRECT_SCORES:

@@ -255,11 +255,11 @@ def stabilised_gradient(ctx: Context, eps: float, scale: float = 1.0) -> PreHook
     the layer's denominator: the gradient arriving there times :math:`|z| / (|z| + \varepsilon)`, the node's own
     backward then applying :math:`J^\top` (and a batch norm's scale, for a batch norm merged into the layer below).
 
-    :math:`z` comes from a ReLU that alone consumes it, where there is one: ReLU saves its output, equal to
-    :math:`z` where :math:`z > 0`, and its backward gave the gradient 0 wherever :math:`z \le 0`, which the factor
-    there (0) keeps 0. Else from the Promise System, as the node-by-node rule gets it. The node is read through
-    ``ctx`` when the step runs (a plan rebinds it). ``scale``: a constant factor on top (the uniform rule's
-    half)."""
+    :math:`z` comes from a ReLU that alone consumes it (:func:`relu_above`, through views), where there is one:
+    ReLU saves its output, equal to :math:`z` where :math:`z > 0`, and its backward gave the gradient 0 wherever
+    :math:`z \le 0`, which the factor there (0) keeps 0. Else from the Promise System, as the node-by-node rule
+    gets it. The node is read through ``ctx`` when the step runs (a plan rebinds it). ``scale``: a constant factor
+    on top (the uniform rule's half)."""
     def hook(grad_outputs):
         g = grad_outputs[0]
         if g is None:
@@ -269,8 +269,9 @@ def stabilised_gradient(ctx: Context, eps: float, scale: float = 1.0) -> PreHook
         # memory, as may |z| + eps: on CPU a fresh tensor of an activation's size can cost several passes
         run = ctx.run
         out = run.scratch(SCRATCH[0], g) if ctx.node.kind in _CONSUMES_ITS_GRADIENT else None
-        z = _relu_saved_output(ctx, g.dtype)
-        if z is not None:  # a ReLU's output: already |z|, and not ours to overwrite
+        relu = relu_above(run.graph, ctx.node, g.dtype)
+        if relu is not None:  # a ReLU's output: already |z|, and not ours to overwrite
+            z = relu[1]
             f = torch.add(z, eps, out=out)
             f = torch.div(z, f, out=f)
         else:  # in the node's dtype, as its backward; a value with an untracked addend taken as zero may lack
@@ -327,12 +328,6 @@ def relu_above(graph, node: Node, dtype: torch.dtype) -> tuple[Node, torch.Tenso
     if r is None or r.dtype != dtype:
         return None
     return relu, undo_views(views[::-1], r, torch.Size(out_shape(node.fn, 0)))
-
-
-def _relu_saved_output(ctx: Context, dtype: torch.dtype) -> torch.Tensor | None:
-    """The output a ReLU above ``ctx.node`` saved (:func:`relu_above`), in the node's output shape, or None."""
-    found = relu_above(ctx.run.graph, ctx.node, dtype)
-    return None if found is None else found[1]
 
 
 def scaled_gradient(factors: tuple) -> Any:
