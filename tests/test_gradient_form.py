@@ -726,6 +726,84 @@ def test_product_step_works_its_factor_out_where_none_was_left(monkeypatch):
     assert rel_diff(got.embeddings["table.weight"], ref.embeddings["table.weight"]) < 1e-12
 
 
+class RowsMaskedAttention(WrittenAttention):
+    """:class:`WrittenAttention` under a causal mask whose last 8 query rows attend to nothing (a safe softmax gives
+    them no weight at all: all zeros), or (``padded``) under no causal mask but with the last 8 keys masked for
+    every query (padding)."""
+
+    def __init__(self, padded: bool = False):
+        super().__init__()
+        self.padded = padded
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        q, k, v = (p(x).view(n, t, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        mask = torch.zeros(t, t, dtype=x.dtype)
+        if self.padded:
+            mask[:, t - 8:] = float("-inf")
+        else:
+            mask = torch.triu(mask.fill_(float("-inf")), 1)
+            mask[t - 8:] = float("-inf")
+        s = torch._safe_softmax(q @ k.transpose(-1, -2) * self.c + mask, -1)
+        return self.head((s @ v).transpose(1, 2).flatten(2).mean(1))
+
+
+class PoisonedEmpty(TorchDispatchMode):
+    """Fresh floating-point memory filled with NaN: a result that reads memory nobody wrote shows it."""
+
+    EMPTY = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default, torch.ops.aten.new_empty.default,
+             torch.ops.aten.empty_strided.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.EMPTY and out.is_floating_point():
+            out.fill_(math.nan)
+        return out
+
+
+@pytest.mark.parametrize("way", ["by hand", "in the softmax's gradient", "in fresh memory"])
+@pytest.mark.parametrize("model", ["causal", "rows masked", "keys padded", "causal bias table"])
+def test_scores_chain_reads_the_keys_a_block_weights(model, way, monkeypatch):
+    """The softmax's step over a chain recomputes a block of query rows' scores only up to the last key its rows
+    weight (the saved probabilities; past it every weight is exactly 0, and so is the block's relevance): over 40
+    tokens in blocks of 16 rows, under a causal mask 16, 32 and 40 keys, with the last 8 rows attending to nothing
+    (a safe softmax) 16, 32 and none, with the last 8 keys padded 32 for each. The keys past it get a gradient of 0
+    and, where the step leaves the product's factor to it (a bias table), a factor of 0: fresh memory filled with
+    NaN shows any read of memory nobody wrote. Carried to the queries and keys by hand, or worked out in the
+    softmax's own gradient or in fresh memory, equal
+    to node by node in float64."""
+    from dynamiclrp.ops import attention
+
+    monkeypatch.setattr(attention, "_BLOCK", 1)
+    monkeypatch.setattr(attention, "_HEADS_BLOCK", 1)
+    monkeypatch.setattr(attention, "DIRECT_SCORES", 0 if way == "by hand" else 1 << 40)
+    if way == "in fresh memory":
+        monkeypatch.setattr(attention, "spare", lambda *args: None)
+    extents, weighted_keys = [], attention._weighted_keys
+
+    def spied(w, keys, guess):
+        extents.append(weighted_keys(w, keys, guess))
+        return extents[-1]
+    monkeypatch.setattr(attention, "_weighted_keys", spied)
+    torch.manual_seed(0)
+    x = torch.randn(2, 40, 8, dtype=D)
+    expected = {"rows masked": [16, 32, 0], "keys padded": [32, 32, 32]}.get(model, [16, 32, 40])
+    model = {"causal": WrittenAttention, "rows masked": RowsMaskedAttention,
+             "keys padded": lambda: RowsMaskedAttention(padded=True)}.get(
+        model, lambda: BiasedAttention(table=True, causal=True))().to(D).eval()
+    rules = {"sum": r.Epsilon(0.02), "product": r.Uniform(0.01), "linear": r.Epsilon(1e-30)}
+    kw = dict(preset="epsilon", target=1, ledger=False, rules=rules)
+    with PoisonedEmpty():
+        got = dynamiclrp.explain(model, x, gradient_form=True, **kw)
+    layers = 2 if isinstance(model, BiasedAttention) else 1
+    assert got.stats.gradient_form
+    assert extents == expected * 2 * 2 * layers  # batch, heads
+    ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
+    if isinstance(model, BiasedAttention):
+        assert rel_diff(got.embeddings["table.weight"], ref.embeddings["table.weight"]) < 1e-12
+
+
 class UnrecordedBiasAttention(WrittenAttention):
     """:class:`WrittenAttention` whose scaled scores get a position bias autograd did not record (a buffer): not a
     mask, so no rule may take it as 0."""

@@ -315,8 +315,9 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
     (:attr:`_ScoresChain.folds_product`)."""
     def blocks_of(g, to_scores: bool, into=None):
         """The blocks, the scores product's output shape (batch x heads, rows, keys), and per block (b, heads, a,
-        e, g) with g the logits' gradient of the block, or with ``to_scores`` the scores' (the scaling's backward
-        applied); ``into``: a dense tensor of the logits' shape each block's g is worked out in (its block)."""
+        e, keys, g) with g the logits' gradient of the block's first ``keys`` keys (0 past them), or with
+        ``to_scores`` the scores' (the scaling's backward applied); ``into``: a dense tensor of the logits' shape
+        each block's g is worked out in (its block, the zeros past its keys included)."""
         run, node = ctx.run, ctx.node
         nodes = run.graph.nodes
         product = nodes[chain.product].fn
@@ -325,7 +326,7 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
         c, divide = (1.0, False) if scaling is None else (saved(scaling, "other"), _SCALINGS[type(scaling).__name__])
         s = saved(node.fn, "result")
         shape = (q.shape[0], q.shape[1], kt.shape[2])
-        blocks = _ScoreBlocks(q, kt.mT)
+        blocks = _ScoreBlocks(q, kt.mT, weights=s.reshape(shape))  # a block's keys: up to its last weighted one
         g3, s3 = (blocks.dense(t.reshape(shape), *shape[1:], copy=False) for t in (g, s))
         into3 = None if into is None else blocks.dense(into.view(shape), *shape[1:], copy=False)
         # the slots known with a mask taken as 0: the sum's, where it adds a mask autograd did not record (the step
@@ -349,30 +350,34 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
 
         def rows():
             provisional = untracked or any(slot in run.promises.provisional for slot in checked)
-            for b, hs, a, e, _, z in blocks:  # every key: the mask is not known
+            for b, hs, a, e, keys, z in blocks:  # keys up to the block's last weighted one: past it R_X = 0
                 # the logits, as the forward made them (a mask taken as 0), apart from z (its own factor follows)
+                ks = (b, hs, slice(a, e), slice(keys))
                 if scaling is None:
-                    x = z if bias3 is None else torch.add(z, bias3[b, hs, a:e])
+                    x = z if bias3 is None else torch.add(z, bias3[ks])
                 else:
                     x = z / c if divide else z * c
                     if bias3 is not None:
-                        x.add_(bias3[b, hs, a:e])
-                sb = s3[b, hs, a:e]
-                r = ratio_(torch.mul(g3[b, hs, a:e], sb, out=None if into3 is None else into3[b, hs, a:e]), x)
+                        x.add_(bias3[ks])
+                sb = s3[ks]
+                r = ratio_(torch.mul(g3[ks], sb, out=None if into3 is None else into3[ks]), x)
                 run.carried.append(extremes(r))
-                if provisional:
+                if provisional and keys:  # the keys past the block's last weighted one have no weight to check
                     r.mul_(_check_mask(node, x, sb, -1, run.scratch, run.mask_checks))
                 if chain.mask_eps is not None:
                     r.mul_(stabilising_factor(x, chain.mask_eps))
+                for t in () if keys == shape[2] else (into3, left):  # no gradient past them, nor any factor: 0,
+                    if t is not None:  # not the fresh memory's garbage (the product's step multiplies by it)
+                        t[b, hs, a:e, keys:] = 0
                 f = stabilising_factor(z, chain.eps) if left is None else \
-                    stabilising_factor(z, chain.eps, out=left[b, hs, a:e])
+                    stabilising_factor(z, chain.eps, out=left[ks])
                 if chain.scale != 1.0:
                     f.mul_(chain.scale)
                 if left is None:
                     r.mul_(f)
                 if to_scores and scaling is not None:
                     r = r.div_(c) if divide else r.mul_(c)
-                yield b, hs, a, e, r
+                yield b, hs, a, e, keys, r
             if provisional:
                 for slot in checked:
                     run.promises.certify(slot)
@@ -383,13 +388,9 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
         if g is None or grad_inputs[0] is None:
             return grad_inputs
         out = spare(grad_inputs[0], g.shape, g.dtype, g, saved(ctx.node.fn, "result"))
-        out = torch.empty(g.shape, dtype=g.dtype, device=g.device) if out is None else out
-        into = out if out.is_contiguous() else None  # each block's ratio worked out in its place there
-        blocks, shape, rows = blocks_of(g, to_scores=False, into=into)
-        out3 = None if into is not None else blocks.dense(out.reshape(shape), *shape[1:], copy=False)
-        for b, hs, a, e, r in rows:
-            if out3 is not None:
-                out3[b, hs, a:e] = r
+        out = torch.empty(g.shape, dtype=g.dtype, device=g.device) if out is None else out  # dense, either way
+        for _ in blocks_of(g, to_scores=False, into=out)[2]:  # each block's ratio worked out in its place in out
+            pass
         return (out,) + (None,) * (len(grad_inputs) - 1)
 
     def direct(grad_outputs):
@@ -398,9 +399,9 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
             return None
         blocks, _, rows = blocks_of(g, to_scores=True)
         gq, gk = torch.empty_like(blocks.q), torch.zeros_like(blocks.k)  # (1, batch x heads, ...): bmm's are 3-d
-        for b, hs, a, e, gz in rows:  # the product's backward, a block at a time
-            gq[b, hs, a:e] = torch.bmm(gz, blocks.k[b, hs])
-            gk[b, hs].baddbmm_(gz.mT, blocks.q[b, hs, a:e])
+        for b, hs, a, e, keys, gz in rows:  # the product's backward, a block at a time (its keys: the rest get 0)
+            torch.bmm(gz, blocks.k[b, hs, :keys], out=gq[b, hs, a:e])
+            gk[b, hs, :keys].baddbmm_(gz.mT, blocks.q[b, hs, a:e])
         return gq.flatten(0, 1), gk.flatten(0, 1).mT
     if not chain.folds_product:
         return PreHook(_unchanged, hook)  # the bias's relevance is asked for (T5's: an embedding looked up): the
@@ -761,11 +762,14 @@ class _ScoreBlocks:
     node's ``is_causal``, top-left: query row :math:`i` sees keys :math:`j \le i`): a block reads only the keys its
     rows can see, half the products of the whole; a given mask (``attn_mask``, additive: :class:`_GivenMask`) is
     sliced along, and a block reads only the keys up to the last one its rows attend to (past it every weight is
-    exactly 0: the mask is -inf there). Queries, keys (repeated to the query heads), and the ``others`` (tensors of
-    the queries' rows: the output's gradient) are made dense once, as ``(batch, heads, rows, features)``: a product
-    per block then copies nothing."""
+    exactly 0: the mask is -inf there). ``weights``, the attention weights themselves (softmax's saved result, of
+    the scores' shape): on the CPU a block likewise reads only the keys up to the last one with a non-zero weight
+    in its rows, and is yielded even where that leaves none (its consumer writes the zeros). Queries, keys
+    (repeated to the query heads), and the ``others`` (tensors of the queries' rows: the output's gradient) are
+    made dense once, as ``(batch, heads, rows, features)``: a product per block then copies nothing."""
 
-    def __init__(self, q, k, *others, scale: float = 1.0, causal: bool = False, given: _GivenMask | None = None):
+    def __init__(self, q, k, *others, scale: float = 1.0, causal: bool = False, given: _GivenMask | None = None,
+                 weights: torch.Tensor | None = None):
         self.scale, self.causal = scale, causal
         k = _heads(q, k)(k)
         self.L, self.S = q.shape[-2], k.shape[-2]
@@ -775,6 +779,8 @@ class _ScoreBlocks:
         self.given = None if given is None else self.dense(given.additive, self.L, self.S, copy=False)
         self.extent = None if given is None else given.extent
         cpu = q.device.type in CPU_DEVICES
+        # each block's extent is read by the host (elsewhere each read waits for the device)
+        self.weights = None if weights is None or not cpu else self.dense(weights, self.L, self.S, copy=False)
         block, heads_block = (_BLOCK, _HEADS_BLOCK) if cpu else (_DEVICE_BLOCK, _DEVICE_BLOCK)
         self.group = max(1, heads_block // (self.S * k.shape[-1]))
         self.rows = min(max(16, block // (min(self.group, self.heads) * self.S)), max(self.L, 1))  # no more than L
@@ -801,6 +807,8 @@ class _ScoreBlocks:
                         keys = min(keys, max(self.extent[a:e]) if len(self.extent) > 1 else self.extent[0])
                         if keys == 0:  # rows that attend to nothing: no weights, no gradients
                             continue
+                    if self.weights is not None:
+                        keys = _weighted_keys(self.weights[b, hs, a:e], keys, e + self.S - self.L)
                     s = torch.bmm(self.q[b, hs, a:e], self.k[b, hs, :keys].mT)
                     yield b, hs, a, e, keys, s if self.scale == 1.0 else s.mul_(self.scale)
 
@@ -817,6 +825,21 @@ class _ScoreBlocks:
         if triangle:
             out[..., a:keys] += self.triangle[:e - a, :keys - a]
         return out
+
+
+def _weighted_keys(w: torch.Tensor, keys: int, guess: int) -> int:
+    """One past the last of the first ``keys`` keys with a non-zero weight anywhere in the block ``w`` (attention
+    weights, ``(heads, rows, keys)``, none negative), or a number above it past which every weight is 0 too; 0
+    where no key is weighted. Past it every weight of the block is exactly 0: under a causal mask the keys after
+    the block's last row, under padding the padded keys. One look at the last key (weighted: a block that sees every
+    key), then one at the keys past ``guess`` (the block's last row under a causal mask, aligned at the last key),
+    else one pass over the block."""
+    if keys == 0 or bool(w[..., keys - 1].any()):
+        return keys
+    if 0 < guess < keys and not bool(w[..., guess:keys].amax()):
+        return guess
+    seen = w[..., :keys].amax((0, 1)).nonzero()
+    return int(seen[-1]) + 1 if len(seen) else 0
 
 
 def _working_dtype(t: torch.Tensor) -> torch.dtype:
