@@ -755,6 +755,8 @@ class PoisonedEmpty(TorchDispatchMode):
              torch.ops.aten.empty_strided.default}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and not isinstance(args[0], torch.Tensor):
+            return args[0]  # a number autograd saved (a wrapped number, which a dispatch mode is handed unwrapped)
         out = func(*args, **(kwargs or {}))
         if func in self.EMPTY and out.is_floating_point():
             out.fill_(math.nan)

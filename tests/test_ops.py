@@ -1617,3 +1617,46 @@ def test_op_table_linear_maps_stack_along_their_input_features(layer):
     assert len(calls) == 1  # x⁺w⁺ + x⁻w⁻ in one product
     torch.testing.assert_close(stacked, ZPlus(0.25).linear(xv, wv, R, LinearMap(fn, lmap._transpose)),
                                rtol=1e-10, atol=1e-12)
+
+
+def test_mask_check_returns_the_attended_weights():
+    """The softmax's mask check (``ops.attention._check_mask``) on logits known with an untracked mask taken as 0:
+    it returns the weights of the attended positions, the probabilities there and exactly 0 where masked, by -inf
+    or by a finite fill value such as Swin's -100 (exp(-100) > 0 in float64); a row whose every logit a fill value
+    rounded away (the smallest float added: equal weights whatever the scores) counts as masked, weights 0; the
+    threshold is the whole row's, so a block of its keys gets the same weights. A position bias that is not a mask
+    raises, at once or where the check is deferred (read with the pass's other flags); the tolerance grows with
+    the logits' size."""
+    from dynamiclrp.errors import ActivationUnavailableError
+    from dynamiclrp.ops.attention import _check_mask, mask_checks_pass
+
+    node = type("Node", (), {"kind": "SoftmaxBackward0", "id": 0})()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 6, dtype=D, generator=g)
+    mask = torch.zeros(3, 4, 6, dtype=D)
+    mask[0, :, 4:] = -100.0
+    mask[1, :, 3:] = -math.inf
+    mask[2, 1] = torch.finfo(D).min  # every logit of the row rounded away: equal weights, whatever x
+    x[1, 0, :3] = torch.tensor([0.0, -70.0, 0.0])  # a weight of 2e-31: attended (above 1e-30 / 6, not 1e-30 / 4)
+    s = torch.softmax(x + mask, -1)
+    assert bool((s[2, 1] == 1 / 6).all())
+    weights = _check_mask(node, x, s, -1, lambda key, like: None)
+    expected = s * (mask == 0)
+    assert torch.equal(weights, expected)
+    assert float(s[0, :, 4:].min()) > 0 and float(weights[2, 1].abs().max()) == 0 and float(weights[1, 0, 1]) > 0
+    block = _check_mask(node, x[..., :4], s[..., :4], -1, lambda key, like: None, keys=6)
+    assert torch.equal(block, expected[..., :4])
+    scaled = _check_mask(node, x / 4, s, -1, lambda key, like: None, scale=4.0)
+    assert torch.equal(scaled, expected)
+    # the tolerance grows with the logits (scale times x): a spread of 0.24 passes logits of size 200 (1e-3 x 201)
+    wide = 100 * x[0] + torch.linspace(-0.3, 0.3, 6, dtype=D)
+    assert float(wide.abs().max()) > 200
+    _check_mask(node, 100 * x[0] / 4, torch.softmax(wide, -1), -1, lambda key, like: None, scale=4.0)
+    checks = []
+    _check_mask(node, x[:2], s[:2], -1, lambda key, like: None, checks)
+    assert mask_checks_pass(checks[0][0].tolist(), [checks[0][1]])
+    biased = torch.softmax(x + mask + torch.linspace(-1, 1, 6, dtype=D), -1)
+    with pytest.raises(ActivationUnavailableError, match="position bias"):
+        _check_mask(node, x, biased, -1, lambda key, like: None)
+    _check_mask(node, x, biased, -1, lambda key, like: None, checks)
+    assert not mask_checks_pass(checks[1][0].tolist(), [checks[1][1]])

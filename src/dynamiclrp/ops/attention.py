@@ -86,6 +86,7 @@ class Softmax(OpSpec):
                 ctx.run.promises.certify((e.child, e.nr))
         r = rule.softmax(x, s, R, dim)
         if attended is not None:  # masked logits get no relevance, as with a -inf mask, whatever the fill value
+            attended = attended.sign_()  # the weights of the attended positions: 1.0 there, else 0.0
             r = r.mul_(attended) if r is not R and r.shape == attended.shape else r * attended
         return [r]
 
@@ -123,12 +124,12 @@ def _masked_identity_step(ctx):
         # the node's dtype (a float32 softmax in a float64 model), as its backward's
         s, x = ctx.output(0).to(g.dtype), ctx.input(0).to(g.dtype)
         out = spare(grad_inputs[0], g.shape, g.dtype, g, s, x)  # softmax's own result, ours to overwrite
+        e = node.inputs[0]
+        if e is not None and (e.child, e.nr) in run.promises.provisional:  # the masked positions' weights 0
+            s = _check_mask(node, x, s, saved(node.fn, "dim"), run.scratch, run.mask_checks)
+            run.promises.certify((e.child, e.nr))
         q = ratio_(torch.mul(g, s) if out is None else torch.mul(g, s, out=out), x)
         run.carried.append(extremes(q))
-        e = node.inputs[0]
-        if e is not None and (e.child, e.nr) in run.promises.provisional:
-            q.mul_(_check_mask(node, x, s, saved(node.fn, "dim"), run.scratch, run.mask_checks))
-            run.promises.certify((e.child, e.nr))
         if eps is not None:  # the sum's factor |x| / (|x| + eps), on q in place with one scratch buffer for |x|
             z = torch.abs(x if x.shape == q.shape else x.expand(q.shape), out=run.scratch(SCRATCH[1], q))
             q.mul_(z).div_(z.add_(eps))
@@ -348,35 +349,27 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
             run.derived[(_LEFT_FACTOR, chain.product)] = left
             left = blocks.dense(left, *shape[1:], copy=False)
 
+        # x = cx z (+ the bias): the logits, as the forward made them (a mask taken as 0); the gradient handed on is
+        # the logits' (the softmax's own result, replaced) or, carried by hand, the scores' (the scaling's backward
+        # applied: times cx)
+        cx = 1.0 if scaling is None else float(c) ** (-1 if divide else 1)
+        k = cx if to_scores else 1.0
+
         def rows():
             provisional = untracked or any(slot in run.promises.provisional for slot in checked)
             for b, hs, a, e, keys, z in blocks:  # keys up to the block's last weighted one: past it R_X = 0
-                # the logits, as the forward made them (a mask taken as 0), apart from z (its own factor follows)
                 ks = (b, hs, slice(a, e), slice(keys))
-                if scaling is None:
-                    x = z if bias3 is None else torch.add(z, bias3[ks])
-                else:
-                    x = z / c if divide else z * c
-                    if bias3 is not None:
-                        x.add_(bias3[ks])
+                x = None if bias3 is None else torch.add(bias3[ks], z, alpha=cx)
                 sb = s3[ks]
-                r = ratio_(torch.mul(g3[ks], sb, out=None if into3 is None else into3[ks]), x)
-                run.carried.append(extremes(r))
-                if provisional and keys:  # the keys past the block's last weighted one have no weight to check
-                    r.mul_(_check_mask(node, x, sb, -1, run.scratch, run.mask_checks))
-                if chain.mask_eps is not None:
-                    r.mul_(stabilising_factor(x, chain.mask_eps))
+                if provisional and keys:  # the masked positions' weights 0 (past the block's keys there are none)
+                    sb = _check_mask(node, z if x is None else x, sb, -1, run.scratch, run.mask_checks,
+                                     cx if x is None else 1.0, shape[2])
+                r = torch.mul(g3[ks], sb, out=None if into3 is None else into3[ks])  # R_X = R_P (the identity)
                 for t in () if keys == shape[2] else (into3, left):  # no gradient past them, nor any factor: 0,
                     if t is not None:  # not the fresh memory's garbage (the product's step multiplies by it)
                         t[b, hs, a:e, keys:] = 0
-                f = stabilising_factor(z, chain.eps) if left is None else \
-                    stabilising_factor(z, chain.eps, out=left[ks])
-                if chain.scale != 1.0:
-                    f.mul_(chain.scale)
-                if left is None:
-                    r.mul_(f)
-                if to_scores and scaling is not None:
-                    r = r.div_(c) if divide else r.mul_(c)
+                _scores_gradient(r, z, x, cx, chain, k, None if left is None else left[ks])
+                run.carried.append(extremes(r))
                 yield b, hs, a, e, keys, r
             if provisional:
                 for slot in checked:
@@ -411,53 +404,93 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
     return WholeStep(_unchanged, hook, direct, chain.through)
 
 
+def _scores_gradient(r, z, x, cx: float, chain: _ScoresChain, k: float, left=None) -> None:
+    r"""A block of the chain's gradient (:func:`_scores_identity_step`), in place in ``r``, the relevance
+    :math:`R_X = g \odot P` of the logits :math:`X = c_x Z` (+ the bias ``x``, where there is one; else None), ``z``
+    the scores :math:`Z` (overwritten): :math:`k` times
+
+    .. math:: g_X = \frac{R_X}{\mathrm{stab}_{\varepsilon_M}(X)}\;a\,\frac{|Z|}{|Z| + \varepsilon_Z}
+
+    (the sum's ε-step, then the product's factor; ``left``: written there instead, for the product's own step),
+    or without a sum :math:`g_X = a\,R_X / (c_x\,\mathrm{stab}_{\varepsilon_Z}(Z))` (the identity's step
+    :math:`R_X / X` times the product's :math:`a\,Z/\mathrm{stab}(Z)`). No division by :math:`X`: a logit of 0
+    carries its relevance on (the ε-rules below it take it, as node by node), where the ratio would be infinite.
+    Without a bias :math:`\mathrm{stab}(X) = \mathrm{sign}(c_x Z)\,(|c_x||Z| + \varepsilon_M)` and the two
+    denominators are made in one tensor: eight passes where the ratio and the two factors took fourteen.
+    ``copysign`` gives :math:`\mathrm{stab}(-0) = -\varepsilon` where the rules' sign(0) is +1; it changes no
+    relevance: a bmm's sum of products is -0 only where every product is ±0, and so is every share of it (and a
+    bias's -0 plus a score's sums to -0 only where both are)."""
+    a = chain.scale * k
+    if chain.mask_eps is None:  # softmax(c Z): a R_X / (c stab(Z))
+        r.div_(torch.abs(z).add_(chain.eps).copysign_(z))
+        if a != cx:
+            r.mul_(a / cx)
+        return
+    if x is None:  # R_X sign(c Z) |Z| a / ((|c||Z| + ε_M)(|Z| + ε_Z)) = R_X Z a sign(c) / (...)
+        r.mul_(z)  # a: the rule's factor (1, or AttnLRP's 1/2) times k, never 0
+        t = z.abs_()
+        d = torch.mul(t, abs(cx) / (a * math.copysign(1.0, cx))).add_(chain.mask_eps / (a * math.copysign(1.0, cx)))
+        r.div_(d.mul_(t.add_(chain.eps)))
+        return
+    r.div_(torch.abs(x).add_(chain.mask_eps).copysign_(x))
+    if left is not None:  # the product's factor, left for its own step
+        f = stabilising_factor(z, chain.eps, out=left)
+        if chain.scale != 1.0:
+            f.mul_(chain.scale)
+        if k != 1.0:
+            r.mul_(k)
+        return
+    t = z.abs_()
+    r.mul_(t).div_(t.add_(chain.eps))
+    if a != 1.0:
+        r.mul_(a)
+
+
 def _unchanged(grad_outputs):
     return grad_outputs
 
 
-def _check_mask(node, x, s, dim, scratch, deferred: list | None = None):
-    """Raise unless ``log s - x`` is constant per row on the attended positions (see :class:`Softmax`); return
-    the attended positions as numbers: 1.0 where the probability is above 1e-30 of the row's largest, else 0.0 (a
-    mask of -100, as Swin's, leaves exp(-100) > 0 in float64; it masks all the same). The constant is taken as the
-    row's mean over its attended positions, and every attended position must match it. A NaN anywhere in the check
-    raises too.
+def _check_mask(node, x, s, dim, scratch, deferred: list | None = None, scale: float = 1.0,
+                keys: int | None = None):
+    """Raise unless ``log s - scale * x`` is constant per row on the attended positions (see :class:`Softmax`);
+    return the weights of the attended positions: ``s`` where the probability is above 1e-30 / ``keys`` (the
+    softmax's size along ``dim``, the whole row's where ``s`` is a block of its keys: a threshold that no row's
+    blocking moves), else 0 (a mask of -100, as Swin's, leaves exp(-100) > 0 in float64; it masks all the same).
+    The constant holds where every row's spread of ``log s - x`` over its attended positions is at most twice
+    ``tol (1 + max |x|)``: each lies that close to the middle of its row's. A NaN anywhere in the check raises too.
 
-    Numbers rather than bools, and no ``max`` with indices: bool tensors, ``where`` and arg-reductions over tokens x
-    tokens tensors cost several times an arithmetic pass on CPU. The two tokens x tokens temporaries are the run's
-    ``scratch`` buffers where that pays (:meth:`dynamiclrp.engine.Run.scratch`), the same memory for every layer.
+    The spread in two reductions, without a bool tensor (slow on CPU): ``log`` of the weights is -inf where
+    masked, which the row's maximum passes over; for the minimum the -inf are made +inf. Seven passes over the
+    logits' size (four of them writes).
 
     ``deferred`` (the gradient form's ``Run.mask_checks``): the extremes are not read by the host here but appended
     with the tolerance, and the pass reads them all at its end with its other flags (one read for all the
     softmaxes: each read waits for a GPU, :func:`mask_checks_pass`); a failing check sends the run node by node,
     where this check runs in full (rows a fill value saturated, then the error)."""
-    floor = s.amax(dim, keepdim=True).mul_(1e-30)
-    numbers = scratch(SCRATCH[0], s)
-    attended = torch.gt(s, floor, out=torch.empty_like(s) if numbers is None else numbers)  # as numbers
-    # log s - x on attended positions, 0 elsewhere; the log's argument kept at or above the dtype's smallest positive
-    # number so that a row attending to nothing (a fully masked row of a safe softmax: all zeros) stays finite
-    info = torch.finfo(s.dtype)
-    positive = floor.clamp(min=info.smallest_normal * info.eps)
-    c = torch.maximum(s, positive, out=scratch(SCRATCH[1], s)).log_().sub_(x).mul_(attended)
-    shift = c.sum(dim, keepdim=True).div_(attended.sum(dim, keepdim=True).clamp_(min=1))
-    dev = torch.stack(torch.aminmax(c.addcmul_(shift, attended, value=-1)))  # c - shift where attended, else 0
+    weights = torch.threshold(s, 1e-30 / (s.shape[dim] if keys is None else keys), 0.0)
+    c = torch.log(weights, out=scratch(SCRATCH[1], s)).sub_(x, alpha=scale)  # -inf where masked
+    high = c.amax(dim, keepdim=True)
+    low = c.nan_to_num_(nan=math.nan, posinf=math.inf, neginf=math.inf).amin(dim, keepdim=True)
+    half = high.sub_(low).mul_(0.5)  # per row; -inf where nothing is attended
+    worst = half.amax().reshape(1)
     tol = 1e-3 if x.dtype == torch.float64 else 2e-2
     # the deviations' and the logits' extremes (max |x| without a tokens x tokens |x|) in one read by the host
-    found = torch.cat([dev, torch.stack(torch.aminmax(x)).to(dev.dtype)])
+    found = torch.cat([worst.neg(), worst, torch.stack(torch.aminmax(x)).to(worst.dtype).mul_(abs(scale))])
     if deferred is not None:
         deferred.append((found, tol))
-        return attended
-    dev_low, dev_high, low, high = found.tolist()
+        return weights
+    _, dev, low, high = found.tolist()
     bound = tol * (1 + max(-low, high))
-    if not max(-dev_low, dev_high) <= bound:
-        _drop_saturated_rows(s, dim, attended, c, bound)
-        dev_low, dev_high = torch.stack(torch.aminmax(c)).tolist()
-    if not max(-dev_low, dev_high) <= bound:
+    if not dev <= bound:
+        _drop_saturated_rows(dim, weights, half, bound)
+        dev = float(half.amax())
+    if not dev <= bound:
         raise ActivationUnavailableError(
             f"the logits of {node.kind} (node #{node.id}) include a constant autograd did not record that is not "
             "a plain mask (0 where attended): e.g. a position bias. Let that tensor require grad so the graph "
             "records it"
         )
-    return attended
+    return weights
 
 
 def mask_checks_pass(numbers: list[float], tols: list[float]) -> bool:
@@ -470,21 +503,18 @@ def mask_checks_pass(numbers: list[float], tols: list[float]) -> bool:
     return True
 
 
-def _drop_saturated_rows(s, dim, attended, c, bound) -> None:
+def _drop_saturated_rows(dim, weights, half, bound) -> None:
     """Rows that fail the mask check only because a fill value rounded their logits away: every position the row
     attends to was shifted by the same huge constant (a padded query under a causal mask, ``finfo.min`` added twice
     or to a tiny score), which leaves equal probabilities there whatever the logits were. Such a row attends to
-    nothing the logits decided: it is marked masked in ``attended`` (its relevance 0) and cleared in ``c`` (the
-    check's deviations). A failing row whose attended probabilities differ stays, and the check raises. Only on the
+    nothing the logits decided: its ``weights`` are made 0 (masked: its relevance 0) and its ``half`` spread -inf
+    (the check's). A failing row whose attended probabilities differ stays, and the check raises. Only on the
     check's failure path: it costs three passes."""
-    big = torch.where(attended > 0, s, torch.full((), float("inf"), dtype=s.dtype, device=s.device))
-    uniform = torch.eq(big.amin(dim, keepdim=True), s.amax(dim, keepdim=True))
-    failing = c.abs().amax(dim, keepdim=True) > bound
-    saturated = uniform & failing
+    big = torch.where(weights > 0, weights, torch.full((), math.inf, dtype=weights.dtype, device=weights.device))
+    saturated = torch.eq(big.amin(dim, keepdim=True), weights.amax(dim, keepdim=True)) & (half > bound)
     if bool(saturated.any()):
-        keep = saturated.logical_not().to(attended.dtype)
-        attended.mul_(keep)
-        c.mul_(keep)
+        weights.mul_(saturated.logical_not().to(weights.dtype))
+        half.masked_fill_(saturated, -math.inf)
 
 
 def _heads(q, k):
