@@ -779,10 +779,12 @@ CPU_DEVICES = ("cpu",)
 #: the size of the attention weights (elements) from which the blockwise softmax step (:func:`scores_chain`) also
 #: carries the blocks on to the queries and keys by hand, a pass nested in the outer one, so that no tokens x tokens
 #: gradient is made (the softmax's and the product's own backward skipped). Below it the nested pass costs more than
-#: that backward: BERT-base at 128 tokens (196,608 weights) 3.7 % faster without it, T5-small 5 % (15 rounds, 1
-#: thread), at 512 tokens a tie; the 4-layer decoder at 2,048 tokens (16.8 M) 0.82x the time with it, and its peak
-#: memory 1.05x the full pass's where it was 1.38x (session 17)
-DIRECT_SCORES = 1 << 23
+#: that backward. Session 21 (the step made cheaper; same-process A/B, 1 thread, the bypass against none, paired
+#: medians): BERT-base at 128 tokens (196,608 weights) 1.00x, at 256 (786,432) 0.98x, at 512 (3.1 M) 0.93x; the
+#: 297 M decoder at 512 tokens (4.2 M) 0.94x; T5-small's cross-attention (32 x 512 x 8 heads, 131,072) 1.06x
+#: (T5-small at 512 tokens) and 1.09x (at 128). Session 17: the 4-layer decoder at 2,048 tokens (16.8 M) 0.82x,
+#: its peak memory 1.05x the full pass's where it was 1.38x
+DIRECT_SCORES = 1 << 19
 
 
 class _ScoreBlocks:
