@@ -1631,6 +1631,9 @@ def test_mask_check_returns_the_attended_weights():
     from dynamiclrp.ops.attention import _check_mask, mask_checks_pass
 
     node = type("Node", (), {"kind": "SoftmaxBackward0", "id": 0})()
+
+    def no_scratch(key, like):  # the run's scratch buffers: none here (each temporary fresh)
+        return None
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 6, dtype=D, generator=g)
     mask = torch.zeros(3, 4, 6, dtype=D)
@@ -1640,23 +1643,23 @@ def test_mask_check_returns_the_attended_weights():
     x[1, 0, :3] = torch.tensor([0.0, -70.0, 0.0])  # a weight of 2e-31: attended (above 1e-30 / 6, not 1e-30 / 4)
     s = torch.softmax(x + mask, -1)
     assert bool((s[2, 1] == 1 / 6).all())
-    weights = _check_mask(node, x, s, -1, lambda key, like: None)
+    weights = _check_mask(node, x, s, -1, no_scratch)
     expected = s * (mask == 0)
     assert torch.equal(weights, expected)
     assert float(s[0, :, 4:].min()) > 0 and float(weights[2, 1].abs().max()) == 0 and float(weights[1, 0, 1]) > 0
-    block = _check_mask(node, x[..., :4], s[..., :4], -1, lambda key, like: None, keys=6)
+    block = _check_mask(node, x[..., :4], s[..., :4], -1, no_scratch, keys=6)
     assert torch.equal(block, expected[..., :4])
-    scaled = _check_mask(node, x / 4, s, -1, lambda key, like: None, scale=4.0)
+    scaled = _check_mask(node, x / 4, s, -1, no_scratch, scale=4.0)
     assert torch.equal(scaled, expected)
     # the tolerance grows with the logits (scale times x): a spread of 0.24 passes logits of size 200 (1e-3 x 201)
     wide = 100 * x[0] + torch.linspace(-0.3, 0.3, 6, dtype=D)
     assert float(wide.abs().max()) > 200
-    _check_mask(node, 100 * x[0] / 4, torch.softmax(wide, -1), -1, lambda key, like: None, scale=4.0)
+    _check_mask(node, 100 * x[0] / 4, torch.softmax(wide, -1), -1, no_scratch, scale=4.0)
     checks = []
-    _check_mask(node, x[:2], s[:2], -1, lambda key, like: None, checks)
+    _check_mask(node, x[:2], s[:2], -1, no_scratch, checks)
     assert mask_checks_pass(checks[0][0].tolist(), [checks[0][1]])
     biased = torch.softmax(x + mask + torch.linspace(-1, 1, 6, dtype=D), -1)
     with pytest.raises(ActivationUnavailableError, match="position bias"):
-        _check_mask(node, x, biased, -1, lambda key, like: None)
-    _check_mask(node, x, biased, -1, lambda key, like: None, checks)
+        _check_mask(node, x, biased, -1, no_scratch)
+    _check_mask(node, x, biased, -1, no_scratch, checks)
     assert not mask_checks_pass(checks[1][0].tolist(), [checks[1][1]])

@@ -82,11 +82,12 @@ class Softmax(OpSpec):
             x = ctx.input(0)
             e = ctx.node.inputs[0]
             if e is not None and (e.child, e.nr) in ctx.run.promises.provisional:
-                attended = _check_mask(ctx.node, x, s, dim, ctx.run.scratch)
+                weights = _check_mask(ctx.node, x, s, dim, ctx.run.scratch)
+                # a check switched off (a test) returns None: nothing is then masked
+                attended = None if weights is None else weights.sign_()  # 1.0 where attended, else 0.0
                 ctx.run.promises.certify((e.child, e.nr))
         r = rule.softmax(x, s, R, dim)
         if attended is not None:  # masked logits get no relevance, as with a -inf mask, whatever the fill value
-            attended = attended.sign_()  # the weights of the attended positions: 1.0 there, else 0.0
             r = r.mul_(attended) if r is not R and r.shape == attended.shape else r * attended
         return [r]
 
@@ -422,17 +423,18 @@ def _scores_gradient(r, z, x, cx: float, chain: _ScoresChain, k: float, left=Non
     bias's -0 plus a score's sums to -0 only where both are)."""
     a = chain.scale * k
     if chain.mask_eps is None:  # softmax(c Z): a R_X / (c stab(Z))
-        r.div_(torch.abs(z).add_(chain.eps).copysign_(z))
+        _over_stab(r, z, chain.eps)
         if a != cx:
             r.mul_(a / cx)
         return
     if x is None:  # R_X sign(c Z) |Z| a / ((|c||Z| + ε_M)(|Z| + ε_Z)) = R_X Z a sign(c) / (...)
-        r.mul_(z)  # a: the rule's factor (1, or AttnLRP's 1/2) times k, never 0
+        r.mul_(z)
         t = z.abs_()
-        d = torch.mul(t, abs(cx) / (a * math.copysign(1.0, cx))).add_(chain.mask_eps / (a * math.copysign(1.0, cx)))
+        signed = a * math.copysign(1.0, cx)  # a: the rule's factor (1, or AttnLRP's 1/2) times k, never 0
+        d = torch.mul(t, abs(cx) / signed).add_(chain.mask_eps / signed)
         r.div_(d.mul_(t.add_(chain.eps)))
         return
-    r.div_(torch.abs(x).add_(chain.mask_eps).copysign_(x))
+    _over_stab(r, x, chain.mask_eps)
     if left is not None:  # the product's factor, left for its own step
         f = stabilising_factor(z, chain.eps, out=left)
         if chain.scale != 1.0:
@@ -444,6 +446,13 @@ def _scores_gradient(r, z, x, cx: float, chain: _ScoresChain, k: float, left=Non
     r.mul_(t).div_(t.add_(chain.eps))
     if a != 1.0:
         r.mul_(a)
+
+
+def _over_stab(r, x, eps: float) -> None:
+    r""":math:`r / \mathrm{stab}_\varepsilon(x)` in place, the denominator as ``copysign(|x| + eps, x)``: three
+    passes where :func:`~dynamiclrp.rules.over_stabilized` takes five for the rules' exact sign(±0) = +1, which
+    the chain does not need (:func:`_scores_gradient`)."""
+    r.div_(torch.abs(x).add_(eps).copysign_(x))
 
 
 def _unchanged(grad_outputs):
