@@ -628,14 +628,18 @@ class BiasedAttention(nn.Module):
     """T5's attention written out: unscaled scores ``q kᵀ``, to which each layer adds (in place) a position bias all
     layers share, looked up in an embedding of relative positions (``table``; :func:`dynamiclrp.explain` records
     every embedding lookup, so the bias's relevance is asked for) or a parameter; ``causal``: T5's decoder, whose
-    bias carries a causal mask autograd did not record (its smallest number where masked)."""
+    bias carries a causal mask autograd did not record (its smallest number where masked); ``mask``: another
+    additive constant autograd does not record, added to the bias (T5's encoder's attention mask: 0 where attended,
+    its smallest number at padded keys)."""
 
-    def __init__(self, table: bool, causal: bool, d: int = 8, heads: int = 2, layers: int = 2, t: int = 40):
+    def __init__(self, table: bool, causal: bool, d: int = 8, heads: int = 2, layers: int = 2, t: int = 40,
+                 mask: torch.Tensor | None = None):
         super().__init__()
         self.qkv = nn.ModuleList(nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(3)) for _ in range(layers))
         self.table = nn.Embedding(2 * t - 1, heads) if table else None
         self.bias = None if table else nn.Parameter(0.3 * torch.randn(heads, t, t))
         self.head, self.heads, self.causal = nn.Linear(d, 2, bias=False), heads, causal
+        self.register_buffer("mask", mask)
 
     def forward(self, x):
         n, t, d = x.shape
@@ -645,6 +649,8 @@ class BiasedAttention(nn.Module):
             pb = self.bias[None, :, :t, :t]
         if self.causal:
             pb = pb + torch.triu(torch.full((t, t), torch.finfo(x.dtype).min, dtype=x.dtype), 1)
+        if self.mask is not None:
+            pb = pb + self.mask
         for q, k, v in self.qkv:
             qh, kh, vh = (p(x).view(n, t, self.heads, -1).transpose(1, 2) for p in (q, k, v))
             s = qh @ kh.transpose(-1, -2)
@@ -697,6 +703,55 @@ def test_softmax_step_takes_a_chain_with_a_recorded_bias(table, causal, monkeypa
     limit = dynamiclrp.explain(model, x, gradient_form=False, preset="epsilon", target=1, ledger=False,
                                rules={**rules, "sum": r.Epsilon(1e-30), "product": r.Uniform(1e-30)})
     assert rel_diff(limit.inputs[0], ref.inputs[0]) > 1e-3
+
+
+@pytest.mark.parametrize("mask", ["zero", "padded", "padded left", "not a mask"])
+def test_a_bias_every_layer_adds_is_checked_once_where_no_position_is_masked(mask, monkeypatch):
+    """T5's encoder: each layer adds one recorded position bias, to which an attention mask autograd did not
+    record was added (taken as 0, checked by the softmax's step). Where one layer's check finds every position
+    attended and the mask constant per row, it is so for every layer adding the same bias: the other layers check
+    no more, but hand the pass that deviation against their own logits' tolerance. With padded keys (on the right,
+    or on the left) each layer checks: its masked positions are its own to find. A mask that is not one (a half
+    spread of 0.01 where some keys get 0.02) passes the check of the layer with large logits (within 1e-3 (1 +
+    max |x|) of each block's), fails those of the layers with small ones: refused by the gradient form too, with
+    the error node by node gives. Else equal to node by node in float64."""
+    from dynamiclrp.ops import attention
+
+    monkeypatch.setattr(attention, "_BLOCK", 1)
+    monkeypatch.setattr(attention, "_HEADS_BLOCK", 1)
+    checked, check = [], attention._check_mask
+
+    def spied(node, x, s, dim, scratch, deferred=None, *args):
+        if deferred is not None:  # the gradient form's (node by node checks at once)
+            checked.append(node.id)
+        return check(node, x, s, dim, scratch, deferred, *args)
+    monkeypatch.setattr(attention, "_check_mask", spied)
+    t = 40
+    added = torch.zeros(t, t, dtype=D)
+    if mask == "padded":  # a block reads the keys up to the last one it weights: not every position
+        added[:, -8:] = torch.finfo(D).min
+    elif mask == "padded left":  # every key read, 8 of them weighted 0
+        added[:, :8] = torch.finfo(D).min
+    elif mask == "not a mask":
+        added[:, ::5] = 0.02
+    torch.manual_seed(0)
+    model, x = BiasedAttention(table=True, causal=False, layers=3, mask=added).to(D).eval(), torch.randn(2, t, 8,
+                                                                                                         dtype=D)
+    with torch.no_grad():  # the last layer's logits within ±28, the others' within ±6
+        model.qkv[-1][0].weight.mul_(6.0)
+    rules = {"sum": r.Epsilon(0.02), "product": r.Uniform(0.01), "linear": r.Epsilon(1e-30)}
+    kw = dict(preset="epsilon", target=1, ledger=False, rules=rules)
+    if mask == "not a mask":
+        with pytest.raises(ActivationUnavailableError, match="position bias"):
+            dynamiclrp.explain(model, x, gradient_form=True, **kw)
+        assert len(set(checked)) == 1  # the last layer's check passed, and the others took its deviation
+        return
+    got = dynamiclrp.explain(model, x, gradient_form=True, **kw)
+    assert got.stats.gradient_form
+    assert len(set(checked)) == (1 if mask == "zero" else 3)
+    ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
+    assert rel_diff(got.embeddings["table.weight"], ref.embeddings["table.weight"]) < 1e-12
 
 
 def test_product_step_works_its_factor_out_where_none_was_left(monkeypatch):

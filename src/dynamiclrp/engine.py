@@ -76,6 +76,10 @@ class Run:
         #: of the deviations and of the logits (four numbers on the device) and the tolerance
         #: (``ops.attention._check_mask``)
         self.mask_checks: list[tuple[torch.Tensor, float]] = []
+        #: a recorded bias's value (slot) whose untracked mask a softmax's check found constant per row at every
+        #: position, where every position was attended: the deviation measured (on the device), which every other
+        #: layer adding the same bias reuses instead of checking again (``ops.attention._scores_identity_step``)
+        self.verified_masks: dict[tuple[int, int], torch.Tensor] = {}
 
     def scratch(self, key: str, like: torch.Tensor) -> torch.Tensor | None:
         """A buffer with ``like``'s shape, dtype and device that an op entry may overwrite during its own turn and

@@ -245,7 +245,7 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
     keys = sorted(run.record)
     outputs = [GradientEdge(graph.nodes[nid].fn, nr) for nid, nr in seeds]
     ratios = [ratio(r.to(v.dtype), v) for r, v in seeds.values()]  # at an output: its relevance over its value
-    run.carried, run.mask_checks = [extremes(q) for q in ratios], []
+    run.carried, run.mask_checks, run.verified_masks = [extremes(q) for q in ratios], [], {}
     prepared.bind(run)  # released below, whatever happens: a plan keeps the pass, not the run
     hooks = prepared.hooks(run)
     bypasses, handles = None, []

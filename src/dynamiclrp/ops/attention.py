@@ -357,14 +357,29 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
         k = cx if to_scores else 1.0
 
         def rows():
-            provisional = untracked or any(slot in run.promises.provisional for slot in checked)
+            unchecked = [slot for slot in checked if slot in run.promises.provisional]
+            provisional = untracked or bool(unchecked)
+            # a recorded bias the only value known with a mask taken as 0 (T5's position bias, which every layer
+            # adds): once one layer's check finds the mask constant per row at every position (none masked), the
+            # other layers take that deviation instead of checking again (on the CPU: the host reads whether the
+            # check saw every position; elsewhere each read waits for the device)
+            shared = unchecked[0] if not untracked and unchecked == checked[-1:] and chain.bias is not None and \
+                s.device.type in CPU_DEVICES else None
+            verified = None if shared is None else run.verified_masks.get(shared)
+            first, smallest, ranges = len(run.mask_checks), [], []
+            whole = shared is not None and verified is None  # whether this check sees every position
             for b, hs, a, e, keys, z in blocks:  # keys up to the block's last weighted one: past it R_X = 0
                 ks = (b, hs, slice(a, e), slice(keys))
                 x = None if bias3 is None else torch.add(bias3[ks], z, alpha=cx)
                 sb = s3[ks]
-                if provisional and keys:  # the masked positions' weights 0 (past the block's keys there are none)
+                if verified is not None:  # checked where the same bias was: only this layer's logits' range
+                    ranges.append(torch.aminmax(x))
+                elif provisional and keys:  # the masked positions' weights 0 (past the block's keys there are none)
                     sb = _check_mask(node, z if x is None else x, sb, -1, run.scratch, run.mask_checks,
                                      cx if x is None else 1.0, shape[2])
+                whole = whole and keys == shape[2]  # past a block's keys no position is attended
+                if whole:
+                    smallest.append(sb.amin())
                 r = torch.mul(g3[ks], sb, out=None if into3 is None else into3[ks])  # R_X = R_P (the identity)
                 for t in () if keys == shape[2] else (into3, left):  # no gradient past them, nor any factor: 0,
                     if t is not None:  # not the fresh memory's garbage (the product's step multiplies by it)
@@ -372,6 +387,11 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
                 _scores_gradient(r, z, x, cx, chain, k, None if left is None else left[ks])
                 run.carried.append(extremes(r))
                 yield b, hs, a, e, keys, r
+            if verified is not None and ranges:
+                low, high = (torch.stack(t) for t in zip(*ranges))
+                run.mask_checks.append((_check_numbers(verified, low.amin(), high.amax()), _mask_tol(s.dtype)))
+            elif whole and smallest and bool(torch.stack(smallest).amin() > 0):  # no weight 0: none masked
+                run.verified_masks[shared] = torch.stack([t[1] for t, _ in run.mask_checks[first:]]).amax()
             if provisional:
                 for slot in checked:
                     run.promises.certify(slot)
@@ -481,10 +501,9 @@ def _check_mask(node, x, s, dim, scratch, deferred: list | None = None, scale: f
     high = c.amax(dim, keepdim=True)
     low = c.nan_to_num_(nan=math.nan, posinf=math.inf, neginf=math.inf).amin(dim, keepdim=True)
     half = high.sub_(low).mul_(0.5)  # per row; -inf where nothing is attended
-    worst = half.amax().reshape(1)
-    tol = 1e-3 if x.dtype == torch.float64 else 2e-2
-    # the deviations' and the logits' extremes (max |x| without a tokens x tokens |x|) in one read by the host
-    found = torch.cat([worst.neg(), worst, torch.stack(torch.aminmax(x)).to(worst.dtype).mul_(abs(scale))])
+    worst = half.amax()
+    tol = _mask_tol(x.dtype)
+    found = _check_numbers(worst, *torch.aminmax(x), scale)
     if deferred is not None:
         deferred.append((found, tol))
         return weights
@@ -500,6 +519,19 @@ def _check_mask(node, x, s, dim, scratch, deferred: list | None = None, scale: f
             "records it"
         )
     return weights
+
+
+def _mask_tol(dtype: torch.dtype) -> float:
+    """The mask check's relative tolerance for logits of ``dtype`` (:func:`_check_mask`)."""
+    return 1e-3 if dtype == torch.float64 else 2e-2
+
+
+def _check_numbers(worst, low, high, scale: float = 1.0) -> torch.Tensor:
+    """A mask check's four numbers, on the device: the extremes of the deviation ``worst`` (its largest half
+    spread of a row) and of the logits (``low`` and ``high`` times ``|scale|``: max |x| without a tokens x tokens
+    ``|x|``), read with the others by the host in one go (:func:`mask_checks_pass`)."""
+    worst = worst.reshape(1)
+    return torch.cat([worst.neg(), worst, torch.stack((low, high)).to(worst.dtype).mul_(abs(scale))])
 
 
 def mask_checks_pass(numbers: list[float], tols: list[float]) -> bool:
