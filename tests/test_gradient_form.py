@@ -630,16 +630,17 @@ class BiasedAttention(nn.Module):
     every embedding lookup, so the bias's relevance is asked for) or a parameter; ``causal``: T5's decoder, whose
     bias carries a causal mask autograd did not record (its smallest number where masked); ``mask``: another
     additive constant autograd does not record, added to the bias (T5's encoder's attention mask: 0 where attended,
-    its smallest number at padded keys)."""
+    its smallest number at padded keys); ``read``: the bias read once more, by the output (its mean added)."""
 
     def __init__(self, table: bool, causal: bool, d: int = 8, heads: int = 2, layers: int = 2, t: int = 40,
-                 mask: torch.Tensor | None = None):
+                 mask: torch.Tensor | None = None, read: bool = False):
         super().__init__()
         self.qkv = nn.ModuleList(nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(3)) for _ in range(layers))
         self.table = nn.Embedding(2 * t - 1, heads) if table else None
         self.bias = None if table else nn.Parameter(0.3 * torch.randn(heads, t, t))
         self.head, self.heads, self.causal = nn.Linear(d, 2, bias=False), heads, causal
         self.register_buffer("mask", mask)
+        self.read = read
 
     def forward(self, x):
         n, t, d = x.shape
@@ -656,7 +657,7 @@ class BiasedAttention(nn.Module):
             s = qh @ kh.transpose(-1, -2)
             s += pb
             x = x + (torch.softmax(s, -1) @ vh).transpose(1, 2).reshape(n, t, d)
-        return self.head(x.mean(1))
+        return self.head(x.mean(1)) + pb.mean() if self.read else self.head(x.mean(1))
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -694,7 +695,7 @@ def test_softmax_step_takes_a_chain_with_a_recorded_bias(table, causal, monkeypa
     got = dynamiclrp.explain(model, x, gradient_form=True, **kw)
     assert got.stats.gradient_form and chains == [(None, True, not table)] * 2
     assert len(scores) == 6 and not scores & set(replayed)  # sums, views, products: the scores in blocks alone
-    assert got.stats.bypassed_kinds == ({} if table else {"SoftmaxBackward0": 2})
+    assert got.stats.bypassed_kinds == {"SoftmaxBackward0": 2}
     ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
     assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
     if table:
@@ -749,6 +750,41 @@ def test_a_bias_every_layer_adds_is_checked_once_where_no_position_is_masked(mas
     got = dynamiclrp.explain(model, x, gradient_form=True, **kw)
     assert got.stats.gradient_form
     assert len(set(checked)) == (1 if mask == "zero" else 3)
+    ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
+    assert rel_diff(got.embeddings["table.weight"], ref.embeddings["table.weight"]) < 1e-12
+
+
+@pytest.mark.parametrize("read", [False, True])
+def test_a_bias_every_layer_adds_gets_their_gradients_summed(read, monkeypatch):
+    """Where the bias's relevance is asked for (an embedding looked up), each layer's step carried on by hand hands
+    the bias the logits' gradient too: summed over the layers, carried down to the table's lookup once the last
+    layer has given its own (one nested pass). Read elsewhere too (by the output), the bias's node also gets a
+    gradient in the outer pass: each pass carries its part. One pass, both softmaxes bypassed, equal to node by
+    node in float64 (the inputs' and the table's relevance). Under a causal mask autograd did not record (T5's
+    decoder), or none."""
+    from dynamiclrp import gradient_bypass, gradient_form
+    from dynamiclrp.ops import attention
+
+    monkeypatch.setattr(attention, "DIRECT_SCORES", 0)
+    nested, hand_on = [], gradient_bypass._hand_on
+
+    def spied(bypasses, edges, given, frontier, ends):
+        nested.append([bypasses.fn(nid).name() for nid, _ in frontier])
+        return hand_on(bypasses, edges, given, frontier, ends)
+    monkeypatch.setattr(gradient_bypass, "_hand_on", spied)
+    passes, run_pass = [], gradient_form.propagate_gradient_form
+    monkeypatch.setattr(gradient_form, "propagate_gradient_form",
+                        lambda *args, **kw: passes.append(1) or run_pass(*args, **kw))
+    torch.manual_seed(0)
+    model = BiasedAttention(table=True, causal=not read, read=read).to(D).eval()  # (a mean of the masked: -inf)
+    x = torch.randn(2, 40, 8, dtype=D)
+    rules = {"sum": r.Epsilon(0.02), "product": r.Uniform(0.01), "linear": r.Epsilon(1e-30)}
+    kw = dict(preset="epsilon", target=1, ledger=False, rules=rules)
+    got = dynamiclrp.explain(model, x, gradient_form=True, **kw)
+    assert got.stats.gradient_form and got.stats.bypassed_kinds == {"SoftmaxBackward0": 2}
+    assert passes == []  # no second pass without bypasses (the api's own call is not the module's name)
+    assert nested.count(["EmbeddingBackward0"]) == 1  # the bias's sum, to the table's lookup
     ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
     assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
     assert rel_diff(got.embeddings["table.weight"], ref.embeddings["table.weight"]) < 1e-12

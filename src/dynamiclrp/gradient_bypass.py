@@ -91,6 +91,17 @@ class UndeliveredError(RuntimeError):
     """A gradient carried past a bypassed node found no gradient to be added to."""
 
 
+class _Shared:
+    """A slot that several bypassed steps give a gradient (:attr:`dynamiclrp.ops.base.WholeStep.shared`): how many
+    (``readers``), where the nested pass that hands their sum on ends (``frontier``, ``ends``: as
+    :func:`_nested`'s), and in a pass the sum so far and how many are still to come."""
+
+    def __init__(self, readers: int, frontier: list[tuple[int, int]], ends: frozenset):
+        self.readers, self.frontier, self.ends = readers, frontier, ends
+        self.total: torch.Tensor | None = None
+        self.waiting = readers
+
+
 class Bypasses:
     """The bypasses of a gradient pass: the pre-hooks to register (delivery hooks first), each at a graph node
     (its head part's id), and the gradients in transit between a bypassed node and the slots that take them.
@@ -107,11 +118,16 @@ class Bypasses:
         #: arrives, before the delivery hook adds to it, so the delivered part is added to what it read
         self.recorded: frozenset = frozenset()
         self.delivered: dict[tuple[int, int], torch.Tensor] = {}
+        #: slots that several bypassed steps give a gradient besides their own chain's (T5's position bias):
+        #: summed as they come, handed on by one nested pass once every one of them has
+        self.shared: dict[tuple[int, int], _Shared] = {}
 
     def bind(self, graph: Any) -> Bypasses:
         """Ready for a pass over ``graph`` (the planned graph, or one with the same skeleton): nothing in transit,
         nothing counted yet."""
         self.graph, self.pending, self.bypassed, self.delivered = graph, {}, Counter(), {}
+        for shared in self.shared.values():
+            shared.total, shared.waiting = None, shared.readers
         return self
 
     def fn(self, nid: int) -> Any:
@@ -122,8 +138,21 @@ class Bypasses:
         return bool(self.hooks)
 
     def undelivered(self) -> bool:
-        """Whether a carried gradient is still waiting after the pass (its slot's node never ran)."""
-        return bool(self.pending)
+        """Whether a carried gradient is still waiting after the pass (its slot's node never ran, or a shared
+        slot's sum lacks a step's part: that step declined, and its node gave the slot a gradient itself)."""
+        return bool(self.pending) or any(shared.total is not None for shared in self.shared.values())
+
+    def share(self, slot: tuple[int, int], grad: torch.Tensor) -> None:
+        """Add a bypassed step's gradient for a shared slot (:attr:`shared`); once every step reading it has given
+        its own, hand the sum on (a nested pass from the slot down to its frontier, :func:`_hand_on`)."""
+        shared = self.shared[slot]
+        meta = self.fn(slot[0])._input_metadata[slot[1]]
+        grad = (grad if grad.shape == meta.shape else grad.sum_to_size(meta.shape)).to(meta.dtype)
+        shared.total = grad if shared.total is None else shared.total.add_(grad)
+        shared.waiting -= 1
+        if shared.waiting == 0:
+            total, shared.total = shared.total, None
+            _hand_on(self, [GradientEdge(self.fn(slot[0]), slot[1])], [total], shared.frontier, shared.ends)
 
     # ---------------------------------------------------------------------------------------------- planning
     def add_delivery(self, nid: int, slot: int) -> None:
@@ -257,18 +286,17 @@ def plan_bypasses(run: Run, steps: dict[Any, Any], seeds: frozenset = frozenset(
             plan.hook(fn, _direct(plan.bypasses, fn.name(), step, route))
         else:
             plan.speak(fn)
-    for fn, step in steps.items():
-        if isinstance(step, WholeStep) and useful[graph.head[fn]]:
-            frontier = plan.frontier(fn, step.through)
-            if frontier is not None:
-                # a recorded slot with nothing wanted below it: the pass reads its gradient and runs no node there,
-                # so no delivery hook would run either; what reaches it is added to what the pass read
-                ends = frozenset(at for at in frontier if at in run.record and not plan.below(at[0]))
-                for nid, slot in frontier:
-                    if (nid, slot) not in ends:
-                        plan.bypasses.add_delivery(nid, slot)
-                below = step.through[-1] if step.through else graph.head[fn]  # whose inputs get the gradients
-                plan.hook(fn, _nested(plan.bypasses, fn.name(), below, step, frontier, ends))
+    wholes = [(fn, step, frontier) for fn, step in steps.items() if isinstance(step, WholeStep) and
+              useful[graph.head[fn]] for frontier in [plan.frontier(fn, step.through)] if frontier is not None]
+    shared = plan.bypasses.shared = plan.shared(wholes)
+    for at in shared.values():
+        plan.deliveries(at.frontier, at.ends)
+    for fn, step, frontier in wholes:
+        if all(slot in shared for slot in step.shared):
+            ends = plan.ends(frontier)
+            plan.deliveries(frontier, ends)
+            below = step.through[-1] if step.through else graph.head[fn]  # whose inputs get the gradients
+            plan.hook(fn, _nested(plan.bypasses, fn.name(), below, step, frontier, ends))
     return plan.bypasses
 
 
@@ -447,7 +475,12 @@ class _Planner:
                         frontier.append((nid, nr))
                 continue
             if any((nid, nr) in run.record for nr in slots):
-                return None
+                if self.below(nid):
+                    return None
+                # recorded, fed by the region alone, nothing wanted below: the pass reads the slot without running
+                # its node, and what the region hands it is added to what the pass read (an end, :meth:`ends`)
+                frontier.extend((nid, nr) for nr in slots if (nid, nr) in run.record)
+                continue
             inside.update(part.id for part in graph.parts(node_fn))
             region += 1
             if region > _MAX_REGION:
@@ -457,6 +490,41 @@ class _Planner:
                     seen.add(c)
                     heapq.heappush(queue, (self._position[c], c))
         return frontier or None
+
+    def ends(self, frontier: list[tuple[int, int]]) -> frozenset:
+        """The slots of a nested pass's ``frontier`` that are recorded with nothing wanted below: the pass reads
+        their gradient and runs no node there, so no delivery hook would run either; what reaches them is added to
+        what the pass read."""
+        return frozenset(at for at in frontier if at in self.run.record and not self.below(at[0]))
+
+    def deliveries(self, frontier: list[tuple[int, int]], ends: frozenset) -> None:
+        """A delivery hook at each slot of a nested pass's ``frontier`` but its ``ends``."""
+        for nid, slot in frontier:
+            if (nid, slot) not in ends:
+                self.bypasses.add_delivery(nid, slot)
+
+    def shared(self, wholes: list) -> dict[tuple[int, int], _Shared]:
+        """The slots the steps of ``wholes`` (``(fn, step, frontier)``, each bypassable) give a gradient besides
+        their chain's (:attr:`~dynamiclrp.ops.base.WholeStep.shared`) that can be handed on: with a frontier of
+        their own below (or recorded, with nothing wanted below). Another reader of the slot (a chain not
+        bypassed, anything else) gives the slot's node a gradient in the outer pass too: the node then runs in both
+        passes, each with its part of the gradient (a node's backward is linear in it), and the engine runs it
+        only after every reader, so after the nested pass has left its deliveries below."""
+        graph, run = self.run.graph, self.run
+        readers: dict[tuple[int, int], list] = {}
+        for _, step, _ in wholes:
+            for slot in step.shared:  # a step with more than one (none so far) is not bypassed: none of its slots
+                readers.setdefault(slot, []).append(step if len(step.shared) == 1 else None)
+        shared = {}
+        for slot, steps in readers.items():
+            fn = graph.nodes[slot[0]].fn
+            if None in steps or len(graph.parts(fn)) != 1 or slot in self.seeds:
+                continue
+            recorded = slot in run.record  # nothing to run: its sum is added to what the pass reads there
+            frontier = (None if self.below(slot[0]) else [slot]) if recorded else self.frontier(fn)
+            if frontier is not None:
+                shared[slot] = _Shared(len(steps), frontier, self.ends(frontier))
+        return shared
 
     def below(self, nid: int) -> list[int]:
         """The graph nodes that graph node ``nid``'s step gives a gradient to (the producers of its autograd node's
@@ -557,19 +625,33 @@ def _nested(bypasses: Bypasses, kind: str, nid: int, step: WholeStep, frontier: 
             if child is not None and g is not None:
                 edges.append(GradientEdge(child, nr))
                 given.append(g)
-        if edges:
-            slots = [GradientEdge(bypasses.fn(f), slot) for f, slot in frontier]
-            got = torch.autograd.grad(edges, slots, given, retain_graph=True, allow_unused=True)
-            for at, g in zip(frontier, got):
-                if g is None:
-                    continue
-                if at in ends:
-                    _accumulate(bypasses.delivered, at, g)
-                else:
-                    bypasses.carry(("deliver", *at), g)
+        _hand_on(bypasses, edges, given, frontier, ends)
+        for slot, g in zip(step.shared, grads[len(fn.next_functions):]):
+            bypasses.share(slot, g)
         bypasses.bypassed[kind] += 1
         return (None,) * len(grad_outputs)
     return hook
+
+
+def _hand_on(bypasses: Bypasses, edges: list, given: list, frontier: list[tuple[int, int]], ends: frozenset) -> None:
+    """Hand the gradients ``given`` at ``edges`` on by a pass of autograd's engine nested in the outer one, down to
+    the ``frontier``: delivered there when the outer pass arrives, or, at the ``ends``, added to what the pass
+    reads. An edge that is itself its frontier's one end (a recorded slot) is added there at once."""
+    if not edges:
+        return
+    if len(edges) == 1 and len(frontier) == 1 and frontier[0] in ends and \
+            bypasses.fn(frontier[0][0]) is edges[0].node and frontier[0][1] == edges[0].output_nr:
+        _accumulate(bypasses.delivered, frontier[0], given[0])
+        return
+    slots = [GradientEdge(bypasses.fn(f), slot) for f, slot in frontier]
+    got = torch.autograd.grad(edges, slots, given, retain_graph=True, allow_unused=True)
+    for at, g in zip(frontier, got):
+        if g is None:
+            continue
+        if at in ends:
+            _accumulate(bypasses.delivered, at, g)
+        else:
+            bypasses.carry(("deliver", *at), g)
 
 
 def _narrowed_projection(bypasses: Bypasses, nid: int, kind: str, weight: str, route: Any):

@@ -159,7 +159,8 @@ class _ScoresChain(NamedTuple):
     #: whether the softmax's step applies the product's factor too (the product's step is then its plain gradient);
     #: not where a bias whose relevance is asked for shares the logits' gradient (the sum's backward hands it the
     #: same gradient as the scores): the step then leaves the product's factor for the product's own step
-    #: (:func:`product_step_of`), worked out with the rest, a block at a time
+    #: (:func:`product_step_of`), worked out with the rest, a block at a time (carried by hand, it folds the factor
+    #: all the same and hands the bias its own gradient apart)
     folds_product: bool
 
 
@@ -311,15 +312,18 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
     to the product's operands itself, :math:`g_Q = c\,g_X K` and :math:`g_K = c\,g_X^\top Q` (:math:`g_X / c` for
     a division), so that the gradient form skips the backward of the softmax, of the scaling and of the product
     (:mod:`dynamiclrp.gradient_bypass`): no tokens x tokens gradient is made at all. Only from
-    :data:`DIRECT_SCORES` weights up (below, that nested pass costs more than the backward it skips), and not where
-    the sum adds a recorded bias whose relevance is asked for (:math:`X = Z + B`, T5): the sum's backward must hand
-    :math:`B` the logits' gradient, so the product's factor is left for the product's own step instead
-    (:attr:`_ScoresChain.folds_product`)."""
-    def blocks_of(g, to_scores: bool, into=None):
+    :data:`DIRECT_SCORES` weights up (below, that nested pass costs more than the backward it skips). Where the sum
+    adds a recorded bias whose relevance is asked for (:math:`X = Z + B`, T5), :math:`B` gets the logits' gradient
+    :math:`g_X` without the product's factor: carried by hand, the step returns it for the bias's slot too
+    (:attr:`~dynamiclrp.ops.base.WholeStep.shared`: summed over the layers that add the bias, and handed on
+    once); in the softmax's own gradient, the sum's backward hands it on, and the product's factor is left for the
+    product's own step instead (:attr:`_ScoresChain.folds_product`)."""
+    def blocks_of(g, to_scores: bool, into=None, bias_into=None):
         """The blocks, the scores product's output shape (batch x heads, rows, keys), and per block (b, heads, a,
         e, keys, g) with g the logits' gradient of the block's first ``keys`` keys (0 past them), or with
-        ``to_scores`` the scores' (the scaling's backward applied); ``into``: a dense tensor of the logits' shape
-        each block's g is worked out in (its block, the zeros past its keys included)."""
+        ``to_scores`` the scores' (the scaling's backward applied, the product's factor folded in); ``into``: a
+        dense tensor of the logits' shape each block's g is worked out in (its block, the zeros past its keys
+        included); ``bias_into``: likewise, for the bias's gradient (the logits', without the product's factor)."""
         run, node = ctx.run, ctx.node
         nodes = run.graph.nodes
         product = nodes[chain.product].fn
@@ -330,7 +334,8 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
         shape = (q.shape[0], q.shape[1], kt.shape[2])
         blocks = _ScoreBlocks(q, kt.mT, weights=s.reshape(shape))  # a block's keys: up to its last weighted one
         g3, s3 = (blocks.dense(t.reshape(shape), *shape[1:], copy=False) for t in (g, s))
-        into3 = None if into is None else blocks.dense(into.view(shape), *shape[1:], copy=False)
+        into3, bias_into3 = (None if t is None else blocks.dense(t.view(shape), *shape[1:], copy=False)
+                             for t in (into, bias_into))
         # the slots known with a mask taken as 0: the sum's, where it adds a mask autograd did not record (the step
         # takes it as 0: always checked, as node by node checks it), and a recovered bias's, where its replay did
         sum_node = None if chain.mask is None else nodes[chain.mask]
@@ -345,7 +350,7 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
             bias3 = blocks.dense(bias.expand(s.shape).reshape(shape), *shape[1:], copy=False)
 
         left = None  # the product's factor, left for its own step (a bias shares the logits' gradient)
-        if not chain.folds_product:
+        if not chain.folds_product and not to_scores:
             left = torch.empty(shape, dtype=s.dtype, device=s.device)
             run.derived[(_LEFT_FACTOR, chain.product)] = left
             left = blocks.dense(left, *shape[1:], copy=False)
@@ -381,10 +386,10 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
                 if whole:
                     smallest.append(sb.amin())
                 r = torch.mul(g3[ks], sb, out=None if into3 is None else into3[ks])  # R_X = R_P (the identity)
-                for t in () if keys == shape[2] else (into3, left):  # no gradient past them, nor any factor: 0,
-                    if t is not None:  # not the fresh memory's garbage (the product's step multiplies by it)
+                for t in () if keys == shape[2] else (into3, left, bias_into3):  # no gradient past them, nor any
+                    if t is not None:  # factor: 0, not the fresh memory's garbage (the product's step multiplies by it)
                         t[b, hs, a:e, keys:] = 0
-                _scores_gradient(r, z, x, cx, chain, k, None if left is None else left[ks])
+                _scores_gradient(r, z, x, cx, chain, k, *(None if t is None else t[ks] for t in (left, bias_into3)))
                 run.carried.append(extremes(r))
                 yield b, hs, a, e, keys, r
             if verified is not None and ranges:
@@ -411,28 +416,31 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
         g = grad_outputs[0]
         if g is None or g.device.type not in CPU_DEVICES:
             return None
-        blocks, _, rows = blocks_of(g, to_scores=True)
+        s = saved(ctx.node.fn, "result")
+        gb = None if chain.folds_product else torch.empty(s.shape, dtype=s.dtype, device=s.device)
+        blocks, _, rows = blocks_of(g, to_scores=True, bias_into=gb)
         gq, gk = torch.empty_like(blocks.q), torch.zeros_like(blocks.k)  # (1, batch x heads, ...): bmm's are 3-d
         for b, hs, a, e, keys, gz in rows:  # the product's backward, a block at a time (its keys: the rest get 0)
             torch.bmm(gz, blocks.k[b, hs, :keys], out=gq[b, hs, a:e])
             gk[b, hs, :keys].baddbmm_(gz.mT, blocks.q[b, hs, a:e])
-        return gq.flatten(0, 1), gk.flatten(0, 1).mT
-    if not chain.folds_product:
-        return PreHook(_unchanged, hook)  # the bias's relevance is asked for (T5's: an embedding looked up): the
-        # sum's own backward hands it the logits' gradient, which carrying the scores' on by hand would skip
+        return (gq.flatten(0, 1), gk.flatten(0, 1).mT) + (() if gb is None else (gb,))
     if saved(ctx.node.fn, "result").numel() < DIRECT_SCORES:
         return PreHook(_unchanged, hook)
-    return WholeStep(_unchanged, hook, direct, chain.through)
+    # a bias whose relevance is asked for (T5's: an embedding looked up) gets the logits' gradient by hand too,
+    # summed over the layers that add it (its slot ``shared``)
+    bias = () if chain.folds_product else (tuple(ctx.run.graph.nodes[chain.mask].inputs[chain.bias]),)
+    return WholeStep(_unchanged, hook, direct, chain.through, bias)
 
 
-def _scores_gradient(r, z, x, cx: float, chain: _ScoresChain, k: float, left=None) -> None:
+def _scores_gradient(r, z, x, cx: float, chain: _ScoresChain, k: float, left=None, bias_into=None) -> None:
     r"""A block of the chain's gradient (:func:`_scores_identity_step`), in place in ``r``, the relevance
     :math:`R_X = g \odot P` of the logits :math:`X = c_x Z` (+ the bias ``x``, where there is one; else None), ``z``
     the scores :math:`Z` (overwritten): :math:`k` times
 
     .. math:: g_X = \frac{R_X}{\mathrm{stab}_{\varepsilon_M}(X)}\;a\,\frac{|Z|}{|Z| + \varepsilon_Z}
 
-    (the sum's ε-step, then the product's factor; ``left``: written there instead, for the product's own step),
+    (the sum's ε-step, then the product's factor; ``left``: written there instead, for the product's own step;
+    ``bias_into``: the sum's ε-step alone is copied there, the gradient of the bias ``x`` adds),
     or without a sum :math:`g_X = a\,R_X / (c_x\,\mathrm{stab}_{\varepsilon_Z}(Z))` (the identity's step
     :math:`R_X / X` times the product's :math:`a\,Z/\mathrm{stab}(Z)`). No division by :math:`X`: a logit of 0
     carries its relevance on (the ε-rules below it take it, as node by node), where the ratio would be infinite.
@@ -455,6 +463,8 @@ def _scores_gradient(r, z, x, cx: float, chain: _ScoresChain, k: float, left=Non
         r.div_(d.mul_(t.add_(chain.eps)))
         return
     _over_stab(r, x, chain.mask_eps)
+    if bias_into is not None:
+        bias_into.copy_(r)
     if left is not None:  # the product's factor, left for its own step
         f = stabilising_factor(z, chain.eps, out=left)
         if chain.scale != 1.0:

@@ -224,13 +224,16 @@ class WholeStep(PreHook):
     :mod:`dynamiclrp.gradient_bypass` runs it instead of the node where it can hand those gradients on past it;
     elsewhere the node runs with ``hook`` and ``post``. ``through``: graph node ids below the node, each fed by the
     one before alone (the node's own input's producer first), whose backward the step does too: ``direct`` then
-    returns the gradients of the last one's inputs instead."""
+    returns the gradients of the last one's inputs instead. ``shared``: output slots ``(graph node id, nr)`` that a
+    node of ``through`` also reads besides the chain (T5's position bias, which every layer's scores add), whose
+    gradients ``direct`` returns after those, one per slot: summed over every step that returns one for the same
+    slot, and handed on once all have (:class:`dynamiclrp.gradient_bypass.Bypasses`)."""
 
-    __slots__ = ("direct", "through")
+    __slots__ = ("direct", "through", "shared")
 
-    def __init__(self, hook: Any, post: Any, direct: Any, through: tuple = ()):
+    def __init__(self, hook: Any, post: Any, direct: Any, through: tuple = (), shared: tuple = ()):
         super().__init__(hook, post)
-        self.direct, self.through = direct, through
+        self.direct, self.through, self.shared = direct, through, shared
 
 
 class DirectStep:
