@@ -897,6 +897,38 @@ def test_scores_chain_reads_the_keys_a_block_weights(model, way, monkeypatch):
         assert rel_diff(got.embeddings["table.weight"], ref.embeddings["table.weight"]) < 1e-12
 
 
+class WhereMaskedAttention(WrittenAttention):
+    """GPT-2's logits: scaled scores masked by ``torch.where`` (a causal mask of the smallest number), then an
+    attention mask autograd did not record added: no chain of a product's scores (:func:`dynamiclrp.ops.attention.
+    scores_chain`), the softmax's own step with the sum's ε-step."""
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        q, k, v = (p(x).view(n, t, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        s = torch.where(causal, q @ k.transpose(-1, -2) * self.c, torch.finfo(x.dtype).min)
+        s = s + torch.zeros(t, t, dtype=x.dtype)  # the attention mask: nothing padded
+        return self.head((torch.softmax(s, -1) @ v).transpose(1, 2).flatten(2).mean(1))
+
+
+def test_masked_softmax_step_carries_relevance_at_a_logit_of_zero():
+    """The identity rule's step on a softmax whose logits are a sum with an untracked mask but no product's scores
+    (``torch.where`` between): with the sum's ε-step folded in, :math:`g_x = g\,P / \mathrm{stab}_\varepsilon(x)`,
+    no ratio :math:`g P / x`. A token whose features are 0 has queries of 0, so logits of exactly 0 against the
+    keys it attends to (the tokens before it, whose values are not 0): the ratio was infinite there and sent the
+    whole run node by node; the pass now carries that relevance itself, as node by node does, and equals it in
+    float64."""
+    torch.manual_seed(0)
+    model, x = WhereMaskedAttention().to(D).eval(), torch.randn(2, 40, 8, dtype=D)
+    x[:, 5] = 0.0
+    rules = {"sum": r.Epsilon(0.02), "product": r.Uniform(0.01), "linear": r.Epsilon(1e-30)}
+    kw = dict(preset="epsilon", target=1, ledger=False, rules=rules)
+    got = dynamiclrp.explain(model, x, gradient_form=True, **kw)
+    assert got.stats.gradient_form
+    ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
+
+
 class UnrecordedBiasAttention(WrittenAttention):
     """:class:`WrittenAttention` whose scaled scores get a position bias autograd did not record (a buffer): not a
     mask, so no rule may take it as 0."""

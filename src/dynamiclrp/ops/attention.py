@@ -111,9 +111,10 @@ def _masked_identity_step(ctx):
     logits the Promise System knows only with the mask taken as zero (provisional) are checked against the output
     first, as :meth:`Softmax.relevance` checks them (a constant that is not a mask raises), and the masked ones get
     nothing. Where the logits are a sum whose ε-step this step takes over
-    (:func:`~dynamiclrp.ops.elementwise.softmax_applies_stabiliser`), the ratio is then multiplied by
-    :math:`|x| / (|x| + \varepsilon)`, as that step would have done. The node is read through ``ctx`` when the step
-    runs."""
+    (:func:`~dynamiclrp.ops.elementwise.softmax_applies_stabiliser`), the ratio and that step's factor
+    :math:`|x| / (|x| + \varepsilon)` come as one, :math:`g_x = g_y\,y / \mathrm{stab}_\varepsilon(x)`, with no
+    ratio by :math:`x`: a logit of 0 carries its relevance on to the sum's ε-rule, as node by node, where the ratio
+    was infinite (and sent the run node by node). The node is read through ``ctx`` when the step runs."""
     producer = ctx.producer(0)
     eps = None if producer is None else softmax_applies_stabiliser(ctx, producer)
 
@@ -129,11 +130,12 @@ def _masked_identity_step(ctx):
         if e is not None and (e.child, e.nr) in run.promises.provisional:  # the masked positions' weights 0
             s = _check_mask(node, x, s, saved(node.fn, "dim"), run.scratch, run.mask_checks)
             run.promises.certify((e.child, e.nr))
-        q = ratio_(torch.mul(g, s) if out is None else torch.mul(g, s, out=out), x)
+        q = torch.mul(g, s) if out is None else torch.mul(g, s, out=out)  # R_x = R_y (the identity)
+        if eps is None:
+            q = ratio_(q, x)
+        else:  # R_x / stab(x), its denominator in a scratch buffer
+            _over_stab(q, x if x.shape == q.shape else x.expand(q.shape), eps, run.scratch(SCRATCH[1], q))
         run.carried.append(extremes(q))
-        if eps is not None:  # the sum's factor |x| / (|x| + eps), on q in place with one scratch buffer for |x|
-            z = torch.abs(x if x.shape == q.shape else x.expand(q.shape), out=run.scratch(SCRATCH[1], q))
-            q.mul_(z).div_(z.add_(eps))
         return (q,) + (None,) * (len(grad_inputs) - 1)
     return hook
 
@@ -478,11 +480,11 @@ def _scores_gradient(r, z, x, cx: float, chain: _ScoresChain, k: float, left=Non
         r.mul_(a)
 
 
-def _over_stab(r, x, eps: float) -> None:
-    r""":math:`r / \mathrm{stab}_\varepsilon(x)` in place, the denominator as ``copysign(|x| + eps, x)``: three
-    passes where :func:`~dynamiclrp.rules.over_stabilized` takes five for the rules' exact sign(±0) = +1, which
-    the chain does not need (:func:`_scores_gradient`)."""
-    r.div_(torch.abs(x).add_(eps).copysign_(x))
+def _over_stab(r, x, eps: float, out=None) -> None:
+    r""":math:`r / \mathrm{stab}_\varepsilon(x)` in place, the denominator as ``copysign(|x| + eps, x)`` (into
+    ``out``, where given): three passes where :func:`~dynamiclrp.rules.over_stabilized` takes five for the rules'
+    exact sign(±0) = +1, which the softmax's steps do not need (:func:`_scores_gradient`)."""
+    r.div_(torch.abs(x, out=out).add_(eps).copysign_(x))
 
 
 def _unchanged(grad_outputs):
