@@ -912,7 +912,7 @@ class WhereMaskedAttention(WrittenAttention):
 
 
 def test_masked_softmax_step_carries_relevance_at_a_logit_of_zero():
-    """The identity rule's step on a softmax whose logits are a sum with an untracked mask but no product's scores
+    r"""The identity rule's step on a softmax whose logits are a sum with an untracked mask but no product's scores
     (``torch.where`` between): with the sum's ε-step folded in, :math:`g_x = g\,P / \mathrm{stab}_\varepsilon(x)`,
     no ratio :math:`g P / x`. A token whose features are 0 has queries of 0, so logits of exactly 0 against the
     keys it attends to (the tokens before it, whose values are not 0): the ratio was infinite there and sent the
