@@ -1875,6 +1875,28 @@ def test_epsilon_preset_on_every_text_architecture(name):
     assert rel_diff(got.tokens, ref.tokens) < 1e-6
 
 
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_epsilon_attention_carried_by_hand_on_real_architectures(name, monkeypatch):
+    """The ``epsilon`` preset with every eager softmax's step carried on by hand (:data:`dynamiclrp.ops.attention.
+    DIRECT_SCORES` 0; in use from half a million attention weights up) on BERT and LLaMA as transformers writes
+    them. In float32: in a float64 model LLaMA (and T5) compute the softmax in float32 between two casts, which is
+    no chain of the product's scores. Equal to node by node to 1e-5 of the largest relevance, every embedding
+    lookup's too. (T5's chains with their position bias: :class:`BiasedAttention`, in float64.)"""
+    from dynamiclrp.ops import attention
+
+    monkeypatch.setattr(attention, "DIRECT_SCORES", 0)
+    model, inputs, out = _text_cases()[name].small("eager")
+    model = model.eval()
+    kw = dict(preset="epsilon", output=out, ledger=False)
+    got = dynamiclrp.explain(model, inputs, **kw)
+    ref = dynamiclrp.explain(model, inputs, gradient_form=False, **kw)
+    assert got.stats.gradient_form and got.stats.bypassed_kinds.get("SoftmaxBackward0", 0) == 2
+    assert rel_diff(got.tokens, ref.tokens) < 1e-5
+    assert got.embeddings.keys() == ref.embeddings.keys()
+    for k in ref.embeddings:
+        assert rel_diff(got.embeddings[k], ref.embeddings[k]) < 1e-5, k
+
+
 class RMSDecoder(nn.Module):
     """Pre-norm decoder blocks as LLaMA writes them, everything by hand: RMSNorm ``x * rsqrt(mean(x²) + ε) * w``
     (its statistics a branch of the stream it normalises), causal attention ``softmax(q kᵀ) @ v``, a SwiGLU MLP,
