@@ -489,7 +489,32 @@ class _Planner:
                 if c not in seen:
                     seen.add(c)
                     heapq.heappush(queue, (self._position[c], c))
-        return frontier or None
+        return None if not frontier or self._stacked(frontier) else frontier
+
+    def _stacked(self, frontier: list[tuple[int, int]]) -> bool:
+        """Whether the node of one slot of ``frontier`` lies above another's (a path of the graph leads down from it
+        to the other): autograd's engine, asked by the nested pass for both, would run that node to reach the other,
+        handing the gradient it got on below it there, and the outer pass again after the delivery: counted twice.
+        A cross-attention's queries come from the decoder's stream, above the encoder's output (its keys), which
+        the layers below read too. Producers come after their consumers in ``graph.order``: a walk down stops past
+        the last of the slots."""
+        graph, position = self.run.graph, self._position
+        nids = {nid for nid, _ in frontier}
+        for top in nids:
+            others = nids - {top}
+            if not others:
+                return False
+            last = max(position[nid] for nid in others)
+            stack, seen = [top], {top}
+            while stack:
+                for e in graph.nodes[stack.pop()].inputs:
+                    if e is None or e.child in seen or position[e.child] > last:
+                        continue
+                    if e.child in others:
+                        return True
+                    seen.add(e.child)
+                    stack.append(e.child)
+        return False
 
     def ends(self, frontier: list[tuple[int, int]]) -> frozenset:
         """The slots of a nested pass's ``frontier`` that are recorded with nothing wanted below: the pass reads
