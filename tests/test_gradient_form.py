@@ -755,13 +755,33 @@ def test_a_bias_every_layer_adds_is_checked_once_where_no_position_is_masked(mas
     assert rel_diff(got.embeddings["table.weight"], ref.embeddings["table.weight"]) < 1e-12
 
 
-@pytest.mark.parametrize("read", [False, True])
-def test_a_bias_every_layer_adds_gets_their_gradients_summed(read, monkeypatch):
+class LookedUpBiasAttention(BiasedAttention):
+    """:class:`BiasedAttention` whose bias is the embedding's lookup itself, ``(heads, t, t)``: a row of the table
+    per head and query, no view between (the slot the layers read is the one :func:`dynamiclrp.explain` records)."""
+
+    def __init__(self):
+        super().__init__(table=True, causal=False)
+        self.table = nn.Embedding(7, 40)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        pb = self.table(torch.arange(self.heads * t).view(self.heads, t) % 7)
+        for q, k, v in self.qkv:
+            qh, kh, vh = (p(x).view(n, t, self.heads, -1).transpose(1, 2) for p in (q, k, v))
+            s = qh @ kh.transpose(-1, -2)
+            s += pb
+            x = x + (torch.softmax(s, -1) @ vh).transpose(1, 2).reshape(n, t, d)
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("variant", ["causal", "read", "looked up"])
+def test_a_bias_every_layer_adds_gets_their_gradients_summed(variant, monkeypatch):
     """Where the bias's relevance is asked for (an embedding looked up), each layer's step carried on by hand hands
     the bias the logits' gradient too: summed over the layers, carried down to the table's lookup once the last
     layer has given its own (one nested pass). Read elsewhere too (by the output), the bias's node also gets a
-    gradient in the outer pass: each pass carries its part. One pass, both softmaxes bypassed, equal to node by
-    node in float64 (the inputs' and the table's relevance). Under a causal mask autograd did not record (T5's
+    gradient in the outer pass: each pass carries its part. Where the bias is the lookup itself (a recorded slot)
+    the sum is added to what the pass reads there, no pass nested. One pass, both softmaxes bypassed, equal to node
+    by node in float64 (the inputs' and the table's relevance). Under a causal mask autograd did not record (T5's
     decoder), or none."""
     from dynamiclrp import gradient_bypass, gradient_form
     from dynamiclrp.ops import attention
@@ -777,8 +797,10 @@ def test_a_bias_every_layer_adds_gets_their_gradients_summed(read, monkeypatch):
     monkeypatch.setattr(gradient_form, "propagate_gradient_form",
                         lambda *args, **kw: passes.append(1) or run_pass(*args, **kw))
     torch.manual_seed(0)
-    model = BiasedAttention(table=True, causal=not read, read=read).to(D).eval()  # (a mean of the masked: -inf)
-    x = torch.randn(2, 40, 8, dtype=D)
+    read = variant == "read"
+    model = LookedUpBiasAttention() if variant == "looked up" else BiasedAttention(
+        table=True, causal=variant == "causal", read=read)  # (a mean of the masked: -inf)
+    model, x = model.to(D).eval(), torch.randn(2, 40, 8, dtype=D)
     rules = {"sum": r.Epsilon(0.02), "product": r.Uniform(0.01), "linear": r.Epsilon(1e-30)}
     kw = dict(preset="epsilon", target=1, ledger=False, rules=rules)
     got = dynamiclrp.explain(model, x, gradient_form=True, **kw)

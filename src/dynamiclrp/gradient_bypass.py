@@ -661,12 +661,8 @@ def _nested(bypasses: Bypasses, kind: str, nid: int, step: WholeStep, frontier: 
 def _hand_on(bypasses: Bypasses, edges: list, given: list, frontier: list[tuple[int, int]], ends: frozenset) -> None:
     """Hand the gradients ``given`` at ``edges`` on by a pass of autograd's engine nested in the outer one, down to
     the ``frontier``: delivered there when the outer pass arrives, or, at the ``ends``, added to what the pass
-    reads. An edge that is itself its frontier's one end (a recorded slot) is added there at once."""
+    reads (an edge may be its own frontier: a recorded slot, whose gradient the engine hands back as given)."""
     if not edges:
-        return
-    if len(edges) == 1 and len(frontier) == 1 and frontier[0] in ends and \
-            bypasses.fn(frontier[0][0]) is edges[0].node and frontier[0][1] == edges[0].output_nr:
-        _accumulate(bypasses.delivered, frontier[0], given[0])
         return
     slots = [GradientEdge(bypasses.fn(f), slot) for f, slot in frontier]
     got = torch.autograd.grad(edges, slots, given, retain_graph=True, allow_unused=True)
