@@ -146,8 +146,7 @@ class Bypasses:
         """Add a bypassed step's gradient for a shared slot (:attr:`shared`); once every step reading it has given
         its own, hand the sum on (a nested pass from the slot down to its frontier, :func:`_hand_on`)."""
         shared = self.shared[slot]
-        meta = self.fn(slot[0])._input_metadata[slot[1]]
-        grad = (grad if grad.shape == meta.shape else grad.sum_to_size(meta.shape)).to(meta.dtype)
+        grad = _as_input(grad, self.fn(slot[0]), slot[1])
         shared.total = grad if shared.total is None else shared.total.add_(grad)
         shared.waiting -= 1
         if shared.waiting == 0:
@@ -218,10 +217,14 @@ class Bypasses:
                 out = post(out, grads)
         for (child, nr), sub, g in zip(fn.next_functions, children, out):
             if sub is not None and g is not None:
-                meta = child._input_metadata[nr]  # as the engine does with a node's results
-                if g.shape != meta.shape:
-                    g = g.sum_to_size(meta.shape)
-                self.carry(sub, g.to(meta.dtype))
+                self.carry(sub, _as_input(g, child, nr))
+
+
+def _as_input(grad: torch.Tensor, fn: Any, nr: int) -> torch.Tensor:
+    """``grad`` as autograd's engine hands a gradient to input ``nr`` of node ``fn``: summed to its shape (a
+    broadcast operand's) and in its dtype."""
+    meta = fn._input_metadata[nr]
+    return (grad if grad.shape == meta.shape else grad.sum_to_size(meta.shape)).to(meta.dtype)
 
 
 def _accumulate(store: dict, key: Any, grad: torch.Tensor) -> None:

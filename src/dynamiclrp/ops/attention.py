@@ -418,8 +418,7 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
         g = grad_outputs[0]
         if g is None or g.device.type not in CPU_DEVICES:
             return None
-        s = saved(ctx.node.fn, "result")
-        gb = None if chain.folds_product else torch.empty(s.shape, dtype=s.dtype, device=s.device)
+        gb = None if chain.folds_product else torch.empty(g.shape, dtype=g.dtype, device=g.device)  # the logits'
         blocks, _, rows = blocks_of(g, to_scores=True, bias_into=gb)
         gq, gk = torch.empty_like(blocks.q), torch.zeros_like(blocks.k)  # (1, batch x heads, ...): bmm's are 3-d
         for b, hs, a, e, keys, gz in rows:  # the product's backward, a block at a time (its keys: the rest get 0)
