@@ -387,11 +387,14 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
                 whole = whole and keys == shape[2]  # past a block's keys no position is attended
                 if whole:
                     smallest.append(sb.amin())
-                r = torch.mul(g3[ks], sb, out=None if into3 is None else into3[ks])  # R_X = R_P (the identity)
+                # R_X = R_P (the identity), worked out in the logits' gradient or the bias's (never both)
+                work = into3 if into3 is not None else bias_into3
+                r = torch.mul(g3[ks], sb, out=None if work is None else work[ks])
                 for t in () if keys == shape[2] else (into3, left, bias_into3):  # no gradient past them, nor any
                     if t is not None:  # factor: 0, not the fresh memory's garbage (the product's step multiplies by it)
                         t[b, hs, a:e, keys:] = 0
-                _scores_gradient(r, z, x, cx, chain, k, *(None if t is None else t[ks] for t in (left, bias_into3)))
+                r = _scores_gradient(r, z, x, cx, chain, k, None if left is None else left[ks],
+                                     keep=bias_into3 is not None)
                 run.carried.append(extremes(r))
                 yield b, hs, a, e, keys, r
             if verified is not None and ranges:
@@ -433,15 +436,16 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
     return WholeStep(_unchanged, hook, direct, chain.through, bias)
 
 
-def _scores_gradient(r, z, x, cx: float, chain: _ScoresChain, k: float, left=None, bias_into=None) -> None:
-    r"""A block of the chain's gradient (:func:`_scores_identity_step`), in place in ``r``, the relevance
+def _scores_gradient(r, z, x, cx: float, chain: _ScoresChain, k: float, left=None, keep: bool = False):
+    r"""A block of the chain's gradient (:func:`_scores_identity_step`), in place in ``r`` (returned), the relevance
     :math:`R_X = g \odot P` of the logits :math:`X = c_x Z` (+ the bias ``x``, where there is one; else None), ``z``
     the scores :math:`Z` (overwritten): :math:`k` times
 
     .. math:: g_X = \frac{R_X}{\mathrm{stab}_{\varepsilon_M}(X)}\;a\,\frac{|Z|}{|Z| + \varepsilon_Z}
 
     (the sum's ε-step, then the product's factor; ``left``: written there instead, for the product's own step;
-    ``bias_into``: the sum's ε-step alone is copied there, the gradient of the bias ``x`` adds),
+    ``keep``: ``r`` keeps the sum's ε-step alone, the gradient of the bias ``x`` adds, and the product's factor is
+    applied into a new tensor, returned),
     or without a sum :math:`g_X = a\,R_X / (c_x\,\mathrm{stab}_{\varepsilon_Z}(Z))` (the identity's step
     :math:`R_X / X` times the product's :math:`a\,Z/\mathrm{stab}(Z)`). No division by :math:`X`: a logit of 0
     carries its relevance on (the ε-rules below it take it, as node by node), where the ratio would be infinite.
@@ -453,30 +457,23 @@ def _scores_gradient(r, z, x, cx: float, chain: _ScoresChain, k: float, left=Non
     a = chain.scale * k
     if chain.mask_eps is None:  # softmax(c Z): a R_X / (c stab(Z))
         _over_stab(r, z, chain.eps)
-        if a != cx:
-            r.mul_(a / cx)
-        return
+        return r.mul_(a / cx) if a != cx else r
     if x is None:  # R_X sign(c Z) |Z| a / ((|c||Z| + ε_M)(|Z| + ε_Z)) = R_X Z a sign(c) / (...)
         r.mul_(z)
         t = z.abs_()
         signed = a * math.copysign(1.0, cx)  # a: the rule's factor (1, or AttnLRP's 1/2) times k, never 0
         d = torch.mul(t, abs(cx) / signed).add_(chain.mask_eps / signed)
-        r.div_(d.mul_(t.add_(chain.eps)))
-        return
+        return r.div_(d.mul_(t.add_(chain.eps)))
     _over_stab(r, x, chain.mask_eps)
-    if bias_into is not None:
-        bias_into.copy_(r)
     if left is not None:  # the product's factor, left for its own step
         f = stabilising_factor(z, chain.eps, out=left)
         if chain.scale != 1.0:
             f.mul_(chain.scale)
-        if k != 1.0:
-            r.mul_(k)
-        return
+        return r.mul_(k) if k != 1.0 else r
     t = z.abs_()
-    r.mul_(t).div_(t.add_(chain.eps))
-    if a != 1.0:
-        r.mul_(a)
+    r = torch.mul(r, t) if keep else r.mul_(t)
+    r.div_(t.add_(chain.eps))
+    return r.mul_(a) if a != 1.0 else r
 
 
 def _over_stab(r, x, eps: float, out=None) -> None:
