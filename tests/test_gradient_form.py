@@ -812,6 +812,41 @@ def test_a_bias_every_layer_adds_gets_their_gradients_summed(variant, monkeypatc
     assert rel_diff(got.embeddings["table.weight"], ref.embeddings["table.weight"]) < 1e-12
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_bias_looked_up_head_last_is_read_dense_by_every_layer(causal, monkeypatch):
+    """T5 looks its position bias up as (queries, keys, heads) and permutes the heads to the front, so the bias's
+    keys lie a head count apart in memory (and so do those of its sum with a causal mask, which keeps that layout).
+    The chain's step takes it with its keys adjacent, copied once: every layer reads that one copy, and so does
+    every later reader of the slot (the bias's own step, where its gradients are handed on). The relevance is
+    node by node's."""
+    from dynamiclrp import promise
+    from dynamiclrp.ops import attention
+
+    monkeypatch.setattr(attention, "DIRECT_SCORES", 0)
+    read, dense_value = [], promise.Promises.dense_value
+
+    def spied(self, nid, nr=0):
+        v = dense_value(self, nid, nr)
+        read.append((self, (nid, nr), v))
+        return v
+    monkeypatch.setattr(promise.Promises, "dense_value", spied)
+    torch.manual_seed(0)
+    model, x = BiasedAttention(table=True, causal=causal).to(D).eval(), torch.randn(2, 40, 8, dtype=D)
+    rules = {"sum": r.Epsilon(0.02), "product": r.Uniform(0.01), "linear": r.Epsilon(1e-30)}
+    kw = dict(preset="epsilon", target=1, ledger=False, rules=rules)
+    got = dynamiclrp.explain(model, x, gradient_form=True, **kw)
+    assert got.stats.gradient_form and got.stats.bypassed_kinds == {"SoftmaxBackward0": 2}
+    assert len(read) == 2 and len({k for _, k, _ in read}) == 1  # both layers, one slot
+    (_, _, first), (_, _, second) = read
+    assert first.stride(-1) == 1 and second is first  # copied once (kept in the slot's place), keys adjacent
+    # the slot as autograd's forward laid it out: keys a head count apart (the copy was needed)
+    bias = model.table(torch.arange(40)[None, :] - torch.arange(40)[:, None] + 39).permute(2, 0, 1)[None]
+    assert bias.stride(-1) == 2 and torch.equal(first, first.contiguous())
+    ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
+    assert rel_diff(got.embeddings["table.weight"], ref.embeddings["table.weight"]) < 1e-12
+
+
 def test_product_step_works_its_factor_out_where_none_was_left(monkeypatch):
     """The scores product of a chain that leaves its ε-factor to it (a recorded bias whose relevance is asked for)
     finds none where the softmax's step did not leave one: it then works the factor out itself, as the ε-step

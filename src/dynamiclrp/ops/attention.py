@@ -348,7 +348,7 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
             # a mask added to it taken as 0 (provisional: checked below, as softmax checks its logits)
             e = sum_node.inputs[chain.bias]
             checked.append((e.child, e.nr))
-            bias = run.promises.value(e.child, e.nr).to(s.dtype)
+            bias = run.promises.dense_value(e.child, e.nr).to(s.dtype)
             bias3 = blocks.dense(bias.expand(s.shape).reshape(shape), *shape[1:], copy=False)
 
         left = None  # the product's factor, left for its own step (a bias shares the logits' gradient)
