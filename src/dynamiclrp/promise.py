@@ -54,6 +54,11 @@ class Promises:
         # instead of replaying the layer that made it; off by default, counted in ``notes`` when used
         self.subtract_addends = subtract_addends
         self._subtracting = False
+        # while :meth:`subtracted` asks: None (no subtraction unless subtract_addends), "value" (the estimate) or
+        # "sum" (the sum it was subtracted from, put through the same views)
+        self._bounding: str | None = None
+        self._estimated: set[tuple[int, int]] = set()  # (sum, operand) an estimate was taken from
+        self._subtracted = 0
         # values replayed with an untracked constant taken as zero (an attention mask added to the scores):
         # only a consumer that can check them against what autograd saved may use them (softmax does)
         self.provisional: set[tuple[int, int]] = set()
@@ -219,7 +224,7 @@ class Promises:
                 if x is not None and x.shape == shape:
                     return x
         x = self._from_parts(consumers, depth)
-        if x is None and self.subtract_addends:
+        if x is None and (self.subtract_addends or self._bounding):
             x = self._by_subtraction(key, shape, consumers, depth)
         return x if x is not None and x.shape == shape else None
 
@@ -244,14 +249,52 @@ class Promises:
                 operands = [None if k == i else self._held(nodes[e.child], e.nr) for k, e in enumerate(edges)]
                 if out is None or any(v is None for k, v in enumerate(operands) if k != i):
                     continue
+                if self._bounding and len(edges) != 2:  # the bound is a two-term sum's: one rounding
+                    continue
+                if self._bounding == "sum":  # the sum the estimate was taken from, no other
+                    if (c, i) in self._estimated:
+                        self._subtracted += 1
+                        return out
+                    continue
                 x = add.spec.operand_from_output(add, i, out, operands)
                 if x is not None and x.shape == shape:
+                    if self._bounding:
+                        self._subtracted += 1
+                        self._estimated.add((c, i))
+                        return x
                     what = f"{add.kind}: addend recovered as the saved sum less the other addends (subtract_addends)"
                     self.notes[what] = self.notes.get(what, 0) + 1
                     return x
             return None
         finally:
             self._subtracting = False
+
+    def subtracted(self, node: Node, nr: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+        r"""Output slot ``nr`` estimated without a replay, where the slot (or a view of it that keeps every
+        element) is one addend of a two-term sum :math:`s = \mathrm{fl}(a + b)` that saved tensors hold, with the
+        other addend: ``(d, s)``, :math:`d = \mathrm{fl}(s - b)` (a fresh tensor) and the sum, both laid out as the
+        slot. Each rounding is at most half an ulp of its result (Higham, *Accuracy and Stability of Numerical
+        Algorithms*, 2002, §2.2), so
+
+        .. math:: |d - a| \le u\,(|s| + |d|) + 2\eta
+
+        (:math:`u` the unit roundoff of the dtype, :math:`\eta` its smallest subnormal). None where the value is
+        held exactly (ask :meth:`value`), no such sum is held, or ``subtract_addends`` already recovers addends
+        that way (uncertified, by the user's choice). Nothing is kept: the estimate is not the value."""
+        key = (node.id, nr)
+        if self.subtract_addends or key in self.values or self._saved_copy(key) is not None:
+            return None
+        got, self._estimated = [], set()
+        for mode in ("value", "sum"):  # the sum put through the same views as the estimate
+            self._bounding, self._subtracted = mode, 0
+            try:
+                v = self._saved_copy(key)
+            finally:
+                self._bounding = None
+            if v is None or not self._subtracted:
+                return None
+            got.append(v)
+        return got[0], got[1]
 
     def _held(self, node: Node, nr: int) -> torch.Tensor | None:
         """Output slot ``nr`` held without a replay or a product (saved, a saved copy, or rebuilt element-wise from
@@ -326,3 +369,4 @@ class Promises:
                 self.recovered_keys.add(key)
                 self.stats.recovered += 1
         return v
+

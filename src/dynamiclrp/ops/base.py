@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+import numpy
 import torch
 
 from ..errors import GraphFreedError, TorchInternalsError
@@ -160,6 +161,13 @@ class OpSpec:
         (``subtract_addends``): the Promise System then asks an addition for an addend autograd dropped."""
         return None
 
+    def output_at(self, run: Any, node: Node, nr: int, index: torch.Tensor) -> torch.Tensor | None:
+        """The elements ``index`` (one row per element: its position in the output, a 2-d output's row and
+        column) of output slot ``nr`` as the forward computed them, each worked out on its own (far cheaper than
+        the whole output where they are few: a dot product each for a matrix product), or None where the op cannot
+        (:func:`~dynamiclrp.ops.base.stabilised_gradient`, where a subtraction left them uncertain)."""
+        return None
+
     def infer_input(self, ctx: Context, i: int) -> torch.Tensor | None:
         """Operand ``i`` when it lies outside the graph (a constant), derived from the output; or None."""
         return None
@@ -279,14 +287,92 @@ def stabilised_gradient(ctx: Context, eps: float, scale: float = 1.0) -> PreHook
             f = torch.div(z, f, out=f)
         else:  # in the node's dtype, as its backward; a value with an untracked addend taken as zero may lack
             # the dimensions that addend broadcast it to (T5's position bias plus its batch's mask)
-            z = ctx.output(0).to(g.dtype)
-            f = stabilising_factor(z if z.shape == g.shape else z.expand(g.shape), eps, out,
-                                   run.scratch(SCRATCH[1], g))
+            temp = run.scratch(SCRATCH[1], g)
+            f = factor_by_subtraction(ctx, g, eps, out, temp)
+            if f is None:
+                z = ctx.output(0).to(g.dtype)
+                f = stabilising_factor(z if z.shape == g.shape else z.expand(g.shape), eps, out, temp)
         f.mul_(g)
         if scale != 1.0:
             f.mul_(scale)
         return (f,) + tuple(grad_outputs[1:])
     return PreHook(hook)
+
+
+def factor_by_subtraction(ctx: Context, g: torch.Tensor, eps: float, out: torch.Tensor | None = None,
+                          temp: torch.Tensor | None = None) -> torch.Tensor | None:
+    r"""The ε-factor :math:`|z| / (|z| + \varepsilon)` of a layer whose output :math:`z` autograd did not keep,
+    without recomputing the layer, where a residual sum holds it: from the Promise System's estimate :math:`d`,
+    :math:`|d - z| \le U = u\,(|s| + |d|) + 2\eta` (:meth:`~dynamiclrp.promise.Promises.subtracted`).
+
+    The factor rises with :math:`|z|` at slope :math:`\varepsilon / (|z| + \varepsilon)^2`, so where
+
+    .. math:: |d| \ge U - \varepsilon + \sqrt{\varepsilon U / \tau}
+
+    (:math:`\tau` the unit roundoff of the gradient's dtype) the factor of :math:`d` is within :math:`\tau` of
+    :math:`z`'s: the unit roundoff of the factor itself. That holds for every element at or above the threshold
+    of the largest :math:`U` (two reductions); the few below it are tested one by one, and where it fails
+    (:math:`|z|` within about :math:`\sqrt{\varepsilon U / \tau}` of 0) the output is worked out element by
+    element (:meth:`OpSpec.output_at`: a dot product each). On the CPU only (the host reads the extremes; on a
+    GPU the product is cheap to recompute). None where no estimate is held, the op cannot work out elements, or so
+    many are uncertain that recomputing the whole output is cheaper: the caller recomputes it. ``out``, ``temp``:
+    as :func:`stabilising_factor`'s."""
+    from .attention import CPU_DEVICES  # noqa: PLC0415 - attention imports this module (the host-reading devices)
+
+    node, run = ctx.node, ctx.run
+    if g.device.type not in CPU_DEVICES or g.numel() < _SUBTRACTED_FROM or \
+            type(node.spec).output_at is OpSpec.output_at:
+        return None
+    found = run.promises.subtracted(node, 0)
+    if found is None:
+        return None
+    d, s = found
+    if d.shape != g.shape or d.dtype != g.dtype or s.shape != d.shape:
+        return None
+    info = torch.finfo(d.dtype)
+    u, eta = info.eps / 2, info.smallest_normal * info.eps
+    size = d.abs_()  # the estimate is ours: |d| in its place
+    low, high = torch.aminmax(s)
+    largest = u * (max(-float(low), float(high)) + float(size.amax())) + 2 * eta
+    if not math.isfinite(largest):
+        return None
+    # the only elements that may be uncertain, found by numpy (on the CPU the tensor's memory; torch's compare and
+    # nonzero take about ten times as long, as much as a small layer's product); the threshold raised past its
+    # rounding to the dtype, and the few found tested in float64
+    limit = _certain_from(largest, eps, u) * (1 + 4 * u)
+    flat = torch.from_numpy(numpy.flatnonzero(size.detach().numpy().reshape(-1) < limit))
+    below = torch.stack(torch.unravel_index(flat, size.shape), 1)
+    if below.shape[0]:
+        at = tuple(below.T)
+        near = size[at].double()
+        bound = torch.abs(s[at].double()).add_(near).mul_(u).add_(2 * eta)
+        below = below[torch.lt(near, _certain_from(bound, eps, u))]
+    if below.shape[0] * _UNCERTAIN_SHARE > size.numel():
+        return None
+    z = node.spec.output_at(run, node, 0, below) if below.shape[0] else None
+    if below.shape[0] and z is None:
+        return None
+    f = torch.div(size, torch.add(size, eps, out=temp), out=out)
+    if z is not None:
+        z = z.to(g.dtype).abs_()
+        f[tuple(below.T)] = z.div_(z + eps)
+    return f
+
+
+def _certain_from(bound, eps: float, tau: float):
+    r"""The least :math:`|d|` at which an estimate within ``bound`` of :math:`z` gives the ε-factor within
+    ``tau``: :math:`U - \varepsilon + \sqrt{\varepsilon U / \tau}` (a number, or a tensor of bounds)."""
+    if isinstance(bound, float):
+        return bound - eps + math.sqrt(eps * bound / tau)
+    return bound.mul(eps / tau).sqrt_().add_(bound).sub_(eps)
+
+
+#: :func:`factor_by_subtraction` leaves outputs of fewer elements to the replay (the product of a few rows costs
+#: less than the passes' fixed costs)
+_SUBTRACTED_FROM = 1 << 16
+#: :func:`factor_by_subtraction` recomputes the whole output where more than one element in this many is uncertain
+#: (element by element, an uncertain element costs about as much as this many of a matrix product's outputs)
+_UNCERTAIN_SHARE = 32
 
 
 def stabilising_factor(z: torch.Tensor, eps: float, out: torch.Tensor | None = None,

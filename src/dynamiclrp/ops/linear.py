@@ -8,6 +8,7 @@ softmax output). Fused ops are split: ``addmm`` -> add(bias, mm), convolution wi
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import ActivationUnavailableError
 from ..plan import active_plan, caching_weights
-from ..rules import PLAIN, LinearMap, MergeBatchNorm, Stabilised
+from ..rules import PLAIN, LinearMap, MergeBatchNorm, Stabilised, add_terms
 from .attention import product_step_of
 from .base import (
     NEXT,
@@ -446,6 +447,24 @@ class Product(OpSpec):
         a, b = (inputs[i] if inputs[i] is not None else self.saved_input(node, i) for i in (0, 1))
         return self.fn(a, b)
 
+    def output_at(self, run, node, nr, index):
+        """A matrix product's elements (``mm``: row and column per element), a dot product each, read where the
+        operands lie (``torch.sparse.sampled_addmm``: on the CPU 3-5x faster than gathering the rows)."""
+        a, b = self.saved_input(node, 0), self.saved_input(node, 1)
+        if node.kind != "MmBackward0" or a is None or b is None or a.dim() != 2 or b.dim() != 2:
+            return None
+        rows, cols = index.unbind(1)
+        order = torch.argsort(rows * b.shape[1] + cols)  # the sparse layout's: by row, then column
+        rows, cols = rows[order], cols[order]
+        start = torch.zeros(a.shape[0] + 1, dtype=torch.int64, device=a.device)
+        start[1:] = torch.bincount(rows, minlength=a.shape[0]).cumsum(0)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
+            where = torch.sparse_csr_tensor(start, cols, torch.zeros(len(cols), dtype=a.dtype, device=a.device),
+                                            (a.shape[0], b.shape[1]), check_invariants=False)
+            got = torch.sparse.sampled_addmm(where, a, b).values()
+        return torch.empty_like(got).index_copy_(0, order, got)
+
     def relevance(self, ctx):
         (R,) = ctx.R
         data = ctx.is_data(0), ctx.is_data(1)
@@ -611,7 +630,8 @@ class Addmm(OpSpec):
     def __init__(self, product_kind: str, product: Product):
         self.product_kind, self.product = product_kind, product
         # addmm's addend is a bias; baddbmm's may be a mask
-        self.bias_add = BiasAdd(self._bias_term, 1, untracked_is_bias=product_kind == "MmBackward0")
+        self.bias_add = (_AddmmBias if product_kind == "MmBackward0" else BiasAdd)(
+            self._bias_term, 1, untracked_is_bias=product_kind == "MmBackward0")
 
     def decompose(self, fn):
         return [
@@ -622,6 +642,22 @@ class Addmm(OpSpec):
     @staticmethod
     def _bias_term(fn, bias, z_mm):
         return [_scaled(saved(fn, "beta"), bias), _scaled(saved(fn, "alpha"), z_mm)]
+
+
+class _AddmmBias(BiasAdd):
+    """The bias addition of an ``addmm``: its output's elements are the product's plus the bias's
+    (:meth:`~dynamiclrp.ops.base.OpSpec.output_at`)."""
+
+    def output_at(self, run, node, nr, index):
+        op = linear_op_below(run.graph, node)
+        e = node.inputs[1 - self.linear_index]
+        if op is None or e is None or node.part != 0:
+            return None
+        z = op.spec.output_at(run, op, 0, index)
+        if z is None:
+            return None
+        bias = run.promises.value(e.child, e.nr).expand(out_shape(node.fn, 0))[tuple(index.T)]
+        return add_terms(*self.terms(node.fn, *((bias, z) if self.linear_index == 1 else (z, bias))))
 
 
 class Convolution(Product):
