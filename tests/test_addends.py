@@ -239,6 +239,14 @@ class _Cancelling(nn.Module):
         return self.head(nn.functional.layer_norm(h + self.branch(x), x.shape[-1:]))
 
 
+def _read_off_every_sum(monkeypatch):
+    """Small layers too (by default only outputs of 2^16 elements and products of 768 terms up are read off)."""
+    from dynamiclrp.ops import base, linear
+
+    monkeypatch.setattr(base, "_SUBTRACTED_FROM", 0)
+    monkeypatch.setattr(linear, "_TERMS_READ_OFF", 0)
+
+
 def _cancelling_input(dtype, d=128):
     torch.manual_seed(1)
     x = torch.randn(2, 24, d, dtype=dtype)
@@ -254,7 +262,7 @@ def test_epsilon_factor_from_a_residual_sum_matches_the_replay(dtype, monkeypatc
     replay's (the step with the branch recomputed) and node by node's."""
     from dynamiclrp.ops import base, linear
 
-    monkeypatch.setattr(base, "_SUBTRACTED_FROM", 0)
+    _read_off_every_sum(monkeypatch)
     model, x = _Cancelling().to(dtype).eval(), _cancelling_input(dtype)
     worked_out, output_at = [], linear.Product.output_at
 
@@ -283,7 +291,7 @@ def test_epsilon_factor_from_the_estimate_alone_would_be_wrong(monkeypatch):
     and 1 of the cancelling rows' inputs far from the replay's relevance."""
     from dynamiclrp.ops import base
 
-    monkeypatch.setattr(base, "_SUBTRACTED_FROM", 0)
+    _read_off_every_sum(monkeypatch)
     monkeypatch.setattr(base, "_certain_from", lambda bound, eps, tau: bound * 0 if not isinstance(bound, float)
                         else 0.0)
     model, x = _Cancelling().eval(), _cancelling_input(torch.float32)
@@ -318,7 +326,7 @@ def test_epsilon_factor_from_a_residual_sum_is_within_the_unit_roundoff(monkeypa
     |x_k w_k|` (Higham 2002, §3.1: another order of the same sum). Float32, a residual about 200x the branch."""
     from dynamiclrp.ops import base, linear
 
-    monkeypatch.setattr(base, "_SUBTRACTED_FROM", 0)
+    _read_off_every_sum(monkeypatch)
     checked, factor, output_at = [], base.factor_by_subtraction, linear.Product.output_at
     worked_out = []
 
@@ -346,3 +354,18 @@ def test_epsilon_factor_from_a_residual_sum_is_within_the_unit_roundoff(monkeypa
     terms = (a.double()[rows] * b.double().mT[cols]).abs().sum(-1)
     gamma = a.shape[1] * u / (1 - a.shape[1] * u)
     assert bool(((got.double() - z[rows, cols].double()).abs() <= gamma * terms).all())
+
+
+@pytest.mark.parametrize("terms", [512, 768])
+def test_products_of_many_terms_are_read_off_their_sum(terms):
+    """By default an ``mm``'s output (or an ``addmm``'s bias addition's) is read off a residual sum from 768 terms
+    per element up (BERT-base's attention output; an MLP's output, 2,048-3,072); below, recomputing it costs about
+    what the subtraction's passes do."""
+    x = torch.randn(3, terms, requires_grad=True)
+    w = torch.randn(4, terms, requires_grad=True)
+    bias = torch.randn(4, requires_grad=True)
+    for y, kind in ((x @ w.T, "MmBackward0"), (torch.addmm(bias, x, w.T), "AddBackward0")):
+        graph = Graph.build([y.grad_fn])
+        node = next(n for n in graph.nodes if n.kind == kind)
+        run = SimpleNamespace(graph=graph, promises=Promises(graph))
+        assert node.spec.read_off_sum(run, node) == (terms >= 768)

@@ -168,6 +168,12 @@ class OpSpec:
         (:func:`~dynamiclrp.ops.base.stabilised_gradient`, where a subtraction left them uncertain)."""
         return None
 
+    def read_off_sum(self, run: Any, node: Node) -> bool:
+        """Whether the ε-step should take this node's output off a residual sum (:func:`factor_by_subtraction`)
+        rather than recompute it: the op works single elements out (:meth:`output_at`) and recomputing the whole
+        output costs several times the subtraction's passes per element."""
+        return False
+
     def infer_input(self, ctx: Context, i: int) -> torch.Tensor | None:
         """Operand ``i`` when it lies outside the graph (a constant), derived from the output; or None."""
         return None
@@ -320,8 +326,7 @@ def factor_by_subtraction(ctx: Context, g: torch.Tensor, eps: float, out: torch.
     from .attention import CPU_DEVICES  # noqa: PLC0415 - attention imports this module (the host-reading devices)
 
     node, run = ctx.node, ctx.run
-    if g.device.type not in CPU_DEVICES or g.numel() < _SUBTRACTED_FROM or \
-            type(node.spec).output_at is OpSpec.output_at:
+    if g.device.type not in CPU_DEVICES or g.numel() < _SUBTRACTED_FROM or not node.spec.read_off_sum(run, node):
         return None
     found = run.promises.subtracted(node, 0)
     if found is None:

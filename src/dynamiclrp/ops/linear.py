@@ -428,6 +428,10 @@ def _after_padding(lmap: LinearMap, to_operand, from_operand) -> LinearMap:
                      lambda s, x, w: from_operand(lmap.transpose(s, to_operand(x), w)))
 
 
+#: :meth:`Product.read_off_sum`: the fewest terms per element of a product whose output is read off a residual sum
+_TERMS_READ_OFF = 768
+
+
 class Product(OpSpec):
     """``z = fn(a, b)``, bilinear: a weighted linear op when one side is a parameter, a product otherwise."""
 
@@ -446,6 +450,12 @@ class Product(OpSpec):
     def forward(self, node, inputs):
         a, b = (inputs[i] if inputs[i] is not None else self.saved_input(node, i) for i in (0, 1))
         return self.fn(a, b)
+
+    def read_off_sum(self, run, node):
+        """An ``mm`` of at least :data:`_TERMS_READ_OFF` terms per element (below, recomputing it costs about as
+        much as the subtraction's passes: T5-small's attention output, 512 terms, measured even)."""
+        a = self.saved_input(node, 0)
+        return node.kind == "MmBackward0" and a is not None and a.dim() == 2 and a.shape[1] >= _TERMS_READ_OFF
 
     def output_at(self, run, node, nr, index):
         """A matrix product's elements (``mm``: row and column per element), a dot product each, read where the
@@ -647,6 +657,10 @@ class Addmm(OpSpec):
 class _AddmmBias(BiasAdd):
     """The bias addition of an ``addmm``: its output's elements are the product's plus the bias's
     (:meth:`~dynamiclrp.ops.base.OpSpec.output_at`)."""
+
+    def read_off_sum(self, run, node):
+        op = linear_op_below(run.graph, node)
+        return op is not None and node.part == 0 and op.spec.read_off_sum(run, op)
 
     def output_at(self, run, node, nr, index):
         op = linear_op_below(run.graph, node)
