@@ -2148,3 +2148,28 @@ def test_half_precision_epsilon_gradient_form_is_as_close_as_node_by_node(name, 
     node_by_node = dynamiclrp.explain(half, ids, dtype=torch.float32, **kw)
     assert got.stats.gradient_form and got.tokens.dtype == torch.bfloat16
     assert rel_diff(got.tokens.double(), want) <= 1.1 * rel_diff(node_by_node.tokens.double(), want) + 1e-2
+
+
+def test_planner_forgets_what_it_found_silent_when_a_node_is_silenced_or_speaks():
+    """``_Planner._silent`` caches its answers while the set of silenced nodes stands: silencing a node, or letting
+    it speak again, forgets them (a route looked for before a projection was bypassed would otherwise keep the
+    answer found without it)."""
+    from dynamiclrp import get_preset
+    from dynamiclrp.engine import Run
+    from dynamiclrp.gradient_bypass import _Planner
+    from dynamiclrp.graph import Graph
+
+    x = torch.randn(3, 4, requires_grad=True)
+    w = torch.randn(4, 4, requires_grad=True)
+    h = torch.tanh(x @ w)  # tanh feeds on mm, which feeds on x
+    graph = Graph.build([h.grad_fn])
+    leaf = next(n for n in graph.nodes if n.kind == "AccumulateGrad" and n.fn.variable is x)
+    run = Run(graph, get_preset("epsilon"), torch.float32, {(leaf.id, 0)})  # x's relevance asked for
+    planner = _Planner(run, {}, frozenset({(0, 0)}))
+    mm = next(n for n in graph.nodes if n.kind == "MmBackward0")
+    tanh = next(n for n in graph.nodes if n.kind == "TanhBackward0")
+    assert planner._silent(mm.id) is False
+    planner.silence([tanh.fn])
+    assert planner._silent(tanh.id) is True and planner._silent(mm.id) is True  # fed only by a silenced node
+    planner.speak(tanh.fn)
+    assert planner._silent(tanh.id) is False and planner._silent(mm.id) is False
