@@ -2173,3 +2173,36 @@ def test_planner_forgets_what_it_found_silent_when_a_node_is_silenced_or_speaks(
     assert planner._silent(tanh.id) is True and planner._silent(mm.id) is True  # fed only by a silenced node
     planner.speak(tanh.fn)
     assert planner._silent(tanh.id) is False and planner._silent(mm.id) is False
+
+
+def test_by_hand_chain_checks_what_it_made_once_per_layer(monkeypatch):
+    """The scores chain carried on by hand checks what its blocks made once per layer, on the queries' gradient
+    (every element of every block enters it), not block by block: an infinity one block makes (injected here: an
+    overflow of the sum's ε-step) is found by that one check, and the run goes node by node, whose answer it then
+    gives."""
+    from dynamiclrp.ops import attention
+
+    monkeypatch.setattr(attention, "DIRECT_SCORES", 0)
+    monkeypatch.setattr(attention, "_BLOCK", 1)
+    found, extremes, scores_gradient = [], attention.extremes, attention._scores_gradient
+
+    def spied(t):
+        found.append(bool(torch.isfinite(t).all()))
+        return extremes(t)
+
+    def overflowing(r, *args, **kw):
+        got = scores_gradient(r, *args, **kw)
+        if not found and got.numel():
+            got.view(-1)[0] = math.inf
+        return got
+    monkeypatch.setattr(attention, "extremes", spied)
+    monkeypatch.setattr(attention, "_scores_gradient", overflowing)
+    torch.manual_seed(0)
+    model, x = WrittenAttention().to(D).eval(), torch.randn(2, 40, 8, dtype=D)
+    rules = {"sum": r.Epsilon(0.02), "product": r.Uniform(0.01), "linear": r.Epsilon(1e-30)}
+    kw = dict(preset="epsilon", target=1, ledger=False, rules=rules)
+    got = dynamiclrp.explain(model, x, **kw)
+    assert found == [False]  # one check for the layer's blocks, and it found the infinity
+    assert not got.stats.gradient_form
+    ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
+    assert torch.equal(got.inputs[0], ref.inputs[0])

@@ -320,12 +320,14 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
     (:attr:`~dynamiclrp.ops.base.WholeStep.shared`: summed over the layers that add the bias, and handed on
     once); in the softmax's own gradient, the sum's backward hands it on, and the product's factor is left for the
     product's own step instead (:attr:`_ScoresChain.folds_product`)."""
-    def blocks_of(g, to_scores: bool, into=None, bias_into=None):
+    def blocks_of(g, to_scores: bool, into=None, bias_into=None, check: bool = True):
         """The blocks, the scores product's output shape (batch x heads, rows, keys), and per block (b, heads, a,
         e, keys, g) with g the logits' gradient of the block's first ``keys`` keys (0 past them), or with
         ``to_scores`` the scores' (the scaling's backward applied, the product's factor folded in); ``into``: a
         dense tensor of the logits' shape each block's g is worked out in (its block, the zeros past its keys
-        included); ``bias_into``: likewise, for the bias's gradient (the logits', without the product's factor)."""
+        included); ``bias_into``: likewise, for the bias's gradient (the logits', without the product's factor);
+        ``check``: each block's extremes are kept for the pass's finiteness check (``Run.carried``), where the
+        caller does not check what the blocks make."""
         run, node = ctx.run, ctx.node
         nodes = run.graph.nodes
         product = nodes[chain.product].fn
@@ -395,7 +397,8 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
                         t[b, hs, a:e, keys:] = 0
                 r = _scores_gradient(r, z, x, cx, chain, k, None if left is None else left[ks],
                                      keep=bias_into3 is not None)
-                run.carried.append(extremes(r))
+                if check:
+                    run.carried.append(extremes(r))
                 yield b, hs, a, e, keys, r
             if verified is not None and ranges:
                 low, high = (torch.stack(t) for t in zip(*ranges))
@@ -422,11 +425,15 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
         if g is None or g.device.type not in CPU_DEVICES:
             return None
         gb = None if chain.folds_product else torch.empty(g.shape, dtype=g.dtype, device=g.device)  # the logits'
-        blocks, _, rows = blocks_of(g, to_scores=True, bias_into=gb)
+        blocks, _, rows = blocks_of(g, to_scores=True, bias_into=gb, check=False)
         gq, gk = torch.empty_like(blocks.q), torch.zeros_like(blocks.k)  # (1, batch x heads, ...): bmm's are 3-d
         for b, hs, a, e, keys, gz in rows:  # the product's backward, a block at a time (its keys: the rest get 0)
             torch.bmm(gz, blocks.k[b, hs, :keys], out=gq[b, hs, a:e])
             gk[b, hs, :keys].baddbmm_(gz.mT, blocks.q[b, hs, a:e])
+        # checked once here, not per block: every element of every block enters gq (as gk), so a block's infinity or
+        # NaN (the bias's gradient's too, which the product's factor multiplies: inf x 0 is NaN) makes its row of gq
+        # infinite or NaN, whatever the keys hold
+        ctx.run.carried.append(extremes(gq))
         return (gq.flatten(0, 1), gk.flatten(0, 1).mT) + (() if gb is None else (gb,))
     if saved(ctx.node.fn, "result").numel() < DIRECT_SCORES:
         return PreHook(_unchanged, hook)
