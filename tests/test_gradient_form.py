@@ -630,11 +630,13 @@ class BiasedAttention(nn.Module):
     every embedding lookup, so the bias's relevance is asked for) or a parameter; ``causal``: T5's decoder, whose
     bias carries a causal mask autograd did not record (its smallest number where masked); ``mask``: another
     additive constant autograd does not record, added to the bias (T5's encoder's attention mask: 0 where attended,
-    its smallest number at padded keys); ``read``: the bias read once more, by the output (its mean added)."""
+    its smallest number at padded keys); ``read``: the bias read once more, by the output (its mean added);
+    ``apart``: the masks added to the logits after the bias, in a sum of their own (T5 under transformers 5)."""
 
     def __init__(self, table: bool, causal: bool, d: int = 8, heads: int = 2, layers: int = 2, t: int = 40,
-                 mask: torch.Tensor | None = None, read: bool = False):
+                 mask: torch.Tensor | None = None, read: bool = False, apart: bool = False):
         super().__init__()
+        self.apart = apart
         self.qkv = nn.ModuleList(nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(3)) for _ in range(layers))
         self.table = nn.Embedding(2 * t - 1, heads) if table else None
         self.bias = None if table else nn.Parameter(0.3 * torch.randn(heads, t, t))
@@ -648,14 +650,19 @@ class BiasedAttention(nn.Module):
             pb = self.table(torch.arange(t)[None, :] - torch.arange(t)[:, None] + t - 1).permute(2, 0, 1)[None]
         else:
             pb = self.bias[None, :, :t, :t]
+        masks = None  # the constants autograd does not record: added to the bias (transformers 4) or apart
         if self.causal:
-            pb = pb + torch.triu(torch.full((t, t), torch.finfo(x.dtype).min, dtype=x.dtype), 1)
+            masks = torch.triu(torch.full((t, t), torch.finfo(x.dtype).min, dtype=x.dtype), 1)
+            pb = pb if self.apart else pb + masks
         if self.mask is not None:
-            pb = pb + self.mask
+            masks = self.mask if masks is None else masks + self.mask
+            pb = pb if self.apart else pb + self.mask
         for q, k, v in self.qkv:
             qh, kh, vh = (p(x).view(n, t, self.heads, -1).transpose(1, 2) for p in (q, k, v))
             s = qh @ kh.transpose(-1, -2)
             s += pb
+            if masks is not None and self.apart:
+                s = s + masks
             x = x + (torch.softmax(s, -1) @ vh).transpose(1, 2).reshape(n, t, d)
         return self.head(x.mean(1)) + pb.mean() if self.read else self.head(x.mean(1))
 
@@ -845,6 +852,58 @@ def test_a_bias_looked_up_head_last_is_read_dense_by_every_layer(causal, monkeyp
     ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
     assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
     assert rel_diff(got.embeddings["table.weight"], ref.embeddings["table.weight"]) < 1e-12
+
+
+@pytest.mark.parametrize("way", ["by hand", "in the softmax's gradient"])
+@pytest.mark.parametrize("table", [True, False])
+@pytest.mark.parametrize("masks", ["causal", "padded", "not a mask"])
+def test_softmax_step_takes_a_chain_whose_mask_is_added_apart(masks, table, way, monkeypatch):
+    r"""T5 under transformers 5: the logits are ``(q kᵀ + bias) + mask``, the position bias in one sum and the mask
+    (autograd did not record it) in a second. The softmax's step takes both sums' ε-steps with the product's, on
+    the scores recomputed a block at a time: :math:`g = R_X\,\frac{|X|}{|X| + \varepsilon}\,/\,\mathrm{stab}(X)`
+    times the product's factor (:math:`X` the logits, the mask taken as 0 and checked), the sums' own steps plain,
+    nothing replayed; carried on by hand or worked out in the softmax's gradient. Equal to node by node in float64,
+    under a causal mask or with padded keys, the bias a table looked up (its relevance asked for) or a parameter.
+    An unrecorded addend that is not a mask (its spread per row 0.5) is refused, as node by node refuses it."""
+    from dynamiclrp import promise
+    from dynamiclrp.ops import attention
+
+    monkeypatch.setattr(attention, "DIRECT_SCORES", 0 if way == "by hand" else 1 << 40)
+    replayed, value, chains, scores_chain = set(), promise.Promises.value, {}, attention.scores_chain
+
+    def spied(self, nid, nr=0):
+        replayed.add(nid)
+        return value(self, nid, nr)
+
+    def found(ctx, softmax):
+        chain = scores_chain(ctx, softmax)
+        if chain is not None:
+            chains[softmax.id] = chain
+        return chain
+    monkeypatch.setattr(promise.Promises, "value", spied)
+    monkeypatch.setattr(attention, "scores_chain", found)
+    torch.manual_seed(0)
+    pad = torch.zeros(2, 1, 1, 40, dtype=D)
+    pad[1, ..., 32:] = torch.finfo(D).min
+    added = {"padded": pad, "not a mask": 0.5 * torch.randn(1, 1, 40, 40, dtype=D)}.get(masks)
+    model = BiasedAttention(table=table, causal=masks == "causal", mask=added, apart=True).to(D).eval()
+    x = torch.randn(2, 40, 8, dtype=D)
+    rules = {"sum": r.Epsilon(0.02), "product": r.Uniform(0.01), "linear": r.Epsilon(1e-30)}
+    kw = dict(preset="epsilon", target=1, ledger=False, rules=rules)
+    if masks == "not a mask":
+        for form in (True, False):
+            with pytest.raises(ActivationUnavailableError, match="not a plain mask"):
+                dynamiclrp.explain(model, x, gradient_form=form, **kw)
+        return
+    got = dynamiclrp.explain(model, x, gradient_form=True, **kw)
+    assert got.stats.gradient_form
+    assert got.stats.bypassed_kinds == ({"SoftmaxBackward0": 2} if way == "by hand" else {})
+    assert len(chains) == 2 and all(c.outer is not None for c in chains.values())  # both layers' softmaxes
+    assert not {n for c in chains.values() for n in c.through} & replayed  # no logits, sums or scores replayed
+    ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
+    if table:
+        assert rel_diff(got.embeddings["table.weight"], ref.embeddings["table.weight"]) < 1e-12
 
 
 def test_product_step_works_its_factor_out_where_none_was_left(monkeypatch):
@@ -1980,13 +2039,12 @@ def test_epsilon_attention_carried_by_hand_on_real_architectures(name, monkeypat
     """The ``epsilon`` preset with every eager softmax's step carried on by hand (:data:`dynamiclrp.ops.attention.
     DIRECT_SCORES` 0; in use from half a million attention weights up) on T5, BERT and LLaMA as transformers writes
     them: T5's encoder self-attentions (the position bias's gradient summed over the layers), its decoder's
-    (under transformers 4) and its first cross-attention (the second's queries come from a stream above the
-    encoder's output: not bypassed, :func:`test_nested_bypass_declines_a_frontier_above_another`); one pass, no
-    second one without bypasses. In float32: in a float64 model T5 and LLaMA compute the softmax in float32
-    between two casts, which is no chain of the product's scores. Equal to node by node to 1e-5 of the largest
-    relevance, every embedding lookup's too (T5's chains in float64: :class:`BiasedAttention`)."""
-    import transformers
-
+    (under transformers 5 the causal mask added apart) and its first cross-attention (the second's queries come
+    from a stream above the encoder's output: not bypassed,
+    :func:`test_nested_bypass_declines_a_frontier_above_another`); one pass, no second one without bypasses.
+    In float32: in a float64 model T5 and LLaMA compute the softmax in float32 between two casts, which is no
+    chain of the product's scores. Equal to node by node to 1e-5 of the largest relevance, every embedding lookup's
+    too (T5's chains in float64: :class:`BiasedAttention`)."""
     from dynamiclrp.ops import attention
 
     monkeypatch.setattr(attention, "DIRECT_SCORES", 0)
@@ -1995,11 +2053,10 @@ def test_epsilon_attention_carried_by_hand_on_real_architectures(name, monkeypat
     kw = dict(preset="epsilon", output=out, ledger=False)
     got = dynamiclrp.explain(model, inputs, **kw)
     ref = dynamiclrp.explain(model, inputs, gradient_form=False, **kw)
-    # T5: its encoder's two, its first cross-attention, and its decoder's two where transformers 4 adds the causal
-    # mask to the position bias (transformers 5 adds it to the logits in a second sum: no chain there)
-    t5 = 5 if int(transformers.__version__.split(".")[0]) < 5 else 3
+    # T5: its encoder's two, its first cross-attention, and its decoder's two (transformers 4 adds the causal mask
+    # to the position bias, transformers 5 to the logits in a second sum: a chain either way)
     assert got.stats.gradient_form and got.stats.bypassed_kinds.get("SoftmaxBackward0", 0) == (
-        t5 if name == "t5" else 2)
+        5 if name == "t5" else 2)
     assert rel_diff(got.tokens, ref.tokens) < 1e-5
     assert got.embeddings.keys() == ref.embeddings.keys()
     for k in ref.embeddings:

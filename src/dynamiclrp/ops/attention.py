@@ -164,6 +164,11 @@ class _ScoresChain(NamedTuple):
     #: (:func:`product_step_of`), worked out with the rest, a block at a time (carried by hand, it folds the factor
     #: all the same and hands the bias its own gradient apart)
     folds_product: bool
+    #: a second sum above the first that adds a mask autograd did not record, ``(x + bias) + mask`` (T5 under
+    #: transformers 5, whose attention adds the position bias and the mask one after the other): its node and ε,
+    #: its ε-step applied by the softmax's step too; None where the mask is added in the first sum or not at all
+    outer: int | None = None
+    outer_eps: float | None = None
 
 
 #: the scalings of a chain: node type -> whether it divides
@@ -176,9 +181,10 @@ def scores_chain(ctx, softmax) -> _ScoresChain | None:
     r"""The chain below ``softmax`` (a graph node; ``ctx``: a context of the same run) whose steps its identity
     rule's step takes over, or None: attention written out, :math:`P = \mathrm{softmax}(c\,QK^\top + M)` with
     ``M`` a mask autograd did not record, a recorded bias beside the scores (T5's position bias, its mask added or
-    not; its value is recovered once), or none, the softmax passing relevance unchanged and the
-    scores product under an ε-rule (:class:`~dynamiclrp.rules.Stabilised`; the ``epsilon`` preset). Along it: the
-    batched product (``bmm``), views, a scaling by one constant number (its own gradient; T5 has none), the sum
+    not; its value is recovered once; or the mask added in a second sum, :math:`(c\,QK^\top + B) + M`, as T5
+    under transformers 5 adds it: both sums' ε-steps then taken), or none, the softmax passing relevance unchanged
+    and the scores product under an ε-rule (:class:`~dynamiclrp.rules.Stabilised`; the ``epsilon`` preset). Along
+    it: the batched product (``bmm``), views, a scaling by one constant number (its own gradient; T5 has none), the sum
     (whose ε-step :func:`~dynamiclrp.ops.elementwise.softmax_applies_stabiliser` gives the softmax step), each
     read by the next alone, none recorded nor seeded, all in the softmax's dtype, the softmax over the last
     dimension.
@@ -203,10 +209,21 @@ def scores_chain(ctx, softmax) -> _ScoresChain | None:
     node = ctx.producer(0) if ctx.node is softmax else (
         None if softmax.inputs[0] is None else nodes[softmax.inputs[0].child])
     from ..engine import Context  # noqa: PLC0415 - the engine imports this module
-    mask = mask_eps = bias = None
+    mask = mask_eps = bias = outer = outer_eps = None
     through = []
+    inner = _inner_sum(nodes, node)
+    if inner is not None:  # (x + bias) + mask: the mask's sum above the bias's
+        outer_eps = softmax_applies_stabiliser(ctx, node)
+        form = rule_form(ctx.rule_at(inner, "sum"), "sum")
+        if outer_eps is None or not isinstance(form, Stabilised) or not alone(node) or any(
+                node.spec.term_factor(node, k) != 1.0 for k, e in enumerate(node.inputs) if e is not None):
+            return None
+        outer = node.id
+        through.append(outer)
+        node = inner
     if node is not None and isinstance(node.spec, AddTerms) and node.spec.family == "sum":
-        mask_eps = softmax_applies_stabiliser(ctx, node)
+        mask_eps = softmax_applies_stabiliser(ctx, node) if outer is None else \
+            rule_form(ctx.rule_at(node, "sum"), "sum").eps
         scores = [k for k, e in enumerate(node.inputs) if e is not None and _to_product(nodes, nodes[e.child])]
         others = [k for k, e in enumerate(node.inputs) if e is not None and k not in scores]
         if mask_eps is None or len(scores) != 1 or len(others) > 1 or not alone(node) or any(
@@ -242,7 +259,36 @@ def scores_chain(ctx, softmax) -> _ScoresChain | None:
         return None
     folds = bias is None or not run.useful[nodes[mask].inputs[bias].child]
     return _ScoresChain(node.id, None if scaling is None else scaling.id, (*through, node.id), mask, mask_eps, bias,
-                        form.eps, form.scale, folds)
+                        form.eps, form.scale, folds, outer, outer_eps)
+
+
+def _inner_sum(nodes, node):
+    """The sum below ``node`` where ``node`` is a sum that adds only constants autograd did not record (a mask) to
+    it, and it only recorded operands (``(x + bias) + mask``); else None."""
+    if node is None or not isinstance(node.spec, AddTerms) or node.spec.family != "sum":
+        return None
+    tracked = [e for e in node.inputs if e is not None]
+    if len(tracked) != 1 or len(tracked) == len(node.inputs):
+        return None
+    inner = nodes[tracked[0].child]
+    if not isinstance(inner.spec, AddTerms) or inner.spec.family != "sum" or any(e is None for e in inner.inputs):
+        return None
+    return inner
+
+
+def chain_takes_sum(ctx, node) -> bool:
+    """Whether the sum ``node`` is the first of a chain's two sums (``(x + bias) + mask``, :func:`scores_chain`),
+    whose ε-step the softmax's step applies: its own step is then the plain gradient."""
+    graph = ctx.run.graph
+    cons = graph.consumers.get((node.id, 0), ())
+    if len(cons) != 1 or cons[0][1] != 0:
+        return False
+    outer = graph.nodes[cons[0][0]]
+    above = graph.consumers.get((outer.id, 0), ())
+    if len(above) != 1 or above[0][1] != 0:
+        return False
+    chain = scores_chain(ctx, graph.nodes[above[0][0]])
+    return chain is not None and chain.outer == outer.id and chain.mask == node.id
 
 
 def _to_product(nodes, node) -> bool:
@@ -344,7 +390,7 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
         # takes it as 0: always checked, as node by node checks it), and a recovered bias's, where its replay did
         sum_node = None if chain.mask is None else nodes[chain.mask]
         checked = [] if sum_node is None else [(chain.mask, 0)]
-        untracked = sum_node is not None and any(e is None for e in sum_node.inputs)
+        untracked = chain.outer is not None or sum_node is not None and any(e is None for e in sum_node.inputs)
         bias3 = None
         if chain.bias is not None:  # its value as the Promise System recovers it (once for the layers sharing it),
             # a mask added to it taken as 0 (provisional: checked below, as softmax checks its logits)
@@ -392,6 +438,8 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
                 # R_X = R_P (the identity), worked out in the logits' gradient or the bias's (never both)
                 work = into3 if into3 is not None else bias_into3
                 r = torch.mul(g3[ks], sb, out=None if work is None else work[ks])
+                if chain.outer_eps is not None:  # the mask's sum's ε-step: R_(x + bias) = |X| / (|X| + ε) R_X
+                    r.mul_(stabilising_factor(torch.mul(z, cx) if x is None else x, chain.outer_eps))
                 for t in () if keys == shape[2] else (into3, left, bias_into3):  # no gradient past them, nor any
                     if t is not None:  # factor: 0, not the fresh memory's garbage (the product's step multiplies by it)
                         t[b, hs, a:e, keys:] = 0

@@ -119,7 +119,9 @@ class AddTerms(OpSpec):
         if isinstance(form, Stabilised) and (all(e is not None for e in ctx.node.inputs) or _masks_softmax(ctx)):
             # a mask's sum that one softmax alone reads: that softmax's step applies the factor (one pass over the
             # logits' size fewer, and no fresh tensor of that size)
-            taken = softmax_applies_stabiliser(ctx, ctx.node) is not None
+            from .attention import chain_takes_sum  # noqa: PLC0415 - attention imports this module
+
+            taken = softmax_applies_stabiliser(ctx, ctx.node) is not None or chain_takes_sum(ctx, ctx.node)
             return PLAIN if taken else stabilised_gradient(ctx, form.eps)
         return None
 
