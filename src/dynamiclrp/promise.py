@@ -369,4 +369,3 @@ class Promises:
                 self.recovered_keys.add(key)
                 self.stats.recovered += 1
         return v
-

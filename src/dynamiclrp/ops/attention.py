@@ -214,16 +214,16 @@ def scores_chain(ctx, softmax) -> _ScoresChain | None:
     inner = _inner_sum(nodes, node)
     if inner is not None:  # (x + bias) + mask: the mask's sum above the bias's
         outer_eps = softmax_applies_stabiliser(ctx, node)
-        form = rule_form(ctx.rule_at(inner, "sum"), "sum")
-        if outer_eps is None or not isinstance(form, Stabilised) or not alone(node) or any(
+        inner_form = rule_form(ctx.rule_at(inner, "sum"), "sum")
+        if outer_eps is None or not isinstance(inner_form, Stabilised) or not alone(node) or any(
                 node.spec.term_factor(node, k) != 1.0 for k, e in enumerate(node.inputs) if e is not None):
             return None
-        outer = node.id
+        outer, mask_eps = node.id, inner_form.eps
         through.append(outer)
         node = inner
     if node is not None and isinstance(node.spec, AddTerms) and node.spec.family == "sum":
-        mask_eps = softmax_applies_stabiliser(ctx, node) if outer is None else \
-            rule_form(ctx.rule_at(node, "sum"), "sum").eps
+        if outer is None:
+            mask_eps = softmax_applies_stabiliser(ctx, node)
         scores = [k for k, e in enumerate(node.inputs) if e is not None and _to_product(nodes, nodes[e.child])]
         others = [k for k, e in enumerate(node.inputs) if e is not None and k not in scores]
         if mask_eps is None or len(scores) != 1 or len(others) > 1 or not alone(node) or any(

@@ -354,9 +354,11 @@ def factor_by_subtraction(ctx: Context, g: torch.Tensor, eps: float, out: torch.
         below = below[torch.lt(near, _certain_from(bound, eps, u))]
     if below.shape[0] * _UNCERTAIN_SHARE > size.numel():
         return None
-    z = node.spec.output_at(run, node, 0, below) if below.shape[0] else None
-    if below.shape[0] and z is None:
-        return None
+    z = None
+    if below.shape[0]:
+        z = node.spec.output_at(run, node, 0, below)
+        if z is None:
+            return None
     f = torch.div(size, torch.add(size, eps, out=temp), out=out)
     if z is not None:
         z = z.to(g.dtype).abs_()

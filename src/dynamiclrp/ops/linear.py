@@ -451,18 +451,27 @@ class Product(OpSpec):
         a, b = (inputs[i] if inputs[i] is not None else self.saved_input(node, i) for i in (0, 1))
         return self.fn(a, b)
 
+    def _mm_operands(self, node):
+        """The saved operands of a 2-d ``mm`` (the one product whose elements :meth:`output_at` works out), or
+        None."""
+        a, b = self.saved_input(node, 0), self.saved_input(node, 1)
+        if node.kind != "MmBackward0" or a is None or b is None or a.dim() != 2 or b.dim() != 2:
+            return None
+        return a, b
+
     def read_off_sum(self, run, node):
         """An ``mm`` of at least :data:`_TERMS_READ_OFF` terms per element (below, recomputing it costs about as
         much as the subtraction's passes: T5-small's attention output, 512 terms, measured even)."""
-        a = self.saved_input(node, 0)
-        return node.kind == "MmBackward0" and a is not None and a.dim() == 2 and a.shape[1] >= _TERMS_READ_OFF
+        operands = self._mm_operands(node)
+        return operands is not None and operands[0].shape[1] >= _TERMS_READ_OFF
 
     def output_at(self, run, node, nr, index):
         """A matrix product's elements (``mm``: row and column per element), a dot product each, read where the
         operands lie (``torch.sparse.sampled_addmm``: on the CPU 3-5x faster than gathering the rows)."""
-        a, b = self.saved_input(node, 0), self.saved_input(node, 1)
-        if node.kind != "MmBackward0" or a is None or b is None or a.dim() != 2 or b.dim() != 2:
+        operands = self._mm_operands(node)
+        if operands is None:
             return None
+        a, b = operands
         rows, cols = index.unbind(1)
         order = torch.argsort(rows * b.shape[1] + cols)  # the sparse layout's: by row, then column
         rows, cols = rows[order], cols[order]
@@ -670,8 +679,9 @@ class _AddmmBias(BiasAdd):
         z = op.spec.output_at(run, op, 0, index)
         if z is None:
             return None
-        bias = run.promises.value(e.child, e.nr).expand(out_shape(node.fn, 0))[tuple(index.T)]
-        return add_terms(*self.terms(node.fn, *((bias, z) if self.linear_index == 1 else (z, bias))))
+        operands = [run.promises.value(e.child, e.nr).expand(out_shape(node.fn, 0))[tuple(index.T)]] * 2
+        operands[self.linear_index] = z
+        return add_terms(*self.terms(node.fn, *operands))
 
 
 class Convolution(Product):
