@@ -186,6 +186,24 @@ def test_captum_style_lrp_equals_explain():
     assert not x.requires_grad and all(p.requires_grad for p in model.parameters())  # model left as it was
 
 
+def test_captum_style_lrp_shares_a_plan_across_calls():
+    """A plan given to the adapter serves every ``attribute`` call of a loop: the graph is read and the pass worked
+    out once, the transformed weights computed once, and each call's answer equals :func:`dynamiclrp.explain`'s
+    without a plan."""
+    model = small_cnn()
+    plan = dynamiclrp.Plan()
+    lrp = LRP(model, preset="epsilon_gamma_box", plan=plan)
+    computed = []
+    for k in range(3):
+        x = torch.randn(2, 3, 8, 8)
+        attr = lrp.attribute(x, target=[k, 2 - k])
+        computed.append(plan.stats.weights_computed)
+        ref = dynamiclrp.explain(model, x, target=[k, 2 - k], preset="epsilon_gamma_box")
+        torch.testing.assert_close(attr, ref.inputs[0], rtol=1e-6, atol=1e-8)
+    assert (plan.stats.graphs_built, plan.stats.graphs_reused) == (1, 2)
+    assert computed[0] > 0 and computed == [computed[0]] * 3 and plan.stats.weights_reused == 2 * computed[0]
+
+
 def test_captum_style_lrp_tuples_and_additional_args():
     class Two(torch.nn.Module):
         def __init__(self):

@@ -51,7 +51,8 @@ def explain_func(model: torch.nn.Module, inputs: Any, targets: Any, *, preset: s
     device : str or torch.device, optional
     **kwargs
         Further keyword arguments of :func:`dynamiclrp.explain`; keys Quantus adds for other methods
-        (``method``, ``softmax``, ...) are ignored.
+        (``method``, ``softmax``, ...) are ignored. A ``plan`` (:class:`dynamiclrp.Plan`) in the
+        ``explain_func_kwargs`` that every batch's call gets is shared by those calls.
 
     Returns
     -------
@@ -102,6 +103,8 @@ class LRP:
         Rule policy, default ``"epsilon"`` (Captum's default rule is ε).
     **explain_kwargs
         Default keyword arguments of :func:`dynamiclrp.explain` (``rules``, ``module_rules``, ``seed``, ...).
+        ``plan=dynamiclrp.Plan()`` lets the calls of a data-set loop share one execution plan (the graph read and
+        the pass worked out once, :class:`dynamiclrp.Plan`).
     """
 
     def __init__(self, model: torch.nn.Module, preset: str | Preset = "epsilon", **explain_kwargs: Any) -> None:
