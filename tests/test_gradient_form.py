@@ -148,8 +148,9 @@ def test_matches_node_by_node_on_transformers(name, attn, preset):
     # BERT's GELU (identity rule) in both presets; GPT-2's GELU is written out, x * f(x) with f(x) held constant:
     # the product's gradient for x alone. Under CP-LRP each layer's attention (fused, or the product with the
     # values) and GPT-2's packed projection. Below the pick of BERT's class token and of GPT-2's last token, the last
-    # layer's MLP projections (under CP-LRP BERT's attention output projection too) multiply those rows alone
-    expected = {"GeluBackward0": 2} if name == "bert" else {"MulBackward0": 2}
+    # layer's MLP projections (under CP-LRP BERT's attention output projection too) multiply those rows alone; the
+    # pass starts below GPT-2's LM head, read at the last token (its product of that row alone)
+    expected = {"GeluBackward0": 2} if name == "bert" else {"MulBackward0": 2, "MmBackward0": 1}
     expected["AddmmBackward0"] = 2
     if preset == "cp_lrp":
         expected["BmmBackward0" if attn == "eager" else "ScaledDotProductFlashAttentionForCpuBackward0"] = 2
@@ -165,7 +166,8 @@ def test_llama_bypasses(attn, preset, monkeypatch):
     """LLaMA's bypasses: its RMSNorms' products ``x * f(x)`` (not the final one, nor the first layer's, whose input
     is the recorded embedding: it must get its gradient through autograd), the SiLUs under AttnLRP; under CP-LRP
     the gates' products and the second layer's attention, routed through its RMSNorm; below the pick of the last
-    token, the last block's MLP projections multiply its rows alone. The same answer as without bypasses."""
+    token, the last block's MLP projections multiply its rows alone, and the pass starts below the LM head. The same
+    answer as without bypasses."""
     from dynamiclrp import gradient_form
 
     model, out = tiny("llama", attn)
@@ -180,6 +182,7 @@ def test_llama_bypasses(attn, preset, monkeypatch):
     # and the attention's output projection where the attention is fused, its values' step a direct one)
     expected["MmBackward0"] = 3 if preset == "cp_lrp" and attn == "sdpa" else 2
     expected["MulBackward0"] += preset == "attnlrp"
+    expected["MmBackward0"] += 1  # the pass starts below the LM head, read at the last token (that row's product)
     assert got.stats.gradient_form and got.stats.bypassed_kinds == expected and plain.stats.bypassed == 0
     assert float(plain.tokens.abs().max()) > 0
     if preset == "cp_lrp":
@@ -1545,6 +1548,57 @@ def test_projection_bypass_multiplies_the_picked_rows_alone(preset, monkeypatch)
     assert float(plain.inputs[0].abs().max()) > 0
     assert rel_diff(got.inputs[0], plain.inputs[0]) < 1e-12
     assert rel_diff(got.inputs[0], ref.inputs[0]) < TOL
+
+
+class _LMHead(nn.Module):
+    """A block, then a head over every token (``bias``: with one), read at the token ``pick`` (an LM head's logits
+    at one position, as T5's are read); ``pick`` None reads the tokens' mean instead (every row read)."""
+
+    def __init__(self, pick, bias: bool, d: int = 6, vocab: int = 9):
+        super().__init__()
+        self.up, self.head, self.pick = nn.Linear(d, d), nn.Linear(d, vocab, bias=bias), pick
+
+    def forward(self, x):
+        h = x + torch.tanh(self.up(x))
+        logits = self.head(h)
+        return logits[:, self.pick] if self.pick is not None else logits.mean(1)
+
+
+@pytest.mark.parametrize("preset", ["epsilon", "attnlrp"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_pass_starts_below_a_pick_of_a_final_projection(preset, bias, monkeypatch):
+    r"""Explained at one token of a head applied to every token, the pass starts at the head's input: the pick
+    taken back by hand, the head's step (the ε-rule's factor) and its product worked out at the picked rows alone
+    (a product of 2 rows for a batch of 2, none of 14), the rest as before. Equal to the pass started at the output
+    and to node by node, in float64, again with a plan. Reading every token (their mean), no row is spared: the
+    start stays at the output, and the head multiplies every row."""
+    from dynamiclrp import gradient_bypass, gradient_form
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 6, dtype=D)
+    for pick in (3, None):
+        model = _LMHead(pick, bias).to(D).eval()
+        xg = x.clone().requires_grad_()
+        y = model(xg)
+        with _Counting() as products:
+            got = dynamiclrp.propagate(y, wrt=[xg], preset=preset, ledger=False)
+        assert got.stats.gradient_form
+        assert got.stats.bypassed_kinds.get("AddmmBackward0" if bias else "MmBackward0", 0) == (pick is not None)
+        plan = dynamiclrp.Plan()
+        planned = [dynamiclrp.explain(model, x, preset=preset, ledger=False, plan=plan).inputs[0] for _ in range(2)]
+        ref = dynamiclrp.explain(model, x, preset=preset, ledger=False, gradient_form=False,
+                                 rules=LIMIT_PRESET.get(preset))
+        with monkeypatch.context() as m:
+            m.setattr(gradient_form, "seed_below_pick", lambda run, steps, outputs, grads, bypasses: (outputs, grads))
+            whole = dynamiclrp.explain(model, x, preset=preset, ledger=False).inputs[0]
+        assert float(whole.abs().max()) > 0
+        for rel in (got.inputs[0], *planned):
+            assert rel_diff(rel, whole) < 1e-12
+            assert rel_diff(rel, ref.inputs[0]) < TOL
+        # the head's input gradient: 2 rows (one token of each of 2 sequences), or all 14 where every token is read
+        assert (((2, 9), (9, 6)) in products.shapes) == (pick is not None)
+        assert (((14, 9), (9, 6)) in products.shapes) == (pick is None)
+    assert gradient_bypass.seed_below_pick is gradient_form.seed_below_pick
 
 
 def test_a_declined_projection_bypass_hands_its_gradient_on_by_hand(monkeypatch):

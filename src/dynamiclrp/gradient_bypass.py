@@ -73,7 +73,7 @@ import torch
 from torch.autograd.graph import GradientEdge
 
 from .engine import Run
-from .ops.base import DirectStep, PreHook, WholeStep, saved, silenced
+from .ops.base import DirectStep, PreHook, WholeStep, extremes, saved, silenced
 from .ops.reduce import reduced_dims
 
 # how the gradient of a fused projection's output reaches the parts it is split into
@@ -730,9 +730,8 @@ def _narrowed_rows(bypasses: Bypasses, nid: int, kind: str, weight: str, route: 
         if bool(torch.stack((g[0].any(), g[-1].any())).all()):  # one sync
             declined[0] = True
             return grad_outputs
-        held = (g.amax(1) != 0) | (g.amin(1) != 0)  # NaN included
-        rows = held.nonzero().squeeze(1)
-        if 2 * rows.shape[0] > g.shape[0]:
+        rows = held_rows(g)
+        if rows is None:
             return grad_outputs
         fn = bypasses.fn(nid)
         w = saved(fn, weight)
@@ -744,6 +743,77 @@ def _narrowed_rows(bypasses: Bypasses, nid: int, kind: str, weight: str, route: 
         bypasses.bypassed[kind] += 1
         return (None,)
     return hook
+
+
+#: views a seed may be taken back through by hand (:func:`seed_below_pick`): one operand, every element kept
+_SEED_VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AliasBackward0"})
+
+
+def seed_below_pick(run: Run, steps: dict, outputs: list, grads: list, bypasses: Bypasses) -> tuple[list, list]:
+    r"""The pass's start moved below a pick of some rows of a final projection's output (an LM head's logits read
+    at one position, ``logits[:, 0]``): ``(outputs, grads)`` for :func:`torch.autograd.grad`, the one seed taken back
+    by hand through the pick and its views, the projection's step taken (the ε-rule's
+    :math:`g\,|z| / (|z| + \varepsilon)`, its factor at those rows alone, or none), and its input's gradient
+    :math:`g_x[r] = \alpha\,g[r]\,W^\top` worked out over the rows that hold a non-zero alone; the pass then
+    starts at the projection's input, and its backward, which multiplies every row, never runs (counted as
+    bypassed). Autograd's own pass (the floor's) multiplies them all: T5's LM head, read at one position, is a
+    product of 32,128 x 512 per row.
+
+    Only from one seed (the nodes of the chain, below it alone, get no gradient from anywhere else then), through
+    nodes none of which is recorded, hooked by a bypass (a delivery would wait there) or has a step of its own but
+    the projection's pre-step, the projection's weight side wanting no gradient, and at most half of its rows
+    holding a non-zero (:func:`held_rows`); else the seed as it was."""
+    if len(outputs) != 1:
+        return outputs, grads
+    graph, hooked = run.graph, {nid for nid, _ in bypasses.hooks}
+    fn, g = outputs[0].node, grads[0]
+    for _ in range(_MAX_CHAIN):
+        nid = graph.head.get(fn)
+        if nid is None or nid in hooked or len(fn._input_metadata) != 1 or (nid, 0) in run.record:
+            return outputs, grads
+        kind = type(fn).__name__
+        if kind in _PROJECTIONS:
+            break
+        if kind not in _PICKS and kind not in _SEED_VIEWS or steps.get(fn) is not None or \
+                _useful_child(run, fn, 0)[2] is None:
+            return outputs, grads
+        g = fn(g)
+        g = g[0] if isinstance(g, tuple) else g
+        child, nr = fn.next_functions[0]
+        g, fn = _as_input(g, child, nr), child
+    else:
+        return outputs, grads
+    step = steps.get(fn)
+    x_slot, weight = _PROJECTIONS[kind]
+    if step is not None and (type(step) is not PreHook or step.post is not None) or g.dim() != 2 or \
+            g.shape[0] < 2 or _useful_child(run, fn, x_slot)[2] is None or \
+            any(i != x_slot and _useful_child(run, fn, i)[2] for i in range(len(fn.next_functions))):
+        return outputs, grads
+    rows = held_rows(g)
+    if rows is None:
+        return outputs, grads
+    picked = g[rows]
+    if step is not None:  # the step at those rows alone where it can be so taken, else at every row
+        at_rows = getattr(step.hook, "at_rows", None)
+        picked = None if at_rows is None else at_rows(picked, rows)
+        picked = step.hook((g,))[0][rows] if picked is None else picked
+    w = saved(fn, weight)
+    gx = g.new_zeros(g.shape[0], w.shape[0])
+    alpha = saved(fn, "alpha", 1)
+    part = picked @ w.mT
+    gx.index_copy_(0, rows, part if alpha == 1 else part.mul_(alpha))
+    run.carried.append(extremes(gx))  # the step's factor may have made a non-finite number
+    bypasses.bypassed[kind] += 1
+    child, nr = fn.next_functions[x_slot]
+    return [GradientEdge(child, nr)], [_as_input(gx, child, nr)]
+
+
+def held_rows(g: torch.Tensor) -> torch.Tensor | None:
+    """The rows of the 2-d ``g`` that hold a non-zero (NaN included), where they are at most half of them; else
+    None."""
+    held = (g.amax(1) != 0) | (g.amin(1) != 0)
+    rows = held.nonzero().squeeze(1)
+    return None if 2 * rows.shape[0] > g.shape[0] else rows
 
 
 def _feeds_a_split(run: Run, nid: int, steps: dict) -> bool:

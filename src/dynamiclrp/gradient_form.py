@@ -55,7 +55,7 @@ from torch.autograd.graph import GradientEdge
 
 from .engine import Context, Run
 from .errors import ActivationUnavailableError, GraphFreedError
-from .gradient_bypass import Bypasses, UndeliveredError, plan_bypasses
+from .gradient_bypass import Bypasses, UndeliveredError, plan_bypasses, seed_below_pick
 from .ops import spec_for
 from .ops.attention import mask_checks_pass
 from .ops.base import (
@@ -259,6 +259,8 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
             bypasses = prepared.bypasses.bind(graph)
         for nid, hook in bypasses.hooks if bypasses else ():
             handles.append(graph.nodes[nid].fn.register_prehook(hook.hook))
+        if bypasses is not None:  # the pass started below a pick of a final projection's rows, where it can
+            outputs, ratios = seed_below_pick(run, dict(hooks), outputs, ratios, bypasses)
         for fn, hook in hooks:
             if isinstance(hook, PreHook):
                 handles.append(fn.register_prehook(hook.hook))
@@ -282,7 +284,7 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
         for h in handles:
             h.remove()
         undelivered = bypasses is not None and bypasses.undelivered()
-        bypassed = dict(bypasses.bypassed) if bypasses else {}
+        bypassed = dict(bypasses.bypassed) if bypasses is not None else {}
         # deliveries to recorded slots, which the pass read before they arrived (kept: release unbinds them)
         delivered = dict(bypasses.delivered) if bypasses is not None else {}
         prepared.release()

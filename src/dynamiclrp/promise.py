@@ -134,6 +134,11 @@ class Promises:
         """Output slot ``nr`` if saved tensors hold it (no replay), else None."""
         return self._direct(node, nr)
 
+    def held(self, node: Node, nr: int = 0) -> torch.Tensor | None:
+        """Output slot ``nr`` where it is held without a replay or a matrix product (saved, a saved copy, rebuilt
+        element-wise from saved tensors) and not provisional; else None."""
+        return self._held(node, nr)
+
     def value(self, nid: int, nr: int = 0) -> torch.Tensor:
         """The forward output slot ``nr`` of node ``nid``, from saved tensors or by replay."""
         nodes = self.graph.nodes

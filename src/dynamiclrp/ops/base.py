@@ -302,7 +302,30 @@ def stabilised_gradient(ctx: Context, eps: float, scale: float = 1.0) -> PreHook
         if scale != 1.0:
             f.mul_(scale)
         return (f,) + tuple(grad_outputs[1:])
+
+    def at_rows(g: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """The step on rows ``rows`` of a 2-d output gradient alone (``g``: those rows), the factor worked out
+        there alone (:func:`output_rows`' :math:`z`), times ``g``, as ``hook`` multiplies it. None where the
+        output's rows are not held (the caller takes the whole step)."""
+        z = output_rows(ctx, rows, g.dtype)
+        if z is None or z.shape != g.shape:
+            return None
+        f = stabilising_factor(z, eps)
+        f.mul_(g)
+        return f.mul_(scale) if scale != 1.0 else f
+    hook.at_rows = at_rows  # type: ignore[attr-defined]
     return PreHook(hook)
+
+
+def output_rows(ctx: Context, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """Rows ``rows`` of the 2-d output of ``ctx``'s node, in ``dtype``, where it is held without work: from a ReLU
+    that alone consumes it (:func:`relu_above`: its output, which the ε-factor takes for :math:`z`, as the whole
+    step does), saved, or a copy of it saved (:meth:`~dynamiclrp.promise.Promises.held`; an explained output is one);
+    else None."""
+    run, node = ctx.run, ctx.node
+    relu = relu_above(run.graph, node, dtype)
+    z = relu[1] if relu is not None else run.promises.held(node, 0)
+    return z[rows].to(dtype) if z is not None and z.dim() == 2 else None
 
 
 def factor_by_subtraction(ctx: Context, g: torch.Tensor, eps: float, out: torch.Tensor | None = None,
