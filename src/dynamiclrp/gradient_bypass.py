@@ -26,6 +26,12 @@ The bypass multiplies the rows that hold a non-zero alone, :math:`g_x[r] = g[r]\
 time (:func:`_narrowed_rows`; the region: :func:`_picked_rows`): the last layer's MLP projections, under CP-LRP its
 attention's output projection too.
 
+Above that region, where the explained output is itself a pick of some rows of a final projection's output (an LM
+head applied to every token and read at one: T5's logits at a decoder position, GPT-2's at the last token without
+``logits_to_keep``), no bypass could hand the head's gradient on (it is the pass's only source): the pass starts
+below the head instead, the pick and the head's step and product taken by hand at those rows
+(:func:`seed_below_pick`).
+
 A step that gives an operand no gradient at all (:func:`~dynamiclrp.ops.base.silenced`) cuts that branch out of a
 route: the statistics of a norm are no fork on the way to the residual stream, and a node only they feed needs no
 route of its own.
