@@ -739,13 +739,7 @@ def _narrowed_rows(bypasses: Bypasses, nid: int, kind: str, weight: str, route: 
         rows = held_rows(g)
         if rows is None:
             return grad_outputs
-        fn = bypasses.fn(nid)
-        w = saved(fn, weight)
-        gx = g.new_zeros(g.shape[0], w.shape[0])
-        alpha = saved(fn, "alpha", 1)
-        part = g[rows] @ w.mT
-        gx.index_copy_(0, rows, part if alpha == 1 else part.mul_(alpha))
-        bypasses.carry(route, gx)
+        bypasses.carry(route, _rows_product(bypasses.fn(nid), weight, g[rows], rows, g.shape[0]))
         bypasses.bypassed[kind] += 1
         return (None,)
     return hook
@@ -803,15 +797,21 @@ def seed_below_pick(run: Run, steps: dict, outputs: list, grads: list, bypasses:
         at_rows = getattr(step.hook, "at_rows", None)
         picked = None if at_rows is None else at_rows(picked, rows)
         picked = step.hook((g,))[0][rows] if picked is None else picked
-    w = saved(fn, weight)
-    gx = g.new_zeros(g.shape[0], w.shape[0])
-    alpha = saved(fn, "alpha", 1)
-    part = picked @ w.mT
-    gx.index_copy_(0, rows, part if alpha == 1 else part.mul_(alpha))
+    gx = _rows_product(fn, weight, picked, rows, g.shape[0])
     run.carried.append(extremes(gx))  # the step's factor may have made a non-finite number
     bypasses.bypassed[kind] += 1
     child, nr = fn.next_functions[x_slot]
     return [GradientEdge(child, nr)], [_as_input(gx, child, nr)]
+
+
+def _rows_product(fn: Any, weight: str, g_rows: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    r"""A projection's input gradient from its output gradient's rows ``rows`` alone (``g_rows``; the others zero):
+    :math:`g_x[r] = \alpha\,g[r]\,W^\top`, ``n`` rows, zero but at ``rows``."""
+    w = saved(fn, weight)
+    gx = g_rows.new_zeros(n, w.shape[0])
+    alpha = saved(fn, "alpha", 1)
+    part = g_rows @ w.mT
+    return gx.index_copy_(0, rows, part if alpha == 1 else part.mul_(alpha))
 
 
 def held_rows(g: torch.Tensor) -> torch.Tensor | None:

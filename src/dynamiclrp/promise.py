@@ -134,11 +134,6 @@ class Promises:
         """Output slot ``nr`` if saved tensors hold it (no replay), else None."""
         return self._direct(node, nr)
 
-    def held(self, node: Node, nr: int = 0) -> torch.Tensor | None:
-        """Output slot ``nr`` where it is held without a replay or a matrix product (saved, a saved copy, rebuilt
-        element-wise from saved tensors) and not provisional; else None."""
-        return self._held(node, nr)
-
     def value(self, nid: int, nr: int = 0) -> torch.Tensor:
         """The forward output slot ``nr`` of node ``nid``, from saved tensors or by replay."""
         nodes = self.graph.nodes
@@ -250,8 +245,8 @@ class Promises:
                 edges = add.inputs
                 if any(e is None for e in edges) or sum((e.child, e.nr) == key for e in edges) != 1:
                     continue  # a constant autograd did not record, or this value added to itself
-                out = self._held(add, 0)
-                operands = [None if k == i else self._held(nodes[e.child], e.nr) for k, e in enumerate(edges)]
+                out = self.held(add, 0)
+                operands = [None if k == i else self.held(nodes[e.child], e.nr) for k, e in enumerate(edges)]
                 if out is None or any(v is None for k, v in enumerate(operands) if k != i):
                     continue
                 if self._bounding and len(edges) != 2:  # the bound is a two-term sum's: one rounding
@@ -301,7 +296,7 @@ class Promises:
             got.append(v)
         return got[0], got[1]
 
-    def _held(self, node: Node, nr: int) -> torch.Tensor | None:
+    def held(self, node: Node, nr: int = 0) -> torch.Tensor | None:
         """Output slot ``nr`` held without a replay or a product (saved, a saved copy, or rebuilt element-wise from
         saved tensors: a norm's output, a leaf), and not provisional; else None."""
         key = (node.id, nr)

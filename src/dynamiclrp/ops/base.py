@@ -298,10 +298,11 @@ def stabilised_gradient(ctx: Context, eps: float, scale: float = 1.0) -> PreHook
             if f is None:
                 z = ctx.output(0).to(g.dtype)
                 f = stabilising_factor(z if z.shape == g.shape else z.expand(g.shape), eps, out, temp)
+        return (times_gradient(f, g),) + tuple(grad_outputs[1:])
+
+    def times_gradient(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         f.mul_(g)
-        if scale != 1.0:
-            f.mul_(scale)
-        return (f,) + tuple(grad_outputs[1:])
+        return f.mul_(scale) if scale != 1.0 else f
 
     def at_rows(g: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
         """The step on rows ``rows`` of a 2-d output gradient alone (``g``: those rows), the factor worked out
@@ -310,9 +311,7 @@ def stabilised_gradient(ctx: Context, eps: float, scale: float = 1.0) -> PreHook
         z = output_rows(ctx, rows, g.dtype)
         if z is None or z.shape != g.shape:
             return None
-        f = stabilising_factor(z, eps)
-        f.mul_(g)
-        return f.mul_(scale) if scale != 1.0 else f
+        return times_gradient(stabilising_factor(z, eps), g)
     hook.at_rows = at_rows  # type: ignore[attr-defined]
     return PreHook(hook)
 
