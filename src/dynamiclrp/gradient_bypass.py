@@ -337,18 +337,33 @@ def _picked_rows(run: Run) -> set[int]:
     above the first node outside :data:`_TOKEN_LOCAL` on any path, every path from the output passing a pick: there
     an explanation has gradients at the picked tokens' rows alone. Only where a bypass looks for such rows: what it
     narrows it reads off the gradient itself."""
-    graph = run.graph
+    graph, nodes = run.graph, run.graph.nodes
     picked: set[int] = set()
+    # a node can join only where a consumer picks rows or has joined: the nodes below those (every part of a fused
+    # node, whose slots are its head's) are the only ones asked, not the thousand others
+    candidates: set[int] = set()
     for nid in graph.order:  # consumers first
-        node = graph.nodes[nid]
-        if node.kind not in _TOKEN_LOCAL or not run.useful[nid] or node.kind == "MeanBackward1" and _dims(
-                node.fn) != [_last(node.fn)]:  # a mean: of a norm's statistics, over the last dimension alone
-            continue
-        head = graph.head.get(node.fn, nid)
-        consumers = [c for nr in range(len(node.fn._input_metadata)) for c, _ in graph.consumers.get((head, nr), ())]
-        if consumers and all(c in picked or _picks_rows(graph.nodes[c]) for c in consumers):
+        node = nodes[nid]
+        if nid in candidates and _stays_picked(run, node, nid, picked):
             picked.add(nid)
+        elif node.kind not in _PICKS:
+            continue
+        for e in node.inputs:
+            if e is not None:
+                candidates.update(p.id for p in graph.parts(nodes[e.child].fn))
     return picked
+
+
+def _stays_picked(run: Run, node: Any, nid: int, picked: set[int]) -> bool:
+    """Whether graph node ``nid`` is in :func:`_picked_rows`' region, its consumers decided (``picked``): token-local,
+    wanted, and every consumer of its slots in the region or a pick of rows."""
+    graph = run.graph
+    if node.kind not in _TOKEN_LOCAL or not run.useful[nid] or node.kind == "MeanBackward1" and _dims(
+            node.fn) != [_last(node.fn)]:  # a mean: of a norm's statistics, over the last dimension alone
+        return False
+    head = graph.head.get(node.fn, nid)
+    consumers = [c for nr in range(len(node.fn._input_metadata)) for c, _ in graph.consumers.get((head, nr), ())]
+    return bool(consumers) and all(c in picked or _picks_rows(graph.nodes[c]) for c in consumers)
 
 
 def _picks_rows(node: Any) -> bool:

@@ -161,24 +161,29 @@ def gradient_steps(run: Run, seeds: frozenset) -> tuple[list[tuple[int, Any, Con
     run.seeds = seeds  # a step may take over the steps of a chain of nodes below it, none of them seeded
     reached = {nid for nid, _ in seeds}
     hooks = []
-    for hid in graph.order:
-        fn = nodes[hid].fn
-        if graph.head.get(fn) != hid or hid not in reached:
+    last = len(nodes) - 1
+    for hid in graph.order:  # loops, not generators: this runs for every node of every graph
+        head = nodes[hid]
+        if head.part or hid not in reached:
             continue  # a later part of a fused node (its head stands for it), or a node no gradient reaches
-        parts = graph.parts(fn)
-        asked = next((p for p in parts if useful[p.id] and _passes_on(p, useful)), None)
-        if asked is None:
+        fn = head.fn
+        parts = [head] if hid == last or nodes[hid + 1].fn is not fn else graph.parts(fn)
+        for asked in parts:
+            if useful[asked.id] and _passes_on(asked, useful):
+                break
+        else:
             continue
-        head = parts[0]
         ctx = Context(run, head, [])
         step = head.spec.gradient_step(ctx) if len(parts) == 1 else spec_for(fn).gradient_step_fused(ctx, parts)
         if step is None:
             return [], f"{asked.kind} (node #{asked.id}) has no gradient form under its rule"
         if step is not PLAIN:
             hooks.append((hid, step, ctx))
-        quiet = silenced(step) if len(parts) == 1 else frozenset()
-        reached.update(e.child for p in parts for i, e in enumerate(p.inputs)
-                       if e is not None and nodes[e.child].fn is not fn and i not in quiet)
+        quiet = silenced(step) if len(parts) == 1 else ()
+        for p in parts:
+            for i, e in enumerate(p.inputs):
+                if e is not None and i not in quiet and nodes[e.child].fn is not fn:
+                    reached.add(e.child)
     return _sums_stabilised_by_their_consumers(run, hooks, seeds), None
 
 

@@ -210,11 +210,16 @@ def _data_sources(nodes: list[Node]) -> list[int]:
 
 def _mark_data(g: Graph) -> None:
     """Which nodes depend on the model's input (producers before consumers)."""
+    nodes, plain = g.nodes, OpSpec.is_data_source
     for i in reversed(g.order):
-        node = g.nodes[i]
-        node.data = node.spec.is_data_source(node) or any(
-            e is not None and g.nodes[e.child].data for e in node.inputs
-        )
+        node = nodes[i]
+        data = type(node.spec).is_data_source is not plain and node.spec.is_data_source(node)
+        if not data:  # a loop, not any() over a generator: this runs for every node of every graph
+            for e in node.inputs:
+                if e is not None and nodes[e.child].data:
+                    data = True
+                    break
+        node.data = data
 
 
 def _discover(root_fns: list[Any]) -> tuple[list[Any], list[tuple]]:
