@@ -191,7 +191,21 @@ def scores_chain(ctx, softmax) -> _ScoresChain | None:
 
     The softmax step then computes what the steps of the sum and of the product would have, on the scores
     recomputed a block of rows at a time (no tokens x tokens tensor replayed and kept), and the product's own step
-    is the plain gradient. Both steps ask this one function, so they cannot disagree."""
+    is the plain gradient. Both steps ask this one function, so they cannot disagree; it works the chain out once
+    per run (kept in :attr:`~dynamiclrp.engine.Run.derived`)."""
+    key = (_SCORES_CHAIN, softmax.id)
+    derived = ctx.run.derived
+    if key not in derived:
+        derived[key] = _find_scores_chain(ctx, softmax)
+    return derived[key]
+
+
+#: the key (with the softmax's node id) of its :func:`scores_chain` in :attr:`dynamiclrp.engine.Run.derived`
+_SCORES_CHAIN = "scores chain"
+
+
+def _find_scores_chain(ctx, softmax) -> _ScoresChain | None:
+    """:func:`scores_chain`, worked out."""
     run = ctx.run
     graph, nodes = run.graph, run.graph.nodes
     if softmax.spec.family != "softmax" or rule_form(ctx.rule_at(softmax, "softmax"), "softmax") is not IDENTITY:
