@@ -2002,6 +2002,18 @@ def test_hooks_reuse_only_a_fresh_unshared_gradient_buffer():
     assert spare(fresh, torch.Size((5, 4)), torch.float32, g) is None
 
 
+def test_the_hooks_broadcast_shapes_as_torch_does():
+    """The hooks' shortcut for ``torch.broadcast_shapes`` (equal shapes returned as they are) answers as torch does,
+    mismatches included."""
+    from dynamiclrp.ops.base import broadcast_shape
+
+    for shapes in [((2, 3),), ((2, 3), (2, 3), (2, 3)), ((8,), (1,)), ((4, 1, 3), (5, 1), (3,)), ((), (2, 2))]:
+        got = broadcast_shape(*(torch.Size(s) for s in shapes))
+        assert isinstance(got, torch.Size) and got == torch.broadcast_shapes(*shapes)
+    with pytest.raises(RuntimeError):
+        broadcast_shape(torch.Size((2, 3)), torch.Size((4, 3)))
+
+
 def test_scaled_gradient_scales_in_place_only_what_the_node_made_afresh():
     """A rule's factors on the gradients a node's backward returned are applied in place where that gradient is the
     node's own fresh tensor, out of place where it is the incoming gradient (an addition passes it on as is), a

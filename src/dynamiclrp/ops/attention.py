@@ -25,6 +25,7 @@ from .base import (
     OpSpec,
     PreHook,
     WholeStep,
+    broadcast_shape,
     extremes,
     held_constant,
     identity_gradient,
@@ -923,7 +924,7 @@ class _ScoreBlocks:
         self.scale, self.causal = scale, causal
         k = _heads(q, k)(k)
         self.L, self.S = q.shape[-2], k.shape[-2]
-        self.batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], *(t.shape[:-2] for t in others))
+        self.batch = broadcast_shape(q.shape[:-2], k.shape[:-2], *(t.shape[:-2] for t in others))
         self.heads = self.batch[-1] if self.batch else 1
         self.q, self.k, *self.others = (self.dense(t, *t.shape[-2:]) for t in (q, k, *others))
         self.given = None if given is None else self.dense(given.additive, self.L, self.S, copy=False)

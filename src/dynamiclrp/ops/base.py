@@ -17,6 +17,7 @@ torch release that renames one fails loudly in one place.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy
@@ -78,6 +79,16 @@ def _signed(v: Any) -> Any:
     if type(v) is tuple and v and all(type(d) is int for d in v) and max(v) >= 2**63:
         return tuple(d - 2**64 if d >= 2**63 else d for d in v)
     return v
+
+
+def broadcast_shape(*shapes: Sequence[int]) -> torch.Size:
+    """``torch.broadcast_shapes(*shapes)``, at once where the shapes are equal (the usual case in a hook): torch's
+    own costs about 60 µs a call on the CPU, as much as a pass over a small activation."""
+    first = shapes[0]
+    for s in shapes[1:]:
+        if s != first:
+            return torch.broadcast_shapes(*shapes)
+    return torch.Size(first)
 
 
 def out_shape(fn: Any, nr: int = 0) -> torch.Size:
@@ -576,7 +587,7 @@ def identity_gradient(ctx: Context, quotient: Any = None, stabiliser: float | No
             return quotient(ctx.node.fn, x, out, y).mul_(g)
         y = ctx.node.spec.output(ctx.node, 0)  # from what the node saved: not kept by the promises
         y = ctx.output(0) if y is None else y.to(g.dtype)
-        shape = torch.broadcast_shapes(g.shape, y.shape, x.shape)
+        shape = broadcast_shape(g.shape, y.shape, x.shape)
         out = None if out_like is None else spare(out_like, shape, torch.promote_types(g.dtype, y.dtype), x, g, y)
         q = torch.mul(g, y) if out is None else torch.mul(g, y, out=out)
         if stabiliser is not None:  # never infinite: no flag
