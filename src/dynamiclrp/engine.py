@@ -62,6 +62,8 @@ class Run:
     subtract_addends: bool = False
     bypassed: dict[str, int] = field(default_factory=dict)  # node type -> nodes the gradient form bypassed
     seeds: frozenset = frozenset()  # the output slots (node id, nr) the gradient form's pass starts from
+    #: the nodes the gradient form's pass reaches, as its steps were worked out (None: not worked out in this run)
+    reached: frozenset[int] | None = None
 
     def __post_init__(self):
         self.promises = Promises(self.graph, self.approximations, self.subtract_addends)

@@ -283,9 +283,11 @@ def plan_bypasses(run: Run, steps: dict[Any, Any], seeds: frozenset = frozenset(
             route = plan.route(fn, x_slot)
             if route is not None:
                 plan.hook(fn, _narrowed_projection(plan.bypasses, nid, kind, weight, route))
-    # a node no gradient reaches (RMSNorm's statistics, below the product that holds them constant) needs no route
-    direct = [(fn, step) for fn, step in steps.items()
-              if isinstance(step, DirectStep) and not plan.unreached(graph.head[fn])]
+    # a node no gradient reaches (RMSNorm's statistics, below the product that holds them constant) needs no route;
+    # one the steps' own walk reached is reached (it followed the same silenced operands, without a depth limit)
+    reached = run.reached or frozenset()
+    direct = [(fn, step) for fn, step in steps.items() if isinstance(step, DirectStep) and (
+        graph.head[fn] in reached or not plan.unreached(graph.head[fn]))]
     # their other operands get nothing, nor what only those feed (a guess that fails for a node left unbypassed
     # costs a node run twice -- by hand and by the engine -- not a wrong sum: backward is linear in the gradient)
     plan.silence(fn for fn, _ in direct)

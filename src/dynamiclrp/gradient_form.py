@@ -184,6 +184,7 @@ def gradient_steps(run: Run, seeds: frozenset) -> tuple[list[tuple[int, Any, Con
             for i, e in enumerate(p.inputs):
                 if e is not None and i not in quiet and nodes[e.child].fn is not fn:
                     reached.add(e.child)
+    run.reached = frozenset(reached)
     return _sums_stabilised_by_their_consumers(run, hooks, seeds), None
 
 
