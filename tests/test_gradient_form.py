@@ -2330,3 +2330,37 @@ def test_by_hand_chain_checks_what_it_made_once_per_layer(monkeypatch):
     assert not got.stats.gradient_form
     ref = dynamiclrp.explain(model, x, gradient_form=False, **kw)
     assert torch.equal(got.inputs[0], ref.inputs[0])
+
+
+@pytest.mark.parametrize("name,preset", [("bert", "epsilon"), ("bert", "attnlrp"), ("llama", "cp_lrp"),
+                                         ("gpt2", "cp_lrp")])
+def test_planning_shortcuts_agree_with_their_definitions(name, preset):
+    """The planning's shortcuts give what their definitions give: the picked-rows region, found from the picks
+    down, is the set found by asking every node; every node the steps' own walk reached (``Run.reached``) is one
+    the bypass planner finds reached; and the bypasses planned with that walk's answer are those planned without."""
+    from dynamiclrp import gradient_bypass as gb
+    from dynamiclrp.gradient_form import prepare_gradient_form
+
+    model, out = tiny(name, "eager")
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    run = dynamiclrp.explain(model, {"input_ids": ids}, preset=preset, output=out, ledger=False,
+                             keep_run=True).extra["run"]
+    graph = run.graph
+    assert run.reached, "the gradient form's steps were worked out in this run"
+
+    picked: set[int] = set()  # the definition: every node asked, consumers first
+    for nid in graph.order:
+        if gb._stays_picked(run, graph.nodes[nid], nid, picked):
+            picked.add(nid)
+    assert gb._picked_rows(run) == picked
+    assert picked, "BERT's class token, the decoders' last token: a region below the pick"
+
+    prepared = prepare_gradient_form(run, run.seeds)
+    steps = dict(prepared.hooks(run))
+    planner = gb._Planner(run, steps, run.seeds)
+    assert not any(planner.unreached(nid) for nid in run.reached)
+    with_walk = gb.plan_bypasses(run, dict(prepared.hooks(run)), run.seeds)
+    run.reached = None
+    without = gb.plan_bypasses(run, dict(prepared.hooks(run)), run.seeds)
+    assert [(nid, type(h).__name__) for nid, h in with_walk.hooks] == \
+        [(nid, type(h).__name__) for nid, h in without.hooks]
