@@ -161,13 +161,12 @@ def gradient_steps(run: Run, seeds: frozenset) -> tuple[list[tuple[int, Any, Con
     run.seeds = seeds  # a step may take over the steps of a chain of nodes below it, none of them seeded
     reached = {nid for nid, _ in seeds}
     hooks = []
-    last = len(nodes) - 1
     for hid in graph.order:  # loops, not generators: this runs for every node of every graph
         head = nodes[hid]
         if head.part or hid not in reached:
             continue  # a later part of a fused node (its head stands for it), or a node no gradient reaches
         fn = head.fn
-        parts = [head] if hid == last or nodes[hid + 1].fn is not fn else graph.parts(fn)
+        parts = graph.parts(fn, hid)
         for asked in parts:
             if useful[asked.id] and _passes_on(asked, useful):
                 break

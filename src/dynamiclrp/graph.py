@@ -51,9 +51,10 @@ class Graph:
     consumers: dict[tuple[int, int], list[tuple[int, int]]] = field(default_factory=dict)
     skeleton: Skeleton | None = None  # the plan's record of this graph's structure (built with a plan)
 
-    def parts(self, fn: Any) -> list[Node]:
-        """The nodes ``fn`` was split into (one for an unfused node), head first: they are numbered in a row."""
-        i, out = self.head[fn], []
+    def parts(self, fn: Any, head: int | None = None) -> list[Node]:
+        """The nodes ``fn`` was split into (one for an unfused node), head first: they are numbered in a row.
+        ``head``: the head's id, where the caller has it."""
+        i, out = self.head[fn] if head is None else head, []
         while i < len(self.nodes) and self.nodes[i].fn is fn:
             out.append(self.nodes[i])
             i += 1
@@ -205,15 +206,20 @@ def _layouts(fns: list[Any], nexts: list[tuple]) -> list:
 def _data_sources(nodes: list[Node]) -> list[int]:
     """The nodes whose op entry decides for itself whether they are data (``is_data_source`` overridden: a leaf,
     an embedding lookup); all others are data exactly when an operand is."""
-    return [n.id for n in nodes if type(n.spec).is_data_source is not OpSpec.is_data_source]
+    return [n.id for n in nodes if _decides_data(n.spec)]
+
+
+def _decides_data(spec: OpSpec) -> bool:
+    """Whether an op entry decides for itself whether its nodes are data (``is_data_source`` overridden)."""
+    return type(spec).is_data_source is not OpSpec.is_data_source
 
 
 def _mark_data(g: Graph) -> None:
     """Which nodes depend on the model's input (producers before consumers)."""
-    nodes, plain = g.nodes, OpSpec.is_data_source
+    nodes = g.nodes
     for i in reversed(g.order):
         node = nodes[i]
-        data = type(node.spec).is_data_source is not plain and node.spec.is_data_source(node)
+        data = _decides_data(node.spec) and node.spec.is_data_source(node)
         if not data:  # a loop, not any() over a generator: this runs for every node of every graph
             for e in node.inputs:
                 if e is not None and nodes[e.child].data:
