@@ -2130,6 +2130,26 @@ def test_epsilon_attention_carried_by_hand_on_real_architectures(name, monkeypat
         assert rel_diff(got.embeddings[k], ref.embeddings[k]) < 1e-5, k
 
 
+@pytest.mark.parametrize("name", ["t5", "bert"])
+def test_a_chain_with_a_bias_of_its_own_is_carried_by_hand_only_from_its_own_size(name, monkeypatch):
+    """A softmax chain whose bias gets a gradient of its own (T5's position bias) carries its blocks by hand from
+    :data:`~dynamiclrp.ops.attention.BIASED_DIRECT_FACTOR` times :data:`~dynamiclrp.ops.attention.DIRECT_SCORES`
+    weights: with the factor out of reach, T5 carries its first cross-attention alone (its mask is a constant, no
+    bias of its own) and BERT both of its chains, as before. The relevance stays that of node by node."""
+    from dynamiclrp.ops import attention
+
+    monkeypatch.setattr(attention, "DIRECT_SCORES", 1)
+    monkeypatch.setattr(attention, "BIASED_DIRECT_FACTOR", 1 << 40)
+    model, inputs, out = _text_cases()[name].small("eager")
+    model = model.eval()
+    kw = dict(preset="epsilon", output=out, ledger=False)
+    got = dynamiclrp.explain(model, inputs, **kw)
+    ref = dynamiclrp.explain(model, inputs, gradient_form=False, **kw)
+    assert got.stats.gradient_form and got.stats.bypassed_kinds.get("SoftmaxBackward0", 0) == (
+        1 if name == "t5" else 2)
+    assert rel_diff(got.tokens, ref.tokens) < 1e-5
+
+
 class RMSDecoder(nn.Module):
     """Pre-norm decoder blocks as LLaMA writes them, everything by hand: RMSNorm ``x * rsqrt(mean(x²) + ε) * w``
     (its statistics a branch of the stream it normalises), causal attention ``softmax(q kᵀ) @ v``, a SwiGLU MLP,

@@ -375,7 +375,8 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
     to the product's operands itself, :math:`g_Q = c\,g_X K` and :math:`g_K = c\,g_X^\top Q` (:math:`g_X / c` for
     a division), so that the gradient form skips the backward of the softmax, of the scaling and of the product
     (:mod:`dynamiclrp.gradient_bypass`): no tokens x tokens gradient is made at all. Only from
-    :data:`DIRECT_SCORES` weights up (below, that nested pass costs more than the backward it skips). Where the sum
+    :data:`DIRECT_SCORES` weights up (below, that nested pass costs more than the backward it skips; with a bias of
+    its own :data:`BIASED_DIRECT_FACTOR` times as many). Where the sum
     adds a recorded bias whose relevance is asked for (:math:`X = Z + B`, T5), :math:`B` gets the logits' gradient
     :math:`g_X` without the product's factor: carried by hand, the step returns it for the bias's slot too
     (:attr:`~dynamiclrp.ops.base.WholeStep.shared`: summed over the layers that add the bias, and handed on
@@ -498,7 +499,7 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
         # infinite or NaN, whatever the keys hold
         ctx.run.carried.append(extremes(gq))
         return (gq.flatten(0, 1), gk.flatten(0, 1).mT) + (() if gb is None else (gb,))
-    if saved(ctx.node.fn, "result").numel() < DIRECT_SCORES:
+    if saved(ctx.node.fn, "result").numel() < DIRECT_SCORES * (1 if chain.folds_product else BIASED_DIRECT_FACTOR):
         return PreHook(_unchanged, hook)
     # a bias whose relevance is asked for (T5's: an embedding looked up) gets the logits' gradient by hand too,
     # summed over the layers that add it (its slot ``shared``)
@@ -904,6 +905,14 @@ CPU_DEVICES = ("cpu",)
 #: (T5-small at 512 tokens) and 1.09x (at 128). Session 17: the 4-layer decoder at 2,048 tokens (16.8 M) 0.82x,
 #: its peak memory 1.05x the full pass's where it was 1.38x
 DIRECT_SCORES = 1 << 19
+#: how many times :data:`DIRECT_SCORES` a chain whose bias gets a gradient of its own (T5's position bias: not
+#: :attr:`_ScoresChain.folds_product`) needs before it carries its blocks by hand. Such a chain still makes the
+#: bias's tokens x tokens gradient, so the nested pass spares less. Session 26 (same-process A/B, the bypass
+#: against none, paired medians): T5-small's encoder at 512 tokens (2.1 M weights a layer) 0.964x without it at
+#: 2 threads (97 % interval 0.915-0.991x, 21 rounds) and 0.969x at 1 thread; at 1,024 tokens (8.4 M) 0.987x at
+#: 2 threads and 1.09x at 1 thread. BERT-base at 512 tokens (3.1 M, no bias) in the same runs: 1.07x and 1.06x
+#: (the bypass still pays there)
+BIASED_DIRECT_FACTOR = 8
 
 
 class _ScoreBlocks:
