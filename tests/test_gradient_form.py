@@ -716,6 +716,65 @@ def test_softmax_step_takes_a_chain_with_a_recorded_bias(table, causal, monkeypa
     assert rel_diff(limit.inputs[0], ref.inputs[0]) > 1e-3
 
 
+class TwinBiasedAttention(nn.Module):
+    """Two attentions side by side on one input, each adding the same looked-up position bias to its scores, their
+    operations interleaved (both scores, both sums, both softmaxes, both value products): backward then runs both
+    softmaxes' steps before either scores product's, so both products' factors wait at once."""
+
+    def __init__(self, d: int = 8, heads: int = 2, t: int = 40):
+        super().__init__()
+        self.qkv = nn.ModuleList(nn.Linear(d, 3 * d, bias=False) for _ in range(2))
+        self.table, self.heads = nn.Embedding(2 * t - 1, heads), heads
+        self.head = nn.Linear(d, 2, bias=False)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        pb = self.table(torch.arange(t)[None, :] - torch.arange(t)[:, None] + t - 1).permute(2, 0, 1)[None]
+        qkv = [[h.view(n, t, self.heads, -1).transpose(1, 2) for h in p(x).split(d, -1)] for p in self.qkv]
+        scores = [q @ k.transpose(-1, -2) for q, k, _ in qkv]
+        logits = [z + pb for z in scores]
+        weights = [torch.softmax(z, -1) for z in logits]
+        outs = [w @ v for w, (_, _, v) in zip(weights, qkv)]
+        a, b = (o.transpose(1, 2).reshape(n, t, d) for o in outs)
+        return self.head((x + a + b).mean(1))
+
+
+@pytest.mark.parametrize("model", ["layers", "side by side"])
+def test_a_product_factors_memory_serves_the_next_chain_never_a_waiting_one(model, monkeypatch):
+    """A chain that leaves the scores product its factor (a bias with a gradient of its own) takes memory the
+    previous product's backward used up: T5's layers one after the other share one factor's memory. Two chains
+    whose factors wait at once (side by side, :class:`TwinBiasedAttention`) each get their own. Equal to node by
+    node in float64 either way."""
+    from dynamiclrp.ops import attention
+
+    memory, runs, left = [], [], attention._left_factor
+
+    def spied(ctx, chain):
+        hook = left(ctx, chain)
+
+        def h(grad_outputs):
+            f = ctx.run.derived.get((attention._LEFT_FACTOR, ctx.node.id))
+            memory.append(None if f is None else f.data_ptr())
+            runs.append(ctx.run)
+            return hook(grad_outputs)
+        return h
+    monkeypatch.setattr(attention, "_left_factor", spied)
+    torch.manual_seed(0)
+    net = BiasedAttention(table=True, causal=False, layers=3) if model == "layers" else TwinBiasedAttention()
+    net, x = net.to(D).eval(), torch.randn(2, 40, 8, dtype=D)
+    rules = {"sum": r.Epsilon(0.02), "product": r.Uniform(0.01), "linear": r.Epsilon(1e-30)}
+    kw = dict(preset="epsilon", target=1, ledger=False, rules=rules)
+    got = dynamiclrp.explain(net, x, gradient_form=True, **kw)
+    assert None not in memory and len(memory) == (3 if model == "layers" else 2)
+    assert len(set(memory)) == (1 if model == "layers" else 2)
+    # every factor made went back to the spares once its product had run: one made for three layers
+    (made,) = [v for k, v in runs[-1].derived.items() if k[0] == attention._LEFT_SPARES]
+    assert len(made) == (1 if model == "layers" else 2)
+    ref = dynamiclrp.explain(net, x, gradient_form=False, **kw)
+    assert rel_diff(got.inputs[0], ref.inputs[0]) < 1e-12
+    assert rel_diff(got.embeddings["table.weight"], ref.embeddings["table.weight"]) < 1e-12
+
+
 @pytest.mark.parametrize("mask", ["zero", "padded", "padded left", "not a mask"])
 def test_a_bias_every_layer_adds_is_checked_once_where_no_position_is_masked(mask, monkeypatch):
     """T5's encoder: each layer adds one recorded position bias, to which an attention mask autograd did not
