@@ -2378,6 +2378,29 @@ def test_planner_forgets_what_it_found_silent_when_a_node_is_silenced_or_speaks(
     assert planner._silent(tanh.id) is False and planner._silent(mm.id) is False
 
 
+def test_a_ratios_flag_is_finite_exactly_where_its_elements_are():
+    """:func:`~dynamiclrp.ops.base.carried_flag` is one number, finite where every element is and not where one
+    is inf or NaN, ±inf together included; a half-precision tensor's sum is taken in float32 (its own would
+    overflow at 65,504); an empty tensor's is finite. A sum past float32's range is not finite either (the run
+    then goes node by node)."""
+    from dynamiclrp.ops.base import carried_flag
+
+    def finite(t):
+        f = carried_flag(t)
+        assert f.shape == (1,)
+        return bool(torch.isfinite(f).all())
+
+    for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        x = torch.randn(1000).to(dt)
+        assert finite(x) and finite(x[:0])
+        for bad in ([math.inf], [-math.inf], [math.nan], [math.inf, -math.inf]):
+            y = x.clone()
+            y[: len(bad)] = torch.tensor(bad, dtype=dt)
+            assert not finite(y), (dt, bad)
+    assert finite(torch.full((100,), 60000.0, dtype=torch.float16))  # 6e6: beyond float16, within float32
+    assert not finite(torch.full((100,), 1e37))
+
+
 def test_by_hand_chain_checks_what_it_made_once_per_layer(monkeypatch):
     """The scores chain carried on by hand checks what its blocks made once per layer, on the queries' gradient
     (every element of every block enters it), not block by block: an infinity one block makes (injected here: an
@@ -2387,18 +2410,18 @@ def test_by_hand_chain_checks_what_it_made_once_per_layer(monkeypatch):
 
     monkeypatch.setattr(attention, "DIRECT_SCORES", 0)
     monkeypatch.setattr(attention, "_BLOCK", 1)
-    found, extremes, scores_gradient = [], attention.extremes, attention._scores_gradient
+    found, flag, scores_gradient = [], attention.carried_flag, attention._scores_gradient
 
     def spied(t):
         found.append(bool(torch.isfinite(t).all()))
-        return extremes(t)
+        return flag(t)
 
     def overflowing(r, *args, **kw):
         got = scores_gradient(r, *args, **kw)
         if not found and got.numel():
             got.view(-1)[0] = math.inf
         return got
-    monkeypatch.setattr(attention, "extremes", spied)
+    monkeypatch.setattr(attention, "carried_flag", spied)
     monkeypatch.setattr(attention, "_scores_gradient", overflowing)
     torch.manual_seed(0)
     model, x = WrittenAttention().to(D).eval(), torch.randn(2, 40, 8, dtype=D)

@@ -71,7 +71,7 @@ class Run:
         self._scratch: dict[tuple, torch.Tensor] = {}
         #: what an op entry works out once per run for all its nodes together (keyed by the entry's own label)
         self.derived: dict[Hashable, Any] = {}
-        #: the extremes of the gradient form's ratios (``ops.base.extremes``): whether each carried all its relevance
+        #: the flags of the gradient form's ratios (``ops.base.carried_flag``): whether each carried all its relevance
         #: (an infinity is relevance at a zero value, which no ratio carries)
         self.carried: list[torch.Tensor] = []
         #: the gradient form's softmax mask checks, read with ``carried`` after the pass: per softmax the extremes

@@ -79,7 +79,7 @@ import torch
 from torch.autograd.graph import GradientEdge
 
 from .engine import Run
-from .ops.base import DirectStep, PreHook, WholeStep, extremes, saved, silenced
+from .ops.base import DirectStep, PreHook, WholeStep, carried_flag, saved, silenced
 from .ops.reduce import reduced_dims
 
 # how the gradient of a fused projection's output reaches the parts it is split into
@@ -815,7 +815,7 @@ def seed_below_pick(run: Run, steps: dict, outputs: list, grads: list, bypasses:
         picked = None if at_rows is None else at_rows(picked, rows)
         picked = step.hook((g,))[0][rows] if picked is None else picked
     gx = _rows_product(fn, weight, picked, rows, g.shape[0])
-    run.carried.append(extremes(gx))  # the step's factor may have made a non-finite number
+    run.carried.append(carried_flag(gx))  # the step's factor may have made a non-finite number
     bypasses.bypassed[kind] += 1
     child, nr = fn.next_functions[x_slot]
     return [GradientEdge(child, nr)], [_as_input(gx, child, nr)]

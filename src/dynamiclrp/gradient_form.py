@@ -63,6 +63,7 @@ from .ops.base import (
     IdentityStep,
     PreHook,
     all_finite,
+    carried_flag,
     extremes,
     freed,
     identity_gradient,
@@ -250,7 +251,7 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
     keys = sorted(run.record)
     outputs = [GradientEdge(graph.nodes[nid].fn, nr) for nid, nr in seeds]
     ratios = [ratio(r.to(v.dtype), v) for r, v in seeds.values()]  # at an output: its relevance over its value
-    run.carried, run.mask_checks, run.verified_masks = [extremes(q) for q in ratios], [], {}
+    run.carried, run.mask_checks, run.verified_masks = [carried_flag(q) for q in ratios], [], {}
     prepared.bind(run)  # released below, whatever happens: a plan keeps the pass, not the run
     hooks = prepared.hooks(run)
     bypasses, handles = None, []
@@ -314,8 +315,8 @@ def propagate_gradient_form(run: Run, seeds: dict[tuple[int, int], tuple[torch.T
 
 def _flags_pass(run: Run) -> bool:
     """Whether every ratio of the pass carried its relevance (:func:`~dynamiclrp.ops.base.all_finite` of their
-    extremes) and every softmax's deferred mask check holds (:func:`~dynamiclrp.ops.attention.mask_checks_pass`):
-    one read by the host for all of them."""
+    flags, :func:`~dynamiclrp.ops.base.carried_flag`) and every softmax's deferred mask check holds
+    (:func:`~dynamiclrp.ops.attention.mask_checks_pass`): one read by the host for all of them."""
     if not run.mask_checks:
         return bool(all_finite(torch.cat(run.carried)))
     finite = all_finite(torch.cat(run.carried))

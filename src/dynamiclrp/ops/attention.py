@@ -26,7 +26,7 @@ from .base import (
     PreHook,
     WholeStep,
     broadcast_shape,
-    extremes,
+    carried_flag,
     held_constant,
     identity_gradient,
     ratio_,
@@ -136,7 +136,7 @@ def _masked_identity_step(ctx):
             q = ratio_(q, x)
         else:  # R_x / stab(x), its denominator in a scratch buffer
             _over_stab(q, x if x.shape == q.shape else x.expand(q.shape), eps, run.scratch(SCRATCH[1], q))
-        run.carried.append(extremes(q))
+        run.carried.append(carried_flag(q))
         return (q,) + (None,) * (len(grad_inputs) - 1)
     return hook
 
@@ -396,7 +396,7 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
         ``to_scores`` the scores' (the scaling's backward applied, the product's factor folded in); ``into``: a
         dense tensor of the logits' shape each block's g is worked out in (its block, the zeros past its keys
         included); ``bias_into``: likewise, for the bias's gradient (the logits', without the product's factor);
-        ``check``: each block's extremes are kept for the pass's finiteness check (``Run.carried``), where the
+        ``check``: each block's flag is kept for the pass's finiteness check (``Run.carried``), where the
         caller does not check what the blocks make."""
         run, node = ctx.run, ctx.node
         nodes = run.graph.nodes
@@ -471,7 +471,7 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
                 r = _scores_gradient(r, z, x, cx, chain, k, None if left is None else left[ks],
                                      keep=bias_into3 is not None)
                 if check:
-                    run.carried.append(extremes(r))
+                    run.carried.append(carried_flag(r))
                 yield b, hs, a, e, keys, r
             if verified is not None and ranges:
                 low, high = (torch.stack(t) for t in zip(*ranges))
@@ -506,7 +506,7 @@ def _scores_identity_step(ctx, chain: _ScoresChain) -> PreHook:  # noqa: C901 - 
         # checked once here, not per block: every element of every block enters gq (as gk), so a block's infinity or
         # NaN (the bias's gradient's too, which the product's factor multiplies: inf x 0 is NaN) makes its row of gq
         # infinite or NaN, whatever the keys hold
-        ctx.run.carried.append(extremes(gq))
+        ctx.run.carried.append(carried_flag(gq))
         return (gq.flatten(0, 1), gk.flatten(0, 1).mT) + (() if gb is None else (gb,))
     if saved(ctx.node.fn, "result").numel() < DIRECT_SCORES * (1 if chain.folds_product else BIASED_DIRECT_FACTOR):
         return PreHook(_unchanged, hook)
