@@ -2160,8 +2160,9 @@ def test_epsilon_preset_on_every_text_architecture(name):
     assert rel_diff(got.tokens, ref.tokens) < 1e-6
 
 
+@pytest.mark.parametrize("biased", ["biased too", "plain only"])
 @pytest.mark.parametrize("name", ["t5", "bert", "llama"])
-def test_epsilon_attention_carried_by_hand_on_real_architectures(name, monkeypatch):
+def test_epsilon_attention_carried_by_hand_on_real_architectures(name, biased, monkeypatch):
     """The ``epsilon`` preset with every eager softmax's step carried on by hand (:data:`dynamiclrp.ops.attention.
     DIRECT_SCORES` 0; in use from half a million attention weights up) on T5, BERT and LLaMA as transformers writes
     them: T5's encoder self-attentions (the position bias's gradient summed over the layers), its decoder's
@@ -2170,10 +2171,15 @@ def test_epsilon_attention_carried_by_hand_on_real_architectures(name, monkeypat
     :func:`test_nested_bypass_declines_a_frontier_above_another`); one pass, no second one without bypasses.
     In float32: in a float64 model T5 and LLaMA compute the softmax in float32 between two casts, which is no
     chain of the product's scores. Equal to node by node to 1e-5 of the largest relevance, every embedding lookup's
-    too (T5's chains in float64: :class:`BiasedAttention`)."""
+    too (T5's chains in float64: :class:`BiasedAttention`). ``plain only``: a chain whose bias gets a gradient of
+    its own (T5's position bias) waits for :data:`~dynamiclrp.ops.attention.BIASED_DIRECT_FACTOR` times
+    :data:`~dynamiclrp.ops.attention.DIRECT_SCORES` weights; with that out of reach T5 carries its first
+    cross-attention alone (a constant mask, no bias of its own), BERT and LLaMA both their chains as before."""
     from dynamiclrp.ops import attention
 
-    monkeypatch.setattr(attention, "DIRECT_SCORES", 0)
+    monkeypatch.setattr(attention, "DIRECT_SCORES", 0 if biased == "biased too" else 1)
+    if biased == "plain only":
+        monkeypatch.setattr(attention, "BIASED_DIRECT_FACTOR", 1 << 40)
     model, inputs, out = _text_cases()[name].small("eager")
     model = model.eval()
     kw = dict(preset="epsilon", output=out, ledger=False)
@@ -2182,31 +2188,11 @@ def test_epsilon_attention_carried_by_hand_on_real_architectures(name, monkeypat
     # T5: its encoder's two, its first cross-attention, and its decoder's two (transformers 4 adds the causal mask
     # to the position bias, transformers 5 to the logits in a second sum: a chain either way)
     assert got.stats.gradient_form and got.stats.bypassed_kinds.get("SoftmaxBackward0", 0) == (
-        5 if name == "t5" else 2)
+        2 if name != "t5" else 5 if biased == "biased too" else 1)
     assert rel_diff(got.tokens, ref.tokens) < 1e-5
     assert got.embeddings.keys() == ref.embeddings.keys()
     for k in ref.embeddings:
         assert rel_diff(got.embeddings[k], ref.embeddings[k]) < 1e-5, k
-
-
-@pytest.mark.parametrize("name", ["t5", "bert"])
-def test_a_chain_with_a_bias_of_its_own_is_carried_by_hand_only_from_its_own_size(name, monkeypatch):
-    """A softmax chain whose bias gets a gradient of its own (T5's position bias) carries its blocks by hand from
-    :data:`~dynamiclrp.ops.attention.BIASED_DIRECT_FACTOR` times :data:`~dynamiclrp.ops.attention.DIRECT_SCORES`
-    weights: with the factor out of reach, T5 carries its first cross-attention alone (its mask is a constant, no
-    bias of its own) and BERT both of its chains, as before. The relevance stays that of node by node."""
-    from dynamiclrp.ops import attention
-
-    monkeypatch.setattr(attention, "DIRECT_SCORES", 1)
-    monkeypatch.setattr(attention, "BIASED_DIRECT_FACTOR", 1 << 40)
-    model, inputs, out = _text_cases()[name].small("eager")
-    model = model.eval()
-    kw = dict(preset="epsilon", output=out, ledger=False)
-    got = dynamiclrp.explain(model, inputs, **kw)
-    ref = dynamiclrp.explain(model, inputs, gradient_form=False, **kw)
-    assert got.stats.gradient_form and got.stats.bypassed_kinds.get("SoftmaxBackward0", 0) == (
-        1 if name == "t5" else 2)
-    assert rel_diff(got.tokens, ref.tokens) < 1e-5
 
 
 class RMSDecoder(nn.Module):
