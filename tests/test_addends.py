@@ -217,6 +217,29 @@ def test_subtracted_estimate_lies_within_its_bound(dtype):
     assert Promises(graph, subtract_addends=True).subtracted(mm) is None  # the user's uncertified choice instead
 
 
+def test_an_output_held_exactly_is_found_once(monkeypatch):
+    """``Promises.subtracted`` declines an output a consumer saved (the exact value is there) and keeps the copy
+    it found: the value asked for next (the ε-step's) is that copy, bitwise, without a second search through the
+    consumers, and counted once as recovered."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 16, bias=False)
+    x, c = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True)
+    a = lin(x)
+    y = (a * c).sum()  # the product saves a: a copy of the layer's output
+    graph = Graph.build([y.grad_fn])
+    mm = next(n for n in graph.nodes if n.kind == "MmBackward0")
+    promises, searches, search = Promises(graph), [], Promises._saved_copy
+
+    def spied(self, key, depth=0):
+        if depth == 0 and key == (mm.id, 0):
+            searches.append(key)
+        return search(self, key, depth)
+    monkeypatch.setattr(Promises, "_saved_copy", spied)
+    assert promises.subtracted(mm) is None
+    assert torch.equal(promises.value(mm.id), a.detach())
+    assert searches == [(mm.id, 0)] and promises.stats.recovered == 1
+
+
 class _Cancelling(nn.Module):
     """A residual block whose branch cancels at some outputs: rows 3 and 7 of its weight are ``e0 - e1`` and the
     input's features 0 and 1 differ by one ulp, so those outputs are about 1e-7 while each term is about 1. The

@@ -279,10 +279,15 @@ class Promises:
         .. math:: |d - a| \le u\,(|s| + |d|) + 2\eta
 
         (:math:`u` the unit roundoff of the dtype, :math:`\eta` its smallest subnormal). None where the value is
-        held exactly (ask :meth:`value`), no such sum is held, or ``subtract_addends`` already recovers addends
-        that way (uncertified, by the user's choice). Nothing is kept: the estimate is not the value."""
+        held exactly (a saved copy found is kept: :meth:`value` returns it without searching again), no such sum
+        is held, or ``subtract_addends`` already recovers addends that way (uncertified, by the user's choice). The
+        estimate is not kept: it is not the value."""
         key = (node.id, nr)
-        if self.subtract_addends or key in self.values or self._saved_copy(key) is not None:
+        if self.subtract_addends or key in self.values:
+            return None
+        copy = self._saved_copy(key)
+        if copy is not None:  # held exactly: kept for the value asked for next (the search is not made twice)
+            self._keep(key, copy)
             return None
         got, self._estimated = [], set()
         for mode in ("value", "sum"):  # the sum put through the same views as the estimate
@@ -363,9 +368,13 @@ class Promises:
         if v is None:
             v = node.spec.output(node, nr)
         if v is not None:
-            self.values[key] = v
-            self.depth.setdefault(node.id, 0)
-            if key not in self.recovered_keys:  # read again after its release: a saved tensor, no new work
-                self.recovered_keys.add(key)
-                self.stats.recovered += 1
+            self._keep(key, v)
         return v
+
+    def _keep(self, key: tuple[int, int], v: torch.Tensor) -> None:
+        """Hold ``v``, read off saved tensors (no replay), as the value at ``key``."""
+        self.values[key] = v
+        self.depth.setdefault(key[0], 0)
+        if key not in self.recovered_keys:  # read again after its release: a saved tensor, no new work
+            self.recovered_keys.add(key)
+            self.stats.recovered += 1
