@@ -3,8 +3,9 @@
 The engine's size thresholds (``dynamiclrp.ops.attention.DIRECT_SCORES``, ``BIASED_DIRECT_FACTOR``, ``_BLOCK``;
 ``dynamiclrp.ops.base._SUBTRACTED_FROM``; ``dynamiclrp.engine.SCRATCH_BYTES``, ...) each choose between two ways to
 the same relevance. Whether a new value pays is a question of a few per cent, on a machine that drifts by more than
-that within minutes: so both values run in one process, on one model and input, interleaved (one explanation of
-each per round, the order reversed every other round), and the verdict is the median of the per-round ratios
+that within minutes: so both values run in one process, on one model and input, interleaved as
+``benchmarks/speed.py`` runs its methods (``speed.interleave``: one explanation of each per round, the order
+reversed every other round), and the verdict is the median of the per-round ratios
 with its sign-test interval (``timing_stats.paired_ratio``). The script also prints how far the two answers lie
 apart (largest difference over the largest relevance): a setting that picks another path may round differently,
 never more.
@@ -21,7 +22,6 @@ import importlib
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -66,14 +66,12 @@ def main() -> None:
         return run
 
     runs = {f"{args.name} = {own!r} (own)": with_value(own), f"{args.name} = {tried!r}": with_value(tried)}
-    answers = [explained(run()) for run in runs.values()]  # also the warm-up round
+    answers = [explained(run()) for run in runs.values()]
     spread = float((answers[0] - answers[1]).abs().max() / answers[0].abs().max().clamp_min(1e-30))
-    times: dict[str, list[float]] = {label: [] for label in runs}
-    for r in range(args.rounds):
-        for label, run in (runs.items() if r % 2 else reversed(runs.items())):
-            t0 = time.perf_counter()
-            run()
-            times[label].append(time.perf_counter() - t0)
+    errors: dict[str, str] = {}
+    times, _ = speed.interleave(runs, args.rounds, False, errors)  # as the benchmark times its methods
+    if errors:
+        raise SystemExit(f"a run failed: {errors}")
     print(f"{args.case}, {args.preset}, {args.threads} thread(s), {args.rounds} rounds; {case.desc}")
     for label, ts in times.items():
         print(f"  {label}: median {statistics.median(ts) * 1e3:.1f} ms (min {min(ts) * 1e3:.1f})")

@@ -372,7 +372,8 @@ class Promises:
         return v
 
     def _keep(self, key: tuple[int, int], v: torch.Tensor) -> None:
-        """Hold ``v``, read off saved tensors (no replay), as the value at ``key``."""
+        """Hold ``v`` as the value at ``key``: a saved copy, or the node's output from its own saved tensors (no
+        replay of nodes below), counted once as recovered."""
         self.values[key] = v
         self.depth.setdefault(key[0], 0)
         if key not in self.recovered_keys:  # read again after its release: a saved tensor, no new work
