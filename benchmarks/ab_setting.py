@@ -11,8 +11,9 @@ apart (largest difference over the largest relevance): a setting that picks anot
 never more.
 
 Run: ``python benchmarks/ab_setting.py t5small@s512b1 dynamiclrp.ops.attention BIASED_DIRECT_FACTOR 1
-[--preset epsilon] [--rounds 15] [--threads 2]``. The value is a Python expression (``"1 << 18"``). Cases as
-``benchmarks/speed.py`` builds them.
+[--also NAME=VALUE ...] [--preset epsilon] [--rounds 15] [--threads 2]``. The value is a Python expression
+(``"1 << 18"``); ``--also`` tries more settings of the same module together with the first (a block's two sizes).
+Cases as ``benchmarks/speed.py`` builds them.
 """
 
 from __future__ import annotations
@@ -44,28 +45,38 @@ def main() -> None:
     ap.add_argument("module", help="the module holding the setting, e.g. dynamiclrp.ops.attention")
     ap.add_argument("name", help="the setting's name in that module")
     ap.add_argument("value", help="the value tried against the module's own (a Python expression)")
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=VALUE",
+                    help="another setting of the same module, tried together with the first")
     ap.add_argument("--preset", default="epsilon")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     module = importlib.import_module(args.module)
-    if not hasattr(module, args.name):
-        raise SystemExit(f"{args.module} has no setting {args.name!r}")
-    own, tried = getattr(module, args.name), eval(args.value, {})  # noqa: S307 - the caller's own expression
+    pairs = [(args.name, args.value), *(tuple(a.split("=", 1)) for a in args.also)]
+    for name, _ in pairs:
+        if not hasattr(module, name):
+            raise SystemExit(f"{args.module} has no setting {name!r}")
+    own = {name: getattr(module, name) for name, _ in pairs}
+    tried = {name: eval(value, {}) for name, value in pairs}  # noqa: S307 - the caller's own expressions
     case = speed.Case(speed.parse_case(args.case))
     explain = case.ours(args.preset)
 
     def with_value(value):
         def run():
-            setattr(module, args.name, value)
+            for name, v in value.items():
+                setattr(module, name, v)
             try:
                 return explain()
             finally:
-                setattr(module, args.name, own)
+                for name, v in own.items():
+                    setattr(module, name, v)
         return run
 
-    runs = {f"{args.name} = {own!r} (own)": with_value(own), f"{args.name} = {tried!r}": with_value(tried)}
+    def label(values: dict) -> str:
+        return ", ".join(f"{name} = {v!r}" for name, v in values.items())
+
+    runs = {f"{label(own)} (own)": with_value(own), label(tried): with_value(tried)}
     answers = [explained(run()) for run in runs.values()]
     spread = float((answers[0] - answers[1]).abs().max() / answers[0].abs().max().clamp_min(1e-30))
     errors: dict[str, str] = {}
