@@ -304,6 +304,87 @@ def test_a_plan_reuses_the_stabilised_steps(monkeypatch):
     assert not torch.equal(got[0].inputs[0], got[1].inputs[0])
 
 
+def _bert(seq: int, batch: int = 1):
+    from test_coverage_text import to_double
+
+    arch = _text_archs()["bert"]
+    model, inputs, out = arch.build(arch.small_kw, "eager", batch=batch, seq=seq)
+    return model.double().eval(), to_double(inputs), out
+
+
+def _searched_copies(monkeypatch) -> list:
+    """The output slots whose saved copy was searched for (not found by a route a plan kept), one list per run."""
+    from dynamiclrp.promise import Promises
+
+    runs, search = [], Promises._search_copy
+
+    def counted(self, key, depth=0):
+        if depth == 0:
+            runs[-1].append(key)
+        return search(self, key, depth)
+    monkeypatch.setattr(Promises, "_search_copy", counted)
+    return runs
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_plan_follows_the_saved_copies_it_found(batch, monkeypatch):
+    """The first run's searches for saved copies (a projection's output that the attention's product saved behind
+    views) are kept with the skeleton, and the next runs take each copy by the route found, without a search:
+    other tokens each time, every run bit for bit the explanation without a plan. With two rows the product saved
+    the queries, keys and values merged with the heads, a copy, from which undoing the views copies again: those
+    are searched every time (no saved tensor shares the memory of what the search gives)."""
+    model, inputs, out = _bert(8, batch)
+    runs = [inputs, _rolled(inputs), inputs]
+    kw = dict(preset="epsilon", output=out, ledger=False)
+    refs = [dynamiclrp.explain(model, i, **kw) for i in runs]
+    searched, plan = _searched_copies(monkeypatch), dynamiclrp.Plan()
+    got = []
+    for i in runs:
+        searched.append([])
+        got.append(dynamiclrp.explain(model, i, plan=plan, **kw))
+    for a, b in zip(got, refs):
+        assert a.stats.gradient_form and all(torch.equal(a.embeddings[k], b.embeddings[k]) for k in b.embeddings)
+    (skeleton,) = plan._skeletons.values()
+    routed = {key for key, route in skeleton.copies.items() if isinstance(route, tuple)}
+    kinds = [skeleton.nodes[nid][1] for nid, _ in routed]
+    assert kinds.count("GeluBackward0") == 2 and len(routed) >= (12 if batch == 1 else 4), kinds
+    assert routed <= set(searched[0])
+    assert not routed & (set(searched[1]) | set(searched[2]))
+    assert not {key for key, route in skeleton.copies.items() if route is None} & set(searched[1])
+
+
+def test_a_kept_route_is_not_followed_where_the_layout_differs(monkeypatch):
+    """Another sequence length is the same graph (one skeleton), but the saved tensors a route reads are laid out
+    otherwise: the route is not followed, the copy is searched for again, and the relevance is the explanation's
+    without a plan."""
+    plan = dynamiclrp.Plan()
+    model, short, out = _bert(8)
+    _, long, _ = _bert(12)
+    kw = dict(preset="epsilon", output=out, ledger=False)
+    dynamiclrp.explain(model, short, plan=plan, **kw)
+    (skeleton,) = plan._skeletons.values()
+    routed = {key for key, route in skeleton.copies.items() if isinstance(route, tuple)}
+    searched = _searched_copies(monkeypatch)
+    searched.append([])
+    got = dynamiclrp.explain(model, long, plan=plan, **kw)
+    assert plan.stats.graphs_reused == 1 and routed and routed <= set(searched[0])
+    ref = dynamiclrp.explain(model, long, **kw)
+    assert all(torch.equal(got.embeddings[k], ref.embeddings[k]) for k in ref.embeddings)
+
+
+def test_a_plan_keeps_where_a_relu_follows_a_layer():
+    """The ε-step's ReLU above a layer (its output the layer's, where positive) is looked for once per skeleton and
+    kept; every run bit for bit the explanation without a plan."""
+    m, plan = _cnn(), dynamiclrp.Plan()
+    for k in range(2):
+        x = torch.randn(2, 3, 8, 8, dtype=D, generator=torch.Generator().manual_seed(k))
+        got = dynamiclrp.explain(m, x, target=[0, 2], preset="epsilon", plan=plan)
+        assert _same(got, dynamiclrp.explain(m, x, target=[0, 2], preset="epsilon"))
+    (skeleton,) = plan._skeletons.values()
+    (relu, views), = [route for route in skeleton.relus.values() if route is not None]  # the second convolution's
+    assert skeleton.nodes[relu][1] == "ReluBackward0" and views == ()
+
+
 def test_other_rules_or_other_recorded_slots_work_the_steps_out_again(monkeypatch):
     """The working-out is kept per rule set and per recorded slot: another preset, another ``rules=`` or more
     recorded activations on the same graph do not get the first's steps."""

@@ -63,6 +63,10 @@ class Skeleton:
     passes: dict[Hashable, Any] = field(default_factory=dict)
     #: per set of recorded slots, which nodes lead to one (:func:`dynamiclrp.engine._useful`)
     useful: dict[frozenset, list[bool]] = field(default_factory=dict)
+    #: per output slot, where a consumer saved a copy of it (:meth:`dynamiclrp.promise.Promises._route_of`)
+    copies: dict[tuple[int, int], Any] = field(default_factory=dict)
+    #: per node, the ReLU that alone consumes its output through views (:func:`dynamiclrp.ops.base.relu_above`)
+    relus: dict[int, Any] = field(default_factory=dict)
 
 
 @dataclass

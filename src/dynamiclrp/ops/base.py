@@ -446,16 +446,31 @@ def relu_above(graph, node: Node, dtype: torch.dtype) -> tuple[Node, torch.Tenso
     taken back through those views to ``node``'s output shape; None where there is none or it was saved in another
     dtype (a lower-precision copy would not be exact). ReLU saves its output, equal to its input wherever that is
     positive, and its backward gives the gradient 0 wherever the input is not."""
-    relu, views = sole_consumer(graph, node.id, operand=0), []
-    while relu is not None and relu.spec.invert is not None and len(relu.inputs) == 1:
-        views.append(relu)
-        relu = sole_consumer(graph, relu.id, operand=0)
-    if relu is None or relu.kind != "ReluBackward0":
+    found = _relu_route(graph, node.id)
+    if found is None:
         return None
+    relu, views = graph.nodes[found[0]], [graph.nodes[v] for v in found[1]]
     r = saved(relu.fn, "result")
     if r is None or r.dtype != dtype:
         return None
     return relu, undo_views(views[::-1], r, torch.Size(out_shape(node.fn, 0)))
+
+
+def _relu_route(graph, nid: int) -> tuple[int, tuple[int, ...]] | None:
+    """:func:`relu_above`'s ReLU and the views on the way, as node ids (kept by a plan's skeleton: the graph's
+    structure alone decides them)."""
+    skeleton = getattr(graph, "skeleton", None)
+    kept = None if skeleton is None else skeleton.relus
+    if kept is not None and nid in kept:
+        return kept[nid]
+    relu, views = sole_consumer(graph, nid, operand=0), []
+    while relu is not None and relu.spec.invert is not None and len(relu.inputs) == 1:
+        views.append(relu.id)
+        relu = sole_consumer(graph, relu.id, operand=0)
+    found = (relu.id, tuple(views)) if relu is not None and relu.kind == "ReluBackward0" else None
+    if kept is not None:
+        kept[nid] = found
+    return found
 
 
 def scaled_gradient(factors: tuple) -> Any:
