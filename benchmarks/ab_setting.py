@@ -11,7 +11,7 @@ apart (largest difference over the largest relevance): a setting that picks anot
 never more.
 
 Run: ``python benchmarks/ab_setting.py t5small@s512b1 dynamiclrp.ops.attention BIASED_DIRECT_FACTOR 1
-[--also NAME=VALUE ...] [--preset epsilon] [--rounds 15] [--threads 2]``. The value is a Python expression
+[--also NAME=VALUE ...] [--preset epsilon] [--plan] [--rounds 15] [--threads 2]``. The value is a Python expression
 (``"1 << 18"``); ``--also`` tries more settings of the same module together with the first (a block's two sizes).
 Cases as ``benchmarks/speed.py`` builds them.
 """
@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--also", action="append", default=[], metavar="NAME=VALUE",
                     help="another setting of the same module, tried together with the first")
     ap.add_argument("--preset", default="epsilon")
+    ap.add_argument("--plan", action="store_true",
+                    help="each value with a dynamiclrp.Plan of its own (a data-set loop)")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     args = ap.parse_args()
@@ -60,9 +62,10 @@ def main() -> None:
     own = {name: getattr(module, name) for name, _ in pairs}
     tried = {name: eval(value, {}) for name, value in pairs}  # noqa: S307 - the caller's own expressions
     case = speed.Case(speed.parse_case(args.case))
-    explain = case.ours(args.preset)
 
     def with_value(value):
+        explain = case.ours(args.preset, plan=args.plan)  # its own plan, reused over the rounds
+
         def run():
             for name, v in value.items():
                 setattr(module, name, v)
@@ -83,7 +86,8 @@ def main() -> None:
     times, _ = speed.interleave(runs, args.rounds, False, errors)  # as the benchmark times its methods
     if errors:
         raise SystemExit(f"a run failed: {errors}")
-    print(f"{args.case}, {args.preset}, {args.threads} thread(s), {args.rounds} rounds; {case.desc}")
+    plan = " + plan" if args.plan else ""
+    print(f"{args.case}, {args.preset}{plan}, {args.threads} thread(s), {args.rounds} rounds; {case.desc}")
     for label, ts in times.items():
         print(f"  {label}: median {statistics.median(ts) * 1e3:.1f} ms (min {min(ts) * 1e3:.1f})")
     new, old = (times[label] for label in reversed(list(runs)))
