@@ -3,7 +3,9 @@
 A loop over a data set explains the same model again and again. Three things are the same each time:
 
 * **the graph skeleton** -- the op entry and parts of every autograd node, the edges, the consumers, a topological
-  order and which nodes carry data (what :meth:`Graph.build` works out);
+  order and which nodes carry data (what :meth:`Graph.build` works out), and what the runs found in it: which
+  consumer saved a copy of an output, at which layout (:meth:`dynamiclrp.promise.Promises._route_of`: node ids and
+  strides, no tensor), and which ReLU follows a layer;
 * **the gradient form's working-out** (:mod:`dynamiclrp.gradient_form`) -- which node gets which gradient step, and
   which backward passes are bypassed, per rule set, recorded slots and seeds; kept with the skeleton, the steps
   pointed at each run's nodes in turn;
