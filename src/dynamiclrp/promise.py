@@ -229,8 +229,7 @@ class Promises:
                     consumer = graph.nodes[c]
                     y = consumer.spec.saved_input(consumer, i)
                     if y is not None and y.untyped_storage().data_ptr() == ptr and y.dtype == v.dtype:
-                        return (c, i, _layout(y), y.untyped_storage().nbytes(), tuple(v.shape), v.stride(),
-                                v.storage_offset())
+                        return c, i, _layout(y), y.untyped_storage().nbytes(), _layout(v)
                     if consumer.spec.invert is not None and len(consumer.inputs) == 1:
                         below.append((c, 0))
             level = below
@@ -428,13 +427,14 @@ _UNKNOWN, _SEARCH = object(), object()
 
 
 def _layout(t: torch.Tensor) -> tuple:
+    """A tensor's place in its memory: size, strides and offset."""
     return tuple(t.shape), t.stride(), t.storage_offset()
 
 
 def _follow(graph: Graph, key: tuple[int, int], route: tuple) -> torch.Tensor | None:
     """The value at ``key`` by a route :meth:`Promises._route_of` recorded, or None where this run's saved tensor
     or the slot's shape differ from the recorded ones (the caller searches)."""
-    c, i, layout, nbytes, size, stride, offset = route
+    c, i, layout, nbytes, (size, stride, offset) = route
     consumer = graph.nodes[c]
     y = consumer.spec.saved_input(consumer, i)
     if y is None or _layout(y) != layout or y.untyped_storage().nbytes() != nbytes or \
